@@ -1,0 +1,1 @@
+"""Backends: named groups of servers, how one is chosen, and how it is connected."""

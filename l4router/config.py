@@ -1,0 +1,639 @@
+"""YAML configuration -> frozen, validated objects.
+
+Every problem is collected with the exact key path (``listeners[0].routes[2].match.sni``) so a
+user fixes a config in one go; nothing downstream ever reads the raw mapping.
+"""
+
+import fnmatch
+import functools
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
+
+import attrs
+import yaml
+
+from l4router.errors import ConfigError
+
+REJECT = "reject"
+BALANCE_POLICIES = ("round_robin",)
+LOG_FORMATS = ("text", "json")
+DEFAULT_DETECT_TIMEOUT = 3.0
+DEFAULT_MAX_BYTES = 16384
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@attrs.frozen
+class GlobSet:
+    """Case-insensitive glob patterns; matches when any pattern matches any value."""
+
+    patterns: tuple
+    regex: re.Pattern = attrs.field(eq=False, repr=False)
+
+    @classmethod
+    def of(cls, patterns):
+        joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+        return cls(tuple(patterns), re.compile(joined, re.IGNORECASE | re.DOTALL))
+
+    def matches(self, value):
+        if isinstance(value, (tuple, list, frozenset, set)):
+            return any(self.regex.match(str(v)) is not None for v in value)
+        return self.regex.match(str(value)) is not None
+
+
+@attrs.frozen
+class RouteMatch:
+    """Every given key must match; an empty match matches everything."""
+
+    protocols: frozenset | None = None
+    sources: tuple | None = None  # ip_network objects
+    fields: tuple = ()  # (field name, GlobSet) pairs
+
+
+@attrs.frozen
+class Route:
+    label: str  # the `name` given, else "routes[N]"; labels metrics and logs
+    match: RouteMatch
+    backend: str | None  # None: reject
+
+
+@attrs.frozen
+class DetectSettings:
+    protocols: tuple | None  # None: every installed detector for the transport
+    timeout: float
+    max_bytes: int
+
+
+@attrs.frozen
+class Listener:
+    name: str
+    transport: str
+    listen: tuple  # Twisted endpoint description strings
+    detect: DetectSettings
+    max_connections: int | None
+    max_connections_per_source: int | None
+    idle_timeout: float
+    routes: tuple
+    on_timeout: str | None  # backend name; None: reject
+    default: str | None  # backend name; None: reject
+
+
+@attrs.frozen
+class Server:
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def label(self):
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class Backend:
+    name: str
+    servers: tuple
+    balance: str
+    connect_timeout: float
+
+
+@attrs.frozen
+class AdminSettings:
+    listen: tuple  # endpoint description strings; empty: no admin site
+
+
+@attrs.frozen
+class LoggingSettings:
+    format: str = "text"
+    access_log: bool = True
+
+
+@attrs.frozen
+class Config:
+    listeners: tuple
+    backends: Mapping  # name -> Backend (a read-only mapping)
+    max_connections: int | None
+    shutdown_timeout: float
+    admin: AdminSettings
+    logging: LoggingSettings
+    source: str = ""  # the file it came from, for logs
+    digest: str = ""  # sha256 of the file, to tell configs apart
+
+
+class _FrozenDict(Mapping):
+    """A read-only mapping, so a Config cannot be changed after validation."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._items!r})"
+
+
+class _Invalid(Exception):
+    """A value is wrong; the reader adds the key path."""
+
+
+_MISSING = object()
+
+
+class _Reader:
+    """Walks the raw YAML, collecting (path, reason) problems instead of stopping at the first."""
+
+    def __init__(self):
+        self.problems = []
+
+    def problem(self, path, reason):
+        self.problems.append((path, reason))
+
+    def section(self, raw, path):
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            self.problem(path, f"must be a mapping, not {_kind(raw)}")
+            return None
+        return _Section(self, raw, path)
+
+    def convert(self, value, path, converter):
+        try:
+            return converter(value)
+        except _Invalid as exc:
+            self.problem(path, str(exc))
+            return _MISSING
+
+
+class _Section:
+    def __init__(self, reader, raw, path):
+        self.reader = reader
+        self.raw = raw
+        self.path = path
+        self.used = set()
+
+    def key_path(self, key):
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key):
+        return key in self.raw
+
+    def get(self, key, converter, default=_MISSING):
+        """The converted value, `default` when absent, or _MISSING after a recorded problem."""
+        self.used.add(key)
+        if key not in self.raw:
+            if default is _MISSING:
+                self.reader.problem(self.key_path(key), "is required")
+            return default
+        return self.reader.convert(self.raw[key], self.key_path(key), converter)
+
+    def finish(self):
+        for key in self.raw:
+            if key not in self.used:
+                self.reader.problem(self.key_path(str(key)), "unknown key")
+
+
+def _kind(value):
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "empty"}.get(type(value), type(value).__name__)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value):
+    """`150ms`, `5s`, `2m`, `1h` or plain seconds -> float seconds."""
+    if isinstance(value, bool):
+        raise _Invalid(f"must be a duration such as 150ms, 5s, 2m, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION_RE.match(str(value))
+        if match is None:
+            raise _Invalid(f"must be a duration such as 150ms, 5s, 2m or 1h, not {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise _Invalid(f"must not be negative, not {value!r}")
+    return seconds
+
+
+def _positive_duration(value):
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise _Invalid(f"must be greater than zero, not {value!r}")
+    return seconds
+
+
+def _positive_int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid(f"must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, not {value!r}")
+    return value
+
+
+def _one_of(choices):
+    def convert(value):
+        if value not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    return convert
+
+
+def _name(value):
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise _Invalid(f"must be a name of letters, digits, '_', '.', '-' (at most 64), not {value!r}")
+    return value
+
+
+_HOST_PORT_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-_*]*)):(?P<port>\d+)$")
+_ENDPOINT_TYPES_WITHOUT_PROBE = ("systemd",)  # need the process environment to construct
+
+
+def split_host_port(value):
+    """`host:port` or `[v6]:port` -> (host, port); host may be empty."""
+    match = _HOST_PORT_RE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise _Invalid(f"must be host:port or [ipv6]:port, not {value!r}")
+    port = int(match.group("port"))
+    if not 0 < port < 65536:
+        raise _Invalid(f"port must be 1-65535, not {port}")
+    host = match.group("v6") if match.group("v6") is not None else match.group("host")
+    if match.group("v6") is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"{host!r} is not an IPv6 address") from None
+    return host, port
+
+
+def _endpoint_type(value):
+    return value.split(":", 1)[0]
+
+
+def listen_description(value, default_host=""):
+    """A Twisted server endpoint string, or the `host:port` / `[v6]:port` shorthand -> endpoint string."""
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"must be an endpoint string or host:port, not {value!r}")
+    match = _HOST_PORT_RE.match(value)
+    if match is None or match.group("host") in _known_endpoint_types():
+        description = value
+    else:
+        host, port = split_host_port(value)
+        host = default_host if host in ("", "*") else host
+        if ":" in host:
+            description = f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}"
+        else:
+            description = f"tcp:{port}" + (f":interface={host}" if host else "")
+    if _endpoint_type(description) not in _ENDPOINT_TYPES_WITHOUT_PROBE:
+        from twisted.internet.endpoints import serverFromString
+
+        try:
+            # Construction binds nothing; it checks the syntax and the parameters.
+            serverFromString(None, description)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Invalid(f"bad endpoint {description!r}: {exc}") from None
+    return description
+
+
+@functools.cache
+def _known_endpoint_types():
+    from twisted.internet.endpoints import _serverParsers
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    names = set(_serverParsers)
+    names.update(p.prefix for p in getPlugins(IStreamServerEndpointStringParser))
+    return names
+
+
+def _string_list(value):
+    values = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+    if not isinstance(values, list) or not values:
+        raise _Invalid(f"must be a string or a non-empty list of strings, not {value!r}")
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (str, int)) or item == "":
+            raise _Invalid(f"must hold non-empty strings, not {item!r}")
+    return tuple(str(v) for v in values)
+
+
+def _networks(value):
+    networks = []
+    for item in _string_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _Invalid(f"{item!r} is not an IP address or CIDR such as 192.0.2.0/24") from None
+    return tuple(networks)
+
+
+def _server(value):
+    if isinstance(value, str):
+        host, port = split_host_port(value)
+        weight = 1
+    elif isinstance(value, Mapping):
+        unknown = set(value) - {"address", "weight"}
+        if unknown:
+            raise _Invalid(f"unknown key {sorted(map(str, unknown))[0]!r} (known: address, weight)")
+        if "address" not in value:
+            raise _Invalid("needs an address: host:port")
+        host, port = split_host_port(value["address"])
+        weight = _positive_int(value.get("weight", 1))
+    else:
+        raise _Invalid(f"must be host:port or {{address: host:port, weight: N}}, not {value!r}")
+    if not host:
+        raise _Invalid(f"needs a host: {value!r}")
+    return Server(host, port, weight)
+
+
+class _Builder:
+    """Turns the raw mapping into a Config, knowing which detectors are installed."""
+
+    def __init__(self, reader, detectors):
+        self.reader = reader
+        self.detectors = {d.name: d for d in detectors}
+        declared = [getattr(d, "fields", None) for d in detectors]
+        # A plugin that does not declare its fields may produce any; then field names go unchecked.
+        self.known_fields = None
+        if declared and all(f is not None for f in declared):
+            self.known_fields = set().union(*declared)
+
+    def build(self, raw):
+        top = self.reader.section(raw, "")
+        if top is None:
+            return None
+        backends = self.backends(top)
+        listeners = self.listeners(top, backends)
+        limits = top.get("limits", lambda v: v, {})
+        limits_section = self.reader.section(limits, "limits")
+        max_connections = None
+        if limits_section is not None:
+            max_connections = limits_section.get("max_connections", _positive_int, None)
+            limits_section.finish()
+        shutdown_timeout = top.get("shutdown_timeout", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT)
+        admin = self.admin(top)
+        logging = self.logging(top)
+        top.finish()
+        return Config(
+            listeners=listeners, backends=_FrozenDict(backends), max_connections=max_connections,
+            shutdown_timeout=shutdown_timeout, admin=admin, logging=logging,
+        )
+
+    def backends(self, top):
+        raw = top.get("backends", lambda v: v, {})
+        section = self.reader.section(raw, "backends")
+        backends = {}
+        if section is None:
+            return backends
+        for name in list(section.raw):
+            path = section.key_path(str(name))
+            section.used.add(name)
+            if self.reader.convert(name, path, _name) is _MISSING:
+                continue
+            if name == REJECT:
+                self.reader.problem(path, f"{REJECT!r} is reserved for rejecting connections")
+                continue
+            backend = self.backend(name, section.raw[name], path)
+            if backend is not None:
+                backends[name] = backend
+        return backends
+
+    def backend(self, name, raw, path):
+        section = self.reader.section(raw, path)
+        if section is None:
+            return None
+        servers = section.get("servers", lambda v: v)
+        parsed = []
+        if servers is not _MISSING:
+            if not isinstance(servers, list) or not servers:
+                self.reader.problem(section.key_path("servers"), "must be a non-empty list of host:port")
+            else:
+                for index, server in enumerate(servers):
+                    parsed.append(self.reader.convert(server, f"{path}.servers[{index}]", _server))
+        balance = section.get("balance", _one_of(BALANCE_POLICIES), "round_robin")
+        connect_timeout = section.get("connect_timeout", _positive_duration, DEFAULT_CONNECT_TIMEOUT)
+        section.finish()
+        if _MISSING in parsed or not parsed or _MISSING in (balance, connect_timeout):
+            return None
+        return Backend(name, tuple(parsed), balance, connect_timeout)
+
+    def listeners(self, top, backends):
+        raw = top.get("listeners", lambda v: v)
+        if raw is _MISSING:
+            return ()
+        if not isinstance(raw, list) or not raw:
+            self.reader.problem("listeners", "must be a non-empty list of listeners")
+            return ()
+        listeners = []
+        seen = {}
+        for index, item in enumerate(raw):
+            path = f"listeners[{index}]"
+            listener = self.listener(item, path, backends)
+            if listener is None:
+                continue
+            if listener.name in seen:
+                self.reader.problem(f"{path}.name", f"duplicate listener name {listener.name!r} "
+                                                    f"(also listeners[{seen[listener.name]}])")
+                continue
+            seen[listener.name] = index
+            listeners.append(listener)
+        return tuple(listeners)
+
+    def listener(self, raw, path, backends):
+        section = self.reader.section(raw, path)
+        if section is None:
+            return None
+        name = section.get("name", _name)
+        transport = section.get("transport", _one_of(("tcp",)), "tcp")
+        listen = section.get("listen", self.listen_list)
+        detect = self.detect(section)
+        max_connections = section.get("max_connections", _positive_int, None)
+        per_source = section.get("max_connections_per_source", _positive_int, None)
+        idle_timeout = section.get("idle_timeout", _positive_duration, DEFAULT_IDLE_TIMEOUT)
+        routes = self.routes(section, backends)
+        target = self.target(backends)
+        default = section.get("default", target, None)
+        on_timeout = section.get("on_timeout", target, default)
+        section.finish()
+        values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
+                  routes, default, on_timeout)
+        if _MISSING in values:
+            return None
+        return Listener(name=name, transport=transport, listen=listen, detect=detect,
+                        max_connections=max_connections, max_connections_per_source=per_source,
+                        idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
+                        default=default)
+
+    @staticmethod
+    def listen_list(value):
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not values:
+            raise _Invalid(f"must be an endpoint string or a list of them, not {value!r}")
+        return tuple(listen_description(v) for v in values)
+
+    def detect(self, listener):
+        raw = listener.get("detect", lambda v: v, {})
+        section = self.reader.section(raw, listener.key_path("detect"))
+        if section is None:
+            return _MISSING
+        protocols = section.get("protocols", self.protocol_names, None)
+        timeout = section.get("timeout", _positive_duration, DEFAULT_DETECT_TIMEOUT)
+        max_bytes = section.get("max_bytes", _positive_int, DEFAULT_MAX_BYTES)
+        section.finish()
+        if _MISSING in (protocols, timeout, max_bytes):
+            return _MISSING
+        return DetectSettings(protocols, timeout, max_bytes)
+
+    def protocol_names(self, value, allow_unknown=False):
+        names = _string_list(value)
+        allowed = set(self.detectors) | ({"unknown"} if allow_unknown else set())
+        for name in names:
+            if name not in allowed:
+                raise _Invalid(f"no installed detector is called {name!r} "
+                               f"(installed: {', '.join(sorted(allowed))})")
+        return names
+
+    def target(self, backends):
+        def convert(value):
+            if value is None or value == REJECT:
+                return None
+            if not isinstance(value, str):
+                raise _Invalid(f"must be a backend name or {REJECT!r}, not {value!r}")
+            if value not in backends:
+                raise _Invalid(f"no backend is called {value!r} "
+                               f"(defined: {', '.join(sorted(backends)) or 'none'})")
+            return value
+
+        return convert
+
+    def routes(self, listener, backends):
+        raw = listener.get("routes", lambda v: v, [])
+        if raw is _MISSING:
+            return _MISSING
+        if not isinstance(raw, list):
+            self.reader.problem(listener.key_path("routes"), f"must be a list, not {_kind(raw)}")
+            return _MISSING
+        routes = []
+        for index, item in enumerate(raw):
+            path = listener.key_path(f"routes[{index}]")
+            route = self.route(item, path, index, backends)
+            routes.append(route)
+        return _MISSING if None in routes else tuple(routes)
+
+    def route(self, raw, path, index, backends):
+        section = self.reader.section(raw, path)
+        if section is None:
+            return None
+        label = section.get("name", _name, f"routes[{index}]")
+        match = self.match(section)
+        backend = section.get("backend", self.target(backends), _MISSING)
+        reject = section.get("reject", _boolean, False)
+        section.finish()
+        if section.has("backend") == bool(reject):
+            self.reader.problem(path, "needs exactly one of backend: NAME or reject: true")
+            return None
+        if _MISSING in (label, match) or (section.has("backend") and backend is _MISSING):
+            return None
+        return Route(label, match, None if reject else backend)
+
+    def match(self, route):
+        raw = route.get("match", lambda v: v, {})
+        section = self.reader.section(raw, route.key_path("match"))
+        if section is None:
+            return _MISSING
+        problems_before = len(self.reader.problems)
+        protocols = section.get("protocol", lambda v: frozenset(self.protocol_names(v, True)), None)
+        sources = section.get("source", _networks, None)
+        fields = []
+        for key in list(section.raw):
+            if key in ("protocol", "source"):
+                continue
+            section.used.add(key)
+            field_path = section.key_path(str(key))
+            if not isinstance(key, str) or not FIELD_NAME_RE.match(key):
+                self.reader.problem(field_path, "a field name is lower-case letters, digits and '_'")
+                continue
+            if self.known_fields is not None and key not in self.known_fields:
+                self.reader.problem(field_path, f"no installed detector produces field {key!r} "
+                                                f"(known: {', '.join(sorted(self.known_fields))})")
+                continue
+            patterns = self.reader.convert(section.raw[key], field_path, _string_list)
+            if patterns is not _MISSING:
+                fields.append((key, GlobSet.of(patterns)))
+        section.finish()
+        if len(self.reader.problems) > problems_before:
+            return _MISSING
+        return RouteMatch(protocols, sources, tuple(fields))
+
+    def admin(self, top):
+        raw = top.get("admin", lambda v: v, {})
+        section = self.reader.section(raw, "admin")
+        if section is None:
+            return AdminSettings(())
+        listen = section.get("listen", self.admin_listen, ())
+        section.finish()
+        return AdminSettings(() if listen is _MISSING else listen)
+
+    @staticmethod
+    def admin_listen(value):
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list):
+            raise _Invalid(f"must be an endpoint string or a list of them, not {value!r}")
+        # The admin site defaults to loopback: a bare ":9100" does not expose it.
+        return tuple(listen_description(v, default_host="127.0.0.1") for v in values)
+
+    def logging(self, top):
+        raw = top.get("logging", lambda v: v, {})
+        section = self.reader.section(raw, "logging")
+        if section is None:
+            return LoggingSettings()
+        fmt = section.get("format", _one_of(LOG_FORMATS), "text")
+        access_log = section.get("access_log", _boolean, True)
+        section.finish()
+        if _MISSING in (fmt, access_log):
+            return LoggingSettings()
+        return LoggingSettings(fmt, access_log)
+
+
+def parse_config(text, detectors, source="<string>"):
+    """Parse YAML text into a Config, or raise ConfigError listing every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([(f"{source}: {where}", f"not valid YAML: {reason}")]) from None
+    reader = _Reader()
+    config = _Builder(reader, list(detectors)).build(raw)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    digest = hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+    return attrs.evolve(config, source=source, digest=digest)
+
+
+def load_config(path, detectors):
+    """Read and parse a config file; an unreadable file is a ConfigError too."""
+    try:
+        with open(path, "rb") as stream:
+            text = stream.read()
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot read: {exc.strerror}")]) from None
+    return parse_config(text, detectors, source=str(path))

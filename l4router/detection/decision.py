@@ -1,0 +1,61 @@
+"""The decision loop: detectors in priority order; the first MATCH wins once every detector
+before it has said NO_MATCH."""
+
+import attrs
+from twisted.logger import Logger
+
+from l4router.detection.interface import NEED_MORE, NO_MATCH, Match
+
+log = Logger()
+
+UNKNOWN = "unknown"
+TIMEOUT = "timeout"
+
+
+@attrs.frozen
+class Decision:
+    protocol: str
+    fields: dict = attrs.field(factory=dict)
+
+
+class DetectorSet:
+    """The detectors of one listener, ordered; a misbehaving plugin is logged once and ignored."""
+
+    def __init__(self, detectors):
+        self.detectors = tuple(sorted(detectors, key=lambda d: (d.priority, d.name)))
+        self._failed = set()
+
+    @property
+    def names(self):
+        return tuple(d.name for d in self.detectors)
+
+    def decide(self, peek, final=False):
+        """A Decision, or None while a detector that could still win needs more bytes.
+
+        `final`: no more bytes will be considered (max_bytes reached or the client closed), so
+        the undecided count as NO_MATCH.
+        """
+        for detector in self.detectors:
+            if detector.name in self._failed:
+                continue
+            verdict = self._ask(detector, peek)
+            if isinstance(verdict, Match):
+                return Decision(detector.name, dict(verdict.fields))
+            if verdict is NEED_MORE and not final:
+                return None
+        return Decision(UNKNOWN)
+
+    def _ask(self, detector, peek):
+        try:
+            verdict = detector.detect(peek)
+        except Exception:
+            self._failed.add(detector.name)
+            log.failure("Detector {detector} raised; it is skipped from now on",
+                        detector=detector.name)
+            return NO_MATCH
+        if verdict is NEED_MORE or verdict is NO_MATCH or isinstance(verdict, Match):
+            return verdict
+        self._failed.add(detector.name)
+        log.error("Detector {detector} returned {verdict!r}, not Match/NEED_MORE/NO_MATCH; "
+                  "it is skipped from now on", detector=detector.name, verdict=verdict)
+        return NO_MATCH

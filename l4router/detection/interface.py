@@ -1,0 +1,51 @@
+"""The detector contract: the stable, public plugin API."""
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from zope.interface import Attribute, Interface
+
+
+class IProtocolDetector(Interface):
+    """Recognises one protocol from the first bytes a client sends."""
+
+    name = Attribute("protocol name used in config and metrics, e.g. 'tls'")
+    transports = Attribute("frozenset of 'tcp' and/or 'udp'")
+    priority = Attribute("int; lower is asked first (more specific before more general)")
+
+    def detect(peek):
+        """Return Match(fields), NEED_MORE or NO_MATCH. Never raises on any input."""
+
+
+class Verdict(enum.Enum):
+    """A detector's answer when it does not match (yet)."""
+
+    NEED_MORE = "need_more"
+    NO_MATCH = "no_match"
+
+
+NEED_MORE = Verdict.NEED_MORE
+NO_MATCH = Verdict.NO_MATCH
+
+
+class Match:
+    """A positive verdict with the flat mapping of what was learnt (sni, alpn, host, ...)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields=None):
+        if fields is None:
+            fields = {}
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"Match takes a mapping of fields, not {type(fields).__name__}")
+        self.fields = MappingProxyType(dict(fields))
+
+    def __eq__(self, other):
+        return isinstance(other, Match) and dict(self.fields) == dict(other.fields)
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.fields)))
+
+    def __repr__(self):
+        return f"Match({dict(self.fields)!r})"

@@ -1,0 +1,30 @@
+"""The error hierarchy: each error carries a message a user can act on."""
+
+
+class L4RouterError(Exception):
+    """Base of every error l4router raises on purpose."""
+
+
+class ConfigError(L4RouterError):
+    """The configuration is invalid; carries every problem found, each with its key path."""
+
+    def __init__(self, problems):
+        self.problems = tuple(problems)
+        super().__init__("\n".join(f"{path}: {reason}" for path, reason in self.problems))
+
+
+class BindFailed(L4RouterError):
+    """A listening address could not be bound; start-up stops."""
+
+
+class BackendUnavailable(L4RouterError):
+    """No server of a backend could be reached; `reason` labels the metric."""
+
+    def __init__(self, backend, reason, detail=""):
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"backend {backend!r}: {reason}{': ' + detail if detail else ''}")
+
+
+class ConnectTimeout(L4RouterError):
+    """A backend server did not accept within connect_timeout."""

@@ -1,0 +1,47 @@
+"""Connection admission: process-wide, per listener and per source address."""
+
+import collections
+
+LIMIT_PROCESS = "limit_process"
+LIMIT_LISTENER = "limit_listener"
+LIMIT_SOURCE = "limit_source"
+
+
+class ProcessLimit:
+    """The process-wide count, shared by every listener."""
+
+    def __init__(self, maximum=None):
+        self.maximum = maximum
+        self.active = 0
+
+
+class Admission:
+    """Counts a listener's active connections; `admit` answers None or the rejection reason."""
+
+    def __init__(self, process, maximum=None, per_source=None):
+        self.process = process
+        self.maximum = maximum
+        self.per_source = per_source
+        self.active = 0
+        self.by_source = collections.Counter()
+
+    def admit(self, source):
+        if self.process.maximum is not None and self.process.active >= self.process.maximum:
+            return LIMIT_PROCESS
+        if self.maximum is not None and self.active >= self.maximum:
+            return LIMIT_LISTENER
+        if self.per_source is not None and self.by_source[source] >= self.per_source:
+            return LIMIT_SOURCE
+        self.process.active += 1
+        self.active += 1
+        self.by_source[source] += 1
+        return None
+
+    def release(self, source):
+        self.process.active -= 1
+        self.active -= 1
+        remaining = self.by_source[source] - 1
+        if remaining:
+            self.by_source[source] = remaining
+        else:
+            del self.by_source[source]

@@ -1,0 +1,81 @@
+"""Prometheus metrics, defined once on a registry the service owns.
+
+Label names are the same words as the access-log fields: listener, protocol, route, backend,
+server, reason, direction.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DETECTION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 10.0)
+UPSTREAM = "upstream"  # client -> backend
+DOWNSTREAM = "downstream"  # backend -> client
+
+
+class RouterMetrics:
+    def __init__(self, registry=None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter(
+            "l4router_connections_accepted", "Connections admitted by a listener.",
+            ["listener"], registry=r)
+        self.rejected = Counter(
+            "l4router_connections_rejected",
+            "Connections closed before relaying: limits, reject routes, unreachable backends.",
+            ["listener", "reason"], registry=r)
+        self.active = Gauge(
+            "l4router_connections_active", "Connections open now (detecting or relaying).",
+            ["listener"], registry=r)
+        self.routed = Counter(
+            "l4router_connections_routed", "Decisions: the detected protocol and chosen route.",
+            ["listener", "protocol", "route", "backend"], registry=r)
+        self.closed = Counter(
+            "l4router_connections_closed", "Connections ended, by close reason.",
+            ["listener", "reason"], registry=r)
+        self.bytes = Counter(
+            "l4router_bytes_relayed",
+            "Bytes relayed (upstream: client to backend), counted when a connection ends.",
+            ["listener", "direction"], registry=r)
+        self.detection_seconds = Histogram(
+            "l4router_detection_seconds", "Time from accept to the detection decision.",
+            ["listener"], buckets=DETECTION_BUCKETS, registry=r)
+        self.connect_failures = Counter(
+            "l4router_backend_connect_failures", "Failed connects to backend servers.",
+            ["backend", "server", "reason"], registry=r)
+
+    def for_listener(self, name):
+        return ListenerMetrics(self, name)
+
+
+class ListenerMetrics:
+    """One listener's label children, looked up once instead of on every connection."""
+
+    def __init__(self, metrics, listener):
+        self.metrics = metrics
+        self.listener = listener
+        self.accepted = metrics.accepted.labels(listener)
+        self.active = metrics.active.labels(listener)
+        self.detection_seconds = metrics.detection_seconds.labels(listener)
+        self.bytes_up = metrics.bytes.labels(listener, UPSTREAM)
+        self.bytes_down = metrics.bytes.labels(listener, DOWNSTREAM)
+        self._rejected = {}
+        self._closed = {}
+        self._routed = {}
+
+    def rejected(self, reason):
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected[reason] = self.metrics.rejected.labels(self.listener, reason)
+        return child
+
+    def closed(self, reason):
+        child = self._closed.get(reason)
+        if child is None:
+            child = self._closed[reason] = self.metrics.closed.labels(self.listener, reason)
+        return child
+
+    def routed(self, protocol, route, backend):
+        key = (protocol, route, backend)
+        child = self._routed.get(key)
+        if child is None:
+            child = self._routed[key] = self.metrics.routed.labels(self.listener, *key)
+        return child

@@ -1,0 +1,105 @@
+"""HTTP/1.x request head parser (RFC 9112): request line and header fields.
+
+Rejects early: a method must look like one within its first bytes, so binary protocols fall
+through to NO_MATCH after a byte or two instead of waiting for a line end.
+"""
+
+import re
+
+import attrs
+
+from l4router.parsers import INCOMPLETE, Invalid
+
+MAX_METHOD = 32
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+_REQUEST_LINE_RE = re.compile(rb"^([A-Z_-]+) ([\x21-\x7e]+) HTTP/1\.([01])\r?$")
+_FIELD_NAME_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+
+
+@attrs.frozen
+class Request:
+    method: str
+    target: str
+    version: str  # "1.0" or "1.1"
+    headers: tuple  # (lower-case name, value) in order, as str
+    head_length: int  # bytes up to and including the blank line
+
+    def header(self, name):
+        """The first value of a header field, or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def host(self):
+        """Host from the absolute-form target or the Host field: lower-case, port stripped."""
+        authority = _authority(self.target)
+        if authority is None:
+            authority = self.header("host")
+        return strip_port(authority) if authority else None
+
+    @property
+    def path(self):
+        """The path of the target without the query; '*' for OPTIONS *."""
+        target = self.target
+        if _authority(target) is not None:
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        return target.split("?", 1)[0].split("#", 1)[0]
+
+
+def _authority(target):
+    lowered = target[:8].lower()
+    if lowered.startswith("http://") or lowered.startswith("https://"):
+        rest = target.split("://", 1)[1]
+        return re.split(r"[/?#]", rest, maxsplit=1)[0].rsplit("@", 1)[-1]
+    return None
+
+
+def strip_port(authority):
+    """'Example.COM:8080' -> 'example.com'; '[::1]:80' -> '::1'."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[1:end] if end > 0 else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def parse_request(data):
+    """An HTTP/1 request head -> Request | INCOMPLETE | Invalid."""
+    space = data.find(b" ", 0, MAX_METHOD + 1)
+    method_end = space if space >= 0 else min(len(data), MAX_METHOD + 1)
+    if space == 0 or any(byte not in _METHOD_CHARS for byte in data[:method_end]):
+        return Invalid("not an HTTP method")
+    if space < 0:
+        return INCOMPLETE if len(data) <= MAX_METHOD else Invalid("method too long")
+    end = _HEAD_END_RE.search(data)
+    if end is None:
+        line_end = data.find(b"\n")
+        if line_end >= 0 and not _REQUEST_LINE_RE.match(data[:line_end]):
+            return Invalid("not an HTTP/1 request line")
+        if line_end < 0 and _CONTROL_RE.search(data, space):
+            return Invalid("control character in request line")
+        return INCOMPLETE
+    lines = data[:end.start()].split(b"\n")
+    request_line = _REQUEST_LINE_RE.match(lines[0])
+    if request_line is None:
+        return Invalid("not an HTTP/1 request line")
+    headers = []
+    for line in lines[1:]:
+        line = line[:-1] if line.endswith(b"\r") else line
+        if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip().decode('latin-1')}")
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not _FIELD_NAME_RE.match(name):
+            return Invalid("malformed header field")
+        headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
+    method, target, minor = request_line.groups()
+    return Request(method.decode("ascii"), target.decode("ascii"), f"1.{minor.decode()}",
+                   tuple(headers), end.end())

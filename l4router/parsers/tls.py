@@ -1,0 +1,177 @@
+"""TLS ClientHello parser (RFC 8446 / 5246), reassembling the handshake across records.
+
+A ClientHello may be split over several TLS records and arrive in many TCP segments; the parser
+is run on the bytes so far and answers INCOMPLETE until the whole handshake message is there.
+"""
+
+import attrs
+
+from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
+
+RECORD_HANDSHAKE = 22
+HANDSHAKE_CLIENT_HELLO = 1
+RECORD_HEADER = 5
+MAX_RECORD = 2**14 + 2048  # RFC 8446 5.2 allows TLSCiphertext up to 2^14 + 256; be lenient
+MAX_CLIENT_HELLO = 2**16 + 2**14  # bigger than any real one, post-quantum key shares included
+
+EXT_SERVER_NAME = 0
+EXT_ALPN = 16
+EXT_SUPPORTED_VERSIONS = 43
+EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+
+VERSION_NAMES = {0x0300: "ssl3", 0x0301: "1.0", 0x0302: "1.1", 0x0303: "1.2", 0x0304: "1.3"}
+
+
+def is_grease(value):
+    """RFC 8701 GREASE values (0x0A0A, 0x1A1A, ...) are noise a client adds on purpose."""
+    return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
+
+
+@attrs.frozen
+class ClientHello:
+    legacy_version: int
+    sni: str | None
+    alpn: tuple
+    supported_versions: tuple  # offered versions, GREASE removed, client's order
+    ech: bool
+    extensions: tuple  # extension type numbers in order, GREASE removed
+
+    @property
+    def versions(self):
+        """Every version offered: supported_versions when sent, else the legacy one."""
+        return self.supported_versions or (self.legacy_version,)
+
+    @property
+    def version(self):
+        """The highest version offered, by name ('1.3')."""
+        return version_name(max(self.versions))
+
+
+def version_name(number):
+    return VERSION_NAMES.get(number, f"0x{number:04x}")
+
+
+def _text(raw):
+    return raw.decode("ascii", "backslashreplace")
+
+
+def parse_client_hello(data):
+    """The ClientHello from the first bytes of a TLS connection -> ClientHello | INCOMPLETE | Invalid."""
+    handshake = _reassemble(data)
+    if not isinstance(handshake, bytes):
+        return handshake
+    try:
+        return _parse_body(Reader(handshake))
+    except Truncated as exc:
+        return Invalid(f"malformed ClientHello: {exc}")
+
+
+def _reassemble(data):
+    """The whole ClientHello handshake body (after its 4-byte header) gathered from records."""
+    fragments = []
+    gathered = 0
+    needed = None
+    pos = 0
+    size = len(data)
+    while True:
+        if size - pos < RECORD_HEADER:
+            return _check_partial_header(data[pos:])
+        if data[pos] != RECORD_HANDSHAKE:
+            return Invalid(f"record type {data[pos]} is not handshake")
+        if data[pos + 1] != 3 or data[pos + 2] > 4:
+            return Invalid(f"record version {data[pos + 1]}.{data[pos + 2]} is not TLS")
+        length = int.from_bytes(data[pos + 3:pos + 5], "big")
+        if length == 0 or length > MAX_RECORD:
+            return Invalid(f"record length {length} out of range")
+        fragment = data[pos + RECORD_HEADER:pos + RECORD_HEADER + length]
+        fragments.append(fragment)
+        gathered += len(fragment)
+        if needed is None and gathered >= 4:
+            head = b"".join(fragments)[:4]
+            if head[0] != HANDSHAKE_CLIENT_HELLO:
+                return Invalid(f"handshake type {head[0]} is not ClientHello")
+            needed = 4 + int.from_bytes(head[1:4], "big")
+            if needed > MAX_CLIENT_HELLO:
+                return Invalid(f"ClientHello length {needed - 4} out of range")
+        if needed is not None and gathered >= needed:
+            return b"".join(fragments)[4:needed]
+        if len(fragment) < length:
+            return INCOMPLETE
+        pos += RECORD_HEADER + length
+
+
+def _check_partial_header(head):
+    if head and head[0] != RECORD_HANDSHAKE:
+        return Invalid(f"record type {head[0]} is not handshake")
+    if len(head) > 1 and head[1] != 3:
+        return Invalid(f"record version {head[1]} is not TLS")
+    if len(head) > 2 and head[2] > 4:
+        return Invalid(f"record version 3.{head[2]} is not TLS")
+    return INCOMPLETE
+
+
+def _parse_body(reader):
+    legacy_version = reader.uint(2)
+    if legacy_version >> 8 != 3:
+        raise Truncated(f"client version 0x{legacy_version:04x} is not TLS")
+    reader.take(32)  # random
+    if len(reader.vector(1)) > 32:
+        raise Truncated("session id longer than 32 bytes")
+    suites = reader.vector(2)
+    if not suites or len(suites) % 2:
+        raise Truncated("cipher suites list empty or odd")
+    if not reader.vector(1):
+        raise Truncated("no compression methods")
+    sni = None
+    alpn = ()
+    supported = ()
+    ech = False
+    types = []
+    if reader.remaining:
+        extensions = reader.sub(2)
+        while extensions.remaining:
+            kind = extensions.uint(2)
+            body = extensions.sub(2)
+            if is_grease(kind):
+                continue
+            types.append(kind)
+            if kind == EXT_SERVER_NAME:
+                sni = _server_name(body)
+            elif kind == EXT_ALPN:
+                alpn = _alpn(body)
+            elif kind == EXT_SUPPORTED_VERSIONS:
+                supported = _supported_versions(body)
+            elif kind == EXT_ENCRYPTED_CLIENT_HELLO:
+                ech = True
+    return ClientHello(legacy_version, sni, alpn, supported, ech, tuple(types))
+
+
+def _server_name(body):
+    names = body.sub(2)
+    while names.remaining:
+        kind = names.uint(1)
+        name = names.vector(2)
+        if kind == 0 and name:
+            return _text(name).rstrip(".").lower()
+    return None
+
+
+def _alpn(body):
+    protocols = body.sub(2)
+    offered = []
+    while protocols.remaining:
+        name = protocols.vector(1)
+        if not name:
+            raise Truncated("empty ALPN protocol name")
+        offered.append(_text(name))
+    return tuple(offered)
+
+
+def _supported_versions(body):
+    versions = body.sub(1)
+    offered = []
+    while versions.remaining:
+        version = versions.uint(2)
+        if not is_grease(version):
+            offered.append(version)
+    return tuple(offered)

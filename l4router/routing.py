@@ -1,0 +1,55 @@
+"""A listener's route table: ordered match rules -> backend name or reject."""
+
+import ipaddress
+
+import attrs
+
+from l4router.detection.decision import TIMEOUT
+
+DEFAULT_ROUTE = "default"
+TIMEOUT_ROUTE = "on_timeout"
+
+
+@attrs.frozen
+class RouteChoice:
+    route: str  # label for metrics and logs
+    backend: str | None  # None: reject
+
+
+class RouteTable:
+    """First match wins; `default` when none matches; `on_timeout` for silent clients."""
+
+    def __init__(self, listener):
+        self.routes = listener.routes
+        self.default = RouteChoice(DEFAULT_ROUTE, listener.default)
+        self.on_timeout = RouteChoice(TIMEOUT_ROUTE, listener.on_timeout)
+
+    def choose(self, decision, source_host):
+        if decision.protocol == TIMEOUT:
+            return self.on_timeout
+        source = _address(source_host)
+        for route in self.routes:
+            if _matches(route.match, decision, source):
+                return RouteChoice(route.label, route.backend)
+        return self.default
+
+
+def _address(host):
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except (ValueError, AttributeError):
+        return None
+
+
+def _matches(match, decision, source):
+    if match.protocols is not None and decision.protocol not in match.protocols:
+        return False
+    if match.sources is not None:
+        if source is None or not any(source in network for network in match.sources):
+            return False
+    fields = decision.fields
+    for name, globs in match.fields:
+        value = fields.get(name)
+        if value is None or not globs.matches(value):
+            return False
+    return True

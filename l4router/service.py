@@ -1,0 +1,170 @@
+"""The Service tree: ports bound in privilegedStartService, shutdown in stages.
+
+RouterService
+ ├─ AdminService      started first, stopped last: /metrics answers while everything drains
+ ├─ BackendsService   stopped after the listeners have drained
+ └─ ListenersService  one ListenerService per listener: stop accepting, drain, abort the rest
+"""
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from l4router.errors import BindFailed
+from l4router.relay import SHUTDOWN
+
+log = Logger()
+
+
+def bind_now(reactor, description, factory):
+    """Listen on an endpoint and return the port, or raise BindFailed with a one-line reason."""
+    try:
+        listening = serverFromString(reactor, description).listen(factory)
+    except Exception as exc:  # a bad systemd index, say: raised, not returned as a failure
+        raise BindFailed(f"cannot listen on {description}: {exc}") from None
+    result = []
+    listening.addBoth(result.append)
+    if not result:
+        raise BindFailed(f"cannot listen on {description}: the endpoint did not bind at once")
+    outcome = result[0]
+    if isinstance(outcome, Failure):
+        raise BindFailed(f"cannot listen on {description}: {outcome.getErrorMessage()}")
+    return outcome
+
+
+def describe_address(address):
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return str(getattr(address, "name", address))
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class PortsService(Service):
+    """Binds a factory on endpoint descriptions before privileges are dropped."""
+
+    def __init__(self, reactor, descriptions, factory):
+        self.reactor = reactor
+        self.descriptions = descriptions
+        self.factory = factory
+        self.ports = []
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        try:
+            for description in self.descriptions:
+                self.ports.append(bind_now(self.reactor, description, self.factory))
+        except BindFailed:
+            for port in self.ports:
+                port.stopListening()
+            self.ports = []
+            raise
+
+    def addresses(self):
+        return [port.getHost() for port in self.ports]
+
+    def stop_listening(self):
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+class AdminService(PortsService):
+    def stopService(self):
+        super().stopService()
+        return self.stop_listening()
+
+
+class ListenerService(PortsService):
+    """One listener: on stop, stop accepting, wait for its connections, abort what is left."""
+
+    def __init__(self, reactor, listener, factory, shutdown_timeout):
+        super().__init__(reactor, listener.listen, factory)
+        self.setName(listener.name)
+        self.shutdown_timeout = shutdown_timeout
+
+    def startService(self):
+        super().startService()
+        for address in self.addresses():
+            log.info("Listener {listener} accepting on {address}", listener=self.name,
+                     address=describe_address(address))
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        yield self.stop_listening()
+        connections = self.factory.connections
+        if not connections:
+            return
+        log.info("Listener {listener} draining {count} connections (at most {timeout}s)",
+                 listener=self.name, count=len(connections), timeout=self.shutdown_timeout)
+        drained = self.factory.when_drained()
+        deadline = self.reactor.callLater(self.shutdown_timeout, self._abort_remaining)
+        yield drained
+        if deadline.active():
+            deadline.cancel()
+        log.info("Listener {listener}: all connections done", listener=self.name)
+
+    def _abort_remaining(self):
+        connections = list(self.factory.connections)
+        log.warn("Listener {listener}: shutdown_timeout passed, aborting {count} connections",
+                 listener=self.name, count=len(connections))
+        for connection in connections:
+            connection.abort(SHUTDOWN)
+
+
+class ListenersService(MultiService):
+    """Every listener stops accepting at once, then each drains on its own."""
+
+
+class BackendsService(Service):
+    """Holds the backend groups; pools and health checks live here."""
+
+    def __init__(self, groups):
+        self.groups = groups
+
+
+class RouterService(MultiService):
+    """Starts admin, backends, listeners in that order and stops them one stage at a time.
+
+    MultiService stops its children concurrently; shutdown must be ordered, so each stage's
+    Deferred is waited for before the next stage starts stopping.
+    """
+
+    def __init__(self, config, admin, backends, listeners, log_observer=None):
+        super().__init__()
+        self.config = config
+        self.log_observer = log_observer
+        for child in (admin, backends, listeners):
+            child.setServiceParent(self)
+
+    def setServiceParent(self, parent):
+        # twistd asks the application for an ILogObserver after makeService: our chance to
+        # put the configured log format in place of its default one.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def startService(self):
+        log.info("l4router using config {path} (sha256 {digest})", path=self.config.source,
+                 digest=self.config.digest[:12])
+        super().startService()
+
+    def stopService(self):
+        Service.stopService(self)
+        stages = list(self)
+        stages.reverse()
+        done = defer.succeed(None)
+        for stage in stages:
+            done.addBoth(self._stop_stage, stage)
+        done.addBoth(lambda _: log.info("l4router stopped"))
+        return done
+
+    @staticmethod
+    def _stop_stage(_, stage):
+        log.info("Stopping {stage}", stage=type(stage).__name__)
+        return defer.maybeDeferred(stage.stopService).addErrback(
+            lambda failure: log.failure("Stopping {stage} failed", failure,
+                                        stage=type(stage).__name__))

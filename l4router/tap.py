@@ -1,0 +1,104 @@
+"""`twistd l4router`: command-line options and the assembly of the Service tree."""
+
+import sys
+from importlib import resources
+
+from prometheus_client import CollectorRegistry
+from twisted.python import usage
+
+from l4router.admin import admin_site
+from l4router.backends.group import BackendGroup
+from l4router.config import load_config
+from l4router.detection.decision import DetectorSet
+from l4router.detection.registry import detectors_for, installed_detectors
+from l4router.errors import ConfigError, L4RouterError
+from l4router.limits import Admission, ProcessLimit
+from l4router.logs import make_log_observer
+from l4router.metrics import RouterMetrics
+from l4router.service import (
+    AdminService, BackendsService, ListenerService, ListenersService, RouterService)
+from l4router.tcp import ListenerFactory
+
+
+def quickstart_config_path():
+    """The packaged quickstart config, used when no -c is given."""
+    return str(resources.files("l4router") / "quickstart.yaml")
+
+
+class Options(usage.Options):
+    synopsis = "[-c CONFIG] [--check]"
+    longdesc = (
+        "Runs the l4router protocol router. It peeks at the first bytes of each client, detects "
+        "the protocol (TLS SNI/ALPN, HTTP/1 Host/path, ...), picks a route and a backend, and "
+        "relays bytes both ways. Without -c it runs the packaged quickstart config. "
+        "Use twistd's own options for process management: -n (stay in the foreground), "
+        "--pidfile, --logfile, --uid/--gid (ports are bound before privileges are dropped)."
+    )
+    optParameters = [
+        ["config", "c", None, "The YAML config file (default: the packaged quickstart.yaml)."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the config, print every error with its key path, and exit "
+                        "(0: valid, 2: invalid) without binding anything."],
+    ]
+
+    def postOptions(self):
+        path = self["config"] or quickstart_config_path()
+        self.detectors = installed_detectors()
+        try:
+            self.loaded = load_config(path, self.detectors)
+        except ConfigError as error:
+            sys.stderr.write(f"l4router: invalid config {path}:\n")
+            for key, reason in error.problems:
+                sys.stderr.write(f"  {key}: {reason}\n")
+            raise SystemExit(2)
+        if self["check"]:
+            sys.stdout.write(f"l4router: {path} is valid: {len(self.loaded.listeners)} "
+                             f"listeners, {len(self.loaded.backends)} backends\n")
+            raise SystemExit(0)
+
+
+def _print_l4router_errors_in_one_line():
+    """A BindFailed escaping twistd's start-up is a one-line message, not a traceback."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if isinstance(value, L4RouterError):
+            sys.stderr.write(f"l4router: {value}\n")
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    _print_l4router_errors_in_one_line()
+    twistd = options.parent or {}
+    observer = make_log_observer(options.loaded.logging, twistd.get("logfile"),
+                                 twistd.get("nodaemon", True))
+    return build_router(options.loaded, options.detectors, reactor, log_observer=observer)
+
+
+def build_router(config, detectors, reactor, registry=None, log_observer=None):
+    """Build (not start) the whole Service tree for `config`."""
+    metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+    groups = {name: BackendGroup(backend, reactor, metrics)
+              for name, backend in config.backends.items()}
+    process_limit = ProcessLimit(config.max_connections)
+    listeners = ListenersService()
+    for listener in config.listeners:
+        detector_set = DetectorSet(
+            detectors_for(detectors, listener.transport, listener.detect.protocols))
+        factory = ListenerFactory(
+            listener, detector_set, groups,
+            Admission(process_limit, listener.max_connections,
+                      listener.max_connections_per_source),
+            metrics.for_listener(listener.name), reactor,
+            access_log=config.logging.access_log)
+        ListenerService(reactor, listener, factory, config.shutdown_timeout).setServiceParent(
+            listeners)
+    admin = AdminService(reactor, config.admin.listen, admin_site(metrics.registry))
+    return RouterService(config, admin, BackendsService(groups), listeners,
+                         log_observer=log_observer)

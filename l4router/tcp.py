@@ -1,0 +1,260 @@
+"""TCP listener: admission, peek and detect, route, connect, hand over to the relay."""
+
+import itertools
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from l4router import relay as relay_reasons
+from l4router.detection.decision import TIMEOUT, Decision
+from l4router.detection.peek import Peek
+from l4router.errors import BackendUnavailable
+from l4router.relay import BackendSide, Relay
+from l4router.routing import RouteTable
+
+log = Logger()
+access_log = Logger(namespace="l4router.access")
+
+# Close reasons of connections that never reached a relay.
+REJECTED = "rejected"  # a route or default said reject
+CLIENT_CLOSED_EARLY = "client_closed_early"  # gone before a decision
+BACKEND_UNAVAILABLE = "backend_unavailable"
+
+_connection_ids = itertools.count(1)
+
+
+class ListenerFactory(Factory):
+    """Builds one InboundConnection per admitted client of one listener."""
+
+    noisy = False
+
+    def __init__(self, listener, detectors, backends, admission, metrics, clock, access_log=True):
+        self.listener = listener
+        self.name = listener.name
+        self.detectors = detectors
+        self.routes = RouteTable(listener)
+        self.backends = backends
+        self.admission = admission
+        self.metrics = metrics
+        self.clock = clock
+        self.access_log = access_log
+        self.connections = set()
+        self.idle_timeout = listener.idle_timeout
+        self._drain_waiters = []
+
+    def buildProtocol(self, addr):
+        source = getattr(addr, "host", None) or str(addr)
+        refusal = self.admission.admit(source)
+        if refusal is not None:
+            # Returning None makes the port close the socket at once, without reading.
+            self.metrics.rejected(refusal).inc()
+            return None
+        self.metrics.accepted.inc()
+        self.metrics.active.inc()
+        connection = InboundConnection(self, source, getattr(addr, "port", 0))
+        self.connections.add(connection)
+        return connection
+
+    def connection_ended(self, connection):
+        self.connections.discard(connection)
+        self.admission.release(connection.source)
+        self.metrics.active.dec()
+        if not self.connections:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_drained(self):
+        """A Deferred that fires once no connection of this listener is left."""
+        if not self.connections:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+
+@implementer(IHalfCloseableProtocol)
+class InboundConnection(Protocol):
+    """One client: buffers its first bytes, asks the detectors, then relays.
+
+    While relaying it is the client half of the Relay: it forwards what it reads to the
+    backend transport and counts it.
+    """
+
+    def __init__(self, factory, source, source_port):
+        self.factory = factory
+        self.id = next(_connection_ids)
+        self.source = source
+        self.source_port = source_port
+        self.buffer = b""
+        self.received = 0
+        self.read_closed = False
+        self.decision = None
+        self.route = None
+        self.backend_name = None
+        self.server = None
+        self.relay = None
+        self.backend = None
+        self.close_reason = None
+        self.started = factory.clock.seconds()
+        self._detect_timer = None
+        self._connecting = None
+        self._ended = False
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self._detect_timer = self.factory.clock.callLater(
+            self.factory.listener.detect.timeout, self._detect_timed_out)
+
+    def dataReceived(self, data):
+        if self.relay is not None:
+            self.received += len(data)
+            self.backend.transport.write(data)
+            return
+        self.buffer += data
+        self.received = len(self.buffer)
+        if self.decision is None:
+            self._detect(final=False)
+
+    def readConnectionLost(self):
+        self.read_closed = True
+        if self.relay is not None:
+            self.relay.side_finished_sending(self)
+        elif self.decision is None:
+            if self.buffer:
+                self._detect(final=True)
+            else:
+                self._close(CLIENT_CLOSED_EARLY)
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason=None):
+        if self.relay is not None:
+            self.relay.side_lost(self, reason)
+            return
+        self._cancel_detect_timer()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        clean = reason is None or reason.check(ConnectionDone) is not None
+        self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else
+                                        relay_reasons.CLIENT_RESET))
+
+    # Detection
+
+    def _detect(self, final):
+        max_bytes = self.factory.listener.detect.max_bytes
+        if len(self.buffer) >= max_bytes:
+            final = True
+        decision = self.factory.detectors.decide(Peek(self.buffer[:max_bytes]), final)
+        if decision is not None:
+            self._decided(decision)
+
+    def _detect_timed_out(self):
+        self._detect_timer = None
+        if self.decision is None:
+            self._decided(Decision(TIMEOUT))
+
+    def _cancel_detect_timer(self):
+        if self._detect_timer is not None:
+            if self._detect_timer.active():
+                self._detect_timer.cancel()
+            self._detect_timer = None
+
+    def _decided(self, decision):
+        self._cancel_detect_timer()
+        self.decision = decision
+        metrics = self.factory.metrics
+        metrics.detection_seconds.observe(self.factory.clock.seconds() - self.started)
+        choice = self.factory.routes.choose(decision, self.source)
+        self.route = choice.route
+        metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()
+        if choice.backend is None:
+            metrics.rejected(REJECTED).inc()
+            self._close(REJECTED)
+            return
+        self.backend_name = choice.backend
+        self._connect(self.factory.backends[choice.backend])
+
+    # Connecting
+
+    def _connect(self, group):
+        self.transport.pauseProducing()  # the client waits; its bytes stay in the buffer
+        self.backend = BackendSide()
+        self._connecting = group.connect(self.backend)
+        self._connecting.addCallbacks(self._connected, self._connect_failed,
+                                      errbackArgs=(group,))
+
+    def _connected(self, server):
+        self._connecting = None
+        self.server = server
+        self.backend.transport.setTcpNoDelay(True)
+        self.relay = Relay(self, self.backend, self.factory.clock, self.factory.idle_timeout,
+                           self._relay_ended)
+        replay, self.buffer = self.buffer, b""
+        self.relay.start(replay, client_finished_sending=self.read_closed)
+
+    def _connect_failed(self, failure, group):
+        self._connecting = None
+        if failure.check(defer.CancelledError):
+            return None  # the client left while we were connecting
+        if failure.check(BackendUnavailable):
+            log.warn("No server of backend {backend} reachable for connection {id} from "
+                     "{source}: {error}", backend=group.name, id=self.id, source=self.source,
+                     error=failure.getErrorMessage())
+        else:
+            log.failure("Connecting connection {id} to backend {backend} failed",
+                        failure, id=self.id, backend=group.name)
+        self.factory.metrics.rejected(BACKEND_UNAVAILABLE).inc()
+        self._close(BACKEND_UNAVAILABLE)
+        return None
+
+    # Ending
+
+    def _close(self, reason):
+        self.close_reason = reason
+        self.transport.loseConnection()
+
+    def abort(self, reason):
+        """Used by shutdown: end the connection now, whatever state it is in."""
+        if self.relay is not None:
+            self.relay.close(reason, abort=True)
+        else:
+            self.close_reason = reason
+            self.transport.abortConnection()
+
+    def _relay_ended(self, reason):
+        self._end(reason)
+
+    def _end(self, reason):
+        if self._ended:
+            return
+        self._ended = True
+        factory = self.factory
+        factory.connection_ended(self)
+        metrics = factory.metrics
+        metrics.closed(reason).inc()
+        received_from_backend = self.backend.received if self.backend is not None else 0
+        if self.relay is not None:
+            metrics.bytes_up.inc(self.received)
+            metrics.bytes_down.inc(received_from_backend)
+        if factory.access_log:
+            decision = self.decision
+            access_log.info(
+                "{listener} #{connection_id} {source}:{source_port} {protocol} "
+                "route={route} backend={backend} server={server} bytes_up={bytes_up} "
+                "bytes_down={bytes_down} duration={duration:.3f}s reason={reason}",
+                connection_id=self.id, listener=factory.name, source=self.source,
+                source_port=self.source_port,
+                protocol=decision.protocol if decision else None,
+                fields=dict(decision.fields) if decision else {},
+                route=self.route,
+                backend=self.backend_name,
+                server=self.server.label if self.server is not None else None,
+                bytes_up=self.received if self.relay is not None else 0,
+                bytes_down=received_from_backend,
+                duration=factory.clock.seconds() - self.started, reason=reason)

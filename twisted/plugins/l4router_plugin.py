@@ -1,0 +1,10 @@
+"""Makes `twistd l4router` exist. Kept lazy: every `twistd --help` on the machine imports it."""
+
+from twisted.application.service import ServiceMaker
+
+l4router = ServiceMaker(
+    "l4router",
+    "l4router.tap",
+    "A layer-4 protocol router: peeks at the first bytes, detects the protocol, routes, relays.",
+    "l4router",
+)
