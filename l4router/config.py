@@ -543,7 +543,7 @@ class _Builder:
             return None
         label = section.get("name", _name, f"routes[{index}]")
         match = self.match(section)
-        backend = section.get("backend", self.target(backends), _MISSING)
+        backend = section.get("backend", self.target(backends), None)
         reject = section.get("reject", _boolean, False)
         section.finish()
         if section.has("backend") == bool(reject):

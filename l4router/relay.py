@@ -22,6 +22,12 @@ SHUTDOWN = "shutdown"
 IDLE_CHECKS_PER_TIMEOUT = 4  # an idle relay is closed between 1 and 1.25 idle_timeouts
 
 
+def _uncouple(transport):
+    """Stop treating the other side as this transport's producer, so it can close."""
+    if transport.producer is not None:
+        transport.unregisterProducer()
+
+
 @implementer(IHalfCloseableProtocol)
 class BackendSide(Protocol):
     """The backend half of a relay: everything it reads goes to the client."""
@@ -92,7 +98,7 @@ class Relay:
         peer = self.peer_of(side)
         if peer in self.lost:
             return
-        peer.transport.unregisterProducer()  # `side` will produce nothing more
+        _uncouple(peer.transport)  # `side` will produce nothing more
         if self.client.read_closed and self.backend.read_closed:
             self.close(COMPLETED)
         else:
@@ -111,7 +117,7 @@ class Relay:
                 self.reason = BACKEND_CLOSED if clean else BACKEND_RESET
         peer = self.peer_of(side)
         if peer not in self.lost:
-            peer.transport.unregisterProducer()
+            _uncouple(peer.transport)
             peer.transport.loseConnection()
         else:
             self._end()
@@ -122,7 +128,7 @@ class Relay:
             self.reason = reason
         for side in (self.client, self.backend):
             if side not in self.lost:
-                side.transport.unregisterProducer()
+                _uncouple(side.transport)
                 if abort:
                     side.transport.abortConnection()
                 else:

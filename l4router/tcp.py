@@ -27,6 +27,14 @@ BACKEND_UNAVAILABLE = "backend_unavailable"
 _connection_ids = itertools.count(1)
 
 
+def set_no_delay(transport):
+    """Relayed bytes go out at once (a proxy must not add Nagle delays); not every transport is TCP."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass
+
+
 class ListenerFactory(Factory):
     """Builds one InboundConnection per admitted client of one listener."""
 
@@ -106,7 +114,7 @@ class InboundConnection(Protocol):
         self._ended = False
 
     def connectionMade(self):
-        self.transport.setTcpNoDelay(True)
+        set_no_delay(self.transport)
         self._detect_timer = self.factory.clock.callLater(
             self.factory.listener.detect.timeout, self._detect_timed_out)
 
@@ -192,7 +200,7 @@ class InboundConnection(Protocol):
     def _connected(self, server):
         self._connecting = None
         self.server = server
-        self.backend.transport.setTcpNoDelay(True)
+        set_no_delay(self.backend.transport)
         self.relay = Relay(self, self.backend, self.factory.clock, self.factory.idle_timeout,
                            self._relay_ended)
         replay, self.buffer = self.buffer, b""

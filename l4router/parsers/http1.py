@@ -82,7 +82,8 @@ def parse_request(data):
         line_end = data.find(b"\n")
         if line_end >= 0 and not _REQUEST_LINE_RE.match(data[:line_end]):
             return Invalid("not an HTTP/1 request line")
-        if line_end < 0 and _CONTROL_RE.search(data, space):
+        pending = data[:-1] if data.endswith(b"\r") else data  # the CR of a CRLF to come
+        if line_end < 0 and _CONTROL_RE.search(pending, space):
             return Invalid("control character in request line")
         return INCOMPLETE
     lines = data[:end.start()].split(b"\n")

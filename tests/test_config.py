@@ -1,0 +1,154 @@
+"""Config parsing: valid configs become frozen objects; every bad one names its key path."""
+
+import attrs
+import pytest
+
+from l4router.config import parse_config, parse_duration
+from l4router.detection.registry import installed_detectors
+from l4router.errors import ConfigError
+
+DETECTORS = installed_detectors()
+
+GOOD = """
+listeners:
+  - name: edge
+    listen: ["127.0.0.1:8443", "[::1]:8443", "tcp:9443:interface=127.0.0.1"]
+    detect: {protocols: [tls, http1], timeout: 150ms, max_bytes: 4096}
+    max_connections: 10
+    max_connections_per_source: 2
+    idle_timeout: 2m
+    routes:
+      - match: {protocol: tls, sni: ["*.example.com", "example.com"], alpn: h2}
+        backend: web
+      - name: api
+        match: {protocol: http1, host: "*.example.com", path: "/api/*"}
+        backend: web
+      - match: {source: ["192.0.2.0/24", "2001:db8::/32"]}
+        reject: true
+    on_timeout: web
+    default: reject
+backends:
+  web:
+    servers: ["127.0.0.1:9443", {address: "[::1]:9444", weight: 2}]
+    connect_timeout: 1.5
+limits: {max_connections: 100}
+shutdown_timeout: 1h
+admin: {listen: ":9100"}
+logging: {format: json, access_log: false}
+"""
+
+
+def parse(text):
+    return parse_config(text, DETECTORS)
+
+
+def test_good_config_is_fully_parsed():
+    config = parse(GOOD)
+    listener = config.listeners[0]
+    assert listener.listen == ("tcp:8443:interface=127.0.0.1", "tcp6:8443:interface=\\:\\:1",
+                               "tcp:9443:interface=127.0.0.1")
+    assert listener.detect.timeout == 0.15 and listener.detect.max_bytes == 4096
+    assert listener.detect.protocols == ("tls", "http1")
+    assert listener.idle_timeout == 120.0
+    assert [r.label for r in listener.routes] == ["routes[0]", "api", "routes[2]"]
+    assert listener.routes[2].backend is None
+    assert listener.default is None and listener.on_timeout == "web"
+    sni = dict(listener.routes[0].match.fields)["sni"]
+    assert sni.matches("WWW.Example.COM") and sni.matches("example.com")
+    assert not sni.matches("example.com.evil.net")
+    web = config.backends["web"]
+    assert [(s.host, s.port, s.weight) for s in web.servers] == [("127.0.0.1", 9443, 1),
+                                                                   ("::1", 9444, 2)]
+    assert web.connect_timeout == 1.5
+    assert config.max_connections == 100 and config.shutdown_timeout == 3600.0
+    assert config.admin.listen == ("tcp:9100:interface=127.0.0.1",)
+    assert config.logging.format == "json" and config.logging.access_log is False
+    assert len(config.digest) == 64
+
+
+def test_config_is_frozen():
+    config = parse(GOOD)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.listeners[0].name = "other"
+    with pytest.raises(TypeError):
+        config.backends["x"] = None
+
+
+def test_on_timeout_defaults_to_default():
+    config = parse("listeners: [{name: a, listen: ':1', default: b}]\n"
+                   "backends: {b: {servers: ['127.0.0.1:2']}}")
+    assert config.listeners[0].on_timeout == "b"
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("150ms", 0.15), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0), ("0.5", 0.5)])
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+BASE_LISTENER = "{name: a, listen: '127.0.0.1:1', default: b}"
+BASE_BACKENDS = "backends: {b: {servers: ['127.0.0.1:2']}}"
+
+BAD = [
+    ("listeners: [", "line 1, column 13", "not valid YAML"),
+    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nfoo: 1", "foo", "unknown key"),
+    (f"listeners: [{{name: a, listen: ':1', bogus: 1}}]", "listeners[0].bogus", "unknown key"),
+    (f"listeners: [{{name: a, listen: ':1', idle_timeout: 5 parsecs}}]",
+     "listeners[0].idle_timeout", "duration"),
+    (f"listeners: [{{name: a, listen: ':1', detect: {{timeout: -1s}}}}]",
+     "listeners[0].detect.timeout", "duration"),
+    (f"listeners: [{{name: a, listen: ':1', default: nope}}]\n{BASE_BACKENDS}",
+     "listeners[0].default", "no backend is called 'nope'"),
+    (f"listeners: [{BASE_LISTENER}, {BASE_LISTENER}]\n{BASE_BACKENDS}",
+     "listeners[1].name", "duplicate listener name"),
+    (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{source: 10.0.0.0/33}}, "
+     f"reject: true}}]}}]", "listeners[0].routes[0].match.source", "CIDR"),
+    (f"listeners: [{{name: a, listen: ':1', routes: [{{reject: true}}, {{match: "
+     f"{{protocol: tls, sni: [1.5, {{}}]}}, reject: true}}]}}]",
+     "listeners[0].routes[1].match.sni", "non-empty strings"),
+    (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{hots: x}}, reject: true}}]}}]",
+     "listeners[0].routes[0].match.hots", "no installed detector produces field 'hots'"),
+    (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{protocol: htp1}}, "
+     f"reject: true}}]}}]", "listeners[0].routes[0].match.protocol", "no installed detector"),
+    (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{}}}}]}}]",
+     "listeners[0].routes[0]", "exactly one of backend"),
+    (f"listeners: [{{name: a, listen: ':1', detect: {{protocols: [tls, smtp]}}}}]",
+     "listeners[0].detect.protocols", "'smtp'"),
+    (f"listeners: [{{name: a, listen: 'tcp:notaport'}}]", "listeners[0].listen",
+     "bad endpoint"),
+    (f"listeners: [{{name: a, listen: '127.0.0.1:70000'}}]", "listeners[0].listen",
+     "1-65535"),
+    (f"listeners: [{{name: a, listen: ':1', transport: sctp}}]", "listeners[0].transport",
+     "must be one of"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: []}}}}", "backends.b.servers",
+     "non-empty list"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['nohost']}}}}",
+     "backends.b.servers[0]", "host:port"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], balance: fastest}}}}",
+     "backends.b.balance", "round_robin"),
+    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nlimits: {{max_connections: 0}}",
+     "limits.max_connections", "at least 1"),
+    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nlogging: {{format: xml}}",
+     "logging.format", "text, json"),
+    ("listeners: []", "listeners", "non-empty list"),
+    ("{}", "listeners", "is required"),
+    ("[1, 2]", "", "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("text, path, reason", BAD, ids=[b[1] or "top" for b in BAD])
+def test_bad_config_names_the_key_path(text, path, reason):
+    with pytest.raises(ConfigError) as raised:
+        parse(text)
+    assert any(p.endswith(path) and reason in r for p, r in raised.value.problems), \
+        raised.value.problems
+
+
+def test_every_problem_is_reported_at_once():
+    text = ("listeners: [{name: a, listen: ':1', idle_timeout: x, default: nope, zap: 1}]\n"
+            "backends: {b: {servers: ['127.0.0.1:0']}}")
+    with pytest.raises(ConfigError) as raised:
+        parse(text)
+    paths = [p for p, _ in raised.value.problems]
+    assert set(paths) >= {"listeners[0].idle_timeout", "listeners[0].default",
+                          "listeners[0].zap", "backends.b.servers[0]"}

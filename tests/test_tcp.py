@@ -1,0 +1,264 @@
+"""The inbound protocol and the relay, driven with StringTransport and MemoryReactorClock."""
+
+import pytest
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from l4router.backends.group import BackendGroup
+from l4router.config import parse_config
+from l4router.detection.decision import DetectorSet
+from l4router.detection.registry import detectors_for, installed_detectors
+from l4router.limits import Admission, ProcessLimit
+from l4router.metrics import RouterMetrics
+from l4router.tcp import ListenerFactory
+
+CONFIG = """
+listeners:
+  - name: edge
+    listen: "127.0.0.1:8000"
+    detect: {timeout: 2s, max_bytes: 64}
+    idle_timeout: 40s
+    max_connections: 2
+    routes:
+      - match: {protocol: http1, host: "*.example.com"}
+        backend: web
+      - match: {protocol: http1, path: "/deny/*"}
+        reject: true
+      - match: {protocol: tls, sni: secure.example.com}
+        backend: web
+    on_timeout: ssh
+    default: other
+backends:
+  web: {servers: ["10.0.0.1:80", "10.0.0.2:80"], connect_timeout: 1s}
+  ssh: {servers: ["10.0.0.3:22"]}
+  other: {servers: ["10.0.0.4:9"]}
+"""
+
+
+class TCPTransport(StringTransport):
+    """StringTransport plus the TCP-only calls the router makes."""
+
+    write_closed = False
+    aborted = False
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
+class Harness:
+    def __init__(self):
+        self.reactor = MemoryReactorClock()
+        detectors = installed_detectors()
+        self.config = parse_config(CONFIG, detectors)
+        listener = self.config.listeners[0]
+        self.registry = CollectorRegistry()
+        metrics = RouterMetrics(self.registry)
+        groups = {name: BackendGroup(b, self.reactor, metrics)
+                  for name, b in self.config.backends.items()}
+        self.factory = ListenerFactory(
+            listener, DetectorSet(detectors_for(detectors, "tcp")), groups,
+            Admission(ProcessLimit(), listener.max_connections), metrics.for_listener("edge"),
+            self.reactor)
+
+    def client(self, port=40000):
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", port))
+        if protocol is None:
+            return None, None
+        transport = TCPTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def connect_attempt(self, index=-1):
+        host, port, factory, timeout, _ = self.reactor.tcpClients[index]
+        return (host, port, timeout), factory
+
+    def accept_backend(self, factory):
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 80))
+        transport = TCPTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def tick(self, seconds):
+        """Advance time a second at a time, as a running reactor would fire timers."""
+        for _ in range(seconds):
+            self.reactor.advance(1)
+
+    def metric(self, name, **labels):
+        return self.registry.get_sample_value(name, labels)
+
+
+REQUEST = b"GET /index.html HTTP/1.1\r\nHost: www.Example.com\r\n\r\n"
+
+
+def relayed(harness, first_bytes=REQUEST):
+    client, client_transport = harness.client()
+    client.dataReceived(first_bytes)
+    _, factory = harness.connect_attempt()
+    backend, backend_transport = harness.accept_backend(factory)
+    return client, client_transport, backend, backend_transport
+
+
+def test_http1_routed_by_host_replays_bytes_then_relays():
+    harness = Harness()
+    client, client_transport = harness.client()
+    client.dataReceived(REQUEST[:10])
+    assert harness.reactor.tcpClients == []  # still undecided
+    client.dataReceived(REQUEST[10:])
+    (host, port, timeout), factory = harness.connect_attempt()
+    assert (host, port, timeout) == ("10.0.0.1", 80, 1.0)
+    assert client_transport.producerState == "paused"  # no reading while connecting
+    backend, backend_transport = harness.accept_backend(factory)
+    assert backend_transport.value() == REQUEST
+    assert client_transport.producerState == "producing"
+    assert backend_transport.producer is client_transport
+    assert client_transport.producer is backend_transport
+    client.dataReceived(b"more")
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert backend_transport.value() == REQUEST + b"more"
+    assert client_transport.value() == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert harness.metric("l4router_connections_routed_total", listener="edge",
+                          protocol="http1", route="routes[0]", backend="web") == 1
+
+
+def test_half_close_is_passed_on_and_both_fins_complete():
+    harness = Harness()
+    client, client_transport, backend, backend_transport = relayed(harness)
+    client.readConnectionLost()
+    assert backend_transport.write_closed
+    assert not client_transport.disconnecting
+    backend.dataReceived(b"reply after the client's FIN")
+    assert client_transport.value() == b"reply after the client's FIN"
+    backend.readConnectionLost()
+    assert client_transport.disconnecting and backend_transport.disconnecting
+    client.connectionLost(Failure(ConnectionLost()))
+    backend.connectionLost(None)
+    assert harness.metric("l4router_connections_closed_total", listener="edge",
+                          reason="completed") == 1
+    assert harness.metric("l4router_bytes_relayed_total", listener="edge",
+                          direction="downstream") == len(b"reply after the client's FIN")
+    assert harness.metric("l4router_bytes_relayed_total", listener="edge",
+                          direction="upstream") == len(REQUEST)
+    assert harness.metric("l4router_connections_active", listener="edge") == 0
+
+
+def test_backend_reset_closes_the_client_after_flushing():
+    harness = Harness()
+    client, client_transport, backend, backend_transport = relayed(harness)
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert client_transport.disconnecting and not client_transport.aborted
+    client.connectionLost(None)
+    assert harness.metric("l4router_connections_closed_total", listener="edge",
+                          reason="backend_reset") == 1
+
+
+def test_silent_client_goes_to_on_timeout_after_detect_timeout():
+    harness = Harness()
+    harness.client()
+    harness.reactor.advance(1.9)
+    assert harness.reactor.tcpClients == []
+    harness.reactor.advance(0.2)
+    (host, port, _), _ = harness.connect_attempt()
+    assert (host, port) == ("10.0.0.3", 22)
+    assert harness.metric("l4router_connections_routed_total", listener="edge",
+                          protocol="timeout", route="on_timeout", backend="ssh") == 1
+
+
+def test_unknown_bytes_go_to_default():
+    harness = Harness()
+    client, _ = harness.client()
+    client.dataReceived(b"\x00\x01binary")
+    (host, port, _), _ = harness.connect_attempt()
+    assert (host, port) == ("10.0.0.4", 9)
+
+
+def test_max_bytes_ends_detection_and_replays_everything():
+    harness = Harness()
+    client, _ = harness.client()
+    head = b"GET /" + b"a" * 100  # an undecided http1 prefix longer than max_bytes (64)
+    client.dataReceived(head)
+    (host, _, _), factory = harness.connect_attempt()
+    assert host == "10.0.0.4"  # unknown -> default
+    _, backend_transport = harness.accept_backend(factory)
+    assert backend_transport.value() == head
+
+
+def test_reject_route_closes_at_once():
+    harness = Harness()
+    client, client_transport = harness.client()
+    client.dataReceived(b"GET /deny/x HTTP/1.1\r\nHost: other.org\r\n\r\n")
+    assert client_transport.disconnecting
+    assert harness.reactor.tcpClients == []
+    client.connectionLost(None)
+    assert harness.metric("l4router_connections_rejected_total", listener="edge",
+                          reason="rejected") == 1
+
+
+def test_refused_server_fails_over_then_client_is_closed():
+    harness = Harness()
+    client, client_transport = harness.client()
+    client.dataReceived(REQUEST)
+    for expected_host in ("10.0.0.1", "10.0.0.2"):
+        (host, _, _), factory = harness.connect_attempt()
+        assert host == expected_host
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert client_transport.disconnecting
+    client.connectionLost(None)
+    assert harness.metric("l4router_backend_connect_failures_total", backend="web",
+                          server="10.0.0.2:80", reason="refused") == 1
+    assert harness.metric("l4router_connections_closed_total", listener="edge",
+                          reason="backend_unavailable") == 1
+
+
+def test_idle_relay_is_aborted_between_one_and_one_and_a_quarter_timeouts():
+    harness = Harness()
+    client, client_transport, backend, backend_transport = relayed(harness)
+    harness.tick(35)
+    backend.dataReceived(b"x")  # activity restarts the idle clock
+    harness.tick(39)
+    assert not client_transport.aborted
+    harness.tick(11)
+    assert client_transport.aborted and backend_transport.aborted
+    client.connectionLost(Failure(ConnectionLost()))
+    backend.connectionLost(Failure(ConnectionLost()))
+    assert harness.metric("l4router_connections_closed_total", listener="edge",
+                          reason="idle_timeout") == 1
+    assert not harness.reactor.getDelayedCalls()
+
+
+def test_client_gone_while_connecting_cancels_the_connect():
+    harness = Harness()
+    client, _ = harness.client()
+    client.dataReceived(REQUEST)
+    client.connectionLost(Failure(ConnectionLost()))
+    assert harness.metric("l4router_connections_active", listener="edge") == 0
+    assert harness.metric("l4router_connections_closed_total", listener="edge",
+                          reason="client_reset") == 1
+
+
+def test_listener_limit_refuses_without_a_protocol():
+    harness = Harness()
+    assert harness.client(1)[0] is not None
+    assert harness.client(2)[0] is not None
+    assert harness.client(3)[0] is None
+    assert harness.metric("l4router_connections_rejected_total", listener="edge",
+                          reason="limit_listener") == 1
+
+
+@pytest.mark.parametrize("cut", range(1, len(REQUEST)))
+def test_request_in_two_segments_is_routed_the_same(cut):
+    harness = Harness()
+    client, _ = harness.client()
+    client.dataReceived(REQUEST[:cut])
+    client.dataReceived(REQUEST[cut:])
+    (host, _, _), _ = harness.connect_attempt()
+    assert host == "10.0.0.1"
