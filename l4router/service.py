@@ -131,8 +131,9 @@ class RouterService(MultiService):
     Deferred is waited for before the next stage starts stopping.
     """
 
-    def __init__(self, config, admin, backends, listeners, log_observer=None):
+    def __init__(self, reactor, config, admin, backends, listeners, log_observer=None):
         super().__init__()
+        self.reactor = reactor
         self.config = config
         self.log_observer = log_observer
         for child in (admin, backends, listeners):
@@ -159,8 +160,15 @@ class RouterService(MultiService):
         done = defer.succeed(None)
         for stage in stages:
             done.addBoth(self._stop_stage, stage)
-        done.addBoth(lambda _: log.info("l4router stopped"))
+        done.addBoth(self._stopped)
         return done
+
+    def _stopped(self, _):
+        log.info("l4router stopped")
+        # twistd re-raises the SIGTERM/SIGINT that stopped the reactor, so the exit status
+        # would say "killed". The shutdown was orderly and complete: exit 0, as documented.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
     @staticmethod
     def _stop_stage(_, stage):

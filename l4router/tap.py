@@ -100,5 +100,5 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None):
         ListenerService(reactor, listener, factory, config.shutdown_timeout).setServiceParent(
             listeners)
     admin = AdminService(reactor, config.admin.listen, admin_site(metrics.registry))
-    return RouterService(config, admin, BackendsService(groups), listeners,
+    return RouterService(reactor, config, admin, BackendsService(groups), listeners,
                          log_observer=log_observer)

@@ -1,0 +1,118 @@
+"""The decision loop and plugin discovery."""
+
+import sys
+import textwrap
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, Peek
+from l4router.detection.decision import DetectorSet
+from l4router.detection.registry import installed_detectors
+from tests.captures import EXPECTED, capture
+
+
+@implementer(IPlugin, IProtocolDetector)
+class Scripted:
+    """A detector whose verdict is given: the decision loop's rules are about verdicts."""
+
+    transports = frozenset({"tcp"})
+
+    def __init__(self, name, priority, verdict):
+        self.name, self.priority, self.verdict = name, priority, verdict
+        self.asked = 0
+
+    def detect(self, peek):
+        self.asked += 1
+        if isinstance(self.verdict, Exception):
+            raise self.verdict
+        return self.verdict
+
+
+def test_first_match_in_priority_order_wins():
+    late = Scripted("late", 20, Match({"a": 1}))
+    early = Scripted("early", 10, Match({"b": 2}))
+    decision = DetectorSet([late, early]).decide(Peek(b"x"))
+    assert (decision.protocol, decision.fields) == ("early", {"b": 2})
+
+
+def test_match_waits_while_an_earlier_detector_needs_more():
+    waiting = Scripted("waiting", 10, NEED_MORE)
+    matching = Scripted("matching", 20, Match({}))
+    detectors = DetectorSet([waiting, matching])
+    assert detectors.decide(Peek(b"x")) is None
+    assert matching.asked == 0  # nothing later can win yet: not asked
+    assert detectors.decide(Peek(b"x"), final=True).protocol == "matching"
+
+
+def test_all_no_match_is_unknown():
+    detectors = DetectorSet([Scripted("a", 1, NO_MATCH), Scripted("b", 2, NO_MATCH)])
+    decision = detectors.decide(Peek(b"x"))
+    assert (decision.protocol, decision.fields) == ("unknown", {})
+
+
+def test_a_raising_or_lying_detector_is_skipped_for_good():
+    broken = Scripted("broken", 1, ValueError("boom"))
+    liar = Scripted("liar", 2, "yes")
+    fine = Scripted("fine", 3, Match({}))
+    detectors = DetectorSet([broken, liar, fine])
+    assert detectors.decide(Peek(b"x")).protocol == "fine"
+    assert detectors.decide(Peek(b"x")).protocol == "fine"
+    assert (broken.asked, liar.asked) == (1, 1)
+
+
+def test_installed_detectors_on_every_capture_and_prefix():
+    detectors = DetectorSet(installed_detectors())
+    for name, (protocol, fields) in EXPECTED.items():
+        flight = capture(name)
+        decision = detectors.decide(Peek(flight))
+        assert decision.protocol == protocol, name
+        assert {k: decision.fields.get(k) for k in fields} == fields, name
+        for cut in range(1, len(flight)):
+            early = detectors.decide(Peek(flight[:cut]))
+            assert early is None or early.protocol == protocol, (name, cut)
+
+
+def test_peek_caches_parses_once_per_snapshot():
+    calls = []
+
+    def parser(data):
+        calls.append(data)
+        return len(data)
+
+    peek = Peek(b"abc")
+    assert peek.parsed(parser) == 3 and peek.parsed(parser) == 3
+    assert calls == [b"abc"]
+    assert peek.tls_client_hello is peek.tls_client_hello
+
+
+def test_a_dropped_in_plugin_is_found(tmp_path, monkeypatch):
+    folder = tmp_path / "l4router" / "plugins"
+    folder.mkdir(parents=True)
+    (folder / "third_party_echo.py").write_text(textwrap.dedent("""
+        from twisted.plugin import IPlugin
+        from zope.interface import implementer
+        from l4router.detection import IProtocolDetector, Match, NEED_MORE, NO_MATCH
+
+        @implementer(IPlugin, IProtocolDetector)
+        class Echo:
+            name = "echo_proto"
+            transports = frozenset({"tcp"})
+            priority = 50
+            def detect(self, peek):
+                if len(peek.data) < 4:
+                    return NEED_MORE
+                return Match({"word": "echo"}) if peek.data[:4] == b"ECHO" else NO_MATCH
+
+        echo = Echo()
+    """))
+    import l4router.plugins
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(l4router.plugins, "__path__",
+                        list(l4router.plugins.__path__) + [str(folder)])
+    found = {d.name: d for d in installed_detectors()}
+    assert "echo_proto" in found and "tls" in found
+    decision = DetectorSet(found.values()).decide(Peek(b"ECHO hi"))
+    assert decision.protocol == "echo_proto"
+    sys.modules.pop("l4router.plugins.third_party_echo", None)
