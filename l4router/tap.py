@@ -64,7 +64,8 @@ def _print_l4router_errors_in_one_line():
 
     def hook(kind, value, traceback):
         if isinstance(value, L4RouterError):
-            sys.stderr.write(f"l4router: {value}\n")
+            # twistd has replaced sys.stderr with a logger by now; the user reads the terminal.
+            (sys.__stderr__ or sys.stderr).write(f"l4router: {value}\n")
         else:
             previous(kind, value, traceback)
 
