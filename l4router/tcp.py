@@ -99,6 +99,8 @@ class InboundConnection(Protocol):
         self.source = source
         self.source_port = source_port
         self.buffer = b""
+        self.elicited = b""  # bytes the router sent the client during detection
+        self.elicited_by = None  # the detector that asked for them, and rewrites the replay
         self.received = 0
         self.read_closed = False
         self.decision = None
@@ -158,9 +160,16 @@ class InboundConnection(Protocol):
         max_bytes = self.factory.listener.detect.max_bytes
         if len(self.buffer) >= max_bytes:
             final = True
-        decision = self.factory.detectors.decide(Peek(self.buffer[:max_bytes]), final)
+        detectors = self.factory.detectors
+        peek = Peek(self.buffer[:max_bytes], elicited=self.elicited)
+        decision = detectors.decide(peek, final)
         if decision is not None:
             self._decided(decision)
+        elif self.elicited_by is None:
+            offer = detectors.elicit(peek)
+            if offer is not None:
+                self.elicited_by, self.elicited = offer
+                self.transport.write(self.elicited)
 
     def _detect_timed_out(self):
         self._detect_timer = None
@@ -204,7 +213,18 @@ class InboundConnection(Protocol):
         self.relay = Relay(self, self.backend, self.factory.clock, self.factory.idle_timeout,
                            self._relay_ended)
         replay, self.buffer = self.buffer, b""
+        if self.elicited_by is not None:
+            replay = self._rewritten_replay(replay)
         self.relay.start(replay, client_finished_sending=self.read_closed)
+
+    def _rewritten_replay(self, replay):
+        """Remove the client's answer to what the router elicited; the backend never asked."""
+        try:
+            return self.elicited_by.replay(replay)
+        except Exception:
+            log.failure("Detector {detector}'s replay raised; replaying unchanged",
+                        detector=self.elicited_by.name)
+            return replay
 
     def _connect_failed(self, failure, group):
         self._connecting = None

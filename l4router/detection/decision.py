@@ -45,6 +45,24 @@ class DetectorSet:
                 return None
         return Decision(UNKNOWN)
 
+    def elicit(self, peek):
+        """(detector, bytes) from the first detector that wants to draw more bytes out of a
+        client that waits for the server (grpcio waits for the server's SETTINGS), or None."""
+        for detector in self.detectors:
+            method = getattr(detector, "elicit", None)
+            if method is None or detector.name in self._failed:
+                continue
+            try:
+                answer = method(peek)
+            except Exception:
+                self._failed.add(detector.name)
+                log.failure("Detector {detector}'s elicit raised; it is skipped from now on",
+                            detector=detector.name)
+                continue
+            if answer:
+                return detector, bytes(answer)
+        return None
+
     def _ask(self, detector, peek):
         try:
             verdict = detector.detect(peek)

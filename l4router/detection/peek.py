@@ -2,7 +2,7 @@
 
 from functools import cached_property
 
-from l4router.parsers import http1, tls
+from l4router.parsers import http1, http2, tls
 
 
 class Peek:
@@ -12,11 +12,12 @@ class Peek:
     its own parser with `peek.parsed(function)`.
     """
 
-    __slots__ = ("data", "transport", "__dict__")
+    __slots__ = ("data", "transport", "elicited", "__dict__")
 
-    def __init__(self, data, transport="tcp"):
+    def __init__(self, data, transport="tcp", elicited=b""):
         self.data = bytes(data)
         self.transport = transport
+        self.elicited = elicited  # what the router sent the client to draw out more bytes
 
     def parsed(self, parser):
         """`parser(self.data)`, computed once per snapshot."""
@@ -34,3 +35,7 @@ class Peek:
     @cached_property
     def http1_request(self):
         return http1.parse_request(self.data)
+
+    @cached_property
+    def h2_first_headers(self):
+        return http2.parse_first_request(self.data)

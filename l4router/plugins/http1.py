@@ -13,7 +13,7 @@ class HTTP1Detector:
     name = "http1"
     transports = frozenset({"tcp"})
     priority = 500  # general: more specific HTTP-based detectors (soap, jsonrpc) go first
-    fields = ("method", "path", "host", "http_version")
+    fields = ("method", "path", "host", "http_version", "upgrade", "user_agent")
 
     def detect(self, peek):
         request = peek.http1_request
@@ -23,9 +23,10 @@ class HTTP1Detector:
             return NO_MATCH
         fields = {"method": request.method, "path": request.path,
                   "http_version": request.version}
-        host = request.host
-        if host:
-            fields["host"] = host
+        upgrade = request.header("upgrade")
+        optional = {"host": request.host, "user_agent": request.header("user-agent"),
+                    "upgrade": upgrade.split(",")[0].strip().lower() if upgrade else None}
+        fields.update((k, v) for k, v in optional.items() if v)
         return Match(fields)
 
 

@@ -1,0 +1,17 @@
+"""Turning a sans-IO parser's answer into a detector's verdict."""
+
+from l4router.detection.interface import NEED_MORE, NO_MATCH, Match
+from l4router.parsers import INCOMPLETE
+
+
+def verdict(parsed, fields, accept=None):
+    """INCOMPLETE -> NEED_MORE; Invalid or not accepted -> NO_MATCH; else Match(fields(parsed)).
+
+    `fields` maps the parse to the Match fields; None values are left out, so a route on an
+    absent field does not match.
+    """
+    if parsed is INCOMPLETE:
+        return NEED_MORE
+    if not parsed or (accept is not None and not accept(parsed)):
+        return NO_MATCH
+    return Match({k: v for k, v in fields(parsed).items() if v is not None})

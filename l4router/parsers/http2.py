@@ -1,0 +1,138 @@
+"""HTTP/2 with prior knowledge (RFC 9113): the client preface, then frames up to the first
+complete HEADERS block, decoded with the `hpack` library.
+
+SETTINGS, WINDOW_UPDATE, PRIORITY and PING may come before the HEADERS; CONTINUATION frames
+may follow it. The decoded header list is bounded, so an HPACK bomb is Invalid, not memory.
+"""
+
+import attrs
+import hpack
+from hpack.exceptions import HPACKError
+
+from l4router.parsers import INCOMPLETE, Invalid
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HEADER = 9
+MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE before the peer has raised it
+MAX_HEADER_LIST = 65536
+FRAME_HEADERS, FRAME_PRIORITY, FRAME_SETTINGS = 0x1, 0x2, 0x4
+FRAME_PING, FRAME_WINDOW_UPDATE, FRAME_CONTINUATION = 0x6, 0x8, 0x9
+FLAG_ACK, FLAG_END_HEADERS, FLAG_PADDED, FLAG_PRIORITY = 0x1, 0x4, 0x8, 0x20
+BEFORE_HEADERS = frozenset({FRAME_SETTINGS, FRAME_WINDOW_UPDATE, FRAME_PRIORITY, FRAME_PING})
+
+# What a server sends first: an empty SETTINGS frame (changes no setting).
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+
+
+@attrs.frozen
+class Request:
+    headers: tuple  # (name, value) pairs as str, pseudo-headers included
+    settings_ack: int | None  # offset of the client's first SETTINGS ACK frame, if any
+
+    def header(self, name):
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def authority(self):
+        value = self.header(":authority") or self.header("host")
+        return value.lower() if value else None
+
+
+def _frames(data, start=len(PREFACE)):
+    """(offset, type, flags, stream id, payload) of each complete frame; stops at a partial one."""
+    pos = start
+    while len(data) - pos >= FRAME_HEADER:
+        length = int.from_bytes(data[pos:pos + 3], "big")
+        if length > MAX_FRAME:
+            raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+        end = pos + FRAME_HEADER + length
+        if end > len(data):
+            return
+        stream = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+        yield pos, data[pos + 3], data[pos + 4], stream, data[pos + FRAME_HEADER:end]
+        pos = end
+
+
+def preface_complete(data):
+    """The magic and the client's first SETTINGS frame are all here."""
+    if not data.startswith(PREFACE):
+        return False
+    try:
+        return any(True for _ in _frames(data[:len(PREFACE) + FRAME_HEADER + MAX_FRAME]))
+    except ValueError:
+        return False
+
+
+def parse_first_request(data):
+    """The first request's header list -> Request | INCOMPLETE | Invalid."""
+    head = data[:len(PREFACE)]
+    if head != PREFACE[:len(head)]:
+        return Invalid("not the HTTP/2 client preface")
+    if len(data) < len(PREFACE):
+        return INCOMPLETE
+    block = []
+    stream_of_block = None
+    settings_ack = None
+    try:
+        for index, (offset, kind, flags, stream, payload) in enumerate(_frames(data)):
+            if index == 0 and (kind != FRAME_SETTINGS or flags & FLAG_ACK):
+                return Invalid("the preface must be followed by SETTINGS")
+            if stream_of_block is not None:
+                if kind != FRAME_CONTINUATION or stream != stream_of_block:
+                    return Invalid("HEADERS not followed by its CONTINUATION")
+                block.append(payload)
+            elif kind == FRAME_HEADERS:
+                if stream == 0 or stream % 2 == 0:
+                    return Invalid(f"HEADERS on stream {stream}")
+                block.append(_header_block_fragment(flags, payload))
+                stream_of_block = stream
+            elif kind in BEFORE_HEADERS:
+                if kind == FRAME_SETTINGS and flags & FLAG_ACK and settings_ack is None:
+                    settings_ack = offset
+                continue
+            else:
+                return Invalid(f"frame type {kind} before the first HEADERS")
+            if flags & FLAG_END_HEADERS:
+                return Request(_decode(b"".join(block)), settings_ack)
+    except ValueError as exc:
+        return Invalid(str(exc))
+    return INCOMPLETE
+
+
+def _header_block_fragment(flags, payload):
+    start, end = 0, len(payload)
+    if flags & FLAG_PADDED:
+        if not payload:
+            raise ValueError("PADDED HEADERS without a pad length")
+        start, end = 1, len(payload) - payload[0]
+    if flags & FLAG_PRIORITY:
+        start += 5
+    if start > end:
+        raise ValueError("HEADERS padding or priority longer than the frame")
+    return payload[start:end]
+
+
+def _decode(block):
+    decoder = hpack.Decoder()
+    decoder.max_header_list_size = MAX_HEADER_LIST
+    try:
+        headers = decoder.decode(block, raw=True)
+    except (HPACKError, IndexError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"bad HPACK block: {exc}") from None
+    return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
+
+
+def strip_first_settings_ack(data):
+    """The stream without the client's first SETTINGS ACK: the one answering the router's own
+    empty SETTINGS, which the backend never sent."""
+    try:
+        for offset, kind, flags, _, payload in _frames(data):
+            if kind == FRAME_SETTINGS and flags & FLAG_ACK and not payload:
+                return data[:offset] + data[offset + FRAME_HEADER:]
+    except ValueError:
+        pass
+    return data

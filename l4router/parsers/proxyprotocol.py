@@ -1,0 +1,102 @@
+"""PROXY protocol v1 (text) and v2 (binary) headers, fed incrementally as bytes arrive.
+
+A load balancer in front puts the real client address in front of the stream; the header is
+parsed, removed, and the addresses it carries replace the TCP peer's.
+"""
+
+import ipaddress
+
+import attrs
+
+from l4router.parsers import INCOMPLETE, Invalid
+
+V1_PREFIX = b"PROXY "
+V1_MAX = 107  # the longest v1 line, CR LF included
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V2_HEADER = 16
+V2_MAX_BODY = 4096
+
+
+@attrs.frozen
+class ProxyHeader:
+    version: int
+    source: str | None  # None for LOCAL / UNKNOWN: the connection is the balancer's own
+    source_port: int | None
+    destination: str | None
+    destination_port: int | None
+    length: int  # bytes of header to remove from the stream
+
+
+def parse_header(data):
+    if data[:1] == b"P" or (data and not data.startswith(V2_SIGNATURE[:len(data)])):
+        return _v1(data)
+    if len(data) < V2_HEADER:
+        return INCOMPLETE
+    return _v2(data)
+
+
+def _v1(data):
+    if data[:len(V1_PREFIX)] != V1_PREFIX[:len(data)]:
+        return Invalid("no PROXY header")
+    end = data.find(b"\r\n", 0, V1_MAX)
+    if end < 0:
+        return INCOMPLETE if len(data) < V1_MAX else Invalid("v1 line too long")
+    parts = data[len(V1_PREFIX):end].split(b" ")
+    if parts == [b"UNKNOWN"] or parts[:1] == [b"UNKNOWN"]:
+        return ProxyHeader(1, None, None, None, None, end + 2)
+    if len(parts) != 5 or parts[0] not in (b"TCP4", b"TCP6"):
+        return Invalid("v1 needs TCP4|TCP6 source destination ports")
+    try:
+        version = 4 if parts[0] == b"TCP4" else 6
+        source, destination = (ipaddress.ip_address(p.decode("ascii")) for p in parts[1:3])
+        ports = [int(p) for p in parts[3:5]]
+    except (ValueError, UnicodeDecodeError):
+        return Invalid("v1 address or port malformed")
+    if source.version != version or destination.version != version or \
+            not all(0 <= p <= 65535 and str(p).encode() == raw for p, raw in zip(ports, parts[3:])):
+        return Invalid("v1 address family or port out of range")
+    return ProxyHeader(1, str(source), ports[0], str(destination), ports[1], end + 2)
+
+
+def _v2(data):
+    if data[:12] != V2_SIGNATURE:
+        return Invalid("bad v2 signature")
+    version, command = data[12] >> 4, data[12] & 0x0F
+    if version != 2 or command > 1:
+        return Invalid("v2 version or command unknown")
+    family = data[13]
+    length = int.from_bytes(data[14:16], "big")
+    if length > V2_MAX_BODY:
+        return Invalid("v2 header too long")
+    total = V2_HEADER + length
+    if len(data) < total:
+        return INCOMPLETE
+    body = data[V2_HEADER:total]
+    if command == 0:  # LOCAL: health checks of the balancer itself
+        return ProxyHeader(2, None, None, None, None, total)
+    if family == 0x11 and length >= 12:  # TCP over IPv4
+        source, destination = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
+        ports = body[8:10], body[10:12]
+    elif family == 0x21 and length >= 36:  # TCP over IPv6
+        source, destination = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])
+        ports = body[32:34], body[34:36]
+    elif family == 0x00:  # UNSPEC
+        return ProxyHeader(2, None, None, None, None, total)
+    else:
+        return Invalid(f"v2 address family 0x{family:02x} not supported")
+    return ProxyHeader(2, str(source), int.from_bytes(ports[0], "big"), str(destination),
+                       int.from_bytes(ports[1], "big"), total)
+
+
+def v1_header(source, source_port, destination, destination_port):
+    """A v1 header line (also used by tests and, later, by PROXY protocol out)."""
+    family = "TCP6" if ":" in source else "TCP4"
+    return f"PROXY {family} {source} {destination} {source_port} {destination_port}\r\n".encode()
+
+
+def v2_header(source, source_port, destination, destination_port):
+    src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
+    family = 0x21 if src.version == 6 else 0x11
+    body = src.packed + dst.packed + source_port.to_bytes(2, "big") + \
+        destination_port.to_bytes(2, "big")
+    return V2_SIGNATURE + bytes([0x21, family]) + len(body).to_bytes(2, "big") + body

@@ -1,0 +1,83 @@
+"""HTTP/2 with prior knowledge: `grpc` (asked first) and `h2c`.
+
+grpcio sends its preface and SETTINGS and then waits for the server's SETTINGS before any
+HEADERS. Both detectors therefore draw the HEADERS out: once the preface is complete and no
+HEADERS has come, the router sends an empty SETTINGS frame, waits for the client's ACK of it,
+and removes that one ACK from what it replays, so the backend sees an ordinary connection.
+"""
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from l4router.detection import NEED_MORE, IProtocolDetector
+from l4router.detection.verdicts import verdict
+from l4router.parsers import INCOMPLETE
+from l4router.parsers.http2 import EMPTY_SETTINGS, preface_complete, strip_first_settings_ack
+from l4router.parsers.soap import media_type
+
+H2_FIELDS = ("authority", "path", "method", "scheme", "content_type")
+
+
+def h2_fields(request):
+    return {"authority": request.authority, "path": request.header(":path"),
+            "method": request.header(":method"), "scheme": request.header(":scheme"),
+            "content_type": request.header("content-type")}
+
+
+def is_grpc(request):
+    kind = media_type(request.header("content-type"))
+    return kind == "application/grpc" or kind.startswith("application/grpc+")
+
+
+def grpc_fields(request):
+    fields = h2_fields(request)
+    service, _, method = (request.header(":path") or "").lstrip("/").partition("/")
+    fields.update(grpc_service=service or None, grpc_method=method or None)
+    return fields
+
+
+class HTTP2Detector:
+    """What grpc and h2c share: the parse, the elicitation and the replay rewrite."""
+
+    transports = frozenset({"tcp"})
+
+    def request(self, peek):
+        request = peek.h2_first_headers
+        if request and peek.elicited and request.settings_ack is None:
+            return INCOMPLETE  # the ACK of our SETTINGS is still to come: it must not reach the backend
+        return request
+
+    def elicit(self, peek):
+        if peek.h2_first_headers is INCOMPLETE and preface_complete(peek.data):
+            return EMPTY_SETTINGS
+        return None
+
+    def replay(self, data):
+        return strip_first_settings_ack(data)
+
+
+@implementer(IPlugin, IProtocolDetector)
+class GRPCDetector(HTTP2Detector):
+    name = "grpc"
+    priority = 200
+    fields = H2_FIELDS + ("grpc_service", "grpc_method")
+
+    def detect(self, peek):
+        request = self.request(peek)
+        if request is INCOMPLETE:
+            return NEED_MORE
+        return verdict(request, grpc_fields, accept=is_grpc)
+
+
+@implementer(IPlugin, IProtocolDetector)
+class H2CDetector(HTTP2Detector):
+    name = "h2c"
+    priority = 210
+    fields = H2_FIELDS
+
+    def detect(self, peek):
+        return verdict(self.request(peek), h2_fields)
+
+
+grpc = GRPCDetector()
+h2c = H2CDetector()

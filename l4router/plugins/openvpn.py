@@ -1,0 +1,22 @@
+"""OpenVPN over TCP: the client's hard-reset packet."""
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from l4router.detection import IProtocolDetector
+from l4router.detection.verdicts import verdict
+from l4router.parsers.openvpn import parse_hard_reset
+
+
+@implementer(IPlugin, IProtocolDetector)
+class OpenVPNDetector:
+    name = "openvpn"
+    transports = frozenset({"tcp"})
+    priority = 170
+    fields = ("openvpn_reset",)
+
+    def detect(self, peek):
+        return verdict(peek.parsed(parse_hard_reset), lambda r: {"openvpn_reset": r.kind})
+
+
+openvpn = OpenVPNDetector()
