@@ -81,6 +81,7 @@ class Listener:
     routes: tuple
     on_timeout: str | None  # backend name; None: reject
     default: str | None  # backend name; None: reject
+    accept_proxy_protocol: bool = False
 
 
 @attrs.frozen
@@ -467,19 +468,20 @@ class _Builder:
         max_connections = section.get("max_connections", _positive_int, None)
         per_source = section.get("max_connections_per_source", _positive_int, None)
         idle_timeout = section.get("idle_timeout", _positive_duration, DEFAULT_IDLE_TIMEOUT)
+        accept_proxy = section.get("accept_proxy_protocol", _boolean, False)
         routes = self.routes(section, backends)
         target = self.target(backends)
         default = section.get("default", target, None)
         on_timeout = section.get("on_timeout", target, default)
         section.finish()
         values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
-                  routes, default, on_timeout)
+                  routes, default, on_timeout, accept_proxy)
         if _MISSING in values:
             return None
         return Listener(name=name, transport=transport, listen=listen, detect=detect,
                         max_connections=max_connections, max_connections_per_source=per_source,
                         idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
-                        default=default)
+                        default=default, accept_proxy_protocol=accept_proxy)
 
     @staticmethod
     def listen_list(value):

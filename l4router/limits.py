@@ -26,20 +26,32 @@ class Admission:
         self.by_source = collections.Counter()
 
     def admit(self, source):
+        """Admit a connection from `source` (None: its real source is not known yet)."""
         if self.process.maximum is not None and self.process.active >= self.process.maximum:
             return LIMIT_PROCESS
         if self.maximum is not None and self.active >= self.maximum:
             return LIMIT_LISTENER
-        if self.per_source is not None and self.by_source[source] >= self.per_source:
-            return LIMIT_SOURCE
+        if source is not None:
+            refusal = self.admit_source(source)
+            if refusal is not None:
+                return refusal
         self.process.active += 1
         self.active += 1
+        return None
+
+    def admit_source(self, source):
+        """Count a connection against its source; a PROXY header reveals it after accept."""
+        if self.per_source is not None and self.by_source[source] >= self.per_source:
+            return LIMIT_SOURCE
         self.by_source[source] += 1
         return None
 
     def release(self, source):
+        """Release an admitted connection; `source` as counted, or None if it never was."""
         self.process.active -= 1
         self.active -= 1
+        if source is None:
+            return
         remaining = self.by_source[source] - 1
         if remaining:
             self.by_source[source] = remaining

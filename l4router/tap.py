@@ -40,11 +40,16 @@ class Options(usage.Options):
     optFlags = [
         ["check", None, "Validate the config, print every error with its key path, and exit "
                         "(0: valid, 2: invalid) without binding anything."],
+        ["list-detectors", None, "List the installed detectors (name, transports, priority, "
+                                 "fields) in the order they are asked, and exit."],
     ]
 
     def postOptions(self):
-        path = self["config"] or quickstart_config_path()
         self.detectors = installed_detectors()
+        if self["list-detectors"]:
+            sys.stdout.write(describe_detectors(self.detectors))
+            raise SystemExit(0)
+        path = self["config"] or quickstart_config_path()
         try:
             self.loaded = load_config(path, self.detectors)
         except ConfigError as error:
@@ -56,6 +61,18 @@ class Options(usage.Options):
             sys.stdout.write(f"l4router: {path} is valid: {len(self.loaded.listeners)} "
                              f"listeners, {len(self.loaded.backends)} backends\n")
             raise SystemExit(0)
+
+
+def describe_detectors(detectors):
+    """A table of the installed detectors, in the order the decision loop asks them."""
+    rows = [("NAME", "TRANSPORTS", "PRIORITY", "FIELDS")]
+    for detector in sorted(detectors, key=lambda d: (d.priority, d.name)):
+        fields = getattr(detector, "fields", None)
+        rows.append((detector.name, ",".join(sorted(detector.transports)), str(detector.priority),
+                     ", ".join(fields) if fields is not None else "(not declared)"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}\n"
+                   for r in rows)
 
 
 def _print_l4router_errors_in_one_line():

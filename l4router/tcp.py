@@ -13,6 +13,9 @@ from l4router import relay as relay_reasons
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
+from l4router.parsers import INCOMPLETE
+from l4router.parsers.proxyprotocol import ProxyHeader
+from l4router.parsers.proxyprotocol import parse_header as parse_proxy_header
 from l4router.relay import BackendSide, Relay
 from l4router.routing import RouteTable
 
@@ -23,6 +26,7 @@ access_log = Logger(namespace="l4router.access")
 REJECTED = "rejected"  # a route or default said reject
 CLIENT_CLOSED_EARLY = "client_closed_early"  # gone before a decision
 BACKEND_UNAVAILABLE = "backend_unavailable"
+PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
 
 _connection_ids = itertools.count(1)
 
@@ -56,20 +60,24 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr):
         source = getattr(addr, "host", None) or str(addr)
-        refusal = self.admission.admit(source)
+        behind_proxy = self.listener.accept_proxy_protocol
+        # Behind a PROXY-protocol balancer the peer is the balancer: the per-source limit
+        # waits for the header.
+        refusal = self.admission.admit(None if behind_proxy else source)
         if refusal is not None:
             # Returning None makes the port close the socket at once, without reading.
             self.metrics.rejected(refusal).inc()
             return None
         self.metrics.accepted.inc()
         self.metrics.active.inc()
-        connection = InboundConnection(self, source, getattr(addr, "port", 0))
+        connection = InboundConnection(self, source, getattr(addr, "port", 0),
+                                       source_counted=not behind_proxy)
         self.connections.add(connection)
         return connection
 
     def connection_ended(self, connection):
         self.connections.discard(connection)
-        self.admission.release(connection.source)
+        self.admission.release(connection.source if connection.source_counted else None)
         self.metrics.active.dec()
         if not self.connections:
             waiters, self._drain_waiters = self._drain_waiters, []
@@ -93,11 +101,13 @@ class InboundConnection(Protocol):
     backend transport and counts it.
     """
 
-    def __init__(self, factory, source, source_port):
+    def __init__(self, factory, source, source_port, source_counted=True):
         self.factory = factory
         self.id = next(_connection_ids)
         self.source = source
         self.source_port = source_port
+        self.source_counted = source_counted
+        self.awaiting_proxy_header = factory.listener.accept_proxy_protocol
         self.buffer = b""
         self.elicited = b""  # bytes the router sent the client during detection
         self.elicited_by = None  # the detector that asked for them, and rewrites the replay
@@ -126,6 +136,8 @@ class InboundConnection(Protocol):
             self.backend.transport.write(data)
             return
         self.buffer += data
+        if self.awaiting_proxy_header and not self._take_proxy_header():
+            return
         self.received = len(self.buffer)
         if self.decision is None:
             self._detect(final=False)
@@ -134,6 +146,8 @@ class InboundConnection(Protocol):
         self.read_closed = True
         if self.relay is not None:
             self.relay.side_finished_sending(self)
+        elif self.awaiting_proxy_header:
+            self._reject(PROXY_PROTOCOL)
         elif self.decision is None:
             if self.buffer:
                 self._detect(final=True)
@@ -154,6 +168,27 @@ class InboundConnection(Protocol):
         self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else
                                         relay_reasons.CLIENT_RESET))
 
+    # PROXY protocol
+
+    def _take_proxy_header(self):
+        """Parse and remove the PROXY header; False while it is incomplete or was refused."""
+        header = parse_proxy_header(self.buffer)
+        if header is INCOMPLETE:
+            return False
+        if not isinstance(header, ProxyHeader):
+            self._reject(PROXY_PROTOCOL)
+            return False
+        self.awaiting_proxy_header = False
+        self.buffer = self.buffer[header.length:]
+        if header.source is not None:
+            self.source, self.source_port = header.source, header.source_port
+        refusal = self.factory.admission.admit_source(self.source)
+        if refusal is not None:
+            self._reject(refusal)
+            return False
+        self.source_counted = True
+        return True
+
     # Detection
 
     def _detect(self, final):
@@ -173,7 +208,9 @@ class InboundConnection(Protocol):
 
     def _detect_timed_out(self):
         self._detect_timer = None
-        if self.decision is None:
+        if self.awaiting_proxy_header:
+            self._reject(PROXY_PROTOCOL)
+        elif self.decision is None:
             self._decided(Decision(TIMEOUT))
 
     def _cancel_detect_timer(self):
@@ -191,8 +228,7 @@ class InboundConnection(Protocol):
         self.route = choice.route
         metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()
         if choice.backend is None:
-            metrics.rejected(REJECTED).inc()
-            self._close(REJECTED)
+            self._reject(REJECTED)
             return
         self.backend_name = choice.backend
         self._connect(self.factory.backends[choice.backend])
@@ -237,11 +273,15 @@ class InboundConnection(Protocol):
         else:
             log.failure("Connecting connection {id} to backend {backend} failed",
                         failure, id=self.id, backend=group.name)
-        self.factory.metrics.rejected(BACKEND_UNAVAILABLE).inc()
-        self._close(BACKEND_UNAVAILABLE)
+        self._reject(BACKEND_UNAVAILABLE)
         return None
 
     # Ending
+
+    def _reject(self, reason):
+        self._cancel_detect_timer()
+        self.factory.metrics.rejected(reason).inc()
+        self._close(reason)
 
     def _close(self, reason):
         self.close_reason = reason

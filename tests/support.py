@@ -40,7 +40,7 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
 class Router:
     """Runs `twistd -n l4router -c CONFIG` with JSON logs; stops it on exit, checking exit 0."""
 
-    def __init__(self, tmp_path, config_text, admin_port=None):
+    def __init__(self, tmp_path, config_text, admin_port=None, env=None):
         assert TWISTD, "twistd is not on PATH: install l4router (see README)"
         self.tmp_path = tmp_path
         self.admin_port = admin_port or free_port()
@@ -49,13 +49,14 @@ class Router:
             config_text + f"\nadmin: {{listen: '127.0.0.1:{self.admin_port}'}}\n"
             "logging: {format: json, access_log: true}\n")
         self.log_path = tmp_path / "router.log"
+        self.env = env
         self.process = None
 
     def start(self):
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(self.config_path)],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path)
+            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=self.env)
         wait_until(self._ready, timeout=20, message="the router's /healthz")
         return self
 

@@ -13,6 +13,7 @@ from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
 from l4router.limits import Admission, ProcessLimit
 from l4router.metrics import RouterMetrics
+from l4router.parsers import proxyprotocol
 from l4router.tcp import ListenerFactory
 
 CONFIG = """
@@ -56,10 +57,10 @@ class TCPTransport(StringTransport):
 
 
 class Harness:
-    def __init__(self):
+    def __init__(self, config=CONFIG):
         self.reactor = MemoryReactorClock()
         detectors = installed_detectors()
-        self.config = parse_config(CONFIG, detectors)
+        self.config = parse_config(config, detectors)
         listener = self.config.listeners[0]
         self.registry = CollectorRegistry()
         metrics = RouterMetrics(self.registry)
@@ -67,7 +68,8 @@ class Harness:
                   for name, b in self.config.backends.items()}
         self.factory = ListenerFactory(
             listener, DetectorSet(detectors_for(detectors, "tcp")), groups,
-            Admission(ProcessLimit(), listener.max_connections), metrics.for_listener("edge"),
+            Admission(ProcessLimit(), listener.max_connections,
+                      listener.max_connections_per_source), metrics.for_listener("edge"),
             self.reactor)
 
     def client(self, port=40000):
@@ -262,3 +264,64 @@ def test_request_in_two_segments_is_routed_the_same(cut):
     client.dataReceived(REQUEST[cut:])
     (host, _, _), _ = harness.connect_attempt()
     assert host == "10.0.0.1"
+
+
+PROXY_CONFIG = """
+listeners:
+  - name: edge
+    listen: "127.0.0.1:8000"
+    accept_proxy_protocol: true
+    max_connections_per_source: 1
+    routes:
+      - match: {source: 203.0.113.0/24}
+        backend: web
+    default: other
+backends:
+  web: {servers: ["10.0.0.1:80"]}
+  other: {servers: ["10.0.0.4:9"]}
+"""
+
+
+@pytest.mark.parametrize("header", [
+    proxyprotocol.v1_header("203.0.113.9", 5555, "192.0.2.1", 443),
+    proxyprotocol.v2_header("203.0.113.9", 5555, "192.0.2.1", 443),
+])
+def test_proxy_header_in_pieces_sets_the_source_and_is_not_replayed(header):
+    harness = Harness(PROXY_CONFIG)
+    client, _ = harness.client()
+    flight = header + REQUEST
+    for index in range(len(flight)):  # one byte at a time
+        client.dataReceived(flight[index:index + 1])
+    (host, _, _), factory = harness.connect_attempt()
+    assert host == "10.0.0.1"  # routed by the source the header carries
+    assert client.source == "203.0.113.9" and client.source_port == 5555
+    _, backend_transport = harness.accept_backend(factory)
+    assert backend_transport.value() == REQUEST
+
+
+@pytest.mark.parametrize("flight", [REQUEST, b"PROXY TCP4 1.2.3.4\r\n", b"PROXY UNKNOWN"])
+def test_missing_or_bad_proxy_header_is_rejected(flight):
+    harness = Harness(PROXY_CONFIG)
+    client, transport = harness.client()
+    client.dataReceived(flight)
+    if not transport.disconnecting:  # incomplete: the detect timeout ends it
+        harness.tick(4)
+    assert transport.disconnecting
+    assert harness.reactor.tcpClients == []
+    assert harness.metric("l4router_connections_rejected_total", listener="edge",
+                          reason="proxy_protocol") == 1
+
+
+def test_per_source_limit_uses_the_source_from_the_header():
+    harness = Harness(PROXY_CONFIG)
+    header = proxyprotocol.v1_header("203.0.113.9", 1, "192.0.2.1", 443)
+    first, _ = harness.client(1)
+    first.dataReceived(header)
+    second, second_transport = harness.client(2)
+    second.dataReceived(header)
+    assert second_transport.disconnecting
+    assert harness.metric("l4router_connections_rejected_total", listener="edge",
+                          reason="limit_source") == 1
+    other, other_transport = harness.client(3)
+    other.dataReceived(proxyprotocol.v1_header("198.51.100.1", 1, "192.0.2.1", 443))
+    assert not other_transport.disconnecting

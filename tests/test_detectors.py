@@ -1,0 +1,94 @@
+"""Every installed detector against every capture: right fields on its own, NEED_MORE or the
+right answer on every prefix, and never a false MATCH on another protocol's bytes."""
+
+import pytest
+
+from l4router.detection import NEED_MORE, NO_MATCH, Match, Peek
+from l4router.detection.decision import DetectorSet
+from l4router.detection.registry import installed_detectors
+from l4router.parsers.http2 import EMPTY_SETTINGS, SETTINGS_ACK, strip_first_settings_ack
+from tests.captures import ALSO_MATCHES, ELICITED, EXPECTED, capture, capture_names
+
+DETECTORS = {d.name: d for d in installed_detectors()}
+EVERY_CAPTURE = capture_names()
+
+
+def peek(name, data=None):
+    return Peek(capture(name) if data is None else data,
+                elicited=EMPTY_SETTINGS if name in ELICITED else b"")
+
+
+def test_every_expected_protocol_has_a_detector():
+    assert {protocol for protocol, _ in EXPECTED.values()} <= set(DETECTORS)
+    assert len(DETECTORS) >= 14
+
+
+@pytest.mark.parametrize("name", EVERY_CAPTURE)
+def test_capture_is_decided_with_its_fields(name):
+    protocol, fields = EXPECTED[name]
+    decision = DetectorSet(DETECTORS.values()).decide(peek(name))
+    assert decision.protocol == protocol
+    assert {k: decision.fields.get(k) for k in fields} == fields
+
+
+@pytest.mark.parametrize("name", EVERY_CAPTURE)
+def test_own_detector_on_every_prefix(name):
+    protocol, _ = EXPECTED[name]
+    detector = DETECTORS[protocol]
+    flight = capture(name)
+    whole = detector.detect(peek(name))
+    assert isinstance(whole, Match)
+    for cut in range(len(flight)):
+        verdict = detector.detect(peek(name, flight[:cut]))
+        assert verdict is NEED_MORE or verdict == whole, (cut, verdict)
+
+
+@pytest.mark.parametrize("name", EVERY_CAPTURE)
+@pytest.mark.parametrize("detector_name", sorted(DETECTORS))
+def test_no_false_match_on_other_protocols(name, detector_name):
+    protocol, _ = EXPECTED[name]
+    if detector_name == protocol or detector_name in ALSO_MATCHES.get(protocol, ()):
+        return
+    detector = DETECTORS[detector_name]
+    flight = capture(name)
+    for cut in range(len(flight) + 1):
+        verdict = detector.detect(peek(name, flight[:cut]))
+        assert not isinstance(verdict, Match), (cut, verdict)
+    assert detector.detect(peek(name)) is NO_MATCH or flight.startswith(b"PRI ")
+
+
+def test_decision_on_every_prefix_is_undecided_or_right():
+    detectors = DetectorSet(DETECTORS.values())
+    for name in EVERY_CAPTURE:
+        protocol, _ = EXPECTED[name]
+        flight = capture(name)
+        for cut in range(1, len(flight)):
+            decision = detectors.decide(peek(name, flight[:cut]))
+            assert decision is None or decision.protocol == protocol, (name, cut, decision)
+
+
+def test_grpc_waits_silently_then_elicits_settings():
+    detectors = DetectorSet(DETECTORS.values())
+    silent = Peek(capture("grpc_python_silent.bin"))
+    assert len(silent.data) == 82
+    assert detectors.decide(silent) is None
+    detector, answer = detectors.elicit(silent)
+    assert detector.name == "grpc" and answer == EMPTY_SETTINGS
+    # Once elicited, the decision waits for the client's ACK of those SETTINGS ...
+    flight = capture("grpc_python.bin")
+    ack_at = flight.index(SETTINGS_ACK, 24)
+    assert detectors.decide(Peek(flight[:ack_at], elicited=EMPTY_SETTINGS)) is None
+    # ... and the replay carries everything but that one ACK.
+    replay = detector.replay(flight)
+    assert replay == flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK):]
+    assert strip_first_settings_ack(flight[:ack_at]) == flight[:ack_at]  # nothing to strip yet
+
+
+def test_no_elicitation_for_other_protocols():
+    detectors = DetectorSet(DETECTORS.values())
+    for name in EVERY_CAPTURE:
+        flight = capture(name)
+        for cut in range(len(flight)):
+            offer = detectors.elicit(Peek(flight[:cut]))
+            if offer is not None:
+                assert flight.startswith(b"PRI * HTTP/2.0"), name

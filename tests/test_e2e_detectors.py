@@ -1,0 +1,247 @@
+"""Detectors end to end through the real router process, with real clients and servers:
+grpcio, curl over h2c, SOAP and JSON-RPC POSTs, OpenSSH, PROXY protocol v2, drop-in plugins."""
+
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+from tests.grpc_peers import greeter_server, say_hello
+from tests.h2_peer import serve_h2c
+from tests.support import (
+    TWISTD, Backend, Router, free_port, http_reply_with_name, reply_with_name, wait_until)
+from l4router.parsers.proxyprotocol import v2_header
+
+pytestmark = pytest.mark.timeout(120)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grpcio_client_routed_by_grpc_service(tmp_path):
+    greeter, greeter_port = greeter_server("greeter", "helloworld.Greeter")
+    guide, guide_port = greeter_server("guide", "routeguide.RouteGuide")
+    try:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: rpc
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{protocol: grpc, grpc_service: "helloworld.*"}}
+        backend: greeter
+      - match: {{protocol: grpc, grpc_service: routeguide.RouteGuide}}
+        backend: guide
+    default: reject
+backends:
+  greeter: {{servers: ["127.0.0.1:{greeter_port}"]}}
+  guide: {{servers: ["127.0.0.1:{guide_port}"]}}
+"""
+        with Router(tmp_path, config) as router:
+            assert say_hello(port, "helloworld.Greeter", b"one") == b"greeter:one"
+            assert say_hello(port, "routeguide.RouteGuide", b"two") == b"guide:two"
+            assert say_hello(port, "helloworld.Greeter", b"three") == b"greeter:three"
+            events = router.wait_access_events(3)
+            services = sorted(e["fields"]["grpc_service"] for e in events)
+            assert services == ["helloworld.Greeter", "helloworld.Greeter",
+                                "routeguide.RouteGuide"]
+            assert router.metric("l4router_connections_routed_total", listener="rpc",
+                                 protocol="grpc", route="routes[1]", backend="guide") == 1
+    finally:
+        greeter.stop(None)
+        guide.stop(None)
+
+
+def test_curl_h2c_routed_by_authority(tmp_path):
+    with Backend("one", serve_h2c) as one, Backend("two", serve_h2c) as two:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: h2
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{protocol: h2c, authority: "one.example"}}
+        backend: one
+      - match: {{protocol: h2c, authority: "*.two.example"}}
+        backend: two
+    default: reject
+backends:
+  one: {{servers: ["127.0.0.1:{one.port}"]}}
+  two: {{servers: ["127.0.0.1:{two.port}"]}}
+"""
+        with Router(tmp_path, config):
+            def curl(host, path):
+                return subprocess.run(
+                    ["curl", "-sS", "--http2-prior-knowledge", "-H", f"Host: {host}",
+                     f"http://127.0.0.1:{port}{path}"],
+                    capture_output=True, text=True, timeout=20).stdout
+
+            assert curl("one.example", "/a") == "one one.example /a"
+            assert curl("api.two.example", "/b") == "two api.two.example /b"
+            assert (one.connections, two.connections) == (1, 1)
+
+
+def test_soap_and_jsonrpc_posts_go_to_their_own_backends(tmp_path):
+    with Backend("soap", http_reply_with_name) as soap, \
+            Backend("rpc", http_reply_with_name) as rpc, \
+            Backend("web", http_reply_with_name) as web:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: api
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{protocol: soap, soap_action: "*GetLastTradePrice"}}
+        backend: soap
+      - match: {{protocol: jsonrpc, jsonrpc_method: "eth_*"}}
+        backend: rpc
+      - match: {{protocol: [http1, jsonrpc]}}  # other JSON-RPC methods: the web app
+        backend: web
+    default: reject
+backends:
+  soap: {{servers: ["127.0.0.1:{soap.port}"]}}
+  rpc: {{servers: ["127.0.0.1:{rpc.port}"]}}
+  web: {{servers: ["127.0.0.1:{web.port}"]}}
+"""
+        with Router(tmp_path, config):
+            def curl(*args):
+                return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True,
+                                      timeout=20).stdout
+
+            url = f"http://127.0.0.1:{port}"
+            assert curl(f"{url}/quote", "-H", "Content-Type: text/xml",
+                        "-H", 'SOAPAction: "urn:x#GetLastTradePrice"',
+                        "--data-binary", "<Envelope/>") == "soap /quote"
+            assert curl(f"{url}/rpc", "-H", "Content-Type: application/json", "--data-binary",
+                        '{"jsonrpc":"2.0","method":"eth_chainId","id":7}') == "rpc /rpc"
+            assert curl(f"{url}/rpc", "-H", "Content-Type: application/json", "--data-binary",
+                        '{"jsonrpc":"2.0","method":"net_version","id":8}') == "web /rpc"
+            assert curl(f"{url}/page") == "web /page"
+            assert b"GetLastTradePrice" in soap.results[0]
+            assert b'"eth_chainId"' in rpc.results[0]
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real OpenSSH server on a loopback port, accepting one generated key for this user."""
+    sshd_path = shutil.which("sshd") or "/usr/sbin/sshd"
+    assert os.path.exists(sshd_path), "sshd missing: apt-get install openssh-server"
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")],
+                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "user")],
+                   check=True)
+    (folder / "authorized_keys").write_bytes((folder / "user.pub").read_bytes())
+    os.makedirs("/run/sshd", exist_ok=True)
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
+        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nPidFile none\n")
+    process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def listening():
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, message="sshd to listen")
+    yield port, folder / "user"
+    process.terminate()
+    process.wait(10)
+
+
+def test_openssh_client_routed_to_a_real_sshd(tmp_path, sshd):
+    sshd_port, key = sshd
+    with Backend("web", http_reply_with_name) as web:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: shared
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{protocol: ssh, ssh_software: "OpenSSH_*"}}
+        backend: ssh
+      - match: {{protocol: http1}}
+        backend: web
+    default: reject
+backends:
+  ssh: {{servers: ["127.0.0.1:{sshd_port}"]}}
+  web: {{servers: ["127.0.0.1:{web.port}"]}}
+"""
+        with Router(tmp_path, config) as router:
+            user = os.environ.get("USER") or "root"
+            result = subprocess.run(
+                ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 f"{user}@127.0.0.1", "echo through-the-router"],
+                capture_output=True, text=True, timeout=30)
+            assert result.stdout.strip() == "through-the-router", result.stderr
+            event = router.wait_access_events(1)[0]
+            assert event["protocol"] == "ssh" and event["backend"] == "ssh"
+            assert event["fields"]["ssh_software"].startswith("OpenSSH_")
+
+
+def test_proxy_v2_connection_routed_by_the_source_it_carries(tmp_path):
+    with Backend("inside", reply_with_name) as inside, \
+            Backend("outside", reply_with_name) as outside:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: behind_lb
+    listen: "127.0.0.1:{port}"
+    accept_proxy_protocol: true
+    routes:
+      - match: {{source: "203.0.113.0/24"}}
+        backend: inside
+    default: outside
+backends:
+  inside: {{servers: ["127.0.0.1:{inside.port}"]}}
+  outside: {{servers: ["127.0.0.1:{outside.port}"]}}
+"""
+        with Router(tmp_path, config) as router:
+            def send(header):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                    client.sendall(header + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    return client.recv(1024)
+
+            assert send(v2_header("203.0.113.50", 40001, "127.0.0.1", port)) == \
+                b"inside:GET / HTTP/1.1"
+            assert send(v2_header("2001:db8::5", 40002, "::1", port)) == b"outside:GET / HTTP/1.1"
+            assert send(b"") == b""  # no header: rejected
+            events = router.wait_access_events(3)
+            assert [(e["source"], e["source_port"]) for e in events[:2]] == [
+                ("203.0.113.50", 40001), ("2001:db8::5", 40002)]
+            assert router.metric("l4router_connections_rejected_total", listener="behind_lb",
+                                 reason="proxy_protocol") == 1
+
+
+def test_dropped_in_plugin_routes_and_a_broken_one_is_skipped(tmp_path):
+    broken = tmp_path / "broken" / "l4router" / "plugins"
+    broken.mkdir(parents=True)
+    (broken / "broken_detector.py").write_text("raise ImportError('this plugin is broken')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(CHECKOUT, "examples", "plugins"), str(tmp_path / "broken")]))
+    listing = subprocess.run([TWISTD, "l4router", "--list-detectors"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    assert listing.returncode == 0
+    assert "memcached" in listing.stdout and "tls" in listing.stdout
+    with Backend("cache", reply_with_name) as cache:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: cache
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{protocol: memcached, memcached_command: get}}
+        backend: cache
+    default: reject
+backends:
+  cache: {{servers: ["127.0.0.1:{cache.port}"]}}
+"""
+        with Router(tmp_path, config, env=env) as router:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"get user:42\r\n")
+                assert client.recv(100) == b"cache:get user:42"
+        assert "this plugin is broken" in router.log_text()
