@@ -19,6 +19,8 @@ EXPECTED = {
                                               "alpn": ("h2", "http/1.1")}),
     "tls_openssl_no_sni.bin": ("tls", {"alpn": ()}),
     "tls_openssl_tls12.bin": ("tls", {"sni": "old.example.com", "tls_version": "1.2"}),
+    "tls_chromium_pq.bin": ("tls", {"sni": "www.browser.example", "alpn": ("h2", "http/1.1"),
+                                    "ech": True, "tls_version": "1.3"}),
     "tls_python_ssl.bin": ("tls", {"sni": "py.example.com", "alpn": ("h2", "http/1.1"),
                                    "tls_versions": ("1.3", "1.2")}),
     "http1_curl.bin": ("http1", {"method": "GET", "path": "/api/v1/items",

@@ -100,3 +100,31 @@ def test_corrupted_captures_never_raise(name, position, patch):
     flight = capture(name)
     position %= len(flight)
     parse_client_hello(flight[:position] + patch + flight[position + len(patch):])
+
+
+def test_browser_hello_with_post_quantum_key_share_and_ech():
+    hello = parse_client_hello(capture("tls_chromium_pq.bin"))
+    assert len(capture("tls_chromium_pq.bin")) > 1900  # more than one typical TCP segment
+    assert hello.ech and hello.sni == "www.browser.example"
+    assert 0x11EC in _key_share_groups(capture("tls_chromium_pq.bin"))  # X25519MLKEM768
+
+
+def _key_share_groups(flight):
+    """The named groups of the key_share extension, read independently of the parser."""
+    body = flight[5 + 4:]
+    pos = 2 + 32
+    pos += 1 + body[pos]
+    pos += 2 + int.from_bytes(body[pos:pos + 2], "big")
+    pos += 1 + body[pos]
+    end = pos + 2 + int.from_bytes(body[pos:pos + 2], "big")
+    pos += 2
+    while pos < end:
+        kind, length = int.from_bytes(body[pos:pos + 2], "big"), int.from_bytes(body[pos + 2:pos + 4], "big")
+        if kind == 51:
+            shares, groups = body[pos + 6:pos + 4 + length], []
+            while shares:
+                groups.append(int.from_bytes(shares[:2], "big"))
+                shares = shares[4 + int.from_bytes(shares[2:4], "big"):]
+            return groups
+        pos += 4 + length
+    return []
