@@ -27,7 +27,10 @@ def greeter_server(name, service="helloworld.Greeter", port=0):
 
 
 def say_hello(port, service="helloworld.Greeter", payload=b"hi", timeout=10):
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    # An L4 router routes connections: each call gets a connection of its own, not one that
+    # gRPC's global subchannel pool kept from an earlier channel to the same address.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         call = channel.unary_unary(f"/{service}/SayHello", request_serializer=_identity,
                                    response_deserializer=_identity)
         return call(payload, timeout=timeout)
