@@ -17,7 +17,8 @@ import yaml
 from l4router.errors import ConfigError
 
 REJECT = "reject"
-BALANCE_POLICIES = ("round_robin",)
+BALANCE_POLICIES = ("round_robin", "random", "least_connections", "source_hash")
+PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
 LOG_FORMATS = ("text", "json")
 DEFAULT_DETECT_TIMEOUT = 3.0
 DEFAULT_MAX_BYTES = 16384
@@ -96,11 +97,47 @@ class Server:
 
 
 @attrs.frozen
+class RetrySettings:
+    """Connect attempts per client, across servers, with exponential backoff and jitter."""
+
+    attempts: int = 3
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # each backoff is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def backoff(self, retry_number):
+        """The nominal wait before retry number `retry_number` (1 for the first retry)."""
+        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry_number - 1))
+
+
+@attrs.frozen
+class HealthCheckSettings:
+    interval: float = 5.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+
+
+@attrs.frozen
+class PoolSettings:
+    min_idle: int = 0
+    max_idle: int = 8
+    idle_timeout: float = 60.0
+    max_lifetime: float = 1800.0
+
+
+@attrs.frozen
 class Backend:
     name: str
     servers: tuple
-    balance: str
-    connect_timeout: float
+    balance: str = "round_robin"
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    retry: RetrySettings = RetrySettings()
+    health_check: HealthCheckSettings | None = None  # None: no active or passive checks
+    pool: PoolSettings = PoolSettings()
+    max_connections_per_server: int | None = None
+    proxy_protocol: str = "none"
 
 
 @attrs.frozen
@@ -149,7 +186,8 @@ class _Invalid(Exception):
     """A value is wrong; the reader adds the key path."""
 
 
-_MISSING = object()
+_MISSING = object()  # a required key is absent, or a value was invalid (already reported)
+_ABSENT = object()  # an optional key is absent
 
 
 class _Reader:
@@ -241,6 +279,22 @@ def _positive_int(value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _Invalid(f"must be a whole number of at least 1, not {value!r}")
     return value
+
+
+def _non_negative_int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Invalid(f"must be a whole number of at least 0, not {value!r}")
+    return value
+
+
+def _number(low, high):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not low <= value <= high:
+            raise _Invalid(f"must be a number from {low} to {high}, not {value!r}")
+        return float(value)
+
+    return convert
 
 
 def _boolean(value):
@@ -430,10 +484,42 @@ class _Builder:
                     parsed.append(self.reader.convert(server, f"{path}.servers[{index}]", _server))
         balance = section.get("balance", _one_of(BALANCE_POLICIES), "round_robin")
         connect_timeout = section.get("connect_timeout", _positive_duration, DEFAULT_CONNECT_TIMEOUT)
+        retry = self.settings(section, "retry", RetrySettings, {
+            "attempts": _positive_int, "initial_backoff": parse_duration,
+            "max_backoff": parse_duration, "multiplier": _number(1.0, 100.0),
+            "jitter": _number(0.0, 1.0)}, RetrySettings())
+        health = self.settings(section, "health_check", HealthCheckSettings, {
+            "interval": _positive_duration, "timeout": _positive_duration,
+            "rise": _positive_int, "fall": _positive_int}, None)
+        pool = self.settings(section, "pool", PoolSettings, {
+            "min_idle": _non_negative_int, "max_idle": _non_negative_int,
+            "idle_timeout": _positive_duration, "max_lifetime": _positive_duration}, PoolSettings())
+        if isinstance(pool, PoolSettings) and pool.max_idle < pool.min_idle:
+            self.reader.problem(f"{path}.pool.max_idle", f"must be at least min_idle ({pool.min_idle})")
+            pool = _MISSING
+        per_server = section.get("max_connections_per_server", _positive_int, None)
+        proxy_protocol = section.get("proxy_protocol", _one_of(PROXY_PROTOCOL_VERSIONS), "none")
         section.finish()
-        if _MISSING in parsed or not parsed or _MISSING in (balance, connect_timeout):
+        values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol)
+        if _MISSING in parsed or not parsed or _MISSING in values:
             return None
-        return Backend(name, tuple(parsed), balance, connect_timeout)
+        return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
+                       per_server, proxy_protocol)
+
+    def settings(self, parent, key, settings_class, converters, default):
+        """A small mapping of known keys -> a settings object; absent keys keep defaults."""
+        raw = parent.get(key, lambda v: v, _ABSENT)
+        if raw is _ABSENT:
+            return default
+        section = self.reader.section(raw, parent.key_path(key))
+        if section is None:
+            return _MISSING
+        problems_before = len(self.reader.problems)
+        values = {name: section.get(name, convert, _ABSENT) for name, convert in converters.items()}
+        section.finish()
+        if len(self.reader.problems) > problems_before:
+            return _MISSING
+        return settings_class(**{k: v for k, v in values.items() if v is not _ABSENT})
 
     def listeners(self, top, backends):
         raw = top.get("listeners", lambda v: v)

@@ -41,6 +41,31 @@ class RouterMetrics:
         self.connect_failures = Counter(
             "l4router_backend_connect_failures", "Failed connects to backend servers.",
             ["backend", "server", "reason"], registry=r)
+        self.connect_attempts = Counter(
+            "l4router_backend_connect_attempts", "Connects attempted for clients.",
+            ["backend", "server"], registry=r)
+        self.connect_seconds = Histogram(
+            "l4router_backend_connect_seconds", "Time to connect a backend server for a client.",
+            ["backend"], buckets=DETECTION_BUCKETS, registry=r)
+        self.retries = Counter(
+            "l4router_backend_retries", "Connect attempts after the first, for one client.",
+            ["backend"], registry=r)
+        self.server_up = Gauge(
+            "l4router_backend_server_up", "1 while a server is healthy (gets new clients).",
+            ["backend", "server"], registry=r)
+        self.server_active = Gauge(
+            "l4router_backend_server_active_connections",
+            "Connections to a server: relaying or being connected.",
+            ["backend", "server"], registry=r)
+        self.health_checks = Counter(
+            "l4router_backend_health_checks", "Active health checks by result.",
+            ["backend", "server", "result"], registry=r)
+        self.pool_idle = Gauge(
+            "l4router_backend_pool_idle", "Spare connections waiting in a server's pool.",
+            ["backend", "server"], registry=r)
+        self.pool_requests = Counter(
+            "l4router_backend_pool_requests", "Clients served from a pool (hit) or not (miss).",
+            ["backend", "result"], registry=r)
 
     def for_listener(self, name):
         return ListenerMetrics(self, name)

@@ -38,10 +38,17 @@ class BackendSide(Protocol):
 
     def dataReceived(self, data):
         self.received += len(data)
-        self.relay.client.transport.write(data)
+        relay = self.relay
+        if relay is None:
+            self.spoiled()
+            return
+        relay.client.transport.write(data)
 
     def readConnectionLost(self):
         self.read_closed = True
+        if self.relay is None:
+            self.spoiled()
+            return
         self.relay.side_finished_sending(self)
 
     def writeConnectionLost(self):
@@ -50,6 +57,11 @@ class BackendSide(Protocol):
     def connectionLost(self, reason=None):
         if self.relay is not None:
             self.relay.side_lost(self, reason)
+        else:
+            self.spoiled()
+
+    def spoiled(self):
+        """An event before any relay took this connection (a pooled spare overrides it)."""
 
 
 class Relay:

@@ -118,10 +118,23 @@ class ListenersService(MultiService):
 
 
 class BackendsService(Service):
-    """Holds the backend groups; pools and health checks live here."""
+    """The backend groups: name resolution, health checks and warm pools run while it runs."""
 
     def __init__(self, groups):
         self.groups = groups
+
+    def startService(self):
+        super().startService()
+        for group in self.groups.values():
+            group.start()
+
+    def stopService(self):
+        super().stopService()
+        for group in self.groups.values():
+            group.stop()
+
+    def status(self):
+        return [group.status() for group in self.groups.values()]
 
 
 class RouterService(MultiService):

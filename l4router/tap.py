@@ -117,6 +117,7 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None):
             access_log=config.logging.access_log)
         ListenerService(reactor, listener, factory, config.shutdown_timeout).setServiceParent(
             listeners)
-    admin = AdminService(reactor, config.admin.listen, admin_site(metrics.registry))
-    return RouterService(reactor, config, admin, BackendsService(groups), listeners,
+    backends = BackendsService(groups)
+    admin = AdminService(reactor, config.admin.listen, admin_site(metrics.registry, backends.status))
+    return RouterService(reactor, config, admin, backends, listeners,
                          log_observer=log_observer)

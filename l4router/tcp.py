@@ -14,9 +14,10 @@ from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
 from l4router.parsers import INCOMPLETE
+from l4router.parsers import proxyprotocol
 from l4router.parsers.proxyprotocol import ProxyHeader
 from l4router.parsers.proxyprotocol import parse_header as parse_proxy_header
-from l4router.relay import BackendSide, Relay
+from l4router.relay import Relay
 from l4router.routing import RouteTable
 
 log = Logger()
@@ -116,6 +117,7 @@ class InboundConnection(Protocol):
         self.decision = None
         self.route = None
         self.backend_name = None
+        self.group = None
         self.server = None
         self.relay = None
         self.backend = None
@@ -237,21 +239,31 @@ class InboundConnection(Protocol):
 
     def _connect(self, group):
         self.transport.pauseProducing()  # the client waits; its bytes stay in the buffer
-        self.backend = BackendSide()
-        self._connecting = group.connect(self.backend)
-        self._connecting.addCallbacks(self._connected, self._connect_failed,
-                                      errbackArgs=(group,))
+        self.group = group
+        self._connecting = group.connect(self.source)
+        self._connecting.addCallbacks(self._connected, self._connect_failed)
 
-    def _connected(self, server):
+    def _connected(self, connection):
         self._connecting = None
-        self.server = server
+        self.server, self.backend = connection
         set_no_delay(self.backend.transport)
         self.relay = Relay(self, self.backend, self.factory.clock, self.factory.idle_timeout,
                            self._relay_ended)
         replay, self.buffer = self.buffer, b""
         if self.elicited_by is not None:
             replay = self._rewritten_replay(replay)
-        self.relay.start(replay, client_finished_sending=self.read_closed)
+        self.relay.start(self._proxy_header() + replay, client_finished_sending=self.read_closed)
+
+    def _proxy_header(self):
+        """PROXY protocol out: the client's real addresses, before anything else."""
+        version = self.group.config.proxy_protocol
+        if version == "none":
+            return b""
+        local = self.transport.getHost()
+        if (":" in self.source) != (":" in local.host):  # a v6 client of a v4 listener, say
+            return proxyprotocol.unknown_header(version)
+        write = proxyprotocol.v1_header if version == "v1" else proxyprotocol.v2_header
+        return write(self.source, self.source_port, local.host, local.port)
 
     def _rewritten_replay(self, replay):
         """Remove the client's answer to what the router elicited; the backend never asked."""
@@ -262,18 +274,20 @@ class InboundConnection(Protocol):
                         detector=self.elicited_by.name)
             return replay
 
-    def _connect_failed(self, failure, group):
+    def _connect_failed(self, failure):
         self._connecting = None
         if failure.check(defer.CancelledError):
             return None  # the client left while we were connecting
+        reason = BACKEND_UNAVAILABLE
         if failure.check(BackendUnavailable):
-            log.warn("No server of backend {backend} reachable for connection {id} from "
-                     "{source}: {error}", backend=group.name, id=self.id, source=self.source,
-                     error=failure.getErrorMessage())
+            reason = failure.value.reason
+            log.warn("Connection {id} from {source} gets no server of backend {backend}: "
+                     "{error}", backend=self.group.name, id=self.id, source=self.source,
+                     error=failure.getErrorMessage(), reason=reason)
         else:
             log.failure("Connecting connection {id} to backend {backend} failed",
-                        failure, id=self.id, backend=group.name)
-        self._reject(BACKEND_UNAVAILABLE)
+                        failure, id=self.id, backend=self.group.name)
+        self._reject(reason)
         return None
 
     # Ending
@@ -306,6 +320,10 @@ class InboundConnection(Protocol):
         factory.connection_ended(self)
         metrics = factory.metrics
         metrics.closed(reason).inc()
+        if self.server is not None:
+            self.server.release()
+            if reason == relay_reasons.BACKEND_RESET:
+                self.group.passive_result(self.server, False, "reset by the server")
         received_from_backend = self.backend.received if self.backend is not None else 0
         if self.relay is not None:
             metrics.bytes_up.inc(self.received)

@@ -335,17 +335,26 @@ listeners:
     listen: "127.0.0.1:{port}"
     default: dead
 backends:
-  dead: {{servers: ["127.0.0.1:{dead_port}"], connect_timeout: 1s}}
+  dead:
+    servers: ["127.0.0.1:{dead_port}"]
+    connect_timeout: 1s
+    retry: {{attempts: 3, initial_backoff: 100ms, multiplier: 2, jitter: 0}}
 """
     with Router(tmp_path, config) as router:
         started = time.monotonic()
         assert http_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
-        assert time.monotonic() - started < 1.0 + 0.5
+        elapsed = time.monotonic() - started
+        # Three refused attempts 100 ms then 200 ms apart: well inside connect_timeout.
+        assert 0.3 <= elapsed < 1.0 + 0.5, elapsed
         assert router.metric("l4router_backend_connect_failures_total", backend="dead",
-                             server=f"127.0.0.1:{dead_port}", reason="refused") == 1
+                             server=f"127.0.0.1:{dead_port}", reason="refused") == 3
+        assert router.metric("l4router_backend_retries_total", backend="dead") == 2
         assert router.metric("l4router_connections_rejected_total", listener="edge",
-                             reason="backend_unavailable") == 1
+                             reason="connect_failed") == 1
         warnings = [e for e in router.events() if e.get("backend") == "dead"
                     and e.get("log_level") and e["log_level"].name == "warn"]
-        assert warnings, router.log_text()
-        assert router.access_events()[0]["reason"] == "backend_unavailable"
+        assert warnings and warnings[0]["reason"] == "connect_failed", router.log_text()
+        attempts = [e["log_time"] for e in router.events() if e.get("attempt")]
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        assert len(gaps) == 2 and 0.09 < gaps[0] < 0.2 and 0.19 < gaps[1] < 0.3, gaps
+        assert router.access_events()[0]["reason"] == "connect_failed"

@@ -205,20 +205,30 @@ def test_reject_route_closes_at_once():
                           reason="rejected") == 1
 
 
-def test_refused_server_fails_over_then_client_is_closed():
+def test_refused_server_fails_over_with_backoff_then_client_is_closed():
     harness = Harness()
     client, client_transport = harness.client()
     client.dataReceived(REQUEST)
-    for expected_host in ("10.0.0.1", "10.0.0.2"):
+    # web: two servers, retry defaults (3 attempts, 50 ms initial backoff doubling, 20% jitter)
+    # After each server failed once, the third attempt may go to either.
+    expected = [("10.0.0.1", 0.0), ("10.0.0.2", 0.05), (None, 0.1)]
+    for index, (expected_host, backoff) in enumerate(expected):
+        if backoff:
+            harness.reactor.advance(backoff * 0.79)
+            assert len(harness.reactor.tcpClients) == index  # still backing off
+            harness.reactor.advance(backoff * 0.42)
         (host, _, _), factory = harness.connect_attempt()
-        assert host == expected_host
+        assert len(harness.reactor.tcpClients) == index + 1
+        assert host == (expected_host or host)
         factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
     assert client_transport.disconnecting
     client.connectionLost(None)
-    assert harness.metric("l4router_backend_connect_failures_total", backend="web",
-                          server="10.0.0.2:80", reason="refused") == 1
+    assert sum(harness.metric("l4router_backend_connect_failures_total", backend="web",
+                              server=server, reason="refused")
+               for server in ("10.0.0.1:80", "10.0.0.2:80")) == 3
+    assert harness.metric("l4router_backend_retries_total", backend="web") == 2
     assert harness.metric("l4router_connections_closed_total", listener="edge",
-                          reason="backend_unavailable") == 1
+                          reason="connect_failed") == 1
 
 
 def test_idle_relay_is_aborted_between_one_and_one_and_a_quarter_timeouts():

@@ -1,22 +1,67 @@
-"""Balancing policies: in which order a backend's servers are tried for one client."""
+"""Balancing policies: which eligible server of a backend gets the next client.
+
+Each policy chooses among the candidates it is given (healthy, not full, not yet tried for this
+client), so failover is simply asking again without the server that failed.
+"""
+
+import hashlib
+import math
+import random
 
 
 class SmoothWeightedRoundRobin:
-    """nginx's smooth weighted round robin: weights 1:1:2 give a, c, b, c — never bursts.
+    """nginx's smooth weighted round robin: weights 1:1:2 give a, c, b, c; never bursts."""
 
-    `order()` gives the chosen server first and then the others as failover candidates.
-    """
+    def choose(self, candidates, source):
+        total = 0
+        best = None
+        for server in candidates:
+            server.current_weight += server.weight
+            total += server.weight
+            if best is None or server.current_weight > best.current_weight:
+                best = server
+        best.current_weight -= total
+        return best
 
-    def __init__(self, servers):
-        self.servers = tuple(servers)
-        self.total = sum(s.weight for s in self.servers)
-        self.current = [0] * len(self.servers)
 
-    def order(self):
-        best = 0
-        for index, server in enumerate(self.servers):
-            self.current[index] += server.weight
-            if self.current[index] > self.current[best]:
-                best = index
-        self.current[best] -= self.total
-        return self.servers[best:] + self.servers[:best]
+class WeightedRandom:
+    def __init__(self, generator=None):
+        self.random = generator or random.Random()
+
+    def choose(self, candidates, source):
+        return self.random.choices(candidates, weights=[s.weight for s in candidates])[0]
+
+
+class LeastConnections:
+    """Fewest active connections per unit of weight; ties go round the servers in turn."""
+
+    def __init__(self):
+        self.turn = 0
+
+    def choose(self, candidates, source):
+        self.turn += 1
+        count = len(candidates)
+        return min((candidates[(self.turn + i) % count] for i in range(count)),
+                   key=lambda s: s.active / s.weight)
+
+
+class SourceHash:
+    """Weighted rendezvous hashing of the client address: a source stays on its server, and
+    removing a server moves only the sources that were on it (adding one takes about 1/N)."""
+
+    def choose(self, candidates, source):
+        return max(candidates, key=lambda server: _score(source, server))
+
+
+def _score(source, server):
+    digest = hashlib.blake2b(f"{source}|{server.label}".encode(), digest_size=8).digest()
+    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # in (0, 1)
+    return -server.weight / math.log(unit)
+
+
+POLICIES = {
+    "round_robin": SmoothWeightedRoundRobin,
+    "random": WeightedRandom,
+    "least_connections": LeastConnections,
+    "source_hash": SourceHash,
+}

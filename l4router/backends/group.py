@@ -1,30 +1,26 @@
-"""A named backend: its servers, and connecting one client to one of them."""
+"""A named backend: choosing a server for a client and connecting to it, with failover,
+retries with exponential backoff, per-server limits, warm pools and health."""
 
-import ipaddress
+import random
 
-from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint)
-from twisted.internet.protocol import Factory
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from l4router.backends.balancing import SmoothWeightedRoundRobin
+from l4router.backends.balancing import POLICIES
+from l4router.backends.health import HealthChecker
+from l4router.backends.pool import ServerPool
+from l4router.backends.resolve import NameRefresher
+from l4router.backends.server import ProtocolOnce, ServerState
 from l4router.errors import BackendUnavailable
+from l4router.relay import BackendSide
 
 log = Logger()
 
-NO_SERVER_REACHABLE = "no_server_reachable"
-
-
-def client_endpoint(reactor, server, timeout):
-    """IP literals connect directly; names go through Twisted's resolver (never blocking)."""
-    try:
-        address = ipaddress.ip_address(server.host)
-    except ValueError:
-        return HostnameEndpoint(reactor, server.host.encode("idna"), server.port, timeout=timeout)
-    endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-    return endpoint_type(reactor, server.host, server.port, timeout=timeout)
+# Reasons a client gets no backend connection (close reasons and metric labels).
+NO_HEALTHY_SERVER = "no_healthy_server"
+BACKEND_FULL = "backend_full"
+CONNECT_FAILED = "connect_failed"
 
 
 def failure_reason(failure):
@@ -38,45 +34,120 @@ def failure_reason(failure):
     return "error"
 
 
-class _ProtocolOnce(Factory):
-    """Hands out one already-built protocol; quiet, unlike connectProtocol's factory."""
-
-    noisy = False
-
-    def __init__(self, protocol):
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr):
-        return self.protocol_instance
-
-
 class BackendGroup:
-    """Tries the balancer's choice, then fails over to each other server once."""
+    """The servers of one backend and how a client is connected to one of them."""
 
-    def __init__(self, backend, reactor, metrics):
+    def __init__(self, backend, reactor, metrics, jitter_random=None):
         self.config = backend
         self.name = backend.name
         self.reactor = reactor
         self.metrics = metrics
-        self.balancer = SmoothWeightedRoundRobin(backend.servers)
-        self.endpoints = {s: client_endpoint(reactor, s, backend.connect_timeout)
-                          for s in backend.servers}
+        self.random = jitter_random or random.Random()
+        self.balancer = POLICIES[backend.balance]()
+        self.servers = [ServerState(backend.name, s, metrics) for s in backend.servers]
+        self.checkers = {}
+        if backend.health_check is not None:
+            self.checkers = {s: HealthChecker(s, backend.health_check, reactor, metrics)
+                             for s in self.servers}
+        self.pools = []
+        if backend.pool.min_idle:
+            self.pools = [ServerPool(s, backend.pool, reactor, backend.connect_timeout, metrics)
+                          for s in self.servers]
+        self.refreshers = [NameRefresher(s, reactor) for s in self.servers if s.address is None]
+        self._connect_seconds = metrics.connect_seconds.labels(backend.name)
+        self._retries = metrics.retries.labels(backend.name)
+        self._pool_hits = metrics.pool_requests.labels(backend.name, "hit")
+        self._pool_misses = metrics.pool_requests.labels(backend.name, "miss")
+
+    def start(self):
+        for part in (*self.refreshers, *self.checkers.values(), *self.pools):
+            part.start()
+
+    def stop(self):
+        for part in (*self.refreshers, *self.checkers.values(), *self.pools):
+            part.stop()
+
+    def status(self):
+        return {"backend": self.name, "balance": self.config.balance,
+                "servers": [s.status() for s in self.servers]}
+
+    # Connecting a client
 
     @defer.inlineCallbacks
-    def connect(self, protocol):
-        """Connect `protocol` to a server; fires with the Server, or fails BackendUnavailable."""
+    def connect(self, source):
+        """Fires with (ServerState, BackendSide) once connected; the ServerState is acquired
+        (release it when the relay ends). Fails with BackendUnavailable."""
+        retry = self.config.retry
+        tried = set()
         last = None
-        for server in self.balancer.order():
+        for attempt in range(1, retry.attempts + 1):
+            server = self._choose(source, tried)
+            if attempt > 1:
+                self._retries.inc()
+                yield task.deferLater(self.reactor, self._jittered(retry.backoff(attempt - 1)),
+                                      lambda: None)
+                if not server.healthy:  # it went down while we waited
+                    server = self._choose(source, tried)
+            server.acquire()
+            spare = self._take_spare(server)
+            if spare is not None:
+                return server, spare
+            backend_side = BackendSide()
+            started = self.reactor.seconds()
             try:
-                yield self.endpoints[server].connect(_ProtocolOnce(protocol))
+                yield self._connect_once(server, backend_side)
             except defer.CancelledError:
+                server.release()
                 raise
             except Exception:
+                server.release()
                 last = Failure()
                 reason = failure_reason(last)
+                tried.add(server)
                 self.metrics.connect_failures.labels(self.name, server.label, reason).inc()
-                log.warn("Backend {backend} server {server} failed: {reason}",
-                         backend=self.name, server=server.label, reason=reason)
+                self.passive_result(server, False, f"connect {reason}")
+                log.info("Backend {backend} server {server} attempt {attempt}/{attempts} "
+                         "failed: {reason}", backend=self.name, server=server.label,
+                         attempt=attempt, attempts=retry.attempts, reason=reason)
                 continue
-            return server
-        raise BackendUnavailable(self.name, NO_SERVER_REACHABLE, last.getErrorMessage())
+            self._connect_seconds.observe(self.reactor.seconds() - started)
+            self.passive_result(server, True, "connected")
+            return server, backend_side
+        raise BackendUnavailable(self.name, CONNECT_FAILED,
+                                 f"{retry.attempts} attempts, last: {last.getErrorMessage()}")
+
+    def _connect_once(self, server, protocol):
+        self.metrics.connect_attempts.labels(self.name, server.label).inc()
+        endpoint = server.endpoint(self.reactor, self.config.connect_timeout)
+        if endpoint is None:
+            return defer.fail(error.DNSLookupError(f"{server.server.host} not resolved yet"))
+        return endpoint.connect(ProtocolOnce(protocol))
+
+    def _choose(self, source, tried):
+        healthy = [s for s in self.servers if s.healthy]
+        if not healthy:
+            raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
+        limit = self.config.max_connections_per_server
+        open_servers = [s for s in healthy if limit is None or s.active < limit]
+        if not open_servers:
+            raise BackendUnavailable(self.name, BACKEND_FULL)
+        untried = [s for s in open_servers if s not in tried]
+        return self.balancer.choose(untried or open_servers, source)
+
+    def _take_spare(self, server):
+        if server.pool is None:
+            return None
+        spare = server.pool.take()
+        (self._pool_hits if spare is not None else self._pool_misses).inc()
+        return spare
+
+    def _jittered(self, seconds):
+        jitter = self.config.retry.jitter
+        return seconds * self.random.uniform(1 - jitter, 1 + jitter)
+
+    def passive_result(self, server, ok, why):
+        """What real clients saw: consecutive connect failures and resets count like failed
+        checks (only with health checks configured: they are what brings a server back)."""
+        checker = self.checkers.get(server)
+        if checker is not None:
+            checker.record(ok, f"passive: {why}", passive=True)

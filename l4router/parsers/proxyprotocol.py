@@ -89,7 +89,7 @@ def _v2(data):
 
 
 def v1_header(source, source_port, destination, destination_port):
-    """A v1 header line (also used by tests and, later, by PROXY protocol out)."""
+    """A v1 header line, for PROXY protocol out."""
     family = "TCP6" if ":" in source else "TCP4"
     return f"PROXY {family} {source} {destination} {source_port} {destination_port}\r\n".encode()
 
@@ -100,3 +100,10 @@ def v2_header(source, source_port, destination, destination_port):
     body = src.packed + dst.packed + source_port.to_bytes(2, "big") + \
         destination_port.to_bytes(2, "big")
     return V2_SIGNATURE + bytes([0x21, family]) + len(body).to_bytes(2, "big") + body
+
+
+def unknown_header(version):
+    """A header that says the addresses are not known (mixed address families)."""
+    if version == "v1":
+        return b"PROXY UNKNOWN\r\n"
+    return V2_SIGNATURE + b"\x21\x00\x00\x00"
