@@ -138,13 +138,15 @@ class Backend(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, name, handler, host=LOOPBACK):
+    def __init__(self, name, handler, host=LOOPBACK, port=0):
         self.name = name
         self.handle_connection = handler
         self.connections = 0
         self.results = []
         self.lock = threading.Lock()
-        super().__init__((host, 0), _Handler)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _Handler)
         self.port = self.server_address[1]
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -177,6 +179,21 @@ def reply_with_name(backend, connection):
     data = connection.recv(65536)
     backend.record(data)
     connection.sendall(backend.name.encode() + b":" + data.split(b"\r\n", 1)[0])
+
+
+def ask(port, payload=b"ping", source=None, host=LOOPBACK, timeout=10):
+    """Connect (from `source` if given), send `payload`, return everything until EOF."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        if source:
+            client.bind((source, 0))
+        client.connect((host, port))
+        client.sendall(payload)
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+        return reply
 
 
 def http_reply_with_name(backend, connection):

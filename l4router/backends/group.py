@@ -78,7 +78,7 @@ class BackendGroup:
         """Fires with (ServerState, BackendSide) once connected; the ServerState is acquired
         (release it when the relay ends). Fails with BackendUnavailable."""
         retry = self.config.retry
-        tried = set()
+        tried = {}  # server -> the attempt that last tried it
         last = None
         for attempt in range(1, retry.attempts + 1):
             server = self._choose(source, tried)
@@ -103,7 +103,7 @@ class BackendGroup:
                 server.release()
                 last = Failure()
                 reason = failure_reason(last)
-                tried.add(server)
+                tried[server] = attempt
                 self.metrics.connect_failures.labels(self.name, server.label, reason).inc()
                 self.passive_result(server, False, f"connect {reason}")
                 log.info("Backend {backend} server {server} attempt {attempt}/{attempts} "
@@ -132,7 +132,9 @@ class BackendGroup:
         if not open_servers:
             raise BackendUnavailable(self.name, BACKEND_FULL)
         untried = [s for s in open_servers if s not in tried]
-        return self.balancer.choose(untried or open_servers, source)
+        if untried:
+            return self.balancer.choose(untried, source)
+        return min(open_servers, key=tried.get)  # every one failed once: the longest ago
 
     def _take_spare(self, server):
         if server.pool is None:

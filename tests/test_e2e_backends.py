@@ -1,0 +1,345 @@
+"""Backends through the real router process: balancing, health, retries, pools, PROXY out."""
+
+import collections
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support import Backend, Router, ask, free_port, reply_with_name, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def backends_config(port, servers, **backend):
+    """One listener sending everything to backend `pool` made of `servers` ((port, weight))."""
+    listed = ", ".join(f'{{address: "127.0.0.1:{p}", weight: {w}}}' for p, w in servers)
+    extra = "".join(f"\n    {key}: {value}" for key, value in backend.items())
+    return f"""
+listeners:
+  - name: front
+    listen: "127.0.0.1:{port}"
+    detect: {{timeout: 200ms}}
+    default: pool
+backends:
+  pool:
+    servers: [{listed}]{extra}
+"""
+
+
+def names(replies):
+    return collections.Counter(reply.split(b":", 1)[0].decode() for reply in replies)
+
+
+def test_weighted_round_robin_splits_4000_connections_1_1_2(tmp_path):
+    with Backend("a", reply_with_name) as a, Backend("b", reply_with_name) as b, \
+            Backend("c", reply_with_name) as c:
+        port = free_port()
+        config = backends_config(port, [(a.port, 1), (b.port, 1), (c.port, 2)])
+        with Router(tmp_path, config) as router:
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(lambda i: ask(port, b"n%d" % i), range(4000)))
+            counts = names(replies)
+            for name, share in (("a", 0.25), ("b", 0.25), ("c", 0.5)):
+                assert abs(counts[name] - 4000 * share) <= 4000 * share * 0.05, counts
+            assert router.metric("l4router_connections_closed_total", listener="front",
+                                 reason="completed") + router.metric(
+                "l4router_connections_closed_total", listener="front",
+                reason="backend_closed") == 4000
+
+
+SOURCES = [f"127.0.0.{i}" for i in range(2, 42)]
+
+
+def source_map(port):
+    """Which backend each source address lands on, asked three times each."""
+    mapping = {}
+    for source in SOURCES:
+        seen = {ask(port, b"x", source=source).split(b":")[0] for _ in range(3)}
+        assert len(seen) == 1, (source, seen)  # sticky
+        mapping[source] = seen.pop().decode()
+    return mapping
+
+
+def test_source_hash_is_sticky_and_removing_a_server_moves_only_its_sources(tmp_path):
+    with Backend("a", reply_with_name) as a, Backend("b", reply_with_name) as b, \
+            Backend("c", reply_with_name) as c:
+        port = free_port()
+        servers = [(a.port, 1), (b.port, 1), (c.port, 1)]
+        with Router(tmp_path, backends_config(port, servers, balance="source_hash")):
+            before = source_map(port)
+        assert set(before.values()) == {"a", "b", "c"}
+        (tmp_path / "second").mkdir()
+        with Router(tmp_path / "second",
+                    backends_config(port, servers[:2], balance="source_hash")):
+            after = source_map(port)
+        moved = {s for s in SOURCES if before[s] != after[s]}
+        assert moved == {s for s in SOURCES if before[s] == "c"}
+
+
+def test_killed_backend_leaves_rotation_without_failing_clients_and_returns(tmp_path):
+    a = Backend("a", reply_with_name).__enter__()
+    b = Backend("b", reply_with_name).__enter__()
+    c = Backend("c", reply_with_name).__enter__()
+    c_port = c.port
+    port = free_port()
+    config = backends_config(
+        port, [(a.port, 1), (b.port, 1), (c_port, 1)],
+        health_check="{interval: 200ms, timeout: 200ms, rise: 2, fall: 2}",
+        retry="{attempts: 3, initial_backoff: 20ms}")
+    results = []
+    stop = threading.Event()
+
+    def steady_stream():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                reply = ask(port, b"x", timeout=5)
+            except OSError as exc:
+                reply = exc
+            results.append(((started, time.monotonic()), reply))
+            time.sleep(0.005)
+
+    try:
+        with Router(tmp_path, config) as router:
+            loader = threading.Thread(target=steady_stream)
+            loader.start()
+            time.sleep(0.8)
+            killing_at = time.monotonic()
+            c.__exit__(None, None, None)  # killed: its port now refuses
+            killed_at = time.monotonic()
+            wait_until(lambda: router.metric("l4router_backend_server_up", backend="pool",
+                                             server=f"127.0.0.1:{c_port}") == 0,
+                       timeout=5, message="c marked down")
+            down_after = time.monotonic() - killed_at
+            failures_when_down = router.metric("l4router_backend_connect_failures_total",
+                                               backend="pool", server=f"127.0.0.1:{c_port}",
+                                               reason="refused")
+            time.sleep(1.0)
+            # Down: no client connect goes to c any more (only health checks do).
+            assert router.metric("l4router_backend_connect_failures_total", backend="pool",
+                                 server=f"127.0.0.1:{c_port}",
+                                 reason="refused") == failures_when_down
+            c = Backend("c", reply_with_name, port=c_port).__enter__()
+            restarted_at = time.monotonic()
+            wait_until(lambda: c.connections > 0, timeout=5, message="c back in rotation")
+            back_after = time.monotonic() - restarted_at
+            time.sleep(0.3)
+            stop.set()
+            loader.join(10)
+            events = router.events()
+    finally:
+        stop.set()
+        for backend in (a, b, c):
+            backend.__exit__(None, None, None)
+    failed = [(span, r) for span, r in results if not isinstance(r, bytes) or
+              not r.endswith(b":x")]
+    # Only a connection c had already accepted when it died may fail (its bytes were sent, so
+    # no retry can save it); every connect that c refused was retried elsewhere.
+    assert len(results) > 200 and len(failed) <= 2, failed
+    assert all(start <= killed_at and end >= killing_at for (start, end), _ in failed), failed
+    assert down_after < 2 * 0.2 + 0.6, down_after  # fall=2 checks 200 ms apart, or passive
+    assert back_after < 2 * 0.2 + 0.8, back_after  # rise=2 checks
+    served = names(r for _, r in results)
+    assert served["a"] and served["b"] and served["c"]
+    transitions = [e["log_format"].split(": ")[0] for e in events
+                   if e.get("log_namespace") == "l4router.backends.server"]
+    assert transitions == ["Backend {backend} server {server} is down",
+                           "Backend {backend} server {server} is up"], transitions
+
+
+def test_retries_across_an_unanswering_and_a_refusing_server_follow_the_backoff(tmp_path):
+    # A server whose accept queue is full never completes a handshake: connects time out.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=0)
+    silent_port = silent.getsockname()[1]
+    fillers = [socket.create_connection(("127.0.0.1", silent_port), timeout=2)]
+    with socket.socket() as probe:  # the queue is full now: a handshake does not complete
+        probe.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            probe.connect(("127.0.0.1", silent_port))
+    refusing_port = free_port()
+    port = free_port()
+    config = backends_config(
+        port, [(silent_port, 1), (refusing_port, 1)], connect_timeout="300ms",
+        retry="{attempts: 3, initial_backoff: 100ms, multiplier: 2, jitter: 0}")
+    try:
+        with Router(tmp_path, config) as router:
+            started = time.monotonic()
+            assert ask(port, b"x") == b""
+            elapsed = time.monotonic() - started
+            attempts = [e for e in router.events() if e.get("attempt")]
+            metric = router.metric
+            assert metric("l4router_backend_connect_failures_total", backend="pool",
+                          server=f"127.0.0.1:{silent_port}", reason="timeout") == 2
+            assert metric("l4router_backend_connect_failures_total", backend="pool",
+                          server=f"127.0.0.1:{refusing_port}", reason="refused") == 1
+            assert metric("l4router_backend_retries_total", backend="pool") == 2
+    finally:
+        silent.close()
+        for filler in fillers:
+            filler.close()
+    # Each failure is logged when it happens: timeout after 300 ms; then 100 ms backoff and
+    # an instant refusal; then 200 ms backoff and another 300 ms timeout.
+    assert [e["reason"] for e in attempts] == ["timeout", "refused", "timeout"]
+    times = [e["log_time"] for e in attempts]
+    assert 0.08 < times[1] - times[0] < 0.2, times
+    assert 0.45 < times[2] - times[1] < 0.65, times
+    assert 0.9 < elapsed < 1.5
+
+
+def delaying_forwarder(upstream_port, delay):
+    """A Backend handler: every new connection takes `delay` seconds to be set up (the
+    forwarder waits, then connects upstream) before bytes flow, like a distant server."""
+
+    def forward(backend, connection):
+        time.sleep(delay)
+        with socket.create_connection(("127.0.0.1", upstream_port)) as upstream:
+            def pump(source, sink):
+                try:
+                    while chunk := source.recv(65536):
+                        sink.sendall(chunk)
+                    sink.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+            other = threading.Thread(target=pump, args=(upstream, connection))
+            other.start()
+            pump(connection, upstream)
+            other.join(10)
+
+    return forward
+
+
+def median_time_to_first_byte(port, clients=25):
+    samples = []
+    for _ in range(clients):
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"ping")
+            assert client.recv(100).startswith(b"origin:")
+            samples.append(time.monotonic() - started)
+        time.sleep(0.06)  # time for the pool to refill
+    return statistics.median(samples)
+
+
+def test_warm_pool_cuts_time_to_first_byte_behind_a_slow_connect(tmp_path):
+    with Backend("origin", reply_with_name) as origin, \
+            Backend("slow", delaying_forwarder(origin.port, 0.02)) as slow:
+        port = free_port()
+        cold = tmp_path / "cold"
+        cold.mkdir()
+        with Router(cold, backends_config(port, [(slow.port, 1)])):
+            without_pool = median_time_to_first_byte(port)
+        with Router(tmp_path, backends_config(
+                port, [(slow.port, 1)],
+                pool="{min_idle: 4, max_idle: 4, idle_timeout: 10s}")) as router:
+            time.sleep(0.3)
+            with_pool = median_time_to_first_byte(port)
+            hits = router.metric("l4router_backend_pool_requests_total", backend="pool",
+                                 result="hit")
+    assert without_pool - with_pool >= 0.015, (without_pool, with_pool)
+    assert hits == 25
+
+
+def test_a_spare_closed_by_its_server_is_never_handed_out(tmp_path):
+    def closes_idle_connections(backend, connection):
+        connection.settimeout(0.1)
+        try:
+            data = connection.recv(100)
+        except socket.timeout:
+            backend.record("closed idle")
+            return  # closes it: as servers do with idle connections
+        connection.sendall(b"fresh:" + data)
+
+    with Backend("fickle", closes_idle_connections) as fickle:
+        port = free_port()
+        config = backends_config(port, [(fickle.port, 1)],
+                                 pool="{min_idle: 2, max_idle: 2, idle_timeout: 10s}")
+        with Router(tmp_path, config) as router:
+            wait_until(lambda: fickle.results.count("closed idle") >= 6, timeout=10,
+                       message="the server to close spares")
+            replies = [ask(port, b"q%d" % i) for i in range(20)]
+            discarded = fickle.results.count("closed idle")
+    assert replies == [b"fresh:q%d" % i for i in range(20)]
+    assert discarded >= 6
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+error_log {prefix}/error.log;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}; proxy_temp_path {prefix}; fastcgi_temp_path {prefix};
+    uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+    log_format pp '$proxy_protocol_addr $proxy_protocol_port';
+    server {{
+        listen 127.0.0.1:{port} proxy_protocol;
+        access_log {prefix}/proxied.log pp;
+        location / {{ return 200 "nginx saw $proxy_protocol_addr\\n"; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx_with_proxy_protocol(tmp_path):
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert os.path.exists(nginx), "nginx missing: apt-get install nginx"
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=port))
+    process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                               stderr=subprocess.PIPE)
+
+    def listening():
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, message="nginx to listen")
+    yield port, prefix / "proxied.log"
+    process.terminate()
+    process.wait(10)
+
+
+def test_proxy_protocol_v1_and_v2_are_accepted_by_nginx(tmp_path, nginx_with_proxy_protocol):
+    nginx_port, proxied_log = nginx_with_proxy_protocol
+    v4_port, v6_port = free_port(), free_port("::1")
+    config = f"""
+listeners:
+  - name: v1
+    listen: "127.0.0.1:{v4_port}"
+    default: nginx_v1
+  - name: v2
+    listen: ["[::1]:{v6_port}"]
+    default: nginx_v2
+backends:
+  nginx_v1: {{servers: ["127.0.0.1:{nginx_port}"], proxy_protocol: v1}}
+  nginx_v2: {{servers: ["127.0.0.1:{nginx_port}"], proxy_protocol: v2}}
+"""
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with Router(tmp_path, config):
+        via_v1 = ask(v4_port, request, source="127.0.0.9")
+        with socket.socket(socket.AF_INET6) as client:
+            client.bind(("::1", 0))
+            client_port = client.getsockname()[1]
+            client.connect(("::1", v6_port))
+            client.sendall(request)
+            via_v2 = b""
+            while chunk := client.recv(4096):
+                via_v2 += chunk
+    assert via_v1.endswith(b"nginx saw 127.0.0.9\n")
+    assert via_v2.endswith(b"nginx saw ::1\n")
+    logged = wait_until(lambda: proxied_log.read_text().splitlines() if proxied_log.exists()
+                        and len(proxied_log.read_text().splitlines()) >= 2 else None)
+    assert logged[0].startswith("127.0.0.9 ")
+    assert logged[1] == f"::1 {client_port}"
