@@ -12,6 +12,7 @@ from zope.interface import implementer
 from l4router import relay as relay_reasons
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
+from l4router.backends.group import CONNECT_FAILED
 from l4router.errors import BackendUnavailable
 from l4router.parsers import INCOMPLETE
 from l4router.parsers import proxyprotocol
@@ -26,7 +27,6 @@ access_log = Logger(namespace="l4router.access")
 # Close reasons of connections that never reached a relay.
 REJECTED = "rejected"  # a route or default said reject
 CLIENT_CLOSED_EARLY = "client_closed_early"  # gone before a decision
-BACKEND_UNAVAILABLE = "backend_unavailable"
 PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
 
 _connection_ids = itertools.count(1)
@@ -278,7 +278,7 @@ class InboundConnection(Protocol):
         self._connecting = None
         if failure.check(defer.CancelledError):
             return None  # the client left while we were connecting
-        reason = BACKEND_UNAVAILABLE
+        reason = CONNECT_FAILED
         if failure.check(BackendUnavailable):
             reason = failure.value.reason
             log.warn("Connection {id} from {source} gets no server of backend {backend}: "
