@@ -1,10 +1,16 @@
-"""The admin HTTP site: /metrics for Prometheus, /healthz for liveness, /status/* as JSON."""
+"""The admin HTTP site: /metrics, /healthz, /readyz, JSON status, the status page, /reload."""
 
+import hmac
+import html
+import ipaddress
 import json
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
+
+from l4router import status
 
 
 class MetricsResource(Resource):
@@ -21,15 +27,23 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
-class HealthResource(Resource):
+class TextResource(Resource):
+    """A plain-text answer computed per request: (HTTP code, text)."""
+
     isLeaf = True
 
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
     def render_GET(self, request):
+        code, text = self.answer()
+        request.setResponseCode(code)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"ok\n"
+        return text.encode() + b"\n"
 
 
-class JSONStatus(Resource):
+class JSONResource(Resource):
     """Serves what `describe()` returns, as JSON, fresh on every request."""
 
     isLeaf = True
@@ -40,27 +54,121 @@ class JSONStatus(Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.describe(), indent=2).encode() + b"\n"
+        return json.dumps(self.describe(), indent=2, default=str).encode() + b"\n"
 
 
-class RootResource(Resource):
-    def render_GET(self, request):
+class ReloadResource(Resource):
+    """POST /reload: from a loopback address, or with the configured bearer token."""
+
+    isLeaf = True
+
+    def __init__(self, reloader, token):
+        super().__init__()
+        self.reloader = reloader
+        self.token = token
+
+    def allowed(self, request):
+        if self.token is not None:
+            given = request.getHeader(b"authorization") or ""
+            return hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        host = getattr(request.getClientAddress(), "host", "")
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def render_POST(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"l4router admin: /metrics /healthz /status/backends\n"
+        if not self.allowed(request):
+            request.setResponseCode(403)
+            return b"reload is allowed from loopback or with the admin token\n"
 
-    def getChild(self, path, request):
-        if path == b"":
-            return self
-        return super().getChild(path, request)
+        def answer(outcome):
+            ok, message = outcome
+            request.setResponseCode(200 if ok else 422)
+            request.write(message.encode() + b"\n")
+            request.finish()
+
+        self.reloader.reload().addCallback(answer)
+        return NOT_DONE_YET
 
 
-def admin_site(registry, backends_status):
-    root = RootResource()
+class StatusPage(Resource):
+    """The status page: readable in a browser, no JavaScript."""
+
+    isLeaf = True
+
+    def __init__(self, overview):
+        super().__init__()
+        self.overview = overview
+
+    def render_GET(self, request):
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            return b"not found\n"
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return render_status_page(self.overview()).encode()
+
+
+def _table(headers, rows):
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_status_page(data):
+    listeners = _table(
+        ["listener", "addresses", "active", "accepted", "refused", "bytes/s", "detectors"],
+        [(l["listener"], " ".join(l["addresses"]), l["active_connections"], l["accepted"],
+          l["refused"], l["bytes_per_second"], ", ".join(l["detectors"]))
+         for l in data["listeners"]])
+    routes = _table(["listener", "route", "backend", "hits"],
+                    [(l["listener"], r["route"], r["backend"], r["hits"])
+                     for l in data["listeners"] for r in l["routes"]])
+    servers = _table(["backend", "server", "address", "weight", "health", "active", "idle spares"],
+                     [(b["backend"], s["server"], s["address"], s["weight"],
+                       "up" if s["healthy"] else "DOWN", s["active_connections"], s["pool_idle"])
+                      for b in data["backends"] for s in b["servers"]])
+    recent = _table(["id", "listener", "source", "protocol", "route", "server", "bytes up",
+                     "bytes down", "seconds", "close reason"],
+                    [(c["connection_id"], c["listener"], c["source"], c["protocol"], c["route"],
+                      c["server"], c["bytes_up"], c["bytes_down"], f"{c['duration']:.3f}",
+                      c["reason"]) for c in data["recent_connections"]])
+    state = "ready" if data["ready"] else "draining"
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>l4router status</title>
+<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}th{{background:#eee}}</style>
+</head><body>
+<h1>l4router</h1>
+<p>State: <b>{state}</b>. Config: {html.escape(data["config"])}
+(sha256 {data["config_sha256"][:12]}). Rendered {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>
+<h2>Listeners</h2>{listeners}
+<h2>Routes</h2>{routes}
+<h2>Backends</h2>{servers}
+<h2>Recent connections</h2>{recent}
+<p>Also: <a href="/metrics">/metrics</a> <a href="/status">/status</a>
+<a href="/status/connections">/status/connections</a>
+<a href="/status/backends">/status/backends</a></p>
+</body></html>
+"""
+
+
+def admin_site(router, reloader, registry, token=None):
+    throughput = router.throughput
+    root = Resource()
+    root.putChild(b"", StatusPage(lambda: status.overview(router, throughput)))
     root.putChild(b"metrics", MetricsResource(registry))
-    root.putChild(b"healthz", HealthResource())
-    status = Resource()
-    status.putChild(b"backends", JSONStatus(backends_status))
-    root.putChild(b"status", status)
+    root.putChild(b"healthz", TextResource(lambda: (200, "ok")))
+    root.putChild(b"readyz", TextResource(
+        lambda: (200, "ready") if router.ready else (503, "not ready: draining")))
+    root.putChild(b"reload", ReloadResource(reloader, token))
+    state = JSONResource(lambda: status.overview(router, throughput))
+    state.putChild(b"backends", JSONResource(router.backends.status))
+    state.putChild(b"connections", JSONResource(lambda: status.connections(router)))
+    state.isLeaf = False
+    root.putChild(b"status", state)
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False

@@ -20,6 +20,7 @@ REJECT = "reject"
 BALANCE_POLICIES = ("round_robin", "random", "least_connections", "source_hash")
 PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 DEFAULT_DETECT_TIMEOUT = 3.0
 DEFAULT_MAX_BYTES = 16384
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -143,12 +144,14 @@ class Backend:
 @attrs.frozen
 class AdminSettings:
     listen: tuple  # endpoint description strings; empty: no admin site
+    token: str | None = None  # when set, POST /reload needs "Authorization: Bearer <token>"
 
 
 @attrs.frozen
 class LoggingSettings:
     format: str = "text"
     access_log: bool = True
+    level: str = "info"
 
 
 @attrs.frozen
@@ -295,6 +298,12 @@ def _number(low, high):
         return float(value)
 
     return convert
+
+
+def _token(value):
+    if not isinstance(value, str) or len(value) < 16 or not value.isprintable():
+        raise _Invalid("must be a printable string of at least 16 characters")
+    return value
 
 
 def _boolean(value):
@@ -676,8 +685,10 @@ class _Builder:
         if section is None:
             return AdminSettings(())
         listen = section.get("listen", self.admin_listen, ())
+        token = section.get("token", _token, None)
         section.finish()
-        return AdminSettings(() if listen is _MISSING else listen)
+        return AdminSettings(() if listen is _MISSING else listen,
+                             None if token is _MISSING else token)
 
     @staticmethod
     def admin_listen(value):
@@ -694,10 +705,11 @@ class _Builder:
             return LoggingSettings()
         fmt = section.get("format", _one_of(LOG_FORMATS), "text")
         access_log = section.get("access_log", _boolean, True)
+        level = section.get("level", _one_of(LOG_LEVELS), "info")
         section.finish()
-        if _MISSING in (fmt, access_log):
+        if _MISSING in (fmt, access_log, level):
             return LoggingSettings()
-        return LoggingSettings(fmt, access_log)
+        return LoggingSettings(fmt, access_log, level)
 
 
 def parse_config(text, detectors, source="<string>"):

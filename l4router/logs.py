@@ -1,18 +1,27 @@
-"""Log observers for `logging.format`: twistd's text observer, or one JSON object a line."""
+"""Log observers for `logging.format` and `logging.level`."""
 
 import sys
 
-from twisted.logger import jsonFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, jsonFileLogObserver,
+    textFileLogObserver)
 from twisted.python.logfile import LogFile
 
 
 def make_log_observer(settings, logfile=None, nodaemon=True):
-    """An observer for twistd to use instead of its default, or None to keep twistd's text one.
+    """An observer for twistd to use instead of its default, or None to keep twistd's own.
 
-    `logfile` and `nodaemon` are twistd's own options, so --logfile keeps working with JSON.
+    `logfile` and `nodaemon` are twistd's options, so --logfile keeps working with JSON.
     """
-    if settings.format != "json":
-        return None
+    if settings.format == "text" and settings.level == "info":
+        return None  # twistd's own observer, with its --logfile and --syslog handling
     if logfile == "-" or (not logfile and nodaemon):
-        return jsonFileLogObserver(sys.stdout)
-    return jsonFileLogObserver(LogFile.fromFullPath(logfile or "twistd.log"))
+        stream = sys.stdout
+    else:
+        stream = LogFile.fromFullPath(logfile or "twistd.log")
+    if settings.format == "json":
+        observer = jsonFileLogObserver(stream)
+    else:
+        observer = textFileLogObserver(stream)
+    level = LogLevel.levelWithName(settings.level)
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])

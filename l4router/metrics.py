@@ -67,6 +67,32 @@ class RouterMetrics:
             "l4router_backend_pool_requests", "Clients served from a pool (hit) or not (miss).",
             ["backend", "result"], registry=r)
 
+        self.config_info = Gauge(
+            "l4router_config_info", "1 for the config in use, labelled by its sha256.",
+            ["sha256"], registry=r)
+        self.config_reload_success = Gauge(
+            "l4router_config_last_reload_success", "1 if the last reload succeeded, else 0.",
+            registry=r)
+        self.config_reload_time = Gauge(
+            "l4router_config_last_reload_timestamp_seconds", "When the last reload was tried.",
+            registry=r)
+        self.config_reloads = Counter(
+            "l4router_config_reloads", "Reloads by result (success, failure).", ["result"],
+            registry=r)
+        self.config_reload_success.set(1)
+        self._config_digest = None
+
+    def config_loaded(self, digest):
+        if self._config_digest is not None and self._config_digest != digest:
+            self.config_info.remove(self._config_digest)
+        self._config_digest = digest
+        self.config_info.labels(digest).set(1)
+
+    def reloaded(self, success, when):
+        self.config_reload_success.set(1 if success else 0)
+        self.config_reload_time.set(when)
+        self.config_reloads.labels("success" if success else "failure").inc()
+
     def for_listener(self, name):
         return ListenerMetrics(self, name)
 

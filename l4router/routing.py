@@ -1,5 +1,6 @@
 """A listener's route table: ordered match rules -> backend name or reject."""
 
+import collections
 import ipaddress
 
 import attrs
@@ -23,14 +24,21 @@ class RouteTable:
         self.routes = listener.routes
         self.default = RouteChoice(DEFAULT_ROUTE, listener.default)
         self.on_timeout = RouteChoice(TIMEOUT_ROUTE, listener.on_timeout)
+        self.choices = [RouteChoice(route.label, route.backend) for route in self.routes]
+        self.hits = collections.Counter()  # route label -> connections, for the status page
 
     def choose(self, decision, source_host):
+        choice = self._choose(decision, source_host)
+        self.hits[choice.route] += 1
+        return choice
+
+    def _choose(self, decision, source_host):
         if decision.protocol == TIMEOUT:
             return self.on_timeout
         source = _address(source_host)
-        for route in self.routes:
+        for route, choice in zip(self.routes, self.choices):
             if _matches(route.match, decision, source):
-                return RouteChoice(route.label, route.backend)
+                return choice
         return self.default
 
 

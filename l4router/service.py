@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from l4router.errors import BindFailed
 from l4router.relay import SHUTDOWN
+from l4router.status import ThroughputMeter
 
 log = Logger()
 
@@ -62,7 +63,7 @@ class PortsService(Service):
             raise
 
     def addresses(self):
-        return [port.getHost() for port in self.ports]
+        return [describe_address(port.getHost()) for port in self.ports]
 
     def stop_listening(self):
         ports, self.ports = self.ports, []
@@ -83,11 +84,15 @@ class ListenerService(PortsService):
         self.setName(listener.name)
         self.shutdown_timeout = shutdown_timeout
 
+    @property
+    def listener(self):
+        return self.factory.listener
+
     def startService(self):
         super().startService()
         for address in self.addresses():
             log.info("Listener {listener} accepting on {address}", listener=self.name,
-                     address=describe_address(address))
+                     address=address)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -123,6 +128,16 @@ class BackendsService(Service):
     def __init__(self, groups):
         self.groups = groups
 
+    def replace(self, groups):
+        """Put new groups in place; the old ones stop their checks and pools (relays that use
+        their servers keep going)."""
+        old, self.groups = self.groups, groups
+        if self.running:
+            for group in groups.values():
+                group.start()
+            for group in old.values():
+                group.stop()
+
     def startService(self):
         super().startService()
         for group in self.groups.values():
@@ -144,13 +159,26 @@ class RouterService(MultiService):
     Deferred is waited for before the next stage starts stopping.
     """
 
-    def __init__(self, reactor, config, admin, backends, listeners, log_observer=None):
+    def __init__(self, reactor, config, assembly, admin, backends, listeners,
+                 log_observer=None):
         super().__init__()
         self.reactor = reactor
         self.config = config
+        self.assembly = assembly
+        self.admin = admin
+        self.backends = backends
+        self.listeners = listeners
         self.log_observer = log_observer
+        self.draining = False
+        self.throughput = ThroughputMeter(self)
+        self.reloader = None  # set by whoever can build new parts (l4router.reload)
         for child in (admin, backends, listeners):
             child.setServiceParent(self)
+
+    @property
+    def ready(self):
+        """Accepting new connections: started and not shutting down."""
+        return self.running and not self.draining
 
     def setServiceParent(self, parent):
         # twistd asks the application for an ILogObserver after makeService: our chance to
@@ -165,8 +193,13 @@ class RouterService(MultiService):
         log.info("l4router using config {path} (sha256 {digest})", path=self.config.source,
                  digest=self.config.digest[:12])
         super().startService()
+        self.throughput.start()
+        if self.reloader is not None:
+            self.reloader.install_signal_handler()
 
     def stopService(self):
+        self.draining = True
+        self.throughput.stop()
         Service.stopService(self)
         stages = list(self)
         stages.reverse()

@@ -3,21 +3,17 @@
 import sys
 from importlib import resources
 
-from prometheus_client import CollectorRegistry
 from twisted.python import usage
 
 from l4router.admin import admin_site
-from l4router.backends.group import BackendGroup
+from l4router.assembly import RouterAssembly
 from l4router.config import load_config
-from l4router.detection.decision import DetectorSet
-from l4router.detection.registry import detectors_for, installed_detectors
+from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
-from l4router.limits import Admission, ProcessLimit
 from l4router.logs import make_log_observer
-from l4router.metrics import RouterMetrics
+from l4router.reload import ConfigReloader
 from l4router.service import (
     AdminService, BackendsService, ListenerService, ListenersService, RouterService)
-from l4router.tcp import ListenerFactory
 
 
 def quickstart_config_path():
@@ -101,23 +97,17 @@ def makeService(options):
 
 def build_router(config, detectors, reactor, registry=None, log_observer=None):
     """Build (not start) the whole Service tree for `config`."""
-    metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
-    groups = {name: BackendGroup(backend, reactor, metrics)
-              for name, backend in config.backends.items()}
-    process_limit = ProcessLimit(config.max_connections)
+    assembly = RouterAssembly(reactor, detectors, registry)
+    assembly.apply_limits(config)
+    groups = assembly.backend_groups(config)
     listeners = ListenersService()
     for listener in config.listeners:
-        detector_set = DetectorSet(
-            detectors_for(detectors, listener.transport, listener.detect.protocols))
-        factory = ListenerFactory(
-            listener, detector_set, groups,
-            Admission(process_limit, listener.max_connections,
-                      listener.max_connections_per_source),
-            metrics.for_listener(listener.name), reactor,
-            access_log=config.logging.access_log)
-        ListenerService(reactor, listener, factory, config.shutdown_timeout).setServiceParent(
-            listeners)
-    backends = BackendsService(groups)
-    admin = AdminService(reactor, config.admin.listen, admin_site(metrics.registry, backends.status))
-    return RouterService(reactor, config, admin, backends, listeners,
-                         log_observer=log_observer)
+        ListenerService(reactor, listener, assembly.listener_factory(listener, config, groups),
+                        config.shutdown_timeout).setServiceParent(listeners)
+    admin = AdminService(reactor, config.admin.listen, None)
+    router = RouterService(reactor, config, assembly, admin, BackendsService(groups), listeners,
+                           log_observer=log_observer)
+    router.reloader = ConfigReloader(router, assembly.metrics)
+    admin.factory = admin_site(router, router.reloader, assembly.metrics.registry,
+                               config.admin.token)
+    return router

@@ -1,5 +1,6 @@
 """TCP listener: admission, peek and detect, route, connect, hand over to the relay."""
 
+import collections
 import itertools
 
 from twisted.internet import defer
@@ -30,6 +31,25 @@ CLIENT_CLOSED_EARLY = "client_closed_early"  # gone before a decision
 PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
 
 _connection_ids = itertools.count(1)
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class RateLimitedLog:
+    """At most one log line per key and interval, saying how many events it stands for: a
+    flood of refused connections must not become a flood of log lines."""
+
+    def __init__(self, clock, interval):
+        self.clock = clock
+        self.interval = interval
+        self.counts = collections.Counter()
+        self.last = {}
+
+    def event(self, key, emit):
+        self.counts[key] += 1
+        now = self.clock.seconds()
+        if now - self.last.get(key, -self.interval) >= self.interval:
+            emit(key, self.counts.pop(key))
+            self.last[key] = now
 
 
 def set_no_delay(transport):
@@ -45,19 +65,31 @@ class ListenerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, listener, detectors, backends, admission, metrics, clock, access_log=True):
-        self.listener = listener
+    def __init__(self, listener, detectors, backends, admission, metrics, clock, access_log=True,
+                 recent=None):
         self.name = listener.name
-        self.detectors = detectors
-        self.routes = RouteTable(listener)
-        self.backends = backends
         self.admission = admission
         self.metrics = metrics
         self.clock = clock
-        self.access_log = access_log
+        self.recent = recent if recent is not None else collections.deque(maxlen=50)
         self.connections = set()
-        self.idle_timeout = listener.idle_timeout
+        self.accepted_total = 0
+        self.refused_total = 0
+        self.bytes_closed = 0  # relayed by connections that have ended, both ways
         self._drain_waiters = []
+        self._refusals = RateLimitedLog(clock, REFUSAL_LOG_INTERVAL)
+        self.reconfigure(listener, detectors, backends, access_log)
+
+    def reconfigure(self, listener, detectors, backends, access_log=True):
+        """New connections follow this listener config; open ones keep going as they are."""
+        self.listener = listener
+        self.detectors = detectors
+        self.routes = RouteTable(listener)
+        self.backends = backends
+        self.access_log = access_log
+        self.idle_timeout = listener.idle_timeout
+        self.admission.maximum = listener.max_connections
+        self.admission.per_source = listener.max_connections_per_source
 
     def buildProtocol(self, addr):
         source = getattr(addr, "host", None) or str(addr)
@@ -68,13 +100,21 @@ class ListenerFactory(Factory):
         if refusal is not None:
             # Returning None makes the port close the socket at once, without reading.
             self.metrics.rejected(refusal).inc()
+            self.refused_total += 1
+            self._refusals.event(refusal, self._log_refusals)
             return None
+        self.accepted_total += 1
         self.metrics.accepted.inc()
         self.metrics.active.inc()
         connection = InboundConnection(self, source, getattr(addr, "port", 0),
                                        source_counted=not behind_proxy)
         self.connections.add(connection)
         return connection
+
+    def _log_refusals(self, reason, count):
+        log.warn("Listener {listener} refused {count} connections ({reason}) in the last "
+                 "{interval:.0f}s", listener=self.name, count=count, reason=reason,
+                 interval=REFUSAL_LOG_INTERVAL)
 
     def connection_ended(self, connection):
         self.connections.discard(connection)
@@ -84,6 +124,12 @@ class ListenerFactory(Factory):
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def bytes_relayed(self):
+        """Both ways, ended connections and open ones: what the throughput is measured on."""
+        live = sum(c.received + c.backend.received for c in self.connections
+                   if c.relay is not None)
+        return self.bytes_closed + live
 
     def when_drained(self):
         """A Deferred that fires once no connection of this listener is left."""
@@ -324,23 +370,30 @@ class InboundConnection(Protocol):
             self.server.release()
             if reason == relay_reasons.BACKEND_RESET:
                 self.group.passive_result(self.server, False, "reset by the server")
-        received_from_backend = self.backend.received if self.backend is not None else 0
+        record = self.describe(factory.clock.seconds())
+        record["reason"] = reason
         if self.relay is not None:
-            metrics.bytes_up.inc(self.received)
-            metrics.bytes_down.inc(received_from_backend)
+            metrics.bytes_up.inc(record["bytes_up"])
+            metrics.bytes_down.inc(record["bytes_down"])
+            factory.bytes_closed += record["bytes_up"] + record["bytes_down"]
+        factory.recent.append(record)
         if factory.access_log:
-            decision = self.decision
             access_log.info(
                 "{listener} #{connection_id} {source}:{source_port} {protocol} "
                 "route={route} backend={backend} server={server} bytes_up={bytes_up} "
-                "bytes_down={bytes_down} duration={duration:.3f}s reason={reason}",
-                connection_id=self.id, listener=factory.name, source=self.source,
-                source_port=self.source_port,
-                protocol=decision.protocol if decision else None,
-                fields=dict(decision.fields) if decision else {},
-                route=self.route,
-                backend=self.backend_name,
-                server=self.server.label if self.server is not None else None,
-                bytes_up=self.received if self.relay is not None else 0,
-                bytes_down=received_from_backend,
-                duration=factory.clock.seconds() - self.started, reason=reason)
+                "bytes_down={bytes_down} duration={duration:.3f}s reason={reason}", **record)
+
+    def describe(self, now):
+        """What is known of this connection: the access-log fields and the status view."""
+        decision = self.decision
+        return {
+            "connection_id": self.id, "listener": self.factory.name, "source": self.source,
+            "source_port": self.source_port,
+            "protocol": decision.protocol if decision else None,
+            "fields": dict(decision.fields) if decision else {},
+            "route": self.route, "backend": self.backend_name,
+            "server": self.server.label if self.server is not None else None,
+            "bytes_up": self.received if self.relay is not None else 0,
+            "bytes_down": self.backend.received if self.relay is not None else 0,
+            "duration": now - self.started,
+        }

@@ -1,0 +1,52 @@
+"""Builds the running parts from a Config: at start-up, and again on every reload.
+
+What lives across reloads (the metrics registry, the process-wide limit, the history of
+closed connections, the installed detectors) is held here; what a config decides (backend
+groups, listener factories) is built from it.
+"""
+
+import collections
+
+from prometheus_client import CollectorRegistry
+
+from l4router.backends.group import BackendGroup
+from l4router.detection.decision import DetectorSet
+from l4router.detection.registry import detectors_for
+from l4router.limits import Admission, ProcessLimit
+from l4router.metrics import RouterMetrics
+from l4router.tcp import ListenerFactory
+
+RECENT_CONNECTIONS = 50
+
+
+class RouterAssembly:
+    def __init__(self, reactor, detectors, registry=None):
+        self.reactor = reactor
+        self.detectors = detectors
+        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+        self.process_limit = ProcessLimit()
+        self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
+
+    def apply_limits(self, config):
+        self.process_limit.maximum = config.max_connections
+
+    def backend_groups(self, config):
+        return {name: BackendGroup(backend, self.reactor, self.metrics)
+                for name, backend in config.backends.items()}
+
+    def listener_detectors(self, listener):
+        return DetectorSet(detectors_for(self.detectors, listener.transport,
+                                         listener.detect.protocols))
+
+    def listener_factory(self, listener, config, groups):
+        return ListenerFactory(
+            listener, self.listener_detectors(listener), groups,
+            Admission(self.process_limit, listener.max_connections,
+                      listener.max_connections_per_source),
+            self.metrics.for_listener(listener.name), self.reactor,
+            access_log=config.logging.access_log, recent=self.recent)
+
+    def reconfigure_factory(self, factory, listener, config, groups):
+        """Keep a listener's sockets and connections; new connections follow `listener`."""
+        factory.reconfigure(listener, self.listener_detectors(listener), groups,
+                            access_log=config.logging.access_log)

@@ -1,0 +1,109 @@
+"""Hot reload (SIGHUP or the admin POST /reload): read and validate the config again, then
+swap routes and backends under running listeners.
+
+A listener whose `listen` did not change keeps its sockets, so no connection is refused
+during a reload; established relays are never touched; removed listeners drain as at
+shutdown. An invalid config changes nothing: the error is logged and exported.
+"""
+
+import signal
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from l4router.config import load_config
+from l4router.errors import BindFailed, ConfigError
+from l4router.service import ListenerService
+
+log = Logger()
+
+UNRELOADABLE = ("admin", "logging")  # bound or installed once, before privileges are dropped
+
+
+class ConfigReloader:
+    def __init__(self, router, metrics):
+        self.router = router
+        self.assembly = router.assembly
+        self.metrics = metrics
+        self._reloading = False
+        metrics.config_loaded(router.config.digest)
+
+    def install_signal_handler(self):
+        """SIGHUP reloads; the work runs in the reactor, not in the signal handler."""
+        reactor = self.router.reactor
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))
+
+    @defer.inlineCallbacks
+    def reload(self):
+        """Fires with (ok, message); the outcome is logged and exported either way."""
+        if self._reloading:
+            return False, "a reload is already in progress"
+        self._reloading = True
+        try:
+            return (yield self._reload())
+        finally:
+            self._reloading = False
+
+    @defer.inlineCallbacks
+    def _reload(self):
+        path = self.router.config.source
+        log.info("Reloading the config from {path}", path=path)
+        try:
+            config = load_config(path, self.assembly.detectors)
+            yield self._apply(config)
+        except (ConfigError, BindFailed) as error:
+            log.error("Reload failed, the running config stays: {error}", error=str(error))
+            self._record(self.router.config, success=False)
+            return False, str(error)
+        self._record(config, success=True)
+        log.info("Reloaded the config (sha256 {digest})", digest=config.digest[:12])
+        return True, f"reloaded {path} (sha256 {config.digest[:12]})"
+
+    @defer.inlineCallbacks
+    def _apply(self, config):
+        router = self.router
+        old = router.config
+        for key in UNRELOADABLE:
+            if getattr(old, key) != getattr(config, key):
+                log.warn("'{key}' changed: it takes effect at the next restart", key=key)
+        groups = self.assembly.backend_groups(config)
+        running = {service.name: service for service in router.listeners}
+        kept, started, stopped = [], [], []
+        for listener in config.listeners:
+            service = running.get(listener.name)
+            if service is not None and service.listener.listen == listener.listen:
+                kept.append((service, listener))
+                continue
+            if service is not None:
+                stopped.append(service)
+            started.append(ListenerService(
+                self.assembly.reactor, listener,
+                self.assembly.listener_factory(listener, config, groups), config.shutdown_timeout))
+        names = {listener.name for listener in config.listeners}
+        stopped.extend(s for name, s in running.items() if name not in names)
+        # Free their addresses before binding the new ones (a port closes in the next turn).
+        yield defer.gatherResults([service.stop_listening() for service in stopped])
+        try:
+            for service in started:
+                service.privilegedStartService()
+        except BindFailed:
+            for service in started:
+                service.stop_listening()
+            for service in stopped:  # put the old ones back as they were
+                service.privilegedStartService()
+            raise
+        # Nothing can fail from here on: commit.
+        self.assembly.apply_limits(config)
+        router.backends.replace(groups)
+        for service, listener in kept:
+            self.assembly.reconfigure_factory(service.factory, listener, config, groups)
+            service.shutdown_timeout = config.shutdown_timeout
+        for service in stopped:
+            service.disownServiceParent()  # drains like at shutdown
+        for service in started:
+            service.setServiceParent(router.listeners)
+        router.config = config
+
+    def _record(self, config, success):
+        self.metrics.reloaded(success, self.router.reactor.seconds())
+        self.metrics.config_loaded(config.digest)
