@@ -110,11 +110,11 @@ class Router:
             return self.process.returncode if self.process else None
         self.process.send_signal(signal.SIGTERM)
         try:
-            code = self.process.wait(30)
+            code = self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError("router did not stop within 30s of SIGTERM")
+            raise AssertionError("router did not stop within 60s of SIGTERM")
         self.log_file.close()
         return code
 
