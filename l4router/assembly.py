@@ -14,7 +14,9 @@ from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for
 from l4router.limits import Admission, ProcessLimit
 from l4router.metrics import RouterMetrics
+from l4router.service import ListenerService
 from l4router.tcp import ListenerFactory
+from l4router.udp import UDPListener, UDPListenerService
 
 RECENT_CONNECTIONS = 50
 
@@ -38,8 +40,15 @@ class RouterAssembly:
         return DetectorSet(detectors_for(self.detectors, listener.transport,
                                          listener.detect.protocols))
 
+    def listener_service(self, listener, config, groups):
+        """A Service that binds and runs one listener, TCP or UDP."""
+        factory = self.listener_factory(listener, config, groups)
+        kind = UDPListenerService if listener.transport == "udp" else ListenerService
+        return kind(self.reactor, listener, factory, config.shutdown_timeout)
+
     def listener_factory(self, listener, config, groups):
-        return ListenerFactory(
+        kind = UDPListener if listener.transport == "udp" else ListenerFactory
+        return kind(
             listener, self.listener_detectors(listener), groups,
             Admission(self.process_limit, listener.max_connections,
                       listener.max_connections_per_source),

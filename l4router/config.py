@@ -24,6 +24,8 @@ LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 DEFAULT_DETECT_TIMEOUT = 3.0
 DEFAULT_MAX_BYTES = 16384
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_UDP_IDLE_TIMEOUT = 30.0
+TRANSPORTS = ("tcp", "udp")
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -557,13 +559,27 @@ class _Builder:
         if section is None:
             return None
         name = section.get("name", _name)
-        transport = section.get("transport", _one_of(("tcp",)), "tcp")
-        listen = section.get("listen", self.listen_list)
+        transport = section.get("transport", _one_of(TRANSPORTS), "tcp")
+        self.transport = transport if transport is not _MISSING else "tcp"
+        udp = self.transport == "udp"
+        listen = section.get("listen", self.udp_listen if udp else self.listen_list)
         detect = self.detect(section)
-        max_connections = section.get("max_connections", _positive_int, None)
-        per_source = section.get("max_connections_per_source", _positive_int, None)
-        idle_timeout = section.get("idle_timeout", _positive_duration, DEFAULT_IDLE_TIMEOUT)
-        accept_proxy = section.get("accept_proxy_protocol", _boolean, False)
+        # The same limits, in the words of each transport: connections or sessions.
+        unit = "sessions" if udp else "connections"
+        for other in ({"connections", "sessions"} - {unit}):
+            for key in (f"max_{other}", f"max_{other}_per_source"):
+                if section.has(key):
+                    section.used.add(key)
+                    self.reader.problem(section.key_path(key),
+                                        f"is for {'udp' if other == 'sessions' else 'tcp'} "
+                                        f"listeners; this one is {self.transport}")
+        max_connections = section.get(f"max_{unit}", _positive_int, None)
+        per_source = section.get(f"max_{unit}_per_source", _positive_int, None)
+        idle_timeout = section.get("idle_timeout", _positive_duration,
+                                   DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
+        accept_proxy = False
+        if not udp:
+            accept_proxy = section.get("accept_proxy_protocol", _boolean, False)
         routes = self.routes(section, backends)
         target = self.target(backends)
         default = section.get("default", target, None)
@@ -585,6 +601,15 @@ class _Builder:
             raise _Invalid(f"must be an endpoint string or a list of them, not {value!r}")
         return tuple(listen_description(v) for v in values)
 
+    @staticmethod
+    def udp_listen(value):
+        """A UDP listener has one host:port (its sessions answer from that socket)."""
+        if not isinstance(value, str):
+            raise _Invalid(f"a udp listener takes one host:port, not {value!r}")
+        host, port = split_host_port(value)
+        host = "" if host == "*" else host
+        return (f"udp:{port}" + (f":interface={host.replace(':', chr(92) + ':')}" if host else ""),)
+
     def detect(self, listener):
         raw = listener.get("detect", lambda v: v, {})
         section = self.reader.section(raw, listener.key_path("detect"))
@@ -600,10 +625,12 @@ class _Builder:
 
     def protocol_names(self, value, allow_unknown=False):
         names = _string_list(value)
-        allowed = set(self.detectors) | ({"unknown"} if allow_unknown else set())
+        transport = getattr(self, "transport", "tcp")
+        allowed = {name for name, d in self.detectors.items() if transport in d.transports}
+        allowed |= {"unknown"} if allow_unknown else set()
         for name in names:
             if name not in allowed:
-                raise _Invalid(f"no installed detector is called {name!r} "
+                raise _Invalid(f"no installed {transport} detector is called {name!r} "
                                f"(installed: {', '.join(sorted(allowed))})")
         return names
 

@@ -67,6 +67,21 @@ class RouterMetrics:
             "l4router_backend_pool_requests", "Clients served from a pool (hit) or not (miss).",
             ["backend", "result"], registry=r)
 
+        self.udp_sessions_active = Gauge(
+            "l4router_udp_sessions_active", "UDP sessions open now.", ["listener"], registry=r)
+        self.udp_sessions_created = Counter(
+            "l4router_udp_sessions_created", "UDP sessions by detected protocol.",
+            ["listener", "protocol"], registry=r)
+        self.udp_sessions_ended = Counter(
+            "l4router_udp_sessions_ended",
+            "UDP sessions ended by reason (idle_timeout is an expiry).",
+            ["listener", "reason"], registry=r)
+        self.udp_datagrams = Counter(
+            "l4router_udp_datagrams", "Datagrams relayed (upstream: client to backend).",
+            ["listener", "direction"], registry=r)
+        self.udp_dropped = Counter(
+            "l4router_udp_datagrams_dropped", "Datagrams not relayed, by reason.",
+            ["listener", "reason"], registry=r)
         self.config_info = Gauge(
             "l4router_config_info", "1 for the config in use, labelled by its sha256.",
             ["sha256"], registry=r)
@@ -108,6 +123,9 @@ class ListenerMetrics:
         self.detection_seconds = metrics.detection_seconds.labels(listener)
         self.bytes_up = metrics.bytes.labels(listener, UPSTREAM)
         self.bytes_down = metrics.bytes.labels(listener, DOWNSTREAM)
+        self.udp_sessions_active = metrics.udp_sessions_active.labels(listener)
+        self.udp_datagrams_up = metrics.udp_datagrams.labels(listener, UPSTREAM)
+        self.udp_datagrams_down = metrics.udp_datagrams.labels(listener, DOWNSTREAM)
         self._rejected = {}
         self._closed = {}
         self._routed = {}
@@ -123,6 +141,15 @@ class ListenerMetrics:
         if child is None:
             child = self._closed[reason] = self.metrics.closed.labels(self.listener, reason)
         return child
+
+    def udp_created(self, protocol):
+        return self.metrics.udp_sessions_created.labels(self.listener, protocol)
+
+    def udp_ended(self, reason):
+        return self.metrics.udp_sessions_ended.labels(self.listener, reason)
+
+    def udp_dropped(self, reason):
+        return self.metrics.udp_dropped.labels(self.listener, reason)
 
     def routed(self, protocol, route, backend):
         key = (protocol, route, backend)

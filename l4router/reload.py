@@ -13,7 +13,6 @@ from twisted.logger import Logger
 
 from l4router.config import load_config
 from l4router.errors import BindFailed, ConfigError
-from l4router.service import ListenerService
 
 log = Logger()
 
@@ -76,9 +75,7 @@ class ConfigReloader:
                 continue
             if service is not None:
                 stopped.append(service)
-            started.append(ListenerService(
-                self.assembly.reactor, listener,
-                self.assembly.listener_factory(listener, config, groups), config.shutdown_timeout))
+            started.append(self.assembly.listener_service(listener, config, groups))
         names = {listener.name for listener in config.listeners}
         stopped.extend(s for name, s in running.items() if name not in names)
         # Free their addresses before binding the new ones (a port closes in the next turn).

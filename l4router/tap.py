@@ -12,8 +12,7 @@ from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
 from l4router.logs import make_log_observer
 from l4router.reload import ConfigReloader
-from l4router.service import (
-    AdminService, BackendsService, ListenerService, ListenersService, RouterService)
+from l4router.service import AdminService, BackendsService, ListenersService, RouterService
 
 
 def quickstart_config_path():
@@ -102,8 +101,7 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None):
     groups = assembly.backend_groups(config)
     listeners = ListenersService()
     for listener in config.listeners:
-        ListenerService(reactor, listener, assembly.listener_factory(listener, config, groups),
-                        config.shutdown_timeout).setServiceParent(listeners)
+        assembly.listener_service(listener, config, groups).setServiceParent(listeners)
     admin = AdminService(reactor, config.admin.listen, None)
     router = RouterService(reactor, config, assembly, admin, BackendsService(groups), listeners,
                            log_observer=log_observer)

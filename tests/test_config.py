@@ -109,7 +109,7 @@ BAD = [
     (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{hots: x}}, reject: true}}]}}]",
      "listeners[0].routes[0].match.hots", "no installed detector produces field 'hots'"),
     (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{protocol: htp1}}, "
-     f"reject: true}}]}}]", "listeners[0].routes[0].match.protocol", "no installed detector"),
+     f"reject: true}}]}}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
     (f"listeners: [{{name: a, listen: ':1', routes: [{{match: {{}}}}]}}]",
      "listeners[0].routes[0]", "exactly one of backend"),
     (f"listeners: [{{name: a, listen: ':1', detect: {{protocols: [tls, smtp]}}}}]",

@@ -116,6 +116,15 @@ class BackendGroup:
         raise BackendUnavailable(self.name, CONNECT_FAILED,
                                  f"{retry.attempts} attempts, last: {last.getErrorMessage()}")
 
+    def pick(self, source):
+        """A server for a UDP session (no connect to make), acquired: release it at the end.
+        Raises BackendUnavailable."""
+        server = self._choose(source, {})
+        if server.address is None:
+            raise BackendUnavailable(self.name, CONNECT_FAILED, f"{server.label} not resolved")
+        server.acquire()
+        return server
+
     def _connect_once(self, server, protocol):
         self.metrics.connect_attempts.labels(self.name, server.label).inc()
         endpoint = server.endpoint(self.reactor, self.config.connect_timeout)

@@ -12,12 +12,17 @@ class Peek:
     its own parser with `peek.parsed(function)`.
     """
 
-    __slots__ = ("data", "transport", "elicited", "__dict__")
+    __slots__ = ("data", "transport", "elicited", "datagrams", "__dict__")
 
-    def __init__(self, data, transport="tcp", elicited=b""):
+    def __init__(self, data, transport="tcp", elicited=b"", datagrams=()):
         self.data = bytes(data)
         self.transport = transport
         self.elicited = elicited  # what the router sent the client to draw out more bytes
+        self.datagrams = tuple(datagrams)  # UDP: the client's first datagrams, boundaries kept
+
+    @classmethod
+    def of_datagrams(cls, datagrams):
+        return cls(b"".join(datagrams), transport="udp", datagrams=datagrams)
 
     def parsed(self, parser):
         """`parser(self.data)`, computed once per snapshot."""

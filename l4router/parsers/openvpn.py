@@ -30,3 +30,10 @@ def parse_hard_reset(data):
     if len(data) < 2 + length:
         return INCOMPLETE
     return HardReset(HARD_RESET_CLIENT[opcode])
+
+
+def parse_udp_hard_reset(datagram):
+    """Over UDP there is no length prefix: the datagram starts with the opcode."""
+    if not MIN_LENGTH <= len(datagram) <= MAX_LENGTH:
+        return Invalid("datagram size out of range")
+    return parse_hard_reset(len(datagram).to_bytes(2, "big") + datagram)

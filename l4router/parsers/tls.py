@@ -19,7 +19,8 @@ EXT_ALPN = 16
 EXT_SUPPORTED_VERSIONS = 43
 EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 
-VERSION_NAMES = {0x0300: "ssl3", 0x0301: "1.0", 0x0302: "1.1", 0x0303: "1.2", 0x0304: "1.3"}
+VERSION_NAMES = {0x0300: "ssl3", 0x0301: "1.0", 0x0302: "1.1", 0x0303: "1.2", 0x0304: "1.3",
+                 0xFEFF: "dtls1.0", 0xFEFD: "dtls1.2", 0xFEFC: "dtls1.3"}
 
 
 def is_grease(value):
@@ -62,6 +63,24 @@ def parse_client_hello(data):
         return handshake
     try:
         return _parse_body(Reader(handshake))
+    except Truncated as exc:
+        return Invalid(f"malformed ClientHello: {exc}")
+
+
+def parse_client_hello_message(data):
+    """A ClientHello handshake message without the record layer (QUIC carries it in CRYPTO
+    frames) -> ClientHello | INCOMPLETE | Invalid."""
+    if data[:1] not in (b"", bytes([HANDSHAKE_CLIENT_HELLO])):
+        return Invalid(f"handshake type {data[0]} is not ClientHello")
+    if len(data) < 4:
+        return INCOMPLETE
+    length = int.from_bytes(data[1:4], "big")
+    if length > MAX_CLIENT_HELLO:
+        return Invalid(f"ClientHello length {length} out of range")
+    if len(data) < 4 + length:
+        return INCOMPLETE
+    try:
+        return _parse_body(Reader(data[4:4 + length]))
     except Truncated as exc:
         return Invalid(f"malformed ClientHello: {exc}")
 
@@ -110,13 +129,15 @@ def _check_partial_header(head):
     return INCOMPLETE
 
 
-def _parse_body(reader):
+def _parse_body(reader, dtls=False):
     legacy_version = reader.uint(2)
-    if legacy_version >> 8 != 3:
-        raise Truncated(f"client version 0x{legacy_version:04x} is not TLS")
+    if legacy_version >> 8 != (0xFE if dtls else 3):
+        raise Truncated(f"client version 0x{legacy_version:04x} is not {'DTLS' if dtls else 'TLS'}")
     reader.take(32)  # random
     if len(reader.vector(1)) > 32:
         raise Truncated("session id longer than 32 bytes")
+    if dtls:
+        reader.vector(1)  # the HelloVerifyRequest cookie
     suites = reader.vector(2)
     if not suites or len(suites) % 2:
         raise Truncated("cipher suites list empty or odd")

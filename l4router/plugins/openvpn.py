@@ -1,22 +1,26 @@
-"""OpenVPN over TCP: the client's hard-reset packet."""
+"""OpenVPN over TCP or UDP: the client's hard-reset packet."""
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from l4router.detection import IProtocolDetector
 from l4router.detection.verdicts import verdict
-from l4router.parsers.openvpn import parse_hard_reset
+from l4router.parsers.openvpn import parse_hard_reset, parse_udp_hard_reset
 
 
 @implementer(IPlugin, IProtocolDetector)
 class OpenVPNDetector:
     name = "openvpn"
-    transports = frozenset({"tcp"})
+    transports = frozenset({"tcp", "udp"})
     priority = 170
     fields = ("openvpn_reset",)
 
     def detect(self, peek):
-        return verdict(peek.parsed(parse_hard_reset), lambda r: {"openvpn_reset": r.kind})
+        if peek.transport == "udp":
+            parsed = parse_udp_hard_reset(peek.datagrams[0])
+        else:
+            parsed = peek.parsed(parse_hard_reset)
+        return verdict(parsed, lambda r: {"openvpn_reset": r.kind})
 
 
 openvpn = OpenVPNDetector()

@@ -1,0 +1,23 @@
+"""DTLS: SNI and ALPN from the ClientHello (UDP)."""
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from l4router.detection import IProtocolDetector
+from l4router.detection.verdicts import verdict
+from l4router.parsers.dtls import parse_client_hello
+
+
+@implementer(IPlugin, IProtocolDetector)
+class DTLSDetector:
+    name = "dtls"
+    transports = frozenset({"udp"})
+    priority = 110
+    fields = ("sni", "alpn", "dtls_version")
+
+    def detect(self, peek):
+        return verdict(parse_client_hello(peek.datagrams),
+                       lambda h: {"sni": h.sni, "alpn": h.alpn, "dtls_version": h.version})
+
+
+dtls = DTLSDetector()

@@ -1,0 +1,23 @@
+"""WireGuard: the handshake initiation (UDP)."""
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from l4router.detection import IProtocolDetector
+from l4router.detection.verdicts import verdict
+from l4router.parsers.wireguard import parse_initiation
+
+
+@implementer(IPlugin, IProtocolDetector)
+class WireGuardDetector:
+    name = "wireguard"
+    transports = frozenset({"udp"})
+    priority = 120
+    fields = ("wireguard_message",)
+
+    def detect(self, peek):
+        return verdict(parse_initiation(peek.datagrams[0]),
+                       lambda _: {"wireguard_message": "initiation"})
+
+
+wireguard = WireGuardDetector()

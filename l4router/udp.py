@@ -1,0 +1,306 @@
+"""UDP listeners: per-client sessions, detection on the first datagrams, a connected socket
+per session towards its server, idle expiry.
+
+A session is keyed by the client's address and port. Its first datagrams are held (bounded in
+count and bytes) until the detectors decide; then the session's own connected UDP socket
+carries them to the chosen server, and replies go back to that client. Datagram boundaries
+are kept exactly.
+"""
+
+import ipaddress
+import itertools
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from l4router.detection.decision import TIMEOUT, Decision
+from l4router.detection.peek import Peek
+from l4router.errors import BackendUnavailable, BindFailed
+from l4router.routing import RouteTable
+
+log = Logger()
+access_log = Logger(namespace="l4router.access")
+
+MAX_HELD_DATAGRAMS = 16
+IDLE_CHECKS_PER_TIMEOUT = 4
+
+# Session end reasons (l4router_udp_sessions_ended_total) and drop reasons.
+IDLE_TIMEOUT = "idle_timeout"
+BACKEND_UNREACHABLE = "backend_unreachable"  # the server's host answered ICMP unreachable
+REJECTED = "rejected"
+SHUTDOWN = "shutdown"
+
+_session_ids = itertools.count(1)
+
+
+def parse_udp_listen(description):
+    """`udp:PORT:interface=HOST` (what config makes of host:port for UDP) -> (host, port)."""
+    _, port, *rest = description.split(":", 2)
+    host = rest[0].split("=", 1)[1].replace("\\:", ":") if rest else ""
+    return host, int(port)
+
+
+class UDPListener(DatagramProtocol):
+    """One UDP listener: the sessions of its clients."""
+
+    def __init__(self, listener, detectors, backends, admission, metrics, clock,
+                 access_log=True, recent=None):
+        self.name = listener.name
+        self.admission = admission
+        self.metrics = metrics
+        self.clock = clock
+        self.recent = recent if recent is not None else []
+        self.sessions = {}
+        self.accepted_total = 0
+        self.refused_total = 0
+        self.bytes_closed = 0
+        self.reconfigure(listener, detectors, backends, access_log)
+
+    def reconfigure(self, listener, detectors, backends, access_log=True):
+        self.listener = listener
+        self.detectors = detectors
+        self.routes = RouteTable(listener)
+        self.backends = backends
+        self.access_log = access_log
+        self.admission.maximum = listener.max_connections
+        self.admission.per_source = listener.max_connections_per_source
+
+    @property
+    def connections(self):
+        return list(self.sessions.values())
+
+    def bytes_relayed(self):
+        return self.bytes_closed + sum(s.bytes_up + s.bytes_down for s in self.sessions.values())
+
+    def datagramReceived(self, data, addr):
+        session = self.sessions.get(addr)
+        if session is None:
+            refusal = self.admission.admit(addr[0])
+            if refusal is not None:
+                self.refused_total += 1
+                self.metrics.udp_dropped(refusal).inc()
+                return
+            self.accepted_total += 1
+            session = self.sessions[addr] = UDPSession(self, addr)
+            self.metrics.udp_sessions_active.inc()
+        session.from_client(data)
+
+    def reply(self, data, addr):
+        self.transport.write(data, addr)
+
+    def session_ended(self, session):
+        del self.sessions[session.client]
+        self.admission.release(session.client[0])
+        self.metrics.udp_sessions_active.dec()
+
+    def close_all(self, reason):
+        for session in list(self.sessions.values()):
+            session.close(reason)
+
+
+class _BackendSocket(DatagramProtocol):
+    """The session's connected socket towards its server."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def datagramReceived(self, data, addr):
+        self.session.from_backend(data)
+
+    def connectionRefused(self):
+        self.session.close(BACKEND_UNREACHABLE)
+
+
+class UDPSession:
+    def __init__(self, listener, client):
+        self.listener = listener
+        self.client = client
+        self.id = next(_session_ids)
+        clock = listener.clock
+        self.started = clock.seconds()
+        self.held = []
+        self.held_bytes = 0
+        self.decision = None
+        self.route = None
+        self.backend_name = None
+        self.server = None
+        self.port = None
+        self.bytes_up = self.bytes_down = 0
+        self.datagrams_up = self.datagrams_down = 0
+        self.closed = False
+        self._last_activity = self.started
+        self._timer = clock.callLater(listener.listener.detect.timeout, self._detect_timed_out)
+
+    # Client side
+
+    def from_client(self, data):
+        self._last_activity = self.listener.clock.seconds()
+        self.bytes_up += len(data)
+        self.datagrams_up += 1
+        if self.port is not None:
+            self.listener.metrics.udp_datagrams_up.inc()
+            self.port.write(data)
+            return
+        if self.decision is not None:
+            return  # decided, not relaying: rejected, being closed
+        self.held.append(data)
+        self.held_bytes += len(data)
+        final = (len(self.held) >= MAX_HELD_DATAGRAMS or
+                 self.held_bytes >= self.listener.listener.detect.max_bytes)
+        decision = self.listener.detectors.decide(Peek.of_datagrams(self.held), final)
+        if decision is not None:
+            self._decided(decision)
+
+    def _detect_timed_out(self):
+        self._timer = None
+        if self.decision is None:
+            self._decided(Decision(TIMEOUT))
+
+    def _decided(self, decision):
+        listener = self.listener
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.decision = decision
+        choice = listener.routes.choose(decision, self.client[0])
+        self.route = choice.route
+        listener.metrics.udp_created(decision.protocol).inc()
+        listener.metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()
+        if choice.backend is None:
+            self.close(REJECTED)
+            return
+        self.backend_name = choice.backend
+        group = listener.backends[choice.backend]
+        try:
+            self.server = group.pick(self.client[0])
+        except BackendUnavailable as error:
+            log.warn("UDP session {id} from {source} gets no server of backend {backend}: "
+                     "{error}", id=self.id, source=self.client[0], backend=group.name,
+                     error=str(error), reason=error.reason)
+            self.close(error.reason)
+            return
+        self._open_backend_socket()
+
+    def _open_backend_socket(self):
+        address = self.server.address
+        family_any = "::" if ipaddress.ip_address(address).version == 6 else "0.0.0.0"
+        self.port = self.listener.clock.listenUDP(0, _BackendSocket(self), interface=family_any)
+        self.port.connect(address, self.server.server.port)
+        metrics = self.listener.metrics
+        for datagram in self.held:
+            metrics.udp_datagrams_up.inc()
+            self.port.write(datagram)
+        self.held = []
+        idle = self.listener.listener.idle_timeout
+        self._timer = self.listener.clock.callLater(idle / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
+
+    # Backend side
+
+    def from_backend(self, data):
+        self._last_activity = self.listener.clock.seconds()
+        self.bytes_down += len(data)
+        self.datagrams_down += 1
+        self.listener.metrics.udp_datagrams_down.inc()
+        self.listener.reply(data, self.client)
+
+    def _check_idle(self):
+        idle = self.listener.listener.idle_timeout
+        if self.listener.clock.seconds() - self._last_activity >= idle:
+            self._timer = None
+            self.close(IDLE_TIMEOUT)
+            return
+        self._timer = self.listener.clock.callLater(idle / IDLE_CHECKS_PER_TIMEOUT,
+                                                    self._check_idle)
+
+    # Ending
+
+    def close(self, reason):
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.port is not None:
+            self.port.stopListening()
+        if self.server is not None:
+            self.server.release()
+        listener = self.listener
+        listener.session_ended(self)
+        metrics = listener.metrics
+        metrics.udp_ended(reason).inc()
+        metrics.bytes_up.inc(self.bytes_up)
+        metrics.bytes_down.inc(self.bytes_down)
+        listener.bytes_closed += self.bytes_up + self.bytes_down
+        record = self.describe(listener.clock.seconds())
+        record["reason"] = reason
+        listener.recent.append(record)
+        if listener.access_log:
+            access_log.info(
+                "{listener} udp#{connection_id} {source}:{source_port} {protocol} "
+                "route={route} backend={backend} server={server} datagrams_up={datagrams_up} "
+                "datagrams_down={datagrams_down} bytes_up={bytes_up} bytes_down={bytes_down} "
+                "duration={duration:.3f}s reason={reason}", **record)
+
+    def describe(self, now):
+        decision = self.decision
+        return {
+            "connection_id": self.id, "listener": self.listener.name, "transport": "udp",
+            "source": self.client[0], "source_port": self.client[1],
+            "protocol": decision.protocol if decision else None,
+            "fields": dict(decision.fields) if decision else {},
+            "route": self.route, "backend": self.backend_name,
+            "server": self.server.label if self.server is not None else None,
+            "datagrams_up": self.datagrams_up, "datagrams_down": self.datagrams_down,
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "duration": now - self.started,
+        }
+
+
+class UDPListenerService(Service):
+    """Binds a UDP listener's addresses before privileges drop; stopping ends its sessions."""
+
+    def __init__(self, reactor, listener, protocol, shutdown_timeout):
+        self.reactor = reactor
+        self.factory = protocol  # the name the status page and reloads use for every listener
+        self.setName(listener.name)
+        self.descriptions = listener.listen
+        self.shutdown_timeout = shutdown_timeout
+        self.ports = []
+
+    @property
+    def listener(self):
+        return self.factory.listener
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        try:
+            for description in self.descriptions:
+                host, port = parse_udp_listen(description)
+                try:
+                    self.ports.append(self.reactor.listenUDP(port, self.factory, interface=host))
+                except Exception as exc:
+                    raise BindFailed(f"cannot listen on udp {host}:{port}: {exc}") from None
+        except BindFailed:
+            self.stop_listening()
+            raise
+
+    def addresses(self):
+        return [f"udp {p.getHost().host}:{p.getHost().port}" for p in self.ports]
+
+    def startService(self):
+        super().startService()
+        for address in self.addresses():
+            log.info("Listener {listener} accepting on {address}", listener=self.name,
+                     address=address)
+
+    def stop_listening(self):
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        self.factory.close_all(SHUTDOWN)
+        yield self.stop_listening()
