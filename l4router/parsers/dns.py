@@ -29,6 +29,8 @@ def parse_query(datagram):
         message.fromStr(datagram)
     except Exception as exc:  # twisted.names raises several types on malformed wire data
         return Invalid(f"malformed DNS message: {type(exc).__name__}")
+    if len(message.queries) != 1:  # twisted.names stops quietly at a truncated question
+        return Invalid("the question does not parse")
     question = message.queries[0]
     name = question.name.name.decode("ascii", "backslashreplace").rstrip(".").lower()
     kind = dns.QUERY_TYPES.get(question.type) or dns.EXT_QUERIES.get(question.type) or \

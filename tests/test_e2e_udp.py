@@ -1,0 +1,223 @@
+"""UDP through the real router process: DNS by zone, QUIC by SNI, expiry, limits, fuzzing."""
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import dns.message
+import dns.rrset
+import pytest
+import trustme
+
+from tests.support import Router, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class DNSServer:
+    """A real DNS server (dnspython wire format) answering every A query with `address`."""
+
+    def __init__(self, address):
+        self.address = address
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.queries = 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def serve(self):
+        while True:
+            try:
+                data, client = self.socket.recvfrom(4096)
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            self.queries += 1
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A",
+                                                       self.address))
+            self.socket.sendto(response.to_wire(), client)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.socket.close()
+
+
+def dns_config(port, alpha, beta, extra=""):
+    return f"""
+listeners:
+  - name: dns
+    transport: udp
+    listen: "127.0.0.1:{port}"
+    idle_timeout: 2s
+    {extra}
+    routes:
+      - match: {{protocol: dns, qname: ["alpha.test", "*.alpha.test"]}}
+        backend: alpha
+      - match: {{protocol: dns, qname: "*.beta.test"}}
+        backend: beta
+    default: reject
+backends:
+  alpha: {{servers: ["127.0.0.1:{alpha.port}"]}}
+  beta: {{servers: ["127.0.0.1:{beta.port}"]}}
+"""
+
+
+def test_10000_dns_queries_from_50_ports_routed_by_zone(tmp_path):
+    with DNSServer("10.0.0.1") as alpha, DNSServer("10.0.0.2") as beta:
+        port = free_port()
+        with Router(tmp_path, dns_config(port, alpha, beta)) as router:
+            answers, lost, wrong = [], [], []
+
+            def client(index):
+                # A session is routed by its first datagram, as a resolver's source port is
+                # for one upstream: each port asks one zone.
+                zone = "alpha" if index % 2 else "beta"
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.settimeout(1.0)
+                    for n in range(200):
+                        query = dns.message.make_query(f"h{index}-{n}.{zone}.test", "A")
+                        sock.sendto(query.to_wire(), ("127.0.0.1", port))
+                        try:
+                            while True:  # skip a late answer to an earlier, timed-out query
+                                reply = dns.message.from_wire(sock.recvfrom(4096)[0])
+                                if reply.id == query.id:
+                                    break
+                        except socket.timeout:
+                            lost.append((index, n))
+                            continue
+                        address = reply.answer[0][0].address
+                        expected = "10.0.0.1" if zone == "alpha" else "10.0.0.2"
+                        (answers if address == expected else wrong).append(address)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert not wrong
+            assert len(answers) + len(lost) == 10000
+            assert len(lost) <= 20, f"{len(lost)} lost (each after a 1 s timeout)"
+            assert alpha.queries + beta.queries >= len(answers)
+            assert router.metric("l4router_udp_sessions_created_total", listener="dns",
+                                 protocol="dns") == 50
+            assert router.metric("l4router_udp_datagrams_total", listener="dns",
+                                 direction="upstream") == 10000
+
+
+@pytest.fixture(scope="module")
+def quic_servers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quic")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    servers = {}
+    processes = []
+    for name in ("alpha", "beta"):
+        cert = ca.issue_cert(f"{name}.quic.test", "big.quic.test" if name == "beta" else "x.test")
+        cert.private_key_pem.write_to_path(str(folder / f"{name}.key"))
+        cert.cert_chain_pems[0].write_to_path(str(folder / f"{name}.pem"))
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.quic_peers", "serve", name, str(port),
+             str(folder / f"{name}.pem"), str(folder / f"{name}.key")],
+            cwd=CHECKOUT, stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "listening"
+        servers[name] = port
+        processes.append(process)
+    yield servers, folder / "ca.pem"
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+def http3_get(port, server_name, ca, big=False):
+    command = [sys.executable, "-m", "tests.quic_peers", "get", str(port), server_name, str(ca)]
+    result = subprocess.run(command + (["--big"] if big else []), cwd=CHECKOUT,
+                            capture_output=True, text=True, timeout=60)
+    return result.stdout
+
+
+def test_http3_over_quic_routed_by_sni_to_two_aioquic_servers(tmp_path, quic_servers):
+    servers, ca = quic_servers
+    port = free_port()
+    config = f"""
+listeners:
+  - name: h3
+    transport: udp
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{protocol: quic, sni: "alpha.quic.test", alpn: h3}}
+        backend: alpha
+      - match: {{protocol: quic, sni: ["beta.quic.test", "big.quic.test"]}}
+        backend: beta
+    default: reject
+backends:
+  alpha: {{servers: ["127.0.0.1:{servers['alpha']}"]}}
+  beta: {{servers: ["127.0.0.1:{servers['beta']}"]}}
+"""
+    with Router(tmp_path, config) as router:
+        # The handshakes complete only with the right server: each has its own certificate.
+        assert http3_get(port, "alpha.quic.test", ca) == "alpha /hello"
+        assert http3_get(port, "beta.quic.test", ca) == "beta /hello"
+        # A ClientHello in two Initial packets is still routed by its SNI.
+        assert http3_get(port, "big.quic.test", ca, big=True) == "beta /hello"
+        created = router.metric("l4router_udp_sessions_created_total", listener="h3",
+                                protocol="quic")
+        assert created == 3
+
+
+def test_sessions_expire_limits_reject_and_random_datagrams_do_no_harm(tmp_path):
+    with DNSServer("10.0.0.1") as alpha, DNSServer("10.0.0.2") as beta:
+        port = free_port()
+        config = dns_config(port, alpha, beta, extra="max_sessions: 3").replace(
+            "idle_timeout: 2s", "idle_timeout: 500ms")
+        with Router(tmp_path, config) as router:
+            sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+            try:
+                for sock in sockets:
+                    sock.settimeout(1.0)
+                    sock.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
+                                ("127.0.0.1", port))
+                for sock in sockets[:3]:
+                    assert dns.message.from_wire(sock.recvfrom(4096)[0]).answer
+                with pytest.raises(socket.timeout):
+                    sockets[3].recvfrom(4096)
+            finally:
+                for sock in sockets:
+                    sock.close()
+            assert router.metric("l4router_udp_datagrams_dropped_total", listener="dns",
+                                 reason="limit_listener") == 1
+            wait_until(lambda: router.metric("l4router_udp_sessions_ended_total",
+                                             listener="dns", reason="idle_timeout") == 3,
+                       timeout=5, message="the sessions to expire")
+            assert router.metric("l4router_udp_sessions_active", listener="dns") == 0
+            # 1 MiB of random datagrams from many source ports.
+            generator = random.Random(5)
+            sent = 0
+            fuzzers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+            while sent < 1 << 20:
+                datagram = generator.randbytes(generator.randint(1, 1400))
+                fuzzers[sent % 3].sendto(datagram, ("127.0.0.1", port))
+                sent += len(datagram)
+                if sent % 50 == 0:
+                    time.sleep(0.001)
+            for fuzzer in fuzzers:
+                fuzzer.close()
+            time.sleep(1.5)  # let the fuzz sessions expire
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(2.0)
+                sock.sendto(dns.message.make_query("z.beta.test", "A").to_wire(),
+                            ("127.0.0.1", port))
+                reply = dns.message.from_wire(sock.recvfrom(4096)[0])
+            assert reply.answer[0][0].address == "10.0.0.2"
+            assert router.process.poll() is None
+            assert "Traceback" not in router.log_text()
