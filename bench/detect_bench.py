@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from l4router.detection import Peek  # noqa: E402
 from l4router.detection.decision import DetectorSet  # noqa: E402
-from l4router.detection.registry import installed_detectors  # noqa: E402
+from l4router.detection.registry import detectors_for, installed_detectors  # noqa: E402
 from l4router.parsers.http2 import EMPTY_SETTINGS  # noqa: E402
 from tests.captures import ELICITED, EXPECTED, capture  # noqa: E402
 
@@ -33,7 +33,7 @@ def main():
     parser.add_argument("--number", type=int, default=2000)
     args = parser.parse_args()
     detectors = {d.name: d for d in installed_detectors()}
-    everything = DetectorSet(detectors.values())
+    everything = DetectorSet(detectors_for(detectors.values(), "tcp"))
     rows = []
     for name, (protocol, _) in sorted(EXPECTED.items(), key=lambda item: item[1][0]):
         data = capture(name)
@@ -44,7 +44,7 @@ def main():
         rows.append({"capture": name, "protocol": protocol, "bytes": len(data),
                      "detector_us": round(own, 2), "decision_us": round(whole, 2)})
     print(f"# detection cost, {platform.python_implementation()} {platform.python_version()}, "
-          f"{len(detectors)} detectors, {os.cpu_count()} cores")
+          f"{len(everything.detectors)} TCP detectors, {os.cpu_count()} cores")
     print(f"{'capture':34} {'protocol':9} {'bytes':>5} {'detector µs':>12} {'decision µs':>12}")
     for row in rows:
         print(f"{row['capture']:34} {row['protocol']:9} {row['bytes']:>5} "

@@ -8,7 +8,7 @@ from zope.interface import implementer
 
 from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, Peek
 from l4router.detection.decision import DetectorSet
-from l4router.detection.registry import installed_detectors
+from l4router.detection.registry import detectors_for, installed_detectors
 from tests.captures import EXPECTED, capture
 
 
@@ -62,7 +62,7 @@ def test_a_raising_or_lying_detector_is_skipped_for_good():
 
 
 def test_installed_detectors_on_every_capture_and_prefix():
-    detectors = DetectorSet(installed_detectors())
+    detectors = DetectorSet(detectors_for(installed_detectors(), "tcp"))
     for name, (protocol, fields) in EXPECTED.items():
         flight = capture(name)
         decision = detectors.decide(Peek(flight))

@@ -5,11 +5,11 @@ import pytest
 
 from l4router.detection import NEED_MORE, NO_MATCH, Match, Peek
 from l4router.detection.decision import DetectorSet
-from l4router.detection.registry import installed_detectors
+from l4router.detection.registry import detectors_for, installed_detectors
 from l4router.parsers.http2 import EMPTY_SETTINGS, SETTINGS_ACK, strip_first_settings_ack
 from tests.captures import ALSO_MATCHES, ELICITED, EXPECTED, capture, capture_names
 
-DETECTORS = {d.name: d for d in installed_detectors()}
+DETECTORS = {d.name: d for d in detectors_for(installed_detectors(), "tcp")}
 EVERY_CAPTURE = capture_names()
 
 
@@ -92,3 +92,10 @@ def test_no_elicitation_for_other_protocols():
             offer = detectors.elicit(Peek(flight[:cut]))
             if offer is not None:
                 assert flight.startswith(b"PRI * HTTP/2.0"), name
+
+
+def test_every_installed_detector_of_any_transport_survives_every_capture():
+    for detector in installed_detectors():
+        for name in EVERY_CAPTURE:
+            verdict = detector.detect(Peek(capture(name)))
+            assert verdict in (NEED_MORE, NO_MATCH) or isinstance(verdict, Match)

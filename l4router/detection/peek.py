@@ -18,7 +18,8 @@ class Peek:
         self.data = bytes(data)
         self.transport = transport
         self.elicited = elicited  # what the router sent the client to draw out more bytes
-        self.datagrams = tuple(datagrams)  # UDP: the client's first datagrams, boundaries kept
+        # UDP: the client's first datagrams, boundaries kept (TCP: the bytes as one).
+        self.datagrams = tuple(datagrams) or (self.data,)
 
     @classmethod
     def of_datagrams(cls, datagrams):
