@@ -69,8 +69,8 @@ class ReloadResource(Resource):
 
     def allowed(self, request):
         if self.token is not None:
-            given = request.getHeader(b"authorization") or ""
-            return hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+            given = request.getHeader(b"authorization") or b""
+            return hmac.compare_digest(given, f"Bearer {self.token}".encode())
         host = getattr(request.getClientAddress(), "host", "")
         try:
             return ipaddress.ip_address(host).is_loopback

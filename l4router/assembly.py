@@ -26,6 +26,7 @@ class RouterAssembly:
         self.reactor = reactor
         self.detectors = detectors
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+        self.metrics.watch_reactor(reactor)
         self.process_limit = ProcessLimit()
         self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
 

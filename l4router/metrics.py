@@ -4,7 +4,8 @@ Label names are the same words as the access-log fields: listener, protocol, rou
 server, reason, direction.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
 
 DETECTION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 10.0)
 UPSTREAM = "upstream"  # client -> backend
@@ -97,6 +98,12 @@ class RouterMetrics:
         self.config_reload_success.set(1)
         self._config_digest = None
 
+    def watch_reactor(self, reactor):
+        """Process and reactor gauges, read at scrape time: open fds, RSS, CPU (the standard
+        process_* metrics) and pending timers, where a leak would show."""
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_ReactorCollector(reactor))
+
     def config_loaded(self, digest):
         if self._config_digest is not None and self._config_digest != digest:
             self.config_info.remove(self._config_digest)
@@ -157,3 +164,13 @@ class ListenerMetrics:
         if child is None:
             child = self._routed[key] = self.metrics.routed.labels(self.listener, *key)
         return child
+
+
+class _ReactorCollector:
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def collect(self):
+        yield GaugeMetricFamily("l4router_reactor_delayed_calls",
+                                "Timers pending in the reactor (a leak grows this).",
+                                value=len(self.reactor.getDelayedCalls()))

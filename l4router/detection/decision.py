@@ -10,6 +10,20 @@ log = Logger()
 
 UNKNOWN = "unknown"
 TIMEOUT = "timeout"
+MAX_FIELD_LENGTH = 1024  # a field is client data: bounded, so is every log line it goes to
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def safe_value(value):
+    """A field value fit for logs and metrics: control characters (newlines, ANSI escapes)
+    escaped, length bounded; tuples of strings likewise."""
+    if isinstance(value, str):
+        return value.translate(_CONTROL)[:MAX_FIELD_LENGTH]
+    if isinstance(value, tuple):
+        return tuple(safe_value(v) for v in value[:64])
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    return safe_value(str(value))
 
 
 @attrs.frozen
@@ -40,7 +54,8 @@ class DetectorSet:
                 continue
             verdict = self._ask(detector, peek)
             if isinstance(verdict, Match):
-                return Decision(detector.name, dict(verdict.fields))
+                fields = {str(k)[:64]: safe_value(v) for k, v in verdict.fields.items()}
+                return Decision(detector.name, fields)
             if verdict is NEED_MORE and not final:
                 return None
         return Decision(UNKNOWN)
