@@ -35,6 +35,11 @@ class BackendSide(Protocol):
     relay = None
     received = 0
     read_closed = False
+    on_connected = None  # called once when a connect made for a client succeeds
+
+    def connectionMade(self):
+        if self.on_connected is not None:
+            self.on_connected(self)
 
     def dataReceived(self, data):
         self.received += len(data)

@@ -99,3 +99,30 @@ def test_every_installed_detector_of_any_transport_survives_every_capture():
         for name in EVERY_CAPTURE:
             verdict = detector.detect(Peek(capture(name)))
             assert verdict in (NEED_MORE, NO_MATCH) or isinstance(verdict, Match)
+
+
+def _decide_asking_everyone(detectors, peek, final):
+    """The decision rule without the first-byte table, to check the table changes nothing."""
+    everyone = DetectorSet(detectors)
+    everyone._by_first_byte = [everyone.detectors] * 256
+    return everyone.decide(peek, final)
+
+
+def test_first_byte_table_changes_no_decision():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    detectors = list(DETECTORS.values())
+    with_table = DetectorSet(detectors)
+    captures = [capture(name) for name in EVERY_CAPTURE]
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.one_of(st.binary(max_size=300), st.sampled_from(captures).flatmap(
+        lambda c: st.integers(0, len(c)).map(lambda cut: c[:cut]))))
+    def check(data):
+        for final in (False, True):
+            peek = Peek(data)
+            assert with_table.decide(peek, final) == \
+                _decide_asking_everyone(detectors, Peek(data), final)
+
+    check()

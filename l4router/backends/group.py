@@ -3,7 +3,8 @@ retries with exponential backoff, per-server limits, warm pools and health."""
 
 import random
 
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -11,7 +12,7 @@ from l4router.backends.balancing import POLICIES
 from l4router.backends.health import HealthChecker
 from l4router.backends.pool import ServerPool
 from l4router.backends.resolve import NameRefresher
-from l4router.backends.server import ProtocolOnce, ServerState
+from l4router.backends.server import ServerState
 from l4router.errors import BackendUnavailable
 from l4router.relay import BackendSide
 
@@ -73,66 +74,30 @@ class BackendGroup:
 
     # Connecting a client
 
-    @defer.inlineCallbacks
     def connect(self, source):
         """Fires with (ServerState, BackendSide) once connected; the ServerState is acquired
-        (release it when the relay ends). Fails with BackendUnavailable."""
-        retry = self.config.retry
-        tried = {}  # server -> the attempt that last tried it
-        last = None
-        for attempt in range(1, retry.attempts + 1):
-            server = self._choose(source, tried)
-            if attempt > 1:
-                self._retries.inc()
-                yield task.deferLater(self.reactor, self._jittered(retry.backoff(attempt - 1)),
-                                      lambda: None)
-                if not server.healthy:  # it went down while we waited
-                    server = self._choose(source, tried)
-            server.acquire()
-            spare = self._take_spare(server)
-            if spare is not None:
-                return server, spare
-            backend_side = BackendSide()
-            started = self.reactor.seconds()
-            try:
-                yield self._connect_once(server, backend_side)
-            except defer.CancelledError:
-                server.release()
-                raise
-            except Exception:
-                server.release()
-                last = Failure()
-                reason = failure_reason(last)
-                tried[server] = attempt
-                self.metrics.connect_failures.labels(self.name, server.label, reason).inc()
-                self.passive_result(server, False, f"connect {reason}")
-                log.info("Backend {backend} server {server} attempt {attempt}/{attempts} "
-                         "failed: {reason}", backend=self.name, server=server.label,
-                         attempt=attempt, attempts=retry.attempts, reason=reason)
-                continue
-            self._connect_seconds.observe(self.reactor.seconds() - started)
-            self.passive_result(server, True, "connected")
-            return server, backend_side
-        raise BackendUnavailable(self.name, CONNECT_FAILED,
-                                 f"{retry.attempts} attempts, last: {last.getErrorMessage()}")
+        (release it when the relay ends). Fails with BackendUnavailable. Cancelling it stops
+        the attempt under way."""
+        return _ConnectAttempt(self, source).start()
+
+    def attempt_failed(self, server, attempt, failure):
+        reason = failure_reason(failure)
+        self.metrics.connect_failures.labels(self.name, server.label, reason).inc()
+        self.passive_result(server, False, f"connect {reason}")
+        log.info("Backend {backend} server {server} attempt {attempt}/{attempts} failed: "
+                 "{reason}", backend=self.name, server=server.label, attempt=attempt,
+                 attempts=self.config.retry.attempts, reason=reason)
 
     def pick(self, source):
         """A server for a UDP session (no connect to make), acquired: release it at the end.
         Raises BackendUnavailable."""
-        server = self._choose(source, {})
+        server = self.choose(source, {})
         if server.address is None:
             raise BackendUnavailable(self.name, CONNECT_FAILED, f"{server.label} not resolved")
         server.acquire()
         return server
 
-    def _connect_once(self, server, protocol):
-        self.metrics.connect_attempts.labels(self.name, server.label).inc()
-        endpoint = server.endpoint(self.reactor, self.config.connect_timeout)
-        if endpoint is None:
-            return defer.fail(error.DNSLookupError(f"{server.server.host} not resolved yet"))
-        return endpoint.connect(ProtocolOnce(protocol))
-
-    def _choose(self, source, tried):
+    def choose(self, source, tried):
         healthy = [s for s in self.servers if s.healthy]
         if not healthy:
             raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
@@ -145,14 +110,14 @@ class BackendGroup:
             return self.balancer.choose(untried, source)
         return min(open_servers, key=tried.get)  # every one failed once: the longest ago
 
-    def _take_spare(self, server):
+    def take_spare(self, server):
         if server.pool is None:
             return None
         spare = server.pool.take()
         (self._pool_hits if spare is not None else self._pool_misses).inc()
         return spare
 
-    def _jittered(self, seconds):
+    def jittered(self, seconds):
         jitter = self.config.retry.jitter
         return seconds * self.random.uniform(1 - jitter, 1 + jitter)
 
@@ -162,3 +127,88 @@ class BackendGroup:
         checker = self.checkers.get(server)
         if checker is not None:
             checker.record(ok, f"passive: {why}", passive=True)
+
+
+class _ConnectAttempt(ClientFactory):
+    """One client's way to a server: the balancer's choice, then failover and retries with
+    backoff, each connect made straight with connectTCP (this runs for every connection)."""
+
+    noisy = False
+
+    def __init__(self, group, source):
+        self.group = group
+        self.source = source
+        self.tried = {}  # server -> the attempt that last tried it
+        self.attempt = 0
+        self.server = None
+        self.backend_side = None
+        self.connector = None
+        self.pending = None  # the backoff timer
+        self.started = 0.0
+        self.done = defer.Deferred(self._cancel)
+
+    def start(self):
+        self._try()
+        return self.done
+
+    def _try(self):
+        self.pending = None
+        group = self.group
+        self.attempt += 1
+        try:
+            server = self.server = group.choose(self.source, self.tried)
+        except BackendUnavailable:
+            self.done.errback()
+            return
+        server.acquire()
+        spare = group.take_spare(server)
+        if spare is not None:
+            self.done.callback((server, spare))
+            return
+        group.metrics.connect_attempts.labels(group.name, server.label).inc()
+        self.backend_side = BackendSide()
+        self.backend_side.on_connected = self._connected
+        self.started = group.reactor.seconds()
+        if server.address is None:
+            self.clientConnectionFailed(None, Failure(error.DNSLookupError(
+                f"{server.server.host} not resolved yet")))
+            return
+        self.connector = group.reactor.connectTCP(server.address, server.server.port, self,
+                                                  timeout=group.config.connect_timeout)
+
+    def buildProtocol(self, addr):
+        return self.backend_side
+
+    def _connected(self, backend_side):
+        backend_side.on_connected = None
+        self.connector = None
+        group = self.group
+        group._connect_seconds.observe(group.reactor.seconds() - self.started)
+        group.passive_result(self.server, True, "connected")
+        self.done.callback((self.server, backend_side))
+
+    def clientConnectionFailed(self, connector, reason):
+        self.connector = None
+        server = self.server
+        server.release()
+        if self.done.called:
+            return  # cancelled meanwhile
+        group = self.group
+        self.tried[server] = self.attempt
+        group.attempt_failed(server, self.attempt, reason)
+        retry = group.config.retry
+        if self.attempt >= retry.attempts:
+            self.done.errback(BackendUnavailable(
+                group.name, CONNECT_FAILED,
+                f"{retry.attempts} attempts, last: {reason.getErrorMessage()}"))
+            return
+        group._retries.inc()
+        delay = group.jittered(retry.backoff(self.attempt))
+        self.pending = group.reactor.callLater(delay, self._try)
+
+    def _cancel(self, _):
+        if self.pending is not None and self.pending.active():
+            self.pending.cancel()
+        if self.connector is not None:
+            connector, self.connector = self.connector, None
+            connector.stopConnecting()  # calls clientConnectionFailed, which releases

@@ -13,6 +13,7 @@ class DTLSDetector:
     name = "dtls"
     transports = frozenset({"udp"})
     priority = 110
+    first_bytes = frozenset({0x16})
     fields = ("sni", "alpn", "dtls_version")
 
     def detect(self, peek):

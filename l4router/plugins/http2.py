@@ -40,6 +40,7 @@ class HTTP2Detector:
     """What grpc and h2c share: the parse, the elicitation and the replay rewrite."""
 
     transports = frozenset({"tcp"})
+    first_bytes = frozenset(b"P")  # the preface
 
     def request(self, peek):
         request = peek.h2_first_headers

@@ -20,6 +20,7 @@ class JSONRPCDetector:
     name = "jsonrpc"
     transports = frozenset({"tcp"})
     priority = 310
+    first_bytes = frozenset(b"P{[ \t\r\nCc")  # POST, raw JSON, Content-Length
     fields = ("jsonrpc_method", "jsonrpc_framing", "jsonrpc_batch", "host", "path")
 
     def detect(self, peek):

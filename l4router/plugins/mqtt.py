@@ -18,6 +18,7 @@ class MQTTDetector:
     name = "mqtt"
     transports = frozenset({"tcp"})
     priority = 140
+    first_bytes = frozenset({0x10})
     fields = ("mqtt_version", "mqtt_client_id", "mqtt_username")
 
     def detect(self, peek):

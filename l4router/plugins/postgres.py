@@ -21,6 +21,7 @@ class PostgresDetector:
     name = "postgres"
     transports = frozenset({"tcp"})
     priority = 120
+    first_bytes = frozenset({0x00})
     fields = ("pg_request", "user", "database", "application_name")
 
     def detect(self, peek):

@@ -20,6 +20,7 @@ class QUICDetector:
     name = "quic"
     transports = frozenset({"udp"})
     priority = 100
+    first_bytes = frozenset(range(0xC0, 0x100))  # a long header with the fixed bit
     fields = ("sni", "alpn", "quic_version", "tls_versions", "ech")
 
     def detect(self, peek):

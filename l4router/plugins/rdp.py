@@ -13,6 +13,7 @@ class RDPDetector:
     name = "rdp"
     transports = frozenset({"tcp"})
     priority = 160
+    first_bytes = frozenset({0x03})
     fields = ("rdp_cookie", "rdp_protocols")
 
     def detect(self, peek):

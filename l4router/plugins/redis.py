@@ -13,6 +13,7 @@ class RedisDetector:
     name = "redis"
     transports = frozenset({"tcp"})
     priority = 130
+    first_bytes = frozenset(b"*")
     fields = ("redis_command",)
 
     def detect(self, peek):

@@ -14,6 +14,7 @@ class SOAPDetector:
     name = "soap"
     transports = frozenset({"tcp"})
     priority = 300
+    first_bytes = frozenset(b"P")  # POST
     fields = ("soap_action", "soap_version", "host", "path", "method")
 
     def detect(self, peek):

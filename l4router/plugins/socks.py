@@ -21,6 +21,7 @@ class SOCKSDetector:
     name = "socks"
     transports = frozenset({"tcp"})
     priority = 150
+    first_bytes = frozenset({0x04, 0x05})
     fields = ("socks_version", "socks_methods", "socks_host", "socks_port")
 
     def detect(self, peek):

@@ -18,6 +18,7 @@ class SSHDetector:
     name = "ssh"
     transports = frozenset({"tcp"})
     priority = 110
+    first_bytes = frozenset(b"S")
     fields = ("ssh_version", "ssh_software", "ssh_banner")
 
     def detect(self, peek):

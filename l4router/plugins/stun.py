@@ -13,6 +13,7 @@ class STUNDetector:
     name = "stun"
     transports = frozenset({"udp"})
     priority = 130
+    first_bytes = frozenset(range(0x40))  # the two first bits are zero
     fields = ("stun_method", "stun_class", "stun_username")
 
     def detect(self, peek):

@@ -13,6 +13,7 @@ class TLSDetector:
     name = "tls"
     transports = frozenset({"tcp"})
     priority = 100
+    first_bytes = frozenset({0x16})
     fields = ("sni", "alpn", "tls_version", "tls_versions", "ech")
 
     def detect(self, peek):

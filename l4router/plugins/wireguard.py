@@ -13,6 +13,7 @@ class WireGuardDetector:
     name = "wireguard"
     transports = frozenset({"udp"})
     priority = 120
+    first_bytes = frozenset({0x01})
     fields = ("wireguard_message",)
 
     def detect(self, peek):

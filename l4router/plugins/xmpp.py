@@ -13,6 +13,7 @@ class XMPPDetector:
     name = "xmpp"
     transports = frozenset({"tcp"})
     priority = 180
+    first_bytes = frozenset(b"< \t\r\n\x0b\x0c")  # the header may follow white space
     fields = ("xmpp_to", "xmpp_namespace")
 
     def detect(self, peek):
