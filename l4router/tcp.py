@@ -15,12 +15,12 @@ from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.backends.group import CONNECT_FAILED
 from l4router.errors import BackendUnavailable
+from l4router.listener import ListenerRuntime
 from l4router.parsers import INCOMPLETE
 from l4router.parsers import proxyprotocol
 from l4router.parsers.proxyprotocol import ProxyHeader
 from l4router.parsers.proxyprotocol import parse_header as parse_proxy_header
 from l4router.relay import Relay
-from l4router.routing import RouteTable
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -60,36 +60,16 @@ def set_no_delay(transport):
         pass
 
 
-class ListenerFactory(Factory):
+class ListenerFactory(ListenerRuntime, Factory):
     """Builds one InboundConnection per admitted client of one listener."""
 
     noisy = False
 
-    def __init__(self, listener, detectors, backends, admission, metrics, clock, access_log=True,
-                 recent=None):
-        self.name = listener.name
-        self.admission = admission
-        self.metrics = metrics
-        self.clock = clock
-        self.recent = recent if recent is not None else collections.deque(maxlen=50)
+    def __init__(self, *args, **kwargs):
         self.connections = set()
-        self.accepted_total = 0
-        self.refused_total = 0
-        self.bytes_closed = 0  # relayed by connections that have ended, both ways
         self._drain_waiters = []
-        self._refusals = RateLimitedLog(clock, REFUSAL_LOG_INTERVAL)
-        self.reconfigure(listener, detectors, backends, access_log)
-
-    def reconfigure(self, listener, detectors, backends, access_log=True):
-        """New connections follow this listener config; open ones keep going as they are."""
-        self.listener = listener
-        self.detectors = detectors
-        self.routes = RouteTable(listener)
-        self.backends = backends
-        self.access_log = access_log
-        self.idle_timeout = listener.idle_timeout
-        self.admission.maximum = listener.max_connections
-        self.admission.per_source = listener.max_connections_per_source
+        super().__init__(*args, **kwargs)
+        self._refusals = RateLimitedLog(self.clock, REFUSAL_LOG_INTERVAL)
 
     def buildProtocol(self, addr):
         source = getattr(addr, "host", None) or str(addr)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
-from l4router.routing import RouteTable
+from l4router.listener import ListenerRuntime
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -42,30 +42,12 @@ def parse_udp_listen(description):
     return host, int(port)
 
 
-class UDPListener(DatagramProtocol):
+class UDPListener(ListenerRuntime, DatagramProtocol):
     """One UDP listener: the sessions of its clients."""
 
-    def __init__(self, listener, detectors, backends, admission, metrics, clock,
-                 access_log=True, recent=None):
-        self.name = listener.name
-        self.admission = admission
-        self.metrics = metrics
-        self.clock = clock
-        self.recent = recent if recent is not None else []
+    def __init__(self, *args, **kwargs):
         self.sessions = {}
-        self.accepted_total = 0
-        self.refused_total = 0
-        self.bytes_closed = 0
-        self.reconfigure(listener, detectors, backends, access_log)
-
-    def reconfigure(self, listener, detectors, backends, access_log=True):
-        self.listener = listener
-        self.detectors = detectors
-        self.routes = RouteTable(listener)
-        self.backends = backends
-        self.access_log = access_log
-        self.admission.maximum = listener.max_connections
-        self.admission.per_source = listener.max_connections_per_source
+        super().__init__(*args, **kwargs)
 
     @property
     def connections(self):

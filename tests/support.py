@@ -37,6 +37,12 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def listening(port, host=LOOPBACK):
+    """Something accepts connections on host:port."""
+    with socket.socket() as probe:
+        return probe.connect_ex((host, port)) == 0
+
+
 class Router:
     """Runs `twistd -n l4router -c CONFIG` with JSON logs; stops it on exit, checking exit 0."""
 

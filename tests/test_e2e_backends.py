@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import Backend, Router, ask, free_port, reply_with_name, wait_until
+from tests.support import (
+    Backend, Router, ask, free_port, listening, reply_with_name, wait_until)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -301,11 +302,7 @@ def nginx_with_proxy_protocol(tmp_path):
     process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                                stderr=subprocess.PIPE)
 
-    def listening():
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, message="nginx to listen")
+    wait_until(lambda: listening(port), message="nginx to listen")
     yield port, prefix / "proxied.log"
     process.terminate()
     process.wait(10)

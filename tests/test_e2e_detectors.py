@@ -11,6 +11,7 @@ import pytest
 from tests.grpc_peers import greeter_server, say_hello
 from tests.h2_peer import serve_h2c
 from tests.support import (
+    listening,
     TWISTD, Backend, Router, free_port, http_reply_with_name, reply_with_name, wait_until)
 from l4router.parsers.proxyprotocol import v2_header
 
@@ -142,11 +143,7 @@ def sshd(tmp_path):
     process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def listening():
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, message="sshd to listen")
+    wait_until(lambda: listening(port), message="sshd to listen")
     yield port, folder / "user"
     process.terminate()
     process.wait(10)

@@ -30,6 +30,14 @@ class Invalid:
         return False
 
 
+def first_header(headers, name):
+    """The first value of header `name` in (name, value) pairs, or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 class Truncated(Exception):
     """Raised inside a parser when a length field points past the end; never escapes one."""
 

@@ -8,7 +8,7 @@ import re
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Invalid, first_header
 
 MAX_METHOD = 32
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
@@ -27,11 +27,7 @@ class Request:
     head_length: int  # bytes up to and including the blank line
 
     def header(self, name):
-        """The first value of a header field, or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return first_header(self.headers, name)
 
     @property
     def host(self):

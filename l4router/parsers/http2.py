@@ -9,7 +9,7 @@ import attrs
 import hpack
 from hpack.exceptions import HPACKError
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Invalid, first_header
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
@@ -31,10 +31,7 @@ class Request:
     settings_ack: int | None  # offset of the client's first SETTINGS ACK frame, if any
 
     def header(self, name):
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return first_header(self.headers, name)
 
     @property
     def authority(self):
