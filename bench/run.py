@@ -368,7 +368,7 @@ LOWER_IS_BETTER = {"close_p50_ms", "close_p99_ms", "keepalive_p99_ms", "cpu_seco
 
 
 def table(results):
-    metrics = list(next(iter(results.values())).keys())
+    metrics = list(dict.fromkeys(m for figures in results.values() for m in figures))
     names = list(results)
     lines = ["| figure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric in metrics:
@@ -427,15 +427,19 @@ def main():
                       if any(r.get(metric) is not None for r in results) else None
                       for metric in results[0]}
                for name, results in runs.items()}
+    args.runs_data = runs
+    report(medians, args)
+
+
+def report(medians, args):
     header = (f"{datetime.date.today()}, {platform.python_implementation()} "
               f"{platform.python_version()}, {os.cpu_count()} cores, median of {args.runs} runs "
               f"of {args.seconds} s; `python bench/run.py --runs {args.runs} "
               f"--seconds {args.seconds}`")
-    report = header + "\n\n" + table(medians)
-    print(report)
+    print(header + "\n\n" + table(medians))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as out:
-        json.dump({"header": header, "medians": medians, "runs": runs}, out, indent=2)
+        json.dump({"header": header, "medians": medians, "runs": args.runs_data}, out, indent=2)
 
 
 if __name__ == "__main__":

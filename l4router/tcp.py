@@ -10,17 +10,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router import relay as relay_reasons
+from l4router.backends.group import CONNECT_FAILED
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
-from l4router.backends.group import CONNECT_FAILED
 from l4router.errors import BackendUnavailable
 from l4router.listener import ListenerRuntime
-from l4router.parsers import INCOMPLETE
-from l4router.parsers import proxyprotocol
-from l4router.parsers.proxyprotocol import ProxyHeader
-from l4router.parsers.proxyprotocol import parse_header as parse_proxy_header
-from l4router.relay import Relay
+from l4router.parsers import INCOMPLETE, proxyprotocol
+from l4router.relay import BACKEND_RESET, CLIENT_RESET, Relay
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -194,16 +190,16 @@ class InboundConnection(Protocol):
             self._connecting.cancel()
         clean = reason is None or reason.check(ConnectionDone) is not None
         self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else
-                                        relay_reasons.CLIENT_RESET))
+                                        CLIENT_RESET))
 
     # PROXY protocol
 
     def _take_proxy_header(self):
         """Parse and remove the PROXY header; False while it is incomplete or was refused."""
-        header = parse_proxy_header(self.buffer)
+        header = proxyprotocol.parse_header(self.buffer)
         if header is INCOMPLETE:
             return False
-        if not isinstance(header, ProxyHeader):
+        if not isinstance(header, proxyprotocol.ProxyHeader):
             self._reject(PROXY_PROTOCOL)
             return False
         self.awaiting_proxy_header = False
@@ -348,7 +344,7 @@ class InboundConnection(Protocol):
         metrics.closed(reason).inc()
         if self.server is not None:
             self.server.release()
-            if reason == relay_reasons.BACKEND_RESET:
+            if reason == BACKEND_RESET:
                 self.group.passive_result(self.server, False, "reset by the server")
         record = self.describe(factory.clock.seconds())
         record["reason"] = reason

@@ -250,12 +250,18 @@ def test_warm_pool_cuts_time_to_first_byte_behind_a_slow_connect(tmp_path):
 
 def test_a_spare_closed_by_its_server_is_never_handed_out(tmp_path):
     def closes_idle_connections(backend, connection):
+        # Closes connections idle for 100 ms, as servers do, until it has closed six; from
+        # then on it waits, so the clients below never race a close.
         connection.settimeout(0.1)
-        try:
-            data = connection.recv(100)
-        except socket.timeout:
-            backend.record("closed idle")
-            return  # closes it: as servers do with idle connections
+        while True:
+            try:
+                data = connection.recv(100)
+                break
+            except socket.timeout:
+                with backend.lock:
+                    if backend.results.count("closed idle") < 6:
+                        backend.results.append("closed idle")
+                        return
         connection.sendall(b"fresh:" + data)
 
     with Backend("fickle", closes_idle_connections) as fickle:
@@ -267,8 +273,11 @@ def test_a_spare_closed_by_its_server_is_never_handed_out(tmp_path):
                        message="the server to close spares")
             replies = [ask(port, b"q%d" % i) for i in range(20)]
             discarded = fickle.results.count("closed idle")
+            hits = router.metric("l4router_backend_pool_requests_total", backend="pool",
+                                 result="hit")
     assert replies == [b"fresh:q%d" % i for i in range(20)]
     assert discarded >= 6
+    assert hits >= 1  # spares were handed out, and never a closed one
 
 
 NGINX_CONF = """
@@ -340,3 +349,36 @@ backends:
                         and len(proxied_log.read_text().splitlines()) >= 2 else None)
     assert logged[0].startswith("127.0.0.9 ")
     assert logged[1] == f"::1 {client_port}"
+
+
+def test_servers_by_host_name_and_the_backends_status_view(tmp_path):
+    import json
+
+    with Backend("named", reply_with_name) as named:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: front
+    listen: "127.0.0.1:{port}"
+    default: by_name
+backends:
+  by_name:
+    servers: ["localhost:{named.port}"]
+    health_check: {{interval: 1s, timeout: 500ms}}
+"""
+        with Router(tmp_path, config) as router:
+            assert wait_until(lambda: _ask_or_none(port), message="the name to resolve") \
+                == b"named:x"
+            status = json.loads(router.get("/status/backends"))
+    server = status[0]["servers"][0]
+    assert status[0]["backend"] == "by_name"
+    assert server["server"] == f"localhost:{named.port}"
+    assert server["address"] in ("127.0.0.1", "::1")
+    assert server["healthy"] is True and server["active_connections"] == 0
+
+
+def _ask_or_none(port):
+    try:
+        return ask(port, b"x") or None
+    except OSError:
+        return None

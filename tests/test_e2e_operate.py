@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from tests.support import (
-    TWISTD, Backend, Router, ask, free_port, pseudo_random_stream, read_to_end, reply_with_name,
+    TWISTD, Backend, Router, ask, free_port, pseudo_random_stream, reply_with_name,
     stream_digest, wait_until)
 
 pytestmark = pytest.mark.timeout(180)
@@ -357,3 +357,41 @@ def _free(port):
             return True
         except OSError:
             return False
+
+
+def test_systemd_socket_activation_and_log_level(tmp_path):
+    """systemd-socket-activate hands a bound socket to twistd; the `systemd:` endpoint adopts
+    it. logging.level: warn keeps the per-connection info events out of the log."""
+    activate = "/usr/bin/systemd-socket-activate"
+    assert os.path.exists(activate), "systemd-socket-activate missing: apt-get install systemd"
+    with Backend("app", reply_with_name) as app:
+        port = free_port()
+        admin = free_port()
+        config = tmp_path / "activated.yaml"
+        config.write_text(f"""
+listeners:
+  - name: activated
+    listen: "systemd:domain=INET:index=0"
+    default: app
+backends:
+  app: {{servers: ["127.0.0.1:{app.port}"]}}
+admin: {{listen: "127.0.0.1:{admin}"}}
+logging: {{level: warn}}
+""")
+        log = tmp_path / "activated.log"
+        with open(log, "wb") as output:
+            process = subprocess.Popen(
+                [activate, "-l", f"127.0.0.1:{port}", TWISTD, "-n", "--pidfile=", "l4router",
+                 "-c", str(config)], stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
+            try:
+                # The socket is systemd's: it accepts before l4router even runs.
+                assert ask(port, b"GET / HTTP/1.1\r\n\r\n", timeout=20).startswith(b"app:")
+                wait_until(lambda: urllib.request.urlopen(
+                    f"http://127.0.0.1:{admin}/healthz", timeout=2).status == 200,
+                           message="the admin site")
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    text = log.read_text()
+    assert process.returncode == 0, text
+    assert "accepting on" not in text and "l4router.access" not in text  # info: filtered

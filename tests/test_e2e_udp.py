@@ -221,3 +221,25 @@ def test_sessions_expire_limits_reject_and_random_datagrams_do_no_harm(tmp_path)
             assert reply.answer[0][0].address == "10.0.0.2"
             assert router.process.poll() is None
             assert "Traceback" not in router.log_text()
+
+
+def test_icmp_unreachable_from_the_backend_ends_the_session_and_is_counted(tmp_path):
+    dead = free_port()  # no UDP socket there: the kernel answers ICMP port unreachable
+    port = free_port()
+    config = f"""
+listeners:
+  - name: udp
+    transport: udp
+    listen: "127.0.0.1:{port}"
+    default: dead
+backends:
+  dead: {{servers: ["127.0.0.1:{dead}"]}}
+"""
+    with Router(tmp_path, config) as router:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"\x01hello", ("127.0.0.1", port))
+            wait_until(lambda: router.metric("l4router_udp_sessions_ended_total", listener="udp",
+                                             reason="backend_unreachable") == 1,
+                       message="the session to end on ICMP unreachable")
+        assert router.metric("l4router_udp_sessions_active", listener="udp") == 0
+        assert router.access_events()[0]["reason"] == "backend_unreachable"

@@ -2,7 +2,7 @@
 fragments, the body like TLS's plus the cookie."""
 
 from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
-from l4router.parsers.tls import MAX_CLIENT_HELLO, ClientHello, _parse_body
+from l4router.parsers.tls import MAX_CLIENT_HELLO, _parse_body
 
 RECORD_HANDSHAKE = 22
 RECORD_HEADER = 13

@@ -22,6 +22,7 @@ class MemcachedDetector:
     name = "memcached"
     transports = frozenset({"tcp"})
     priority = 450  # before http1's general catch, after the binary protocols
+    first_bytes = frozenset(c[0] for c in COMMANDS)
     fields = ("memcached_command",)
 
     def detect(self, peek):
