@@ -28,6 +28,7 @@ DEFAULT_UDP_IDLE_TIMEOUT = 30.0
 TRANSPORTS = ("tcp", "udp")
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+LISTEN_BACKLOG = 1024  # the host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -368,6 +369,7 @@ def listen_description(value, default_host=""):
             description = f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}"
         else:
             description = f"tcp:{port}" + (f":interface={host}" if host else "")
+        description += f":backlog={LISTEN_BACKLOG}"
     if _endpoint_type(description) not in _ENDPOINT_TYPES_WITHOUT_PROBE:
         from twisted.internet.endpoints import serverFromString
 

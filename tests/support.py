@@ -142,6 +142,7 @@ class Backend(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # socketserver's default of 5 drops SYNs when 200 clients arrive
 
     def __init__(self, name, handler, host=LOOPBACK, port=0):
         self.name = name

@@ -45,7 +45,8 @@ def parse(text):
 def test_good_config_is_fully_parsed():
     config = parse(GOOD)
     listener = config.listeners[0]
-    assert listener.listen == ("tcp:8443:interface=127.0.0.1", "tcp6:8443:interface=\\:\\:1",
+    assert listener.listen == ("tcp:8443:interface=127.0.0.1:backlog=1024",
+                               "tcp6:8443:interface=\\:\\:1:backlog=1024",
                                "tcp:9443:interface=127.0.0.1")
     assert listener.detect.timeout == 0.15 and listener.detect.max_bytes == 4096
     assert listener.detect.protocols == ("tls", "http1")
@@ -61,7 +62,7 @@ def test_good_config_is_fully_parsed():
                                                                    ("::1", 9444, 2)]
     assert web.connect_timeout == 1.5
     assert config.max_connections == 100 and config.shutdown_timeout == 3600.0
-    assert config.admin.listen == ("tcp:9100:interface=127.0.0.1",)
+    assert config.admin.listen == ("tcp:9100:interface=127.0.0.1:backlog=1024",)
     assert config.logging.format == "json" and config.logging.access_log is False
     assert len(config.digest) == 64
 

@@ -62,7 +62,7 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout, result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("l4router:")]
-    assert lines == [f"l4router: cannot listen on tcp:{port}:interface=127.0.0.1: "
+    assert lines == [f"l4router: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=1024: "
                      "Couldn't listen on 127.0.0.1:" + f"{port}: [Errno 98] Address already in use."]
 
 

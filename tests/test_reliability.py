@@ -56,7 +56,7 @@ listeners:
     default: sink
 backends:
   sink: {{servers: ["127.0.0.1:{backend_port}"]}}
-shutdown_timeout: 60s
+shutdown_timeout: {60 * SCALE}s
 """
 
 
@@ -129,7 +129,8 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
                    for seed, (up, down, half) in sizes.items()]
         for thread in threads:
             thread.start()
-        wait_until(lambda: backend.connections == relays, timeout=30, message="every relay")
+        wait_until(lambda: router.metric("l4router_connections_accepted_total", listener="main")
+                   == relays, timeout=60 * SCALE, message="every relay accepted")
         for _ in range(2):  # reloads while the relays run
             router.process.send_signal(signal.SIGHUP)
             time.sleep(0.3)
