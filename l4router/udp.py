@@ -94,6 +94,12 @@ class _BackendSocket(DatagramProtocol):
     def connectionRefused(self):
         self.session.close(BACKEND_UNREACHABLE)
 
+    def stopProtocol(self):
+        # An ICMP error on the connected socket shows as EPOLLERR, which the reactor turns
+        # into the port's end; the session's own close has already marked it closed.
+        if not self.session.closed:
+            self.session.close(BACKEND_UNREACHABLE)
+
 
 class UDPSession:
     def __init__(self, listener, client):

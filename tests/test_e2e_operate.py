@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from tests.support import (
-    TWISTD, Backend, Router, ask, free_port, pseudo_random_stream, reply_with_name,
+    TWISTD, Backend, Router, ask, free_port, listening, pseudo_random_stream, reply_with_name,
     stream_digest, wait_until)
 
 pytestmark = pytest.mark.timeout(180)
@@ -381,10 +381,13 @@ logging: {{level: warn}}
         log = tmp_path / "activated.log"
         with open(log, "wb") as output:
             process = subprocess.Popen(
-                [activate, "-l", f"127.0.0.1:{port}", TWISTD, "-n", "--pidfile=", "l4router",
+                # --fdname sets LISTEN_FDNAMES as systemd 227+ does; Twisted requires it.
+                [activate, "-l", f"127.0.0.1:{port}", "--fdname=edge", TWISTD, "-n",
+                 "--pidfile=", "l4router",
                  "-c", str(config)], stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
             try:
                 # The socket is systemd's: it accepts before l4router even runs.
+                wait_until(lambda: listening(port), message="systemd-socket-activate")
                 assert ask(port, b"GET / HTTP/1.1\r\n\r\n", timeout=20).startswith(b"app:")
                 wait_until(lambda: urllib.request.urlopen(
                     f"http://127.0.0.1:{admin}/healthz", timeout=2).status == 200,
