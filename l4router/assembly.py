@@ -21,6 +21,12 @@ from l4router.udp import UDPListener, UDPListenerService
 RECENT_CONNECTIONS = 50
 
 
+def access_log_wanted(config):
+    """The access log is info events: with the level above info they would be built only to
+    be filtered out, once per connection, so they are not built at all."""
+    return config.logging.access_log and config.logging.level in ("debug", "info")
+
+
 class RouterAssembly:
     def __init__(self, reactor, detectors, registry=None):
         self.reactor = reactor
@@ -54,9 +60,9 @@ class RouterAssembly:
             Admission(self.process_limit, listener.max_connections,
                       listener.max_connections_per_source),
             self.metrics.for_listener(listener.name), self.reactor,
-            access_log=config.logging.access_log, recent=self.recent)
+            access_log=access_log_wanted(config), recent=self.recent)
 
     def reconfigure_factory(self, factory, listener, config, groups):
         """Keep a listener's sockets and connections; new connections follow `listener`."""
         factory.reconfigure(listener, self.listener_detectors(listener), groups,
-                            access_log=config.logging.access_log)
+                            access_log=access_log_wanted(config))

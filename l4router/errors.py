@@ -24,7 +24,3 @@ class BackendUnavailable(L4RouterError):
         self.backend = backend
         self.reason = reason
         super().__init__(f"backend {backend!r}: {reason}{': ' + detail if detail else ''}")
-
-
-class ConnectTimeout(L4RouterError):
-    """A backend server did not accept within connect_timeout."""

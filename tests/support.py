@@ -1,7 +1,6 @@
 """End-to-end test support: the real `twistd -n l4router` process and real loopback servers."""
 
 import hashlib
-import json
 import random
 import shutil
 import signal
@@ -251,7 +250,3 @@ def read_to_end(connection, limit=None):
 def send_stream(connection, seed, size):
     for block in pseudo_random_stream(seed, size):
         connection.sendall(block)
-
-
-def jsonable(value):
-    return json.loads(json.dumps(value))
