@@ -61,7 +61,11 @@ class Router:
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(self.config_path)],
             stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=self.env)
-        wait_until(self._ready, timeout=20, message="the router's /healthz")
+        try:
+            wait_until(self._ready, timeout=20, message="the router's /healthz")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _ready(self):
@@ -110,17 +114,21 @@ class Router:
         raise AssertionError("no VmRSS")
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
+        """SIGTERM (unless it has exited already) and the exit code; never leaves it running."""
+        if self.process is None:
+            return None
         try:
-            code = self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError("router did not stop within 60s of SIGTERM")
-        self.log_file.close()
-        return code
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+                    raise AssertionError("router did not stop within 60s of SIGTERM")
+            return self.process.returncode
+        finally:
+            self.log_file.close()
 
     def __enter__(self):
         return self.start()

@@ -311,10 +311,12 @@ def nginx_with_proxy_protocol(tmp_path):
     process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                                stderr=subprocess.PIPE)
 
-    wait_until(lambda: listening(port), message="nginx to listen")
-    yield port, prefix / "proxied.log"
-    process.terminate()
-    process.wait(10)
+    try:
+        wait_until(lambda: listening(port), message="nginx to listen")
+        yield port, prefix / "proxied.log"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_proxy_protocol_v1_and_v2_are_accepted_by_nginx(tmp_path, nginx_with_proxy_protocol):

@@ -143,10 +143,12 @@ def sshd(tmp_path):
     process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    wait_until(lambda: listening(port), message="sshd to listen")
-    yield port, folder / "user"
-    process.terminate()
-    process.wait(10)
+    try:
+        wait_until(lambda: listening(port), message="sshd to listen")
+        yield port, folder / "user"
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_openssh_client_routed_to_a_real_sshd(tmp_path, sshd):

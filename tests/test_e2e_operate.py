@@ -142,24 +142,24 @@ backends:
   source: {{servers: ["127.0.0.1:{backend.port}"]}}
 shutdown_timeout: 20s
 """
-        router = Router(tmp_path, config).start()
-        results = {}
-        readers = [threading.Thread(target=paced_reader, args=(port, results, i, 2.0))
-                   for i in range(20)]
-        for reader in readers:
-            reader.start()
-        wait_until(lambda: backend.connections == 20, message="20 relays")
-        time.sleep(0.3)
-        router.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        readyz = wait_until(lambda: _status(router, "/readyz"), message="/readyz while draining")
-        assert readyz == 503
-        assert b"l4router_connections_active" in router.get("/metrics")
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=2)
-        for reader in readers:
-            reader.join(60)
-        code = router.process.wait(30)
+        with Router(tmp_path, config) as router:
+            results = {}
+            readers = [threading.Thread(target=paced_reader, args=(port, results, i, 2.0))
+                       for i in range(20)]
+            for reader in readers:
+                reader.start()
+            wait_until(lambda: backend.connections == 20, message="20 relays")
+            time.sleep(0.3)
+            router.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            readyz = wait_until(lambda: _status(router, "/readyz"), message="/readyz while draining")
+            assert readyz == 503
+            assert b"l4router_connections_active" in router.get("/metrics")
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=2)
+            for reader in readers:
+                reader.join(60)
+            code = router.process.wait(30)
     assert code == 0, router.log_text()
     assert time.monotonic() - signalled < 20
     for index in range(20):
@@ -196,17 +196,17 @@ backends:
   source: {{servers: ["127.0.0.1:{backend.port}"]}}
 shutdown_timeout: 1s
 """
-        router = Router(tmp_path, config).start()
-        results = {}
-        reader = threading.Thread(target=paced_reader, args=(port, results, 0, 30.0))
-        reader.start()
-        wait_until(lambda: backend.connections == 1, message="the relay")
-        time.sleep(0.3)
-        router.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        code = router.process.wait(30)
-        stopped_after = time.monotonic() - signalled
-        reader.join(60)
+        with Router(tmp_path, config) as router:
+            results = {}
+            reader = threading.Thread(target=paced_reader, args=(port, results, 0, 30.0))
+            reader.start()
+            wait_until(lambda: backend.connections == 1, message="the relay")
+            time.sleep(0.3)
+            router.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = router.process.wait(30)
+            stopped_after = time.monotonic() - signalled
+            reader.join(60)
     assert code == 0
     assert 1.0 <= stopped_after < 3.0
     assert isinstance(results[0], OSError) or results[0][1] < STREAM

@@ -121,24 +121,24 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
              for seed in range(1000, 1000 + relays * 10, 10)}
     with Backend("duplex", duplex_backend) as backend:
         port = free_port()
-        router = Router(tmp_path, single_backend(port, backend.port)).start()
-        results = {}
-        started = time.monotonic()
-        threads = [threading.Thread(target=duplex_client, args=(port, seed, up, down, half,
-                                                                results))
-                   for seed, (up, down, half) in sizes.items()]
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: router.metric("l4router_connections_accepted_total", listener="main")
-                   == relays, timeout=60 * SCALE, message="every relay accepted")
-        for _ in range(2):  # reloads while the relays run
-            router.process.send_signal(signal.SIGHUP)
-            time.sleep(0.3)
-        router.process.send_signal(signal.SIGTERM)  # and a drain: every relay must finish
-        for thread in threads:
-            thread.join(600)
-        code = router.process.wait(120)
-        elapsed = time.monotonic() - started
+        with Router(tmp_path, single_backend(port, backend.port)) as router:
+            results = {}
+            started = time.monotonic()
+            threads = [threading.Thread(target=duplex_client, args=(port, seed, up, down, half,
+                                                                    results))
+                       for seed, (up, down, half) in sizes.items()]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: router.metric("l4router_connections_accepted_total", listener="main")
+                       == relays, timeout=60 * SCALE, message="every relay accepted")
+            for _ in range(2):  # reloads while the relays run
+                router.process.send_signal(signal.SIGHUP)
+                time.sleep(0.3)
+            router.process.send_signal(signal.SIGTERM)  # and a drain: every relay must finish
+            for thread in threads:
+                thread.join(600)
+            code = router.process.wait(120)
+            elapsed = time.monotonic() - started
     assert code == 0
     by_seed = {seed: (digest, count) for seed, digest, count in backend.results}
     total = 0
