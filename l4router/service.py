@@ -57,9 +57,7 @@ class PortsService(Service):
             for description in self.descriptions:
                 self.ports.append(bind_now(self.reactor, description, self.factory))
         except BindFailed:
-            for port in self.ports:
-                port.stopListening()
-            self.ports = []
+            self.stop_listening()
             raise
 
     def addresses(self):
