@@ -130,19 +130,22 @@ def stream_out(backend, connection):
         connection.sendall(block)
 
 
-def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
-    with Backend("source", stream_out) as backend:
-        port = free_port()
-        config = f"""
+def streaming_config(port, backend_port, shutdown_timeout):
+    return f"""
 listeners:
   - name: bulk
     listen: "127.0.0.1:{port}"
     default: source
 backends:
-  source: {{servers: ["127.0.0.1:{backend.port}"]}}
-shutdown_timeout: 20s
+  source: {{servers: ["127.0.0.1:{backend_port}"]}}
+shutdown_timeout: {shutdown_timeout}
 """
-        with Router(tmp_path, config) as router:
+
+
+def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
+    with Backend("source", stream_out) as backend:
+        port = free_port()
+        with Router(tmp_path, streaming_config(port, backend.port, "20s")) as router:
             results = {}
             readers = [threading.Thread(target=paced_reader, args=(port, results, i, 2.0))
                        for i in range(20)]
@@ -187,16 +190,7 @@ def _status(router, path):
 def test_a_stream_longer_than_shutdown_timeout_is_aborted_at_the_timeout(tmp_path):
     with Backend("source", stream_out) as backend:
         port = free_port()
-        config = f"""
-listeners:
-  - name: bulk
-    listen: "127.0.0.1:{port}"
-    default: source
-backends:
-  source: {{servers: ["127.0.0.1:{backend.port}"]}}
-shutdown_timeout: 1s
-"""
-        with Router(tmp_path, config) as router:
+        with Router(tmp_path, streaming_config(port, backend.port, "1s")) as router:
             results = {}
             reader = threading.Thread(target=paced_reader, args=(port, results, 0, 30.0))
             reader.start()
