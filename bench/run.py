@@ -212,6 +212,21 @@ logging: {{access_log: false, level: warn}}
         return [twistd, "-n", "--pidfile=", "l4router", "-c", f"{self.folder}/l4router.yaml"]
 
 
+class L4RouterSplice(L4Router):
+    """l4router with `relay: splice` (zero-copy after the replay)."""
+
+    name = "l4router-splice"
+
+    def command(self):
+        command = super().command()
+        path = f"{self.folder}/l4router.yaml"
+        with open(path) as config:
+            text = config.read()
+        with open(path, "w") as config:
+            config.write(text.replace("    detect: {timeout: 5s}", "    detect: {timeout: 5s}\n    relay: splice"))
+        return command
+
+
 class HAProxy(Target):
     name = "haproxy"
 
@@ -280,7 +295,7 @@ class SSLH(Target):
                 "--on-timeout", f"127.0.0.1:{b.iperf}"]
 
 
-TARGETS = [Direct, L4Router, HAProxy, NginxStream, SSLH]
+TARGETS = [Direct, L4Router, L4RouterSplice, HAProxy, NginxStream, SSLH]
 
 
 def iperf(port, streams, seconds):

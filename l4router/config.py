@@ -26,6 +26,7 @@ DEFAULT_MAX_BYTES = 16384
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_UDP_IDLE_TIMEOUT = 30.0
 TRANSPORTS = ("tcp", "udp")
+RELAY_MODES = ("copy", "splice")
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 LISTEN_BACKLOG = 1024  # the host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts
@@ -87,6 +88,7 @@ class Listener:
     on_timeout: str | None  # backend name; None: reject
     default: str | None  # backend name; None: reject
     accept_proxy_protocol: bool = False
+    relay: str = "copy"  # copy | splice (Linux, zero-copy after the replay)
 
 
 @attrs.frozen
@@ -580,21 +582,23 @@ class _Builder:
         idle_timeout = section.get("idle_timeout", _positive_duration,
                                    DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
         accept_proxy = False
+        relay = "copy"
         if not udp:
             accept_proxy = section.get("accept_proxy_protocol", _boolean, False)
+            relay = section.get("relay", _one_of(RELAY_MODES), "copy")
         routes = self.routes(section, backends)
         target = self.target(backends)
         default = section.get("default", target, None)
         on_timeout = section.get("on_timeout", target, default)
         section.finish()
         values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
-                  routes, default, on_timeout, accept_proxy)
+                  routes, default, on_timeout, accept_proxy, relay)
         if _MISSING in values:
             return None
         return Listener(name=name, transport=transport, listen=listen, detect=detect,
                         max_connections=max_connections, max_connections_per_source=per_source,
                         idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
-                        default=default, accept_proxy_protocol=accept_proxy)
+                        default=default, accept_proxy_protocol=accept_proxy, relay=relay)
 
     @staticmethod
     def listen_list(value):

@@ -16,6 +16,7 @@ from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
 from l4router.listener import ListenerRuntime
 from l4router.parsers import INCOMPLETE, proxyprotocol
+from l4router import splice
 from l4router.relay import BACKEND_RESET, CLIENT_RESET, Relay
 
 log = Logger()
@@ -46,6 +47,15 @@ class RateLimitedLog:
         if now - self.last.get(key, -self.interval) >= self.interval:
             emit(key, self.counts.pop(key))
             self.last[key] = now
+
+
+def _send_now(transport, data):
+    """Write what goes straight into the socket now; return the rest. The splice relay must
+    start with nothing buffered, and the peeked bytes of a fresh connection nearly always fit."""
+    try:
+        return data[transport.socket.send(data):] if data else b""
+    except OSError:  # full, or failing: the copying relay's transport deals with it
+        return data
 
 
 def set_no_delay(transport):
@@ -269,12 +279,21 @@ class InboundConnection(Protocol):
         self._connecting = None
         self.server, self.backend = connection
         set_no_delay(self.backend.transport)
-        self.relay = Relay(self, self.backend, self.factory.clock, self.factory.idle_timeout,
-                           self._relay_ended)
         replay, self.buffer = self.buffer, b""
         if self.elicited_by is not None:
             replay = self._rewritten_replay(replay)
-        self.relay.start(self._proxy_header() + replay, client_finished_sending=self.read_closed)
+        replay = self._proxy_header() + replay
+        clock, idle = self.factory.clock, self.factory.idle_timeout
+        if self.factory.listener.relay == "splice" and splice.AVAILABLE and \
+                self.elicited_by is None:
+            replay = _send_now(self.backend.transport, replay)
+            if not replay:
+                self.relay = splice.SpliceRelay(clock, self, self.backend, idle,
+                                                self._relay_ended)
+                self.relay.start(client_finished_sending=self.read_closed)
+                return
+        self.relay = Relay(self, self.backend, clock, idle, self._relay_ended)
+        self.relay.start(replay, client_finished_sending=self.read_closed)
 
     def _proxy_header(self):
         """PROXY protocol out: the client's real addresses, before anything else."""
