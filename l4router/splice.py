@@ -73,7 +73,11 @@ class _Socket:
 
 
 class SpliceRelay:
-    """Takes over a client protocol and a BackendSide whose transports have nothing buffered."""
+    """Takes over a client protocol and a BackendSide whose transports have nothing buffered.
+
+    It costs four descriptors (two pipes) per connection on top of the two sockets; when they
+    cannot be had, the constructor raises OSError and the caller copies instead.
+    """
 
     def __init__(self, reactor, client, backend, idle_timeout, on_end):
         self.reactor = reactor
@@ -87,7 +91,11 @@ class SpliceRelay:
         backend_socket = _Socket(self, backend.transport)
         self.sockets = (client_socket, backend_socket)
         self.up = _Direction(client_socket, backend_socket, client)
-        self.down = _Direction(backend_socket, client_socket, backend)
+        try:
+            self.down = _Direction(backend_socket, client_socket, backend)
+        except OSError:
+            self.up.close()
+            raise
         client_socket.outgoing, client_socket.incoming = self.up, self.down
         backend_socket.outgoing, backend_socket.incoming = self.down, self.up
         self._idle_check = None

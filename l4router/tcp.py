@@ -54,8 +54,8 @@ def _send_now(transport, data):
     start with nothing buffered, and the peeked bytes of a fresh connection nearly always fit."""
     try:
         return data[transport.socket.send(data):] if data else b""
-    except OSError:  # full, or failing: the copying relay's transport deals with it
-        return data
+    except (OSError, AttributeError):  # full, failing or not a socket: the copying relay's
+        return data  # transport deals with it
 
 
 def set_no_delay(transport):
@@ -288,10 +288,14 @@ class InboundConnection(Protocol):
                 self.elicited_by is None:
             replay = _send_now(self.backend.transport, replay)
             if not replay:
-                self.relay = splice.SpliceRelay(clock, self, self.backend, idle,
-                                                self._relay_ended)
-                self.relay.start(client_finished_sending=self.read_closed)
-                return
+                try:
+                    self.relay = splice.SpliceRelay(clock, self, self.backend, idle,
+                                                    self._relay_ended)
+                except OSError:  # out of descriptors for the pipes: copy instead
+                    self.relay = None
+                else:
+                    self.relay.start(client_finished_sending=self.read_closed)
+                    return
         self.relay = Relay(self, self.backend, clock, idle, self._relay_ended)
         self.relay.start(replay, client_finished_sending=self.read_closed)
 
