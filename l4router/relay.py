@@ -22,6 +22,47 @@ SHUTDOWN = "shutdown"
 IDLE_CHECKS_PER_TIMEOUT = 4  # an idle relay is closed between 1 and 1.25 idle_timeouts
 
 
+class IdleWatch:
+    """Calls `on_idle` once `counts()` has not changed for `timeout` seconds.
+
+    The counters are compared every timeout/4 instead of resetting a timer for every chunk,
+    so the relay's hot path does no timer work at all.
+    """
+
+    def __init__(self, clock, timeout, counts, on_idle):
+        self.clock = clock
+        self.timeout = timeout
+        self.counts = counts
+        self.on_idle = on_idle
+        self._call = None
+        self._last = None
+        self._since = 0.0
+
+    def start(self):
+        self._last = self.counts()
+        self._since = self.clock.seconds()
+        self._schedule()
+
+    def stop(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self):
+        self._call = self.clock.callLater(self.timeout / IDLE_CHECKS_PER_TIMEOUT, self._check)
+
+    def _check(self):
+        self._call = None
+        counts = self.counts()
+        now = self.clock.seconds()
+        if counts != self._last:
+            self._last, self._since = counts, now
+        elif now - self._since >= self.timeout:
+            self.on_idle()
+            return
+        self._schedule()
+
+
 def _uncouple(transport):
     """Stop treating the other side as this transport's producer, so it can close."""
     if transport.producer is not None:
@@ -80,15 +121,15 @@ class Relay:
     def __init__(self, client, backend, clock, idle_timeout, on_end):
         self.client = client
         self.backend = backend
-        self.clock = clock
-        self.idle_timeout = idle_timeout
         self.on_end = on_end
         self.reason = None
         self.lost = set()
-        self._idle_check = None
-        self._idle_since = 0.0
-        self._last_counts = None
+        self.idle = IdleWatch(clock, idle_timeout, self.counts,
+                              lambda: self.close(IDLE_TIMEOUT, abort=True))
         backend.relay = self
+
+    def counts(self):
+        return self.client.received, self.backend.received
 
     def start(self, replay, client_finished_sending):
         """Replay the peeked bytes, couple the two transports, and let the client be read."""
@@ -102,10 +143,7 @@ class Relay:
             self.side_finished_sending(self.client)
         else:
             client_transport.resumeProducing()
-        self._idle_since = self.clock.seconds()
-        self._last_counts = (self.client.received, self.backend.received)
-        self._idle_check = self.clock.callLater(
-            self.idle_timeout / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
+        self.idle.start()
 
     def peer_of(self, side):
         return self.backend if side is self.client else self.client
@@ -151,22 +189,7 @@ class Relay:
                 else:
                     side.transport.loseConnection()
 
-    def _check_idle(self):
-        counts = (self.client.received, self.backend.received)
-        now = self.clock.seconds()
-        if counts != self._last_counts:
-            self._last_counts = counts
-            self._idle_since = now
-        elif now - self._idle_since >= self.idle_timeout:
-            self._idle_check = None
-            self.close(IDLE_TIMEOUT, abort=True)
-            return
-        self._idle_check = self.clock.callLater(
-            self.idle_timeout / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
-
     def _end(self):
-        if self._idle_check is not None and self._idle_check.active():
-            self._idle_check.cancel()
-        self._idle_check = None
+        self.idle.stop()
         self.backend.relay = None
         self.on_end(self.reason)

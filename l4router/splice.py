@@ -15,8 +15,7 @@ import socket
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from zope.interface import implementer
 
-from l4router.relay import (
-    BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_CHECKS_PER_TIMEOUT, IDLE_TIMEOUT)
+from l4router.relay import BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_TIMEOUT, IdleWatch
 
 AVAILABLE = hasattr(os, "splice")
 CHUNK = 1 << 16
@@ -83,7 +82,6 @@ class SpliceRelay:
         self.reactor = reactor
         self.client = client
         self.backend = backend
-        self.idle_timeout = idle_timeout
         self.on_end = on_end
         self.reason = None
         self.ended = False
@@ -98,9 +96,9 @@ class SpliceRelay:
             raise
         client_socket.outgoing, client_socket.incoming = self.up, self.down
         backend_socket.outgoing, backend_socket.incoming = self.down, self.up
-        self._idle_check = None
-        self._last_counts = None
-        self._idle_since = 0.0
+        self.idle = IdleWatch(reactor, idle_timeout,
+                              lambda: (client.received, backend.received),
+                              lambda: self.close(IDLE_TIMEOUT, abort=True))
 
     def start(self, client_finished_sending):
         for side in (self.client, self.backend):
@@ -111,10 +109,7 @@ class SpliceRelay:
             self._finish(self.up)
         for sock in self.sockets:
             self.reactor.addReader(sock)
-        self._idle_since = self.reactor.seconds()
-        self._last_counts = (self.client.received, self.backend.received)
-        self._idle_check = self.reactor.callLater(
-            self.idle_timeout / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
+        self.idle.start()
 
     # The pump
 
@@ -189,9 +184,7 @@ class SpliceRelay:
         self.ended = True
         if self.reason is None:
             self.reason = reason
-        if self._idle_check is not None and self._idle_check.active():
-            self._idle_check.cancel()
-        self._idle_check = None
+        self.idle.stop()
         for sock in self.sockets:
             self.reactor.removeReader(sock)
             self.reactor.removeWriter(sock)
@@ -199,25 +192,11 @@ class SpliceRelay:
             direction.close()
         self.backend.relay = None
         for side in (self.client, self.backend):
-            side.splice_ended = True
             if abort:
                 side.transport.abortConnection()
             else:
                 side.transport.loseConnection()
         self.on_end(self.reason)
-
-    def _check_idle(self):
-        counts = (self.client.received, self.backend.received)
-        now = self.reactor.seconds()
-        if counts != self._last_counts:
-            self._last_counts = counts
-            self._idle_since = now
-        elif now - self._idle_since >= self.idle_timeout:
-            self._idle_check = None
-            self.close(IDLE_TIMEOUT, abort=True)
-            return
-        self._idle_check = self.reactor.callLater(
-            self.idle_timeout / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
 
 
 def _shutdown_write(fd):

@@ -18,13 +18,13 @@ from twisted.logger import Logger
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
+from l4router.relay import IdleWatch
 from l4router.listener import ListenerRuntime
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
 
 MAX_HELD_DATAGRAMS = 16
-IDLE_CHECKS_PER_TIMEOUT = 4
 
 # Session end reasons (l4router_udp_sessions_ended_total) and drop reasons.
 IDLE_TIMEOUT = "idle_timeout"
@@ -118,13 +118,14 @@ class UDPSession:
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = 0
         self.closed = False
-        self._last_activity = self.started
-        self._timer = clock.callLater(listener.listener.detect.timeout, self._detect_timed_out)
+        self.idle = IdleWatch(clock, listener.listener.idle_timeout,
+                              lambda: (self.datagrams_up, self.datagrams_down),
+                              lambda: self.close(IDLE_TIMEOUT))
+        self._detect_timer = clock.callLater(listener.listener.detect.timeout, self._detect_timed_out)
 
     # Client side
 
     def from_client(self, data):
-        self._last_activity = self.listener.clock.seconds()
         self.bytes_up += len(data)
         self.datagrams_up += 1
         if self.port is not None:
@@ -142,14 +143,14 @@ class UDPSession:
             self._decided(decision)
 
     def _detect_timed_out(self):
-        self._timer = None
+        self._detect_timer = None
         if self.decision is None:
             self._decided(Decision(TIMEOUT))
 
     def _decided(self, decision):
         listener = self.listener
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        if self._detect_timer is not None and self._detect_timer.active():
+            self._detect_timer.cancel()
         self.decision = decision
         choice = listener.routes.choose(decision, self.client[0])
         self.route = choice.route
@@ -180,26 +181,15 @@ class UDPSession:
             metrics.udp_datagrams_up.inc()
             self.port.write(datagram)
         self.held = []
-        idle = self.listener.listener.idle_timeout
-        self._timer = self.listener.clock.callLater(idle / IDLE_CHECKS_PER_TIMEOUT, self._check_idle)
+        self.idle.start()
 
     # Backend side
 
     def from_backend(self, data):
-        self._last_activity = self.listener.clock.seconds()
         self.bytes_down += len(data)
         self.datagrams_down += 1
         self.listener.metrics.udp_datagrams_down.inc()
         self.listener.reply(data, self.client)
-
-    def _check_idle(self):
-        idle = self.listener.listener.idle_timeout
-        if self.listener.clock.seconds() - self._last_activity >= idle:
-            self._timer = None
-            self.close(IDLE_TIMEOUT)
-            return
-        self._timer = self.listener.clock.callLater(idle / IDLE_CHECKS_PER_TIMEOUT,
-                                                    self._check_idle)
 
     # Ending
 
@@ -207,9 +197,10 @@ class UDPSession:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._detect_timer is not None and self._detect_timer.active():
+            self._detect_timer.cancel()
+        self._detect_timer = None
+        self.idle.stop()
         if self.port is not None:
             self.port.stopListening()
         if self.server is not None:

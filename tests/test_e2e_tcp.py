@@ -203,9 +203,12 @@ backends:
 
 
 SIZE = 256 * 1024 * 1024
+# Both relays pass the same tests: the copying one and the zero-copy splice(2) one.
+RELAYS = pytest.mark.parametrize("relay", ["copy", "splice"])
 
 
-def test_256_mib_each_way_byte_exact(tmp_path):
+@RELAYS
+def test_256_mib_each_way_byte_exact(tmp_path, relay):
     def exchange(backend, connection):
         sender = threading.Thread(target=send_stream, args=(connection, 2, SIZE))
         sender.start()
@@ -215,7 +218,7 @@ def test_256_mib_each_way_byte_exact(tmp_path):
 
     with Backend("sink", exchange) as backend:
         port = free_port()
-        with Router(tmp_path, relay_config(port, backend.port)) as router:
+        with Router(tmp_path, relay_config(port, backend.port, f"relay: {relay}")) as router:
             with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
                 client.sendall(b"BULK")  # unknown protocol -> default
                 result = {}
@@ -236,7 +239,8 @@ def test_256_mib_each_way_byte_exact(tmp_path):
                                  direction="downstream") == SIZE
 
 
-def test_half_close_client_still_gets_the_whole_reply(tmp_path):
+@RELAYS
+def test_half_close_client_still_gets_the_whole_reply(tmp_path, relay):
     def answer_after_eof(backend, connection):
         digest, count = read_to_end(connection)
         backend.record((digest, count))
@@ -245,7 +249,7 @@ def test_half_close_client_still_gets_the_whole_reply(tmp_path):
 
     with Backend("sink", answer_after_eof) as backend:
         port = free_port()
-        with Router(tmp_path, relay_config(port, backend.port)):
+        with Router(tmp_path, relay_config(port, backend.port, f"relay: {relay}")):
             with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
                 client.sendall(b"GET /report HTTP/1.1\r\nHost: x\r\n\r\n")
                 client.shutdown(socket.SHUT_WR)
@@ -254,7 +258,8 @@ def test_half_close_client_still_gets_the_whole_reply(tmp_path):
             assert backend.results[0][1] == len(b"GET /report HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
-def test_client_that_stops_reading_keeps_router_memory_bounded(tmp_path):
+@RELAYS
+def test_client_that_stops_reading_keeps_router_memory_bounded(tmp_path, relay):
     big = 512 * 1024 * 1024
     sent = []
 
@@ -267,7 +272,7 @@ def test_client_that_stops_reading_keeps_router_memory_bounded(tmp_path):
 
     with Backend("flood", flood) as backend:
         port = free_port()
-        with Router(tmp_path, relay_config(port, backend.port)) as router:
+        with Router(tmp_path, relay_config(port, backend.port, f"relay: {relay}")) as router:
             before = router.rss_bytes()
             with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
