@@ -184,7 +184,10 @@ class Direct(Target):
 
 
 class L4Router(Target):
+    """l4router as installed: a worker per core (the default), the copying relay."""
+
     name = "l4router"
+    workers = "auto"
 
     def command(self):
         b = self.backends
@@ -205,11 +208,19 @@ backends:
   http: {{servers: ["127.0.0.1:{b.http}"]}}
   tls: {{servers: ["127.0.0.1:{b.tls}"]}}
 logging: {{access_log: false, level: warn}}
+workers: {self.workers}
 """
         with open(f"{self.folder}/l4router.yaml", "w") as out:
             out.write(config)
         twistd = shutil.which("twistd") or os.path.join(os.path.dirname(sys.executable), "twistd")
         return [twistd, "-n", "--pidfile=", "l4router", "-c", f"{self.folder}/l4router.yaml"]
+
+
+class L4RouterOneProcess(L4Router):
+    """l4router in one process (`workers: 1`): what one Python process does."""
+
+    name = "l4router-1w"
+    workers = 1
 
 
 class L4RouterSplice(L4Router):
@@ -295,7 +306,7 @@ class SSLH(Target):
                 "--on-timeout", f"127.0.0.1:{b.iperf}"]
 
 
-TARGETS = [Direct, L4Router, L4RouterSplice, HAProxy, NginxStream, SSLH]
+TARGETS = [Direct, L4Router, L4RouterOneProcess, L4RouterSplice, HAProxy, NginxStream, SSLH]
 
 
 def iperf(port, streams, seconds):

@@ -7,10 +7,12 @@ import json
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from l4router import status
+from l4router.worker_status import WorkerStatus
 
 
 class MetricsResource(Resource):
@@ -43,8 +45,24 @@ class TextResource(Resource):
         return text.encode() + b"\n"
 
 
+def _answer(request, compute, render):
+    """Write render(compute()) once it is known: a supervisor asks its workers first."""
+
+    def write(value):
+        request.write(render(value))
+        request.finish()
+
+    def fail(failure):
+        request.setResponseCode(500)
+        request.write(f"status unavailable: {failure.getErrorMessage()}\n".encode())
+        request.finish()
+
+    defer.maybeDeferred(compute).addCallbacks(write, fail)
+    return NOT_DONE_YET
+
+
 class JSONResource(Resource):
-    """Serves what `describe()` returns, as JSON, fresh on every request."""
+    """Serves what `describe()` returns (or fires with), as JSON, fresh on every request."""
 
     isLeaf = True
 
@@ -54,7 +72,8 @@ class JSONResource(Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self.describe(), indent=2, default=str).encode() + b"\n"
+        return _answer(request, self.describe,
+                       lambda value: json.dumps(value, indent=2, default=str).encode() + b"\n")
 
 
 class ReloadResource(Resource):
@@ -107,7 +126,7 @@ class StatusPage(Resource):
             request.setResponseCode(404)
             return b"not found\n"
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return render_status_page(self.overview()).encode()
+        return _answer(request, self.overview, lambda data: render_status_page(data).encode())
 
 
 def _table(headers, rows):
@@ -157,18 +176,41 @@ td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}th{{background:#
 
 def admin_site(router, reloader, registry, token=None):
     throughput = router.throughput
+    root = _operations(router, reloader, registry, token)
+    _status_views(root, lambda: status.overview(router, throughput), router.backends.status,
+                  lambda: status.connections(router))
+    return _site(root)
+
+
+def _status_views(root, overview, backends, connections):
+    root.putChild(b"", StatusPage(overview))
+    state = JSONResource(overview)
+    state.putChild(b"backends", JSONResource(backends))
+    state.putChild(b"connections", JSONResource(connections))
+    state.isLeaf = False
+    root.putChild(b"status", state)
+
+
+def supervisor_site(supervisor, reloader, token=None):
+    """The admin site of a supervisor: the workers' metrics summed, its readiness (every
+    worker accepting), reloads, and the workers' status merged."""
+    workers = WorkerStatus(supervisor.reactor, supervisor)
+    root = _operations(supervisor, reloader, supervisor.registry, token)
+    _status_views(root, workers.overview, workers.backends, workers.connections)
+    return _site(root)
+
+
+def _operations(router, reloader, registry, token):
     root = Resource()
-    root.putChild(b"", StatusPage(lambda: status.overview(router, throughput)))
     root.putChild(b"metrics", MetricsResource(registry))
     root.putChild(b"healthz", TextResource(lambda: (200, "ok")))
     root.putChild(b"readyz", TextResource(
-        lambda: (200, "ready") if router.ready else (503, "not ready: draining")))
+        lambda: (200, "ready") if router.ready else (503, "not ready")))
     root.putChild(b"reload", ReloadResource(reloader, token))
-    state = JSONResource(lambda: status.overview(router, throughput))
-    state.putChild(b"backends", JSONResource(router.backends.status))
-    state.putChild(b"connections", JSONResource(lambda: status.connections(router)))
-    state.isLeaf = False
-    root.putChild(b"status", state)
+    return root
+
+
+def _site(root):
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False

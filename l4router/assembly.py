@@ -28,11 +28,16 @@ def access_log_wanted(config):
 
 
 class RouterAssembly:
-    def __init__(self, reactor, detectors, registry=None):
+    def __init__(self, reactor, detectors, registry=None, inherited_sockets=None,
+                 standalone=True):
+        """`standalone`: not a worker, so the config and process metrics are this process's."""
         self.reactor = reactor
         self.detectors = detectors
-        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
-        self.metrics.watch_reactor(reactor)
+        self.inherited_sockets = inherited_sockets or {}  # in a worker: description -> fd
+        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(),
+                                     config_metrics=standalone)
+        if standalone:
+            self.metrics.watch_reactor(reactor)
         self.process_limit = ProcessLimit()
         self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
 
@@ -51,7 +56,8 @@ class RouterAssembly:
         """A Service that binds and runs one listener, TCP or UDP."""
         factory = self.listener_factory(listener, config, groups)
         kind = UDPListenerService if listener.transport == "udp" else ListenerService
-        return kind(self.reactor, listener, factory, config.shutdown_timeout)
+        return kind(self.reactor, listener, factory, config.shutdown_timeout,
+                    self.inherited_sockets)
 
     def listener_factory(self, listener, config, groups):
         kind = UDPListener if listener.transport == "udp" else ListenerFactory

@@ -8,6 +8,7 @@ import fnmatch
 import functools
 import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 
@@ -29,6 +30,8 @@ TRANSPORTS = ("tcp", "udp")
 RELAY_MODES = ("copy", "splice")
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+SHAREABLE_ENDPOINT_TYPES = ("tcp", "tcp6", "udp")  # what workers can each hold a socket of
+MAX_WORKERS = 256
 LISTEN_BACKLOG = 1024  # the host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -167,6 +170,7 @@ class Config:
     shutdown_timeout: float
     admin: AdminSettings
     logging: LoggingSettings
+    workers: int = 1  # processes: 1 runs in this process, more run under a supervisor
     source: str = ""  # the file it came from, for logs
     digest: str = ""  # sha256 of the file, to tell configs apart
 
@@ -394,6 +398,23 @@ def _known_endpoint_types():
     return names
 
 
+def usable_cores():
+    """The cores this process may run on (a container or taskset may allow fewer than exist)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(value):
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(f"must be auto or a number of processes from 1 to {MAX_WORKERS}, "
+                       f"not {value!r}")
+    return value
+
+
 def _string_list(value):
     values = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
     if not isinstance(values, list) or not values:
@@ -460,11 +481,28 @@ class _Builder:
         shutdown_timeout = top.get("shutdown_timeout", parse_duration, DEFAULT_SHUTDOWN_TIMEOUT)
         admin = self.admin(top)
         logging = self.logging(top)
+        workers = self.workers(top, listeners)
         top.finish()
         return Config(
             listeners=listeners, backends=_FrozenDict(backends), max_connections=max_connections,
-            shutdown_timeout=shutdown_timeout, admin=admin, logging=logging,
+            shutdown_timeout=shutdown_timeout, admin=admin, logging=logging, workers=workers,
         )
+
+    def workers(self, top, listeners):
+        """`auto` is a worker per usable core, or 1 when a listener's socket cannot be had
+        once per worker (systemd:, unix:); an explicit N > 1 then is an error."""
+        workers = top.get("workers", _workers, "auto")
+        unshareable = [(listener.name, description) for listener in listeners
+                       for description in listener.listen
+                       if _endpoint_type(description) not in SHAREABLE_ENDPOINT_TYPES]
+        if workers == "auto":
+            return 1 if unshareable else usable_cores()
+        if workers is not _MISSING and workers > 1 and unshareable:
+            name, description = unshareable[0]
+            self.reader.problem("workers", f"{workers} workers each need their own socket, which "
+                                           f"listener {name!r} cannot have on {description!r} "
+                                           "(only tcp, tcp6 and udp addresses): set workers: 1")
+        return 1 if workers is _MISSING else workers
 
     def backends(self, top):
         raw = top.get("backends", lambda v: v, {})

@@ -24,3 +24,7 @@ class BackendUnavailable(L4RouterError):
         self.backend = backend
         self.reason = reason
         super().__init__(f"backend {backend!r}: {reason}{': ' + detail if detail else ''}")
+
+
+class WorkerFailed(L4RouterError):
+    """A worker process could not be started; the supervisor stops."""

@@ -13,7 +13,9 @@ DOWNSTREAM = "downstream"  # backend -> client
 
 
 class RouterMetrics:
-    def __init__(self, registry=None):
+    def __init__(self, registry=None, config_metrics=True):
+        """`config_metrics`: this process owns the config (a worker's belongs to its
+        supervisor)."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.accepted = Counter(
@@ -25,7 +27,7 @@ class RouterMetrics:
             ["listener", "reason"], registry=r)
         self.active = Gauge(
             "l4router_connections_active", "Connections open now (detecting or relaying).",
-            ["listener"], registry=r)
+            ["listener"], registry=r, multiprocess_mode="livesum")
         self.routed = Counter(
             "l4router_connections_routed", "Decisions: the detected protocol and chosen route.",
             ["listener", "protocol", "route", "backend"], registry=r)
@@ -52,24 +54,26 @@ class RouterMetrics:
             "l4router_backend_retries", "Connect attempts after the first, for one client.",
             ["backend"], registry=r)
         self.server_up = Gauge(
-            "l4router_backend_server_up", "1 while a server is healthy (gets new clients).",
-            ["backend", "server"], registry=r)
+            "l4router_backend_server_up",
+            "1 while a server is healthy (gets new clients); with workers, in every worker.",
+            ["backend", "server"], registry=r, multiprocess_mode="livemin")
         self.server_active = Gauge(
             "l4router_backend_server_active_connections",
             "Connections to a server: relaying or being connected.",
-            ["backend", "server"], registry=r)
+            ["backend", "server"], registry=r, multiprocess_mode="livesum")
         self.health_checks = Counter(
             "l4router_backend_health_checks", "Active health checks by result.",
             ["backend", "server", "result"], registry=r)
         self.pool_idle = Gauge(
             "l4router_backend_pool_idle", "Spare connections waiting in a server's pool.",
-            ["backend", "server"], registry=r)
+            ["backend", "server"], registry=r, multiprocess_mode="livesum")
         self.pool_requests = Counter(
             "l4router_backend_pool_requests", "Clients served from a pool (hit) or not (miss).",
             ["backend", "result"], registry=r)
 
         self.udp_sessions_active = Gauge(
-            "l4router_udp_sessions_active", "UDP sessions open now.", ["listener"], registry=r)
+            "l4router_udp_sessions_active", "UDP sessions open now.", ["listener"], registry=r,
+            multiprocess_mode="livesum")
         self.udp_sessions_created = Counter(
             "l4router_udp_sessions_created", "UDP sessions by detected protocol.",
             ["listener", "protocol"], registry=r)
@@ -83,20 +87,7 @@ class RouterMetrics:
         self.udp_dropped = Counter(
             "l4router_udp_datagrams_dropped", "Datagrams not relayed, by reason.",
             ["listener", "reason"], registry=r)
-        self.config_info = Gauge(
-            "l4router_config_info", "1 for the config in use, labelled by its sha256.",
-            ["sha256"], registry=r)
-        self.config_reload_success = Gauge(
-            "l4router_config_last_reload_success", "1 if the last reload succeeded, else 0.",
-            registry=r)
-        self.config_reload_time = Gauge(
-            "l4router_config_last_reload_timestamp_seconds", "When the last reload was tried.",
-            registry=r)
-        self.config_reloads = Counter(
-            "l4router_config_reloads", "Reloads by result (success, failure).", ["result"],
-            registry=r)
-        self.config_reload_success.set(1)
-        self._config_digest = None
+        self.config = ConfigMetrics(r) if config_metrics else None
 
     def watch_reactor(self, reactor):
         """Process and reactor gauges, read at scrape time: open fds, RSS, CPU (the standard
@@ -104,19 +95,74 @@ class RouterMetrics:
         ProcessCollector(registry=self.registry)
         self.registry.register(_ReactorCollector(reactor))
 
-    def config_loaded(self, digest):
-        if self._config_digest is not None and self._config_digest != digest:
-            self.config_info.remove(self._config_digest)
-        self._config_digest = digest
-        self.config_info.labels(digest).set(1)
-
-    def reloaded(self, success, when):
-        self.config_reload_success.set(1 if success else 0)
-        self.config_reload_time.set(when)
-        self.config_reloads.labels("success" if success else "failure").inc()
+    def watch_worker(self, reactor, index):
+        """In a worker, the same gauges, one series per worker (see WorkerGauges)."""
+        return WorkerGauges(self.registry, reactor, str(index))
 
     def for_listener(self, name):
         return ListenerMetrics(self, name)
+
+
+class WorkerGauges:
+    """A worker's process gauges. Its supervisor serves /metrics from files, so they cannot be
+    read at scrape time: `sample()` runs every few seconds. One series per worker, since a sum
+    of RSS or of pending timers over workers would say nothing."""
+
+    FROM_PROCESS = {
+        "process_resident_memory_bytes": ("l4router_worker_resident_memory_bytes",
+                                          "Resident memory of a worker."),
+        "process_open_fds": ("l4router_worker_open_fds", "Open file descriptors of a worker."),
+        "process_cpu_seconds": ("l4router_worker_cpu_seconds", "CPU time used by a worker."),
+    }
+
+    def __init__(self, registry, reactor, worker):
+        self.reactor = reactor
+        self.process = ProcessCollector(registry=None)
+        self.gauges = {
+            source: Gauge(name, text, ["worker"], registry=registry,
+                          multiprocess_mode="liveall").labels(worker)
+            for source, (name, text) in self.FROM_PROCESS.items()}
+        self.delayed_calls = Gauge(
+            "l4router_worker_reactor_delayed_calls", "Timers pending in a worker's reactor.",
+            ["worker"], registry=registry, multiprocess_mode="liveall").labels(worker)
+
+    def sample(self):
+        for family in self.process.collect():
+            gauge = self.gauges.get(family.name)
+            if gauge is not None and family.samples:
+                gauge.set(family.samples[0].value)
+        self.delayed_calls.set(len(self.reactor.getDelayedCalls()))
+
+
+class ConfigMetrics:
+    """Which config is in use and how reloads went: kept by whoever reads the config file."""
+
+    def __init__(self, registry):
+        self.info = Gauge(
+            "l4router_config_info", "1 for the config in use, labelled by its sha256.",
+            ["sha256"], registry=registry)
+        self.reload_success = Gauge(
+            "l4router_config_last_reload_success", "1 if the last reload succeeded, else 0.",
+            registry=registry)
+        self.reload_time = Gauge(
+            "l4router_config_last_reload_timestamp_seconds", "When the last reload was tried.",
+            registry=registry)
+        self.reloads = Counter(
+            "l4router_config_reloads", "Reloads by result (success, failure).", ["result"],
+            registry=registry)
+        self.reload_success.set(1)
+        self._digest = None
+
+    def loaded(self, digest):
+        if self._digest is not None and self._digest != digest:
+            self.info.remove(self._digest)
+        self._digest = digest
+        self.info.labels(digest).set(1)
+
+    def reloaded(self, success, when):
+        self.reload_success.set(1 if success else 0)
+        self.reload_time.set(when)
+        self.reloads.labels("success" if success else "failure").inc()
 
 
 class ListenerMetrics:

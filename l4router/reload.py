@@ -20,12 +20,16 @@ UNRELOADABLE = ("admin", "logging")  # bound or installed once, before privilege
 
 
 class ConfigReloader:
-    def __init__(self, router, metrics):
+    """Reloads the router in this process. `metrics` (ConfigMetrics) is None in a worker,
+    whose supervisor reads the config first and exports the outcome."""
+
+    def __init__(self, router, metrics, detectors):
         self.router = router
-        self.assembly = router.assembly
+        self.detectors = detectors
         self.metrics = metrics
         self._reloading = False
-        metrics.config_loaded(router.config.digest)
+        if metrics is not None:
+            metrics.loaded(router.config.digest)
 
     def install_signal_handler(self):
         """SIGHUP reloads; the work runs in the reactor, not in the signal handler."""
@@ -48,7 +52,7 @@ class ConfigReloader:
         path = self.router.config.source
         log.info("Reloading the config from {path}", path=path)
         try:
-            config = load_config(path, self.assembly.detectors)
+            config = load_config(path, self.detectors)
             yield self._apply(config)
         except (ConfigError, BindFailed) as error:
             log.error("Reload failed, the running config stays: {error}", error=str(error))
@@ -58,14 +62,18 @@ class ConfigReloader:
         log.info("Reloaded the config (sha256 {digest})", digest=config.digest[:12])
         return True, f"reloaded {path} (sha256 {config.digest[:12]})"
 
-    @defer.inlineCallbacks
     def _apply(self, config):
+        return self._apply_here(config)
+
+    @defer.inlineCallbacks
+    def _apply_here(self, config):
         router = self.router
+        assembly = router.assembly
         old = router.config
         for key in UNRELOADABLE:
             if getattr(old, key) != getattr(config, key):
                 log.warn("'{key}' changed: it takes effect at the next restart", key=key)
-        groups = self.assembly.backend_groups(config)
+        groups = assembly.backend_groups(config)
         running = {service.name: service for service in router.listeners}
         kept, started, stopped = [], [], []
         for listener in config.listeners:
@@ -75,7 +83,7 @@ class ConfigReloader:
                 continue
             if service is not None:
                 stopped.append(service)
-            started.append(self.assembly.listener_service(listener, config, groups))
+            started.append(assembly.listener_service(listener, config, groups))
         names = {listener.name for listener in config.listeners}
         stopped.extend(s for name, s in running.items() if name not in names)
         # Free their addresses before binding the new ones (a port closes in the next turn).
@@ -90,10 +98,10 @@ class ConfigReloader:
                 service.privilegedStartService()
             raise
         # Nothing can fail from here on: commit.
-        self.assembly.apply_limits(config)
+        assembly.apply_limits(config)
         router.backends.replace(groups)
         for service, listener in kept:
-            self.assembly.reconfigure_factory(service.factory, listener, config, groups)
+            assembly.reconfigure_factory(service.factory, listener, config, groups)
             service.shutdown_timeout = config.shutdown_timeout
         for service in stopped:
             service.disownServiceParent()  # drains like at shutdown
@@ -102,5 +110,31 @@ class ConfigReloader:
         router.config = config
 
     def _record(self, config, success):
-        self.metrics.reloaded(success, self.router.reactor.seconds())
-        self.metrics.config_loaded(config.digest)
+        if self.metrics is not None:
+            self.metrics.reloaded(success, self.router.reactor.seconds())
+            self.metrics.loaded(config.digest)
+
+
+class WorkersReloader(ConfigReloader):
+    """Reloads under a supervisor: the config is read and checked here, then every worker
+    reloads it in place (its relays untouched). Listen addresses and the number of workers
+    are the supervisor's sockets and processes: changing them needs a restart."""
+
+    def _apply(self, config):
+        old = self.router.config
+        if config.workers != old.workers:
+            raise ConfigError([("workers", f"changed from {old.workers} to {config.workers}: "
+                                           "restart l4router to apply")])
+        if _sockets(config) != _sockets(old):
+            raise ConfigError([("listeners", "listen addresses changed: with workers, restart "
+                                             "l4router to apply")])
+        for key in UNRELOADABLE:
+            if getattr(old, key) != getattr(config, key):
+                log.warn("'{key}' changed: it takes effect at the next restart", key=key)
+        self.router.forward("HUP")
+        self.router.config = config
+        return defer.succeed(None)
+
+
+def _sockets(config):
+    return {description for listener in config.listeners for description in listener.listen}

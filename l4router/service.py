@@ -9,14 +9,19 @@ RouterService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l4router.errors import BindFailed
+from l4router.logs import install_log_observer
 from l4router.relay import SHUTDOWN
+from l4router.sockets import adopt
 from l4router.status import ThroughputMeter
 
 log = Logger()
+
+SAMPLE_INTERVAL = 5.0
 
 
 def bind_now(reactor, description, factory):
@@ -43,18 +48,24 @@ def describe_address(address):
 
 
 class PortsService(Service):
-    """Binds a factory on endpoint descriptions before privileges are dropped."""
+    """Binds a factory on endpoint descriptions before privileges are dropped, or adopts the
+    sockets a supervisor handed down for them (`inherited`: description -> fd)."""
 
-    def __init__(self, reactor, descriptions, factory):
+    def __init__(self, reactor, descriptions, factory, inherited=None):
         self.reactor = reactor
         self.descriptions = descriptions
         self.factory = factory
+        self.inherited = inherited or {}
         self.ports = []
 
     def privilegedStartService(self):
         super().privilegedStartService()
         try:
             for description in self.descriptions:
+                if description in self.inherited:
+                    self.ports.append(adopt(self.reactor, description,
+                                            self.inherited[description], self.factory))
+                    continue
                 self.ports.append(bind_now(self.reactor, description, self.factory))
         except BindFailed:
             self.stop_listening()
@@ -77,8 +88,8 @@ class AdminService(PortsService):
 class ListenerService(PortsService):
     """One listener: on stop, stop accepting, wait for its connections, abort what is left."""
 
-    def __init__(self, reactor, listener, factory, shutdown_timeout):
-        super().__init__(reactor, listener.listen, factory)
+    def __init__(self, reactor, listener, factory, shutdown_timeout, inherited=None):
+        super().__init__(reactor, listener.listen, factory, inherited)
         self.setName(listener.name)
         self.shutdown_timeout = shutdown_timeout
 
@@ -170,6 +181,9 @@ class RouterService(MultiService):
         self.draining = False
         self.throughput = ThroughputMeter(self)
         self.reloader = None  # set by whoever can build new parts (l4router.reload)
+        self.samplers = []  # called every SAMPLE_INTERVAL while running (a worker's gauges)
+        self._sampling = []
+        self.on_started = None  # a worker tells its supervisor it accepts
         for child in (admin, backends, listeners):
             child.setServiceParent(self)
 
@@ -179,12 +193,7 @@ class RouterService(MultiService):
         return self.running and not self.draining
 
     def setServiceParent(self, parent):
-        # twistd asks the application for an ILogObserver after makeService: our chance to
-        # put the configured log format in place of its default one.
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            from twisted.logger import ILogObserver
-
-            parent.setComponent(ILogObserver, self.log_observer)
+        install_log_observer(self, parent, self.log_observer)
         super().setServiceParent(parent)
 
     def startService(self):
@@ -194,10 +203,20 @@ class RouterService(MultiService):
         self.throughput.start()
         if self.reloader is not None:
             self.reloader.install_signal_handler()
+        for sampler in self.samplers:
+            loop = LoopingCall(sampler)
+            loop.clock = self.reactor
+            loop.start(SAMPLE_INTERVAL, now=True)
+            self._sampling.append(loop)
+        if self.on_started is not None:
+            self.on_started()
 
     def stopService(self):
         self.draining = True
         self.throughput.stop()
+        for loop in self._sampling:
+            loop.stop()
+        self._sampling = []
         Service.stopService(self)
         stages = list(self)
         stages.reverse()

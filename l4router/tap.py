@@ -1,18 +1,21 @@
 """`twistd l4router`: command-line options and the assembly of the Service tree."""
 
+import json
 import sys
 from importlib import resources
 
 from twisted.python import usage
 
-from l4router.admin import admin_site
+from l4router.admin import admin_site, supervisor_site
 from l4router.assembly import RouterAssembly
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
 from l4router.logs import make_log_observer
-from l4router.reload import ConfigReloader
+from l4router.metrics import ConfigMetrics
+from l4router.reload import ConfigReloader, WorkersReloader
 from l4router.service import AdminService, BackendsService, ListenersService, RouterService
+from l4router.workers import Supervisor, start_worker, worker_command
 
 
 def quickstart_config_path():
@@ -31,6 +34,11 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "The YAML config file (default: the packaged quickstart.yaml)."],
+        # Set by the supervisor when it starts a worker (`workers:` in the config):
+        ["worker", None, None, "(internal) Run as worker N of a supervisor.", int],
+        ["sockets", None, "{}", "(internal) JSON: listen description -> inherited fd."],
+        ["status-fd", None, None, "(internal) The fd to announce readiness on.", int],
+        ["admin-socket", None, None, "(internal) The UNIX socket of the worker's status site."],
     ]
     optFlags = [
         ["check", None, "Validate the config, print every error with its key path, and exit "
@@ -89,23 +97,59 @@ def makeService(options):
 
     _print_l4router_errors_in_one_line()
     twistd = options.parent or {}
-    observer = make_log_observer(options.loaded.logging, twistd.get("logfile"),
-                                 twistd.get("nodaemon", True))
-    return build_router(options.loaded, options.detectors, reactor, log_observer=observer)
+    config = options.loaded
+    worker = options["worker"]
+    observer = make_log_observer(config.logging, twistd.get("logfile"),
+                                 twistd.get("nodaemon", True), worker=worker)
+    if worker is not None:
+        return build_worker(config, options.detectors, reactor, worker,
+                            json.loads(options["sockets"]), options["status-fd"],
+                            options["admin-socket"], observer)
+    if config.workers > 1:
+        return build_supervisor(config, options.detectors, reactor,
+                                worker_command(options, config.source), observer)
+    return build_router(config, options.detectors, reactor, log_observer=observer)
 
 
-def build_router(config, detectors, reactor, registry=None, log_observer=None):
-    """Build (not start) the whole Service tree for `config`."""
-    assembly = RouterAssembly(reactor, detectors, registry)
+def build_supervisor(config, detectors, reactor, command, log_observer=None):
+    """The parent of `config.workers` workers: sockets, processes, the admin site, reloads."""
+    admin = AdminService(reactor, config.admin.listen, None)
+    supervisor = Supervisor(reactor, config, command, admin, log_observer=log_observer)
+    metrics = ConfigMetrics(supervisor.registry)
+    supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
+    admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin.token)
+    return supervisor
+
+
+def build_worker(config, detectors, reactor, index, sockets, status_fd, admin_socket,
+                 log_observer):
+    """Worker `index`: the router on the sockets its supervisor handed down, its status site
+    on a UNIX socket only the supervisor asks."""
+    router = build_router(config, detectors, reactor, log_observer=log_observer,
+                          inherited_sockets=sockets, worker=index,
+                          admin_listen=(f"unix:{admin_socket}",))
+    router.on_started = lambda: start_worker(reactor, status_fd)
+    return router
+
+
+def build_router(config, detectors, reactor, registry=None, log_observer=None,
+                 inherited_sockets=None, worker=None, admin_listen=None):
+    """Build (not start) the whole Service tree for `config`; in a worker, on inherited
+    sockets, without the config metrics (the supervisor's), the admin site on `admin_listen`."""
+    assembly = RouterAssembly(reactor, detectors, registry, inherited_sockets,
+                              standalone=worker is None)
     assembly.apply_limits(config)
     groups = assembly.backend_groups(config)
     listeners = ListenersService()
     for listener in config.listeners:
         assembly.listener_service(listener, config, groups).setServiceParent(listeners)
-    admin = AdminService(reactor, config.admin.listen, None)
+    admin = AdminService(reactor, config.admin.listen if admin_listen is None else admin_listen,
+                         None)
     router = RouterService(reactor, config, assembly, admin, BackendsService(groups), listeners,
                            log_observer=log_observer)
-    router.reloader = ConfigReloader(router, assembly.metrics)
+    if worker is not None:
+        router.samplers.append(assembly.metrics.watch_worker(reactor, worker).sample)
+    router.reloader = ConfigReloader(router, assembly.metrics.config, detectors)
     admin.factory = admin_site(router, router.reloader, assembly.metrics.registry,
                                config.admin.token)
     return router

@@ -20,6 +20,7 @@ from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
 from l4router.relay import IdleWatch
 from l4router.listener import ListenerRuntime
+from l4router.sockets import MAX_DATAGRAM, adopt, parse_udp_listen
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -33,13 +34,6 @@ REJECTED = "rejected"
 SHUTDOWN = "shutdown"
 
 _session_ids = itertools.count(1)
-
-
-def parse_udp_listen(description):
-    """`udp:PORT:interface=HOST` (what config makes of host:port for UDP) -> (host, port)."""
-    _, port, *rest = description.split(":", 2)
-    host = rest[0].split("=", 1)[1].replace("\\:", ":") if rest else ""
-    return host, int(port)
 
 
 class UDPListener(ListenerRuntime, DatagramProtocol):
@@ -174,7 +168,8 @@ class UDPSession:
     def _open_backend_socket(self):
         address = self.server.address
         family_any = "::" if ipaddress.ip_address(address).version == 6 else "0.0.0.0"
-        self.port = self.listener.clock.listenUDP(0, _BackendSocket(self), interface=family_any)
+        self.port = self.listener.clock.listenUDP(0, _BackendSocket(self), interface=family_any,
+                                                     maxPacketSize=MAX_DATAGRAM)
         self.port.connect(address, self.server.server.port)
         metrics = self.listener.metrics
         for datagram in self.held:
@@ -240,8 +235,9 @@ class UDPSession:
 class UDPListenerService(Service):
     """Binds a UDP listener's addresses before privileges drop; stopping ends its sessions."""
 
-    def __init__(self, reactor, listener, protocol, shutdown_timeout):
+    def __init__(self, reactor, listener, protocol, shutdown_timeout, inherited=None):
         self.reactor = reactor
+        self.inherited = inherited or {}
         self.factory = protocol  # the name the status page and reloads use for every listener
         self.setName(listener.name)
         self.descriptions = listener.listen
@@ -256,9 +252,14 @@ class UDPListenerService(Service):
         super().privilegedStartService()
         try:
             for description in self.descriptions:
+                if description in self.inherited:
+                    self.ports.append(adopt(self.reactor, description,
+                                            self.inherited[description], self.factory))
+                    continue
                 host, port = parse_udp_listen(description)
                 try:
-                    self.ports.append(self.reactor.listenUDP(port, self.factory, interface=host))
+                    self.ports.append(self.reactor.listenUDP(port, self.factory, interface=host,
+                                                             maxPacketSize=MAX_DATAGRAM))
                 except Exception as exc:
                     raise BindFailed(f"cannot listen on udp {host}:{port}: {exc}") from None
         except BindFailed:

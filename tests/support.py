@@ -44,14 +44,14 @@ def listening(port, host=LOOPBACK):
 class Router:
     """Runs `twistd -n l4router -c CONFIG` with JSON logs; stops it on exit, checking exit 0."""
 
-    def __init__(self, tmp_path, config_text, admin_port=None, env=None):
+    def __init__(self, tmp_path, config_text, admin_port=None, env=None, workers=1):
         assert TWISTD, "twistd is not on PATH: install l4router (see README)"
         self.tmp_path = tmp_path
         self.admin_port = admin_port or free_port()
         self.config_path = tmp_path / "router.yaml"
         self.config_path.write_text(
             config_text + f"\nadmin: {{listen: '127.0.0.1:{self.admin_port}'}}\n"
-            "logging: {format: json, access_log: true}\n")
+            f"logging: {{format: json, access_log: true}}\nworkers: {workers}\n")
         self.log_path = tmp_path / "router.log"
         self.env = env
         self.process = None

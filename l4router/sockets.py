@@ -1,0 +1,70 @@
+"""Listening sockets shared by worker processes.
+
+The supervisor binds one SO_REUSEPORT socket per worker for every address (as root, before
+privileges drop) and keeps them all; worker N adopts socket N. The kernel spreads new TCP
+connections over the sockets and keeps a UDP client's datagrams on one of them (it hashes the
+addresses), and a worker that dies and is restarted gets the same socket back: the connections
+queued on it meanwhile are accepted by the new worker, not reset.
+"""
+
+import socket
+
+from l4router.errors import BindFailed
+
+MAX_DATAGRAM = 65535  # Twisted reads 8 KiB by default and would cut bigger datagrams
+
+
+def parse_udp_listen(description):
+    """`udp:PORT:interface=HOST` (what config makes of host:port for UDP) -> (host, port)."""
+    _, port, *rest = description.split(":", 2)
+    host = rest[0].split("=", 1)[1].replace("\\:", ":") if rest else ""
+    return host, int(port)
+
+
+def socket_spec(description):
+    """(family, type, host, port, backlog) of a tcp, tcp6 or udp listen description."""
+    if description.startswith("udp:"):
+        host, port = parse_udp_listen(description)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, socket.SOCK_DGRAM, host, port, 0
+    from twisted.internet.endpoints import TCP6ServerEndpoint, serverFromString
+
+    endpoint = serverFromString(None, description)
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+    # Twisted keeps what it parsed on the endpoint; it has no public accessor for it.
+    return family, socket.SOCK_STREAM, endpoint._interface, endpoint._port, endpoint._backlog
+
+
+def bind_reuseport(description, count):
+    """`count` listening sockets on one address, or BindFailed with a one-line reason."""
+    family, kind, host, port, backlog = socket_spec(description)
+    if not host:
+        host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, kind)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the others share what the first one got
+            if kind == socket.SOCK_STREAM:
+                sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        # Worded as Twisted words it when there is a single process.
+        raise BindFailed(f"cannot listen on {description}: Couldn't listen on {host}:{port}: "
+                         f"{exc}.") from None
+    return sockets
+
+
+def adopt(reactor, description, fd, factory_or_protocol):
+    """Run a listener on a socket the supervisor handed down (the reactor dups the fd)."""
+    family, kind, *_ = socket_spec(description)
+    if kind == socket.SOCK_DGRAM:
+        return reactor.adoptDatagramPort(fd, family, factory_or_protocol, maxPacketSize=MAX_DATAGRAM)
+    return reactor.adoptStreamPort(fd, family, factory_or_protocol)

@@ -1,0 +1,104 @@
+"""The supervisor's status views: every worker's own, fetched from the admin site it serves on
+a private UNIX socket, merged into one (counts summed; a server is up only if every worker
+sees it up; connections say which worker holds them)."""
+
+import json
+
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.web.client import Agent, readBody
+
+FETCH_TIMEOUT = 5.0
+
+
+class _WorkerSocket:
+    """An Agent endpoint factory: every request goes to one worker's UNIX socket."""
+
+    def __init__(self, reactor, path):
+        self.reactor = reactor
+        self.path = path
+
+    def endpointForURI(self, uri):
+        return UNIXClientEndpoint(self.reactor, self.path, timeout=FETCH_TIMEOUT)
+
+
+class WorkerStatus:
+    def __init__(self, reactor, supervisor):
+        self.reactor = reactor
+        self.supervisor = supervisor
+
+    def fetch(self, path):
+        """[(worker index, parsed JSON)] of the workers that answered."""
+        requests = []
+        for index in sorted(self.supervisor.workers):
+            agent = Agent.usingEndpointFactory(
+                self.reactor, _WorkerSocket(self.reactor, self.supervisor.admin_socket(index)))
+            request = agent.request(b"GET", b"http://worker" + path)
+            request.addCallback(readBody).addCallback(json.loads)
+            request.addTimeout(FETCH_TIMEOUT, self.reactor)
+            requests.append(request.addCallback(lambda data, index=index: (index, data)))
+        answered = defer.DeferredList(requests, consumeErrors=True)
+        return answered.addCallback(lambda results: [value for ok, value in results if ok])
+
+    def connections(self):
+        return self.fetch(b"/status/connections").addCallback(_tagged_rows)
+
+    def backends(self):
+        return self.fetch(b"/status/backends").addCallback(
+            lambda answers: merge_backends([data for _, data in answers]))
+
+    def overview(self):
+        def merge(answers):
+            views = [data for _, data in answers]
+            config = self.supervisor.config
+            return {
+                "ready": self.supervisor.ready, "config": config.source,
+                "config_sha256": config.digest, "workers": len(views),
+                "listeners": merge_listeners([v["listeners"] for v in views]),
+                "backends": merge_backends([v["backends"] for v in views]),
+                "recent_connections": _tagged_rows(
+                    [(index, data["recent_connections"]) for index, data in answers]),
+            }
+
+        return self.fetch(b"/status").addCallback(merge)
+
+
+def _tagged_rows(answers):
+    return [dict(row, worker=index) for index, rows in answers for row in rows]
+
+
+SUMMED_LISTENER_FIELDS = ("active_connections", "accepted", "refused", "bytes_per_second")
+
+
+def merge_listeners(per_worker):
+    merged = {}
+    for listeners in per_worker:
+        for listener in listeners:
+            into = merged.get(listener["listener"])
+            if into is None:
+                merged[listener["listener"]] = json.loads(json.dumps(listener))  # a copy
+                continue
+            for field in SUMMED_LISTENER_FIELDS:
+                into[field] += listener[field]
+            hits = {route["route"]: route["hits"] for route in listener["routes"]}
+            for route in into["routes"]:
+                route["hits"] += hits.get(route["route"], 0)
+    return list(merged.values())
+
+
+def merge_backends(per_worker):
+    merged = {}
+    for backends in per_worker:
+        for backend in backends:
+            into = merged.get(backend["backend"])
+            if into is None:
+                merged[backend["backend"]] = json.loads(json.dumps(backend))
+                continue
+            servers = {server["server"]: server for server in backend["servers"]}
+            for server in into["servers"]:
+                other = servers.get(server["server"])
+                if other is not None:
+                    server["healthy"] = server["healthy"] and other["healthy"]
+                    server["active_connections"] += other["active_connections"]
+                    server["pool_idle"] += other["pool_idle"]
+    return list(merged.values())

@@ -1,0 +1,317 @@
+"""`workers: N`: N router processes under one supervising twistd.
+
+The supervisor binds every listener's sockets (one SO_REUSEPORT socket per worker, see
+l4router.sockets) and the admin site, then starts the workers: `twistd -n l4router` processes
+that adopt their sockets and run the router. It restarts a worker that dies (on the same
+sockets), forwards reloads, and on SIGTERM stops the workers (each drains as a single router
+does) before it stops itself. Metrics are written by the workers into a shared directory and
+summed by the supervisor's /metrics (prometheus-client's multiprocess mode).
+"""
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import multiprocess
+from twisted.application.service import MultiService
+from twisted.internet import abstract, defer, error, protocol
+from twisted.logger import Logger
+
+from l4router.errors import WorkerFailed
+from l4router.logs import install_log_observer
+from l4router.sockets import bind_reuseport
+
+log = Logger()
+
+STATUS_READY = b"ready\n"
+RESTART_BACKOFF = (0.5, 10.0)  # first delay, longest delay between restarts of one worker
+KILL_GRACE = 5.0  # after shutdown_timeout, a worker that has not exited is killed
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """One worker: its readiness (a line on a status pipe) and its end."""
+
+    def __init__(self, supervisor, index, status_fd):
+        self.supervisor = supervisor
+        self.index = index
+        self.status_fd = status_fd
+        self.ready = False
+        self.pid = None
+        self.ended = defer.Deferred()
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, fd, data):
+        if fd == self.status_fd and STATUS_READY in data and not self.ready:
+            self.ready = True
+            self.supervisor.worker_ready(self)
+
+    def processEnded(self, reason):
+        self.supervisor.worker_ended(self, reason.value)
+        self.ended.callback(reason.value)
+
+    def signal(self, name):
+        try:
+            self.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+
+class Supervisor(MultiService):
+    """The parent process: sockets, workers, the admin site, reloads, ordered shutdown."""
+
+    def __init__(self, reactor, config, worker_command, admin, log_observer=None):
+        super().__init__()
+        self.reactor = reactor
+        self.log_observer = log_observer
+        self.config = config
+        self.worker_command = worker_command  # index, sockets, status fd -> (argv, env)
+        self.admin = admin
+        admin.setServiceParent(self)
+        self.sockets = {}  # listen description -> one socket per worker
+        self.workers = {}  # index -> WorkerProcess (the current one)
+        self.restarts = {}  # index -> restarts in a row without a ready worker
+        self.run_dir = None  # the workers' metric files and admin sockets
+        self.draining = False
+        self.started_all = False
+        self.registry = CollectorRegistry()
+        self.workers_ready = Gauge("l4router_workers_ready", "Worker processes accepting.",
+                                   registry=self.registry)
+        self.workers_configured = Gauge("l4router_workers", "Worker processes configured.",
+                                        registry=self.registry)
+        self.worker_exits = Counter("l4router_worker_exits",
+                                    "Workers that ended unexpectedly and were restarted.",
+                                    ["worker"], registry=self.registry)
+        ProcessCollector(registry=self.registry)  # the supervisor's own process_* metrics
+        self.reloader = None
+
+    @property
+    def metrics_dir(self):
+        return os.path.join(self.run_dir, "metrics")
+
+    def admin_socket(self, index):
+        return os.path.join(self.run_dir, f"worker-{index}.sock")
+
+    @property
+    def ready(self):
+        return (self.running and not self.draining and len(self.workers) == self.config.workers
+                and all(worker.ready for worker in self.workers.values()))
+
+    def setServiceParent(self, parent):
+        install_log_observer(self, parent, self.log_observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self):
+        for listener in self.config.listeners:
+            for description in listener.listen:
+                if description not in self.sockets:
+                    try:
+                        self.sockets[description] = bind_reuseport(description,
+                                                                   self.config.workers)
+                    except Exception:
+                        self.close_sockets()
+                        raise
+        super().privilegedStartService()
+
+    def startService(self):
+        log.info("l4router using config {path} (sha256 {digest}) with {count} workers",
+                 path=self.config.source, digest=self.config.digest[:12],
+                 count=self.config.workers)
+        super().startService()
+        self.run_dir = tempfile.mkdtemp(prefix="l4router-")
+        os.mkdir(self.metrics_dir)
+        multiprocess.MultiProcessCollector(self.registry, path=self.metrics_dir)
+        self.workers_configured.set(self.config.workers)
+        for index in range(self.config.workers):
+            self.spawn(index)
+        if self.reloader is not None:
+            self.reloader.install_signal_handler()
+
+    def spawn(self, index):
+        sockets = {description: per_worker[index].fileno()
+                   for description, per_worker in self.sockets.items()}
+        # The child sees its sockets as fds 3, 4, ...; then the status pipe.
+        child_fds = {0: "w", 1: 1, 2: 2}
+        inherited = {}
+        for number, (description, fd) in enumerate(sockets.items(), start=3):
+            child_fds[number] = fd
+            inherited[description] = number
+        status_fd = 3 + len(inherited)
+        child_fds[status_fd] = "r"
+        argv, env = self.worker_command(index, inherited, status_fd, self.admin_socket(index))
+        env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        worker = WorkerProcess(self, index, status_fd)
+        try:
+            self.reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
+        except OSError as exc:  # say, --uid to a user who cannot run this Python
+            raise WorkerFailed(f"cannot start worker {index}: {exc}") from None
+        self.workers[index] = worker
+        log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def worker_ready(self, worker):
+        self.restarts[worker.index] = 0
+        self._count_ready()
+        if not self.started_all and self.ready:
+            self.started_all = True
+            log.info("All {count} workers accepting", count=len(self.workers))
+
+    def _count_ready(self):
+        self.workers_ready.set(sum(w.ready for w in self.workers.values()))
+
+    def worker_ended(self, worker, reason):
+        if worker.pid is not None:
+            multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        if os.path.exists(self.admin_socket(worker.index)):  # a killed worker leaves it
+            os.unlink(self.admin_socket(worker.index))
+        current = self.workers.get(worker.index) is worker
+        if current:
+            del self.workers[worker.index]
+        self._count_ready()
+        if self.draining or not current:
+            return
+        code = getattr(reason, "exitCode", None)
+        how = f"signal {reason.signal}" if getattr(reason, "signal", None) else f"exit {code}"
+        if not self.started_all and not worker.ready:
+            log.critical("Worker {index} ended ({how}) before it was ready: stopping",
+                         index=worker.index, how=how)
+            self.reactor.callLater(0, self.reactor.stop)
+            return
+        self.worker_exits.labels(str(worker.index)).inc()
+        failures = self.restarts.get(worker.index, 0)
+        self.restarts[worker.index] = failures + 1
+        delay = min(RESTART_BACKOFF[0] * 2 ** failures, RESTART_BACKOFF[1])
+        log.warn("Worker {index} (pid {pid}) ended ({how}); restarting it in {delay}s",
+                 index=worker.index, pid=worker.pid, how=how, delay=delay)
+        self.reactor.callLater(delay, self._respawn, worker.index)
+
+    def _respawn(self, index):
+        if self.running and not self.draining and index not in self.workers:
+            try:
+                self.spawn(index)
+            except WorkerFailed as failure:
+                log.critical("{failure}: stopping", failure=str(failure))
+                self.reactor.stop()
+
+    def forward(self, signal_name):
+        for worker in self.workers.values():
+            worker.signal(signal_name)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Workers first (they drain), then the sockets, then the admin site."""
+        self.draining = True
+        log.info("Stopping {count} workers", count=len(self.workers))
+        workers = list(self.workers.values())
+        for worker in workers:
+            worker.signal("TERM")
+        # The workers' own copies close as they stop accepting; from then on the kernel
+        # refuses new connections instead of queueing them for nobody.
+        self.close_sockets()
+        deadline = self.reactor.callLater(self.config.shutdown_timeout + KILL_GRACE,
+                                          self._kill, workers)
+        yield defer.DeferredList([worker.ended for worker in workers])
+        if deadline.active():
+            deadline.cancel()
+        log.info("All workers stopped")
+        yield defer.maybeDeferred(super().stopService)
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("l4router stopped")
+        # As RouterService does: the shutdown was orderly, so twistd exits 0.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
+
+    def _kill(self, workers):
+        for worker in workers:
+            if not worker.ended.called:
+                log.warn("Worker {index} (pid {pid}) did not stop in time: killed",
+                         index=worker.index, pid=worker.pid)
+                worker.signal("KILL")
+
+    def close_sockets(self):
+        sockets, self.sockets = self.sockets, {}
+        for per_worker in sockets.values():
+            for sock in per_worker:
+                sock.close()
+
+
+def worker_command(options, config_path):
+    """How the supervisor starts worker `index`: twistd again, with what it must adopt."""
+    twistd = options.parent or {}
+    logfile = twistd.get("logfile")
+
+    def command(index, inherited, status_fd, admin_socket):
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "--nodaemon", "--pidfile="]
+        if logfile and logfile != "-":
+            argv.append(f"--logfile={logfile}.worker-{index}")
+        argv += ["l4router", "-c", config_path, "--worker", str(index),
+                 "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
+                "--admin-socket", admin_socket]
+        return argv, dict(os.environ)
+
+    return command
+
+
+class ParentWatch(abstract.FileDescriptor):
+    """A worker's end of a pipe only its supervisor writes to: when the supervisor is gone,
+    the pipe ends and the worker shuts down (drains) instead of running on as an orphan."""
+
+    def __init__(self, reactor, fd, on_gone):
+        super().__init__(reactor)
+        self.fd = fd
+        self.on_gone = on_gone
+
+    def fileno(self):
+        return self.fd
+
+    def doRead(self):
+        try:
+            if os.read(self.fd, 64):
+                return None
+        except BlockingIOError:
+            return None
+        except OSError:
+            pass
+        return error.ConnectionDone()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if reason.check(error.ConnectionDone):  # not the reactor's own shutdown
+            self.on_gone()
+
+
+def start_worker(reactor, status_fd):
+    """Called once the services have started; the rest waits for the reactor to run (it
+    installs its own signal handlers first)."""
+    reactor.callWhenRunning(_run_as_worker, reactor, status_fd)
+
+
+def _run_as_worker(reactor, status_fd):
+    """Once a worker's services run: leave Ctrl-C to the supervisor (it reaches the whole
+    process group, and the supervisor stops the workers in order), take a second SIGTERM
+    calmly (systemd and timeout(1) signal every process of the group, then the supervisor
+    forwards its own), stop when the supervisor is gone, and tell it this worker accepts."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(_stop_once, reactor))
+    os.set_blocking(0, False)
+    ParentWatch(reactor, 0, lambda: _supervisor_gone(reactor)).startReading()
+    os.write(status_fd, STATUS_READY)
+    os.close(status_fd)
+
+
+def _supervisor_gone(reactor):
+    log.warn("The supervisor is gone: stopping")
+    _stop_once(reactor)
+
+
+def _stop_once(reactor):
+    try:
+        reactor.stop()
+    except error.ReactorNotRunning:  # already stopping
+        pass

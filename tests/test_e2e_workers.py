@@ -1,0 +1,344 @@
+"""`workers: N`: the real supervising twistd and its worker processes on loopback."""
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+
+import pytest
+
+from tests.support import (
+    Backend, Router, free_port, pseudo_random_stream, read_to_end, reply_with_name,
+    run_twistd, stream_digest, wait_until)
+
+pytestmark = pytest.mark.timeout(120)
+STREAM = 8 << 20
+
+
+def echo(backend, connection):
+    while data := connection.recv(65536):
+        connection.sendall(data)
+
+
+def stream_config(port, backend_port, extra=""):
+    return f"""
+listeners:
+  - name: front
+    listen: "127.0.0.1:{port}"
+    detect: {{timeout: 200ms}}
+    default: app
+backends:
+  app: {{servers: ["127.0.0.1:{backend_port}"]}}
+{extra}"""
+
+
+def worker_pids(router):
+    """{worker index: pid} of the newest start of each worker, from the supervisor's log."""
+    pids = {}
+    for event in router.events():
+        if event.get("log_format") == "Worker {index} started (pid {pid})":
+            pids[event["index"]] = event["pid"]
+    return pids
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def relay_digest(port, seed, size):
+    """Send `size` pseudo-random bytes through an echo relay; the digest of what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        sender = threading.Thread(target=_send_all, args=(client, seed, size))
+        sender.start()
+        digest, count = read_to_end(client)
+        sender.join()
+    return digest, count
+
+
+def _send_all(client, seed, size):
+    for chunk in pseudo_random_stream(seed, size):
+        client.sendall(chunk)
+    client.shutdown(socket.SHUT_WR)
+
+
+def test_connections_spread_over_both_workers_byte_exact_and_counted_once(tmp_path):
+    with Backend("echo", echo) as backend:
+        port = free_port()
+        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+            pids = worker_pids(router)
+            assert sorted(pids) == [0, 1] and router.process.pid not in pids.values()
+            results = [None] * 40
+
+            def run(index):
+                results[index] = relay_digest(port, index, 256 << 10)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            events = router.wait_access_events(40)
+            metrics = router.metrics()
+    for index, result in enumerate(results):
+        assert result == (stream_digest(index, 256 << 10), 256 << 10), index
+    assert {e["worker"] for e in events} == {0, 1}  # the kernel spread them
+    accepted = metrics[("l4router_connections_accepted_total", frozenset({("listener", "front")}))]
+    assert accepted == 40  # summed over the workers' metric files, each counted once
+    assert metrics[("l4router_workers_ready", frozenset())] == 2
+    per_worker = {dict(labels)["worker"] for (name, labels) in metrics
+                  if name == "l4router_worker_resident_memory_bytes"}
+    assert per_worker == {"0", "1"}
+
+
+def test_a_killed_worker_is_restarted_on_its_socket_and_no_client_fails(tmp_path):
+    with Backend("app", reply_with_name) as backend:
+        port = free_port()
+        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+            victim = worker_pids(router)[1]
+            answers, stop = [], threading.Event()
+
+            def steady():
+                while not stop.is_set():
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                            c.sendall(b"ping")
+                            answers.append(read_to_end(c, limit=100)[1])
+                    except OSError as exc:
+                        answers.append(exc)
+
+            loader = threading.Thread(target=steady)
+            loader.start()
+            time.sleep(0.5)
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: worker_pids(router)[1] != victim, message="a new worker 1")
+            wait_until(lambda: router.metric("l4router_workers_ready") == 2, timeout=15,
+                       message="both workers ready again")
+            time.sleep(0.5)
+            stop.set()
+            loader.join(30)
+            exits = router.metric("l4router_worker_exits_total", worker="1")
+    assert exits == 1
+    failures = [a for a in answers if not isinstance(a, int)]
+    # Connections the kernel queued on the dead worker's socket waited for its successor.
+    assert not failures, failures[:3]
+    assert len(answers) > 20 and all(a == len(b"app:ping") for a in answers)
+
+
+def test_sighup_reaches_every_worker_and_listen_changes_are_refused(tmp_path):
+    with Backend("old", reply_with_name) as old, Backend("new", reply_with_name) as new:
+        port = free_port()
+        with Router(tmp_path, stream_config(port, old.port), workers=2) as router:
+            assert ask_many(port, 20) == {b"old:ping"}
+            text = router.config_path.read_text()
+            router.config_path.write_text(text.replace(str(old.port), str(new.port)))
+            router.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: router.metric("l4router_config_reloads_total",
+                                             result="success") == 1, message="the reload")
+            wait_until(lambda: len([e for e in router.events() if e.get("log_format") ==
+                                    "Reloaded the config (sha256 {digest})"]) == 3,
+                       message="the supervisor and both workers reloaded")
+            assert ask_many(port, 40) == {b"new:ping"}
+            # A new listen address would need new sockets in every worker: refused, said why.
+            router.config_path.write_text(router.config_path.read_text().replace(
+                f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{router.admin_port}/reload", method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 422
+            assert b"listen addresses changed" in refused.value.read()
+            assert router.metric("l4router_config_last_reload_success") == 0
+            assert ask_many(port, 10) == {b"new:ping"}
+
+
+def ask_many(port, count):
+    answers = set()
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"ping")
+            answers.add(client.recv(100))
+    return answers
+
+
+def stream_out(backend, connection):
+    connection.recv(100)
+    for chunk in pseudo_random_stream(7, STREAM):
+        connection.sendall(chunk)
+
+
+def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
+    with Backend("source", stream_out) as backend:
+        port = free_port()
+        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+            pids = list(worker_pids(router).values())
+            results = [None] * 8
+
+            def slow_reader(index):
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+                    client.sendall(b"go")
+                    time.sleep(1.0)  # still relaying when SIGTERM arrives
+                    results[index] = read_to_end(client)
+
+            readers = [threading.Thread(target=slow_reader, args=(i,)) for i in range(8)]
+            for reader in readers:
+                reader.start()
+            wait_until(lambda: backend.connections == 8, message="8 relays")
+            router.process.send_signal(signal.SIGTERM)
+            readyz = wait_until(lambda: _status_code(router, "/readyz"), message="/readyz 503")
+            assert readyz == 503
+            for reader in readers:
+                reader.join(60)
+            code = router.process.wait(30)
+    assert code == 0, router.log_text()
+    assert results == [(stream_digest(7, STREAM), STREAM)] * 8
+    assert not any(alive(pid) for pid in pids)
+    messages = [(e.get("worker"), e.get("log_format")) for e in router.events()]
+    workers_done = max(i for i, m in enumerate(messages) if m[1] == "l4router stopped"
+                       and m[0] is not None)
+    assert messages.index((None, "All workers stopped")) > workers_done
+    assert messages[-1] != (None, "All workers stopped")  # the supervisor stops after them
+    assert (None, "l4router stopped") in messages[workers_done:]
+
+
+def _status_code(router, path):
+    try:
+        router.get(path)
+        return None
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
+    with Backend("app", reply_with_name) as backend:
+        port = free_port()
+        router = Router(tmp_path, stream_config(port, backend.port), workers=2).start()
+        try:
+            pids = list(worker_pids(router).values())
+            router.process.kill()
+            router.process.wait(10)
+            wait_until(lambda: not any(alive(pid) for pid in pids), timeout=15,
+                       message="orphaned workers to stop")
+        finally:
+            router.stop()
+    assert any(e.get("log_format") == "The supervisor is gone: stopping"
+               for e in router.events())
+
+
+def test_udp_clients_keep_to_one_worker(tmp_path):
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    port = free_port()
+    config = f"""
+listeners:
+  - name: dns_in
+    transport: udp
+    listen: "127.0.0.1:{port}"
+    default: echo
+backends:
+  echo: {{servers: ["127.0.0.1:{server.getsockname()[1]}"]}}
+"""
+    stop = threading.Event()
+
+    def echo_datagrams():
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(65535)
+            except TimeoutError:
+                continue
+            server.sendto(data, peer)
+
+    echoer = threading.Thread(target=echo_datagrams)
+    echoer.start()
+    try:
+        with Router(tmp_path, config, workers=2) as router:
+            clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(24)]
+            for index, client in enumerate(clients):
+                client.settimeout(5)
+                for number in range(5):
+                    payload = b"client %d datagram %d" % (index, number)
+                    client.sendto(payload, ("127.0.0.1", port))
+                    assert client.recvfrom(65535)[0] == payload
+            metrics = router.metrics()
+            for client in clients:
+                client.close()
+    finally:
+        stop.set()
+        echoer.join(5)
+        server.close()
+    created = sum(value for (name, labels), value in metrics.items()
+                  if name == "l4router_udp_sessions_created_total")
+    upstream = metrics[("l4router_udp_datagrams_total",
+                        frozenset({("listener", "dns_in"), ("direction", "upstream")}))]
+    assert created == 24  # one session per client: its datagrams never changed worker
+    assert upstream == 24 * 5
+
+
+def test_a_port_in_use_stops_the_supervisor_before_any_worker_starts(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "busy.yaml"
+        path.write_text(f"listeners: [{{name: a, listen: '127.0.0.1:{port}', default: reject}}]\n"
+                        "workers: 2\n")
+        result = run_twistd("-c", str(path), cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("l4router:")]
+    assert lines == [f"l4router: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=1024: "
+                     f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."]
+    assert "Worker" not in result.stdout
+
+
+def test_workers_need_sockets_they_can_each_have(tmp_path):
+    path = tmp_path / "shared.yaml"
+    path.write_text("listeners: [{name: a, listen: 'unix:/tmp/l4router-test.sock', "
+                    "default: reject}]\nworkers: 2\n")
+    result = run_twistd("-c", str(path), "--check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "  workers: 2 workers each need their own socket" in result.stderr
+    path.write_text("listeners: [{name: a, listen: '127.0.0.1:1', default: reject}]\n"
+                    "workers: 0\n")
+    result = run_twistd("-c", str(path), "--check", cwd=tmp_path)
+    assert "  workers: must be auto or a number of processes from 1 to 256, not 0" \
+        in result.stderr
+
+
+def test_status_views_merge_the_workers(tmp_path):
+    def hold(backend, connection):
+        connection.recv(100)
+        connection.recv(100)  # until the client closes
+
+    with Backend("held", hold) as backend:
+        port = free_port()
+        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+            clients = []
+            for _ in range(12):
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                client.sendall(b"hello")
+                clients.append(client)
+            wait_until(lambda: backend.connections == 12, message="12 relays")
+            live = json.loads(router.get("/status/connections"))
+            overview = json.loads(router.get("/status"))
+            backends = json.loads(router.get("/status/backends"))
+            page = router.get("/").decode()
+            for client in clients:
+                client.close()
+    assert len(live) == 12 and {c["worker"] for c in live} == {0, 1}
+    assert overview["workers"] == 2
+    [front] = overview["listeners"]
+    assert front["accepted"] == 12 and front["active_connections"] == 12
+    assert front["addresses"] == [f"127.0.0.1:{port}"]
+    assert [r["hits"] for r in front["routes"] if r["route"] == "default"] == [12]
+    [server] = backends[0]["servers"]
+    assert server["active_connections"] == 12 and server["healthy"]
+    assert "front" in page and f"127.0.0.1:{backend.port}" in page
