@@ -50,6 +50,9 @@ def wait_listening(port, timeout=15):
 
 
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+PYPY_ENV = os.environ.get("L4ROUTER_PYPY_ENV", "/opt/pypy-l4router")
+# The newest cryptography with a wheel for Debian's PyPy 3.9 (later ones need a Rust build).
+PYPY_CONSTRAINTS = "cryptography==43.0.3\n"
 
 
 def install_peers():
@@ -57,8 +60,23 @@ def install_peers():
                not os.path.exists(f"/usr/sbin/{tool}")]
     if not os.path.exists(STREAM_MODULE):
         missing.append("libnginx-mod-stream")
+    if not shutil.which("pypy3") or not os.path.exists("/usr/lib/pypy3.9/venv"):
+        missing += ["pypy3", "pypy3-venv"]
     if missing:
         subprocess.run(["apt-get", "install", "-y", "-q", *sorted(set(missing))], check=True)
+    install_pypy_env()
+
+
+def install_pypy_env():
+    """l4router (this checkout) in a PyPy virtualenv, for the l4router-pypy target."""
+    pip = os.path.join(PYPY_ENV, "bin", "pip")
+    if not os.path.exists(pip):
+        subprocess.run(["pypy3", "-m", "venv", PYPY_ENV], check=True)
+    constraints = os.path.join(PYPY_ENV, "constraints.txt")
+    with open(constraints, "w") as out:
+        out.write(PYPY_CONSTRAINTS)
+    subprocess.run([pip, "install", "-q", "-c", constraints, "--config-settings",
+                    "editable_mode=compat", "-e", CHECKOUT], check=True)
 
 
 def process_tree(pid):
@@ -223,6 +241,15 @@ class L4RouterOneProcess(L4Router):
     workers = 1
 
 
+class L4RouterPyPy(L4Router):
+    """l4router as installed, run by PyPy (Debian's pypy3, see install_pypy_env)."""
+
+    name = "l4router-pypy"
+
+    def command(self):
+        return [os.path.join(PYPY_ENV, "bin", "twistd"), *super().command()[1:]]
+
+
 class L4RouterSplice(L4Router):
     """l4router with `relay: splice` (zero-copy after the replay)."""
 
@@ -306,7 +333,8 @@ class SSLH(Target):
                 "--on-timeout", f"127.0.0.1:{b.iperf}"]
 
 
-TARGETS = [Direct, L4Router, L4RouterOneProcess, L4RouterSplice, HAProxy, NginxStream, SSLH]
+TARGETS = [Direct, L4Router, L4RouterOneProcess, L4RouterSplice, L4RouterPyPy, HAProxy,
+           NginxStream, SSLH]
 
 
 def iperf(port, streams, seconds):

@@ -4,6 +4,8 @@ Every problem is collected with the exact key path (``listeners[0].routes[2].mat
 user fixes a config in one go; nothing downstream ever reads the raw mapping.
 """
 
+from __future__ import annotations
+
 import fnmatch
 import functools
 import hashlib

@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from l4router.config import load_config
-from l4router.errors import BindFailed, ConfigError
+from l4router.errors import BindFailed, ConfigError, WorkerFailed
 
 log = Logger()
 
@@ -54,7 +54,7 @@ class ConfigReloader:
         try:
             config = load_config(path, self.detectors)
             yield self._apply(config)
-        except (ConfigError, BindFailed) as error:
+        except (ConfigError, BindFailed, WorkerFailed, defer.TimeoutError) as error:
             log.error("Reload failed, the running config stays: {error}", error=str(error))
             self._record(self.router.config, success=False)
             return False, str(error)
@@ -116,21 +116,18 @@ class ConfigReloader:
 
 
 class WorkersReloader(ConfigReloader):
-    """Reloads under a supervisor: the config is read and checked here, then every worker
-    reloads it in place (its relays untouched). Listen addresses and the number of workers
-    are the supervisor's sockets and processes: changing them needs a restart."""
+    """Reloads under a supervisor: the config is read and checked here first. Routes,
+    backends and limits: every worker reloads in place (its relays untouched). New addresses
+    or another number of workers: a new generation of workers replaces the old one, which
+    drains (see Supervisor.replace_workers)."""
 
     def _apply(self, config):
         old = self.router.config
-        if config.workers != old.workers:
-            raise ConfigError([("workers", f"changed from {old.workers} to {config.workers}: "
-                                           "restart l4router to apply")])
-        if _sockets(config) != _sockets(old):
-            raise ConfigError([("listeners", "listen addresses changed: with workers, restart "
-                                             "l4router to apply")])
         for key in UNRELOADABLE:
             if getattr(old, key) != getattr(config, key):
                 log.warn("'{key}' changed: it takes effect at the next restart", key=key)
+        if config.workers != old.workers or _sockets(config) != _sockets(old):
+            return self.router.replace_workers(config)
         self.router.forward("HUP")
         self.router.config = config
         return defer.succeed(None)

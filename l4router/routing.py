@@ -1,5 +1,7 @@
 """A listener's route table: ordered match rules -> backend name or reject."""
 
+from __future__ import annotations
+
 import collections
 import ipaddress
 

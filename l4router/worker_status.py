@@ -30,9 +30,9 @@ class WorkerStatus:
     def fetch(self, path):
         """[(worker index, parsed JSON)] of the workers that answered."""
         requests = []
-        for index in sorted(self.supervisor.workers):
+        for index, worker in sorted(self.supervisor.workers.items()):
             agent = Agent.usingEndpointFactory(
-                self.reactor, _WorkerSocket(self.reactor, self.supervisor.admin_socket(index)))
+                self.reactor, _WorkerSocket(self.reactor, worker.admin_socket))
             request = agent.request(b"GET", b"http://worker" + path)
             request.addCallback(readBody).addCallback(json.loads)
             request.addTimeout(FETCH_TIMEOUT, self.reactor)

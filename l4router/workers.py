@@ -21,7 +21,7 @@ from twisted.application.service import MultiService
 from twisted.internet import abstract, defer, error, protocol
 from twisted.logger import Logger
 
-from l4router.errors import WorkerFailed
+from l4router.errors import BindFailed, WorkerFailed
 from l4router.logs import install_log_observer
 from l4router.sockets import bind_reuseport
 
@@ -30,15 +30,17 @@ log = Logger()
 STATUS_READY = b"ready\n"
 RESTART_BACKOFF = (0.5, 10.0)  # first delay, longest delay between restarts of one worker
 KILL_GRACE = 5.0  # after shutdown_timeout, a worker that has not exited is killed
+READY_TIMEOUT = 30.0  # a reload's new generation of workers must be accepting by then
 
 
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker: its readiness (a line on a status pipe) and its end."""
 
-    def __init__(self, supervisor, index, status_fd):
+    def __init__(self, supervisor, index, status_fd, admin_socket):
         self.supervisor = supervisor
         self.index = index
         self.status_fd = status_fd
+        self.admin_socket = admin_socket  # its status site, for the supervisor's views
         self.ready = False
         self.pid = None
         self.ended = defer.Deferred()
@@ -75,6 +77,9 @@ class Supervisor(MultiService):
         admin.setServiceParent(self)
         self.sockets = {}  # listen description -> one socket per worker
         self.workers = {}  # index -> WorkerProcess (the current one)
+        self.retiring = []  # workers of an older generation, draining after a reload
+        self.generation = 0  # a reload that changes sockets starts a new one
+        self._replacing = None  # fires once a new generation is ready
         self.restarts = {}  # index -> restarts in a row without a ready worker
         self.run_dir = None  # the workers' metric files and admin sockets
         self.draining = False
@@ -94,29 +99,41 @@ class Supervisor(MultiService):
     def metrics_dir(self):
         return os.path.join(self.run_dir, "metrics")
 
-    def admin_socket(self, index):
-        return os.path.join(self.run_dir, f"worker-{index}.sock")
+    def all_accepting(self):
+        return (len(self.workers) == self.config.workers
+                and all(worker.ready for worker in self.workers.values()))
 
     @property
     def ready(self):
-        return (self.running and not self.draining and len(self.workers) == self.config.workers
-                and all(worker.ready for worker in self.workers.values()))
+        """For /readyz: every worker accepts (while a reload replaces them, the old ones do)."""
+        return (self.running and not self.draining
+                and (self.all_accepting() or self._replacing is not None))
 
     def setServiceParent(self, parent):
         install_log_observer(self, parent, self.log_observer)
         super().setServiceParent(parent)
 
     def privilegedStartService(self):
-        for listener in self.config.listeners:
-            for description in listener.listen:
-                if description not in self.sockets:
-                    try:
-                        self.sockets[description] = bind_reuseport(description,
-                                                                   self.config.workers)
-                    except Exception:
-                        self.close_sockets()
-                        raise
+        self.sockets = self.sockets_for(self.config)
         super().privilegedStartService()
+
+    def sockets_for(self, config):
+        """{description: one socket per worker} for `config`, keeping the sockets already
+        held for an address and binding what is missing; BindFailed binds nothing."""
+        sockets, bound = {}, []
+        try:
+            for listener in config.listeners:
+                for description in listener.listen:
+                    held = self.sockets.get(description, [])
+                    missing = max(0, config.workers - len(held))
+                    more = bind_reuseport(description, missing) if missing else []
+                    bound.extend(more)
+                    sockets[description] = (held + more)[:config.workers]
+        except BindFailed:
+            for sock in bound:
+                sock.close()
+            raise
+        return sockets
 
     def startService(self):
         log.info("l4router using config {path} (sha256 {digest}) with {count} workers",
@@ -143,9 +160,10 @@ class Supervisor(MultiService):
             inherited[description] = number
         status_fd = 3 + len(inherited)
         child_fds[status_fd] = "r"
-        argv, env = self.worker_command(index, inherited, status_fd, self.admin_socket(index))
+        admin_socket = os.path.join(self.run_dir, f"worker-{self.generation}-{index}.sock")
+        argv, env = self.worker_command(index, inherited, status_fd, admin_socket)
         env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
-        worker = WorkerProcess(self, index, status_fd)
+        worker = WorkerProcess(self, index, status_fd, admin_socket)
         try:
             self.reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
         except OSError as exc:  # say, --uid to a user who cannot run this Python
@@ -156,9 +174,11 @@ class Supervisor(MultiService):
     def worker_ready(self, worker):
         self.restarts[worker.index] = 0
         self._count_ready()
-        if not self.started_all and self.ready:
+        if self.all_accepting() and (not self.started_all or self._replacing is not None):
             self.started_all = True
             log.info("All {count} workers accepting", count=len(self.workers))
+            if self._replacing is not None:
+                self._replacing.callback(None)
 
     def _count_ready(self):
         self.workers_ready.set(sum(w.ready for w in self.workers.values()))
@@ -166,8 +186,10 @@ class Supervisor(MultiService):
     def worker_ended(self, worker, reason):
         if worker.pid is not None:
             multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
-        if os.path.exists(self.admin_socket(worker.index)):  # a killed worker leaves it
-            os.unlink(self.admin_socket(worker.index))
+        if os.path.exists(worker.admin_socket):  # a killed worker leaves it behind
+            os.unlink(worker.admin_socket)
+        if worker in self.retiring:
+            self.retiring.remove(worker)
         current = self.workers.get(worker.index) is worker
         if current:
             del self.workers[worker.index]
@@ -176,6 +198,10 @@ class Supervisor(MultiService):
             return
         code = getattr(reason, "exitCode", None)
         how = f"signal {reason.signal}" if getattr(reason, "signal", None) else f"exit {code}"
+        if self._replacing is not None and not worker.ready:
+            self._replacing.errback(WorkerFailed(
+                f"worker {worker.index} of the new generation ended ({how}) before it was ready"))
+            return
         if not self.started_all and not worker.ready:
             log.critical("Worker {index} ended ({how}) before it was ready: stopping",
                          index=worker.index, how=how)
@@ -202,11 +228,53 @@ class Supervisor(MultiService):
             worker.signal(signal_name)
 
     @defer.inlineCallbacks
+    def replace_workers(self, config):
+        """A reload that changes addresses or the number of workers: a new generation of
+        workers on the new sockets; once every one accepts, the old generation stops (drains
+        its relays up to shutdown_timeout). If the new one does not get ready, it is stopped
+        and the old one goes on."""
+        sockets = self.sockets_for(config)
+        old = (self.config, self.sockets, self.workers)
+        self.generation += 1
+        self.config, self.sockets, self.workers = config, sockets, {}
+        self._replacing = defer.Deferred().addTimeout(READY_TIMEOUT, self.reactor)
+        try:
+            for index in range(config.workers):
+                self.spawn(index)
+            yield self._replacing
+        except Exception:
+            for worker in self.workers.values():
+                worker.signal("KILL")
+            self._close_unused(sockets, old[1])
+            self.config, self.sockets, self.workers = old
+            self._count_ready()
+            raise
+        finally:
+            self._replacing = None
+        self.workers_configured.set(config.workers)
+        retired = list(old[2].values())
+        log.info("Generation {generation} accepting; {count} older workers drain and stop",
+                 generation=self.generation, count=len(retired))
+        self.retiring.extend(retired)
+        for worker in retired:
+            worker.signal("TERM")
+        self._close_unused(old[1], sockets)
+
+    @staticmethod
+    def _close_unused(sockets, kept):
+        """Close the sockets of `sockets` that `kept` does not hold too."""
+        keep = {id(sock) for per_worker in kept.values() for sock in per_worker}
+        for per_worker in sockets.values():
+            for sock in per_worker:
+                if id(sock) not in keep:
+                    sock.close()
+
+    @defer.inlineCallbacks
     def stopService(self):
         """Workers first (they drain), then the sockets, then the admin site."""
         self.draining = True
         log.info("Stopping {count} workers", count=len(self.workers))
-        workers = list(self.workers.values())
+        workers = list(self.workers.values()) + self.retiring
         for worker in workers:
             worker.signal("TERM")
         # The workers' own copies close as they stop accepting; from then on the kernel

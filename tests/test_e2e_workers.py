@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.request
 
 import pytest
 
@@ -131,10 +132,11 @@ def test_a_killed_worker_is_restarted_on_its_socket_and_no_client_fails(tmp_path
     assert len(answers) > 20 and all(a == len(b"app:ping") for a in answers)
 
 
-def test_sighup_reaches_every_worker_and_listen_changes_are_refused(tmp_path):
+def test_sighup_reaches_every_worker_in_place(tmp_path):
     with Backend("old", reply_with_name) as old, Backend("new", reply_with_name) as new:
         port = free_port()
         with Router(tmp_path, stream_config(port, old.port), workers=2) as router:
+            pids = worker_pids(router)
             assert ask_many(port, 20) == {b"old:ping"}
             text = router.config_path.read_text()
             router.config_path.write_text(text.replace(str(old.port), str(new.port)))
@@ -145,17 +147,53 @@ def test_sighup_reaches_every_worker_and_listen_changes_are_refused(tmp_path):
                                     "Reloaded the config (sha256 {digest})"]) == 3,
                        message="the supervisor and both workers reloaded")
             assert ask_many(port, 40) == {b"new:ping"}
-            # A new listen address would need new sockets in every worker: refused, said why.
-            router.config_path.write_text(router.config_path.read_text().replace(
-                f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+            assert worker_pids(router) == pids  # the same processes
+
+
+def test_a_new_address_or_worker_count_starts_a_new_generation_and_the_old_drains(tmp_path):
+    def echo_named(backend, connection):
+        while data := connection.recv(65536):
+            connection.sendall(backend.name.encode() + b":" + data)
+
+    with Backend("app", echo_named) as backend:
+        port, moved = free_port(), free_port()
+        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+            old_pids = set(worker_pids(router).values())
+            established = socket.create_connection(("127.0.0.1", port), timeout=10)
+            established.sendall(b"before")
+            assert established.recv(100) == b"app:before"
+            text = router.config_path.read_text().replace(
+                f'listen: "127.0.0.1:{port}"', f'listen: ["127.0.0.1:{port}", "127.0.0.1:{moved}"]')
+            router.config_path.write_text(text.replace("workers: 2", "workers: 3"))
             request = urllib.request.Request(
                 f"http://127.0.0.1:{router.admin_port}/reload", method="POST")
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(request, timeout=10)
+            with urllib.request.urlopen(request, timeout=40) as answer:
+                assert answer.status == 200
+            new_pids = set(worker_pids(router).values())
+            assert len(new_pids) == 3 and not new_pids & old_pids
+            assert ask_many(moved, 10) == {b"app:ping"}
+            assert ask_many(port, 10) == {b"app:ping"}
+            # The relay held by an old worker goes on while that worker drains.
+            established.sendall(b"after")
+            assert established.recv(100) == b"app:after"
+            assert any(alive(pid) for pid in old_pids)
+            established.close()
+            wait_until(lambda: not any(alive(pid) for pid in old_pids), timeout=15,
+                       message="the old generation to exit once drained")
+            assert router.metric("l4router_workers") == 3
+            # An address that cannot be bound: refused, the running generation stays.
+            with socket.socket() as holder:
+                holder.bind(("127.0.0.1", 0))
+                holder.listen()
+                busy = holder.getsockname()[1]
+                router.config_path.write_text(text.replace(f"127.0.0.1:{moved}",
+                                                           f"127.0.0.1:{busy}"))
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=40)
             assert refused.value.code == 422
-            assert b"listen addresses changed" in refused.value.read()
-            assert router.metric("l4router_config_last_reload_success") == 0
-            assert ask_many(port, 10) == {b"new:ping"}
+            assert b"Address already in use" in refused.value.read()
+            assert set(worker_pids(router).values()) == new_pids
+            assert ask_many(moved, 5) == {b"app:ping"}
 
 
 def ask_many(port, count):

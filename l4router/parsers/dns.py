@@ -1,5 +1,7 @@
 """DNS queries (RFC 1035), decoded with twisted.names: the first question's name and type."""
 
+from __future__ import annotations
+
 import attrs
 from twisted.names import dns
 

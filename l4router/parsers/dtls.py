@@ -1,6 +1,8 @@
 """DTLS ClientHello (RFC 6347 / 9147): records in datagrams, the handshake possibly in
 fragments, the body like TLS's plus the cookie."""
 
+from __future__ import annotations
+
 from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
 from l4router.parsers.tls import MAX_CLIENT_HELLO, _parse_body
 

@@ -4,6 +4,8 @@ Rejects early: a method must look like one within its first bytes, so binary pro
 through to NO_MATCH after a byte or two instead of waiting for a line end.
 """
 
+from __future__ import annotations
+
 import re
 
 import attrs

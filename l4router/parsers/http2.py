@@ -5,6 +5,8 @@ SETTINGS, WINDOW_UPDATE, PRIORITY and PING may come before the HEADERS; CONTINUA
 may follow it. The decoded header list is bounded, so an HPACK bomb is Invalid, not memory.
 """
 
+from __future__ import annotations
+
 import attrs
 import hpack
 from hpack.exceptions import HPACKError

@@ -1,6 +1,8 @@
 """JSON-RPC 2.0 requests: in an HTTP/1 POST body, newline-delimited over raw TCP, or with the
 `Content-Length:` framing of the Language Server Protocol."""
 
+from __future__ import annotations
+
 import json
 import re
 

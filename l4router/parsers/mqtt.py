@@ -1,5 +1,7 @@
 """MQTT CONNECT (3.1, 3.1.1 and 5.0): protocol level, client id and user name."""
 
+from __future__ import annotations
+
 import attrs
 
 from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated

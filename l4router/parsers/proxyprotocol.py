@@ -4,6 +4,8 @@ A load balancer in front puts the real client address in front of the stream; th
 parsed, removed, and the addresses it carries replace the TCP peer's.
 """
 
+from __future__ import annotations
+
 import ipaddress
 
 import attrs

@@ -3,6 +3,8 @@ the Destination Connection ID, remove header protection, decrypt, reassemble the
 frames (out of order, across packets and datagrams) and parse the ClientHello inside.
 """
 
+from __future__ import annotations
+
 import hashlib
 import hmac
 

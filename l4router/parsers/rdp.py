@@ -1,6 +1,8 @@
 """RDP's first PDU: a TPKT-framed X.224 Connection Request ([MS-RDPBCGR] 2.2.1.1) with the
 optional `Cookie: mstshash=` user name and the requested security protocols."""
 
+from __future__ import annotations
+
 import attrs
 
 from l4router.parsers import INCOMPLETE, Invalid

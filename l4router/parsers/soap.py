@@ -1,5 +1,7 @@
 """SOAP over HTTP/1: 1.1 (`text/xml` + `SOAPAction`) and 1.2 (`application/soap+xml`, `action=`)."""
 
+from __future__ import annotations
+
 import re
 
 import attrs

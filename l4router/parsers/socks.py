@@ -1,5 +1,7 @@
 """SOCKS client greetings: SOCKS5 (RFC 1928) method selection, SOCKS4 and SOCKS4a requests."""
 
+from __future__ import annotations
+
 import ipaddress
 
 import attrs

@@ -1,5 +1,7 @@
 """STUN (RFC 8489) messages, as WebRTC and TURN clients send first: method, class, USERNAME."""
 
+from __future__ import annotations
+
 import attrs
 
 from l4router.parsers import Invalid, Reader, Truncated

@@ -4,6 +4,8 @@ A ClientHello may be split over several TLS records and arrive in many TCP segme
 is run on the bytes so far and answers INCOMPLETE until the whole handshake message is there.
 """
 
+from __future__ import annotations
+
 import attrs
 
 from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated

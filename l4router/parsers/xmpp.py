@@ -1,5 +1,7 @@
 """XMPP stream header (RFC 6120 4.2): the `to` domain and the namespace (client or server)."""
 
+from __future__ import annotations
+
 import re
 
 import attrs
