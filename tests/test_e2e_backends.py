@@ -159,11 +159,18 @@ def test_retries_across_an_unanswering_and_a_refusing_server_follow_the_backoff(
     # A server whose accept queue is full never completes a handshake: connects time out.
     silent = socket.create_server(("127.0.0.1", 0), backlog=0)
     silent_port = silent.getsockname()[1]
-    fillers = [socket.create_connection(("127.0.0.1", silent_port), timeout=2)]
-    with socket.socket() as probe:  # the queue is full now: a handshake does not complete
+    fillers = []
+    for _ in range(8):  # fill the queue (its length varies): then a handshake does not complete
+        probe = socket.socket()
         probe.settimeout(0.3)
-        with pytest.raises(socket.timeout):
+        try:
             probe.connect(("127.0.0.1", silent_port))
+        except socket.timeout:
+            probe.close()
+            break
+        fillers.append(probe)
+    else:
+        raise AssertionError("the silent server's accept queue never filled")
     refusing_port = free_port()
     port = free_port()
     config = backends_config(

@@ -291,7 +291,7 @@ backends:
         while not stop.is_set():
             try:
                 data, peer = server.recvfrom(65535)
-            except TimeoutError:
+            except socket.timeout:  # TimeoutError from Python 3.10 on; PyPy 3.9 has this
                 continue
             server.sendto(data, peer)
 

@@ -7,6 +7,7 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from l4router import splice
 from l4router.backends.group import BackendGroup
 from l4router.config import parse_config
 from l4router.detection.decision import DetectorSet
@@ -349,11 +350,11 @@ class _FakeSocket:
         return len(data)
 
 
+@pytest.mark.skipif(not splice.AVAILABLE, reason="os.splice: Linux, Python 3.10+ (not PyPy 3.9)")
 def test_splice_without_descriptors_for_its_pipes_falls_back_to_copying(monkeypatch):
     import errno
     import os
 
-    from l4router import splice
     from l4router.relay import Relay
 
     def no_descriptors(flags):
