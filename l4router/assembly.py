@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from l4router.backends.group import BackendGroup
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for
-from l4router.limits import Admission, ProcessLimit
+from l4router.limits import Admission, ProcessLimit, worker_share
 from l4router.metrics import RouterMetrics
 from l4router.service import ListenerService
 from l4router.tcp import ListenerFactory
@@ -34,6 +34,7 @@ class RouterAssembly:
         self.reactor = reactor
         self.detectors = detectors
         self.inherited_sockets = inherited_sockets or {}  # in a worker: description -> fd
+        self.standalone = standalone
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(),
                                      config_metrics=standalone)
         if standalone:
@@ -41,8 +42,12 @@ class RouterAssembly:
         self.process_limit = ProcessLimit()
         self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
 
+    def workers(self, config):
+        """How many processes share the limits: this one alone, or the supervisor's workers."""
+        return 1 if self.standalone else config.workers
+
     def apply_limits(self, config):
-        self.process_limit.maximum = config.max_connections
+        self.process_limit.maximum = worker_share(config.max_connections, self.workers(config))
 
     def backend_groups(self, config):
         return {name: BackendGroup(backend, self.reactor, self.metrics)
@@ -64,7 +69,7 @@ class RouterAssembly:
         return kind(
             listener, self.listener_detectors(listener), groups,
             Admission(self.process_limit, listener.max_connections,
-                      listener.max_connections_per_source),
+                      listener.max_connections_per_source, self.workers(config)),
             self.metrics.for_listener(listener.name), self.reactor,
             access_log=access_log_wanted(config), recent=self.recent)
 

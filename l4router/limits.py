@@ -7,6 +7,12 @@ LIMIT_LISTENER = "limit_listener"
 LIMIT_SOURCE = "limit_source"
 
 
+def worker_share(limit, workers):
+    """One worker's part of a limit: the kernel spreads connections evenly over the workers,
+    so each holds 1/N of it, rounded up (a limit is never cut to nothing)."""
+    return None if limit is None else -(-limit // workers)
+
+
 class ProcessLimit:
     """The process-wide count, shared by every listener."""
 
@@ -16,14 +22,19 @@ class ProcessLimit:
 
 
 class Admission:
-    """Counts a listener's active connections; `admit` answers None or the rejection reason."""
+    """Counts a listener's active connections; `admit` answers None or the rejection reason.
+    In a worker, the limits are its share (`workers`: how many share them)."""
 
-    def __init__(self, process, maximum=None, per_source=None):
+    def __init__(self, process, maximum=None, per_source=None, workers=1):
         self.process = process
-        self.maximum = maximum
-        self.per_source = per_source
+        self.workers = workers
+        self.configure(maximum, per_source)
         self.active = 0
         self.by_source = collections.Counter()
+
+    def configure(self, maximum, per_source):
+        self.maximum = worker_share(maximum, self.workers)
+        self.per_source = worker_share(per_source, self.workers)
 
     def admit(self, source):
         """Admit a connection from `source` (None: its real source is not known yet)."""

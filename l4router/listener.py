@@ -25,5 +25,4 @@ class ListenerRuntime:
         self.backends = backends
         self.access_log = access_log
         self.idle_timeout = listener.idle_timeout
-        self.admission.maximum = listener.max_connections
-        self.admission.per_source = listener.max_connections_per_source
+        self.admission.configure(listener.max_connections, listener.max_connections_per_source)

@@ -380,3 +380,37 @@ def test_status_views_merge_the_workers(tmp_path):
     [server] = backends[0]["servers"]
     assert server["active_connections"] == 12 and server["healthy"]
     assert "front" in page and f"127.0.0.1:{backend.port}" in page
+
+
+def test_max_connections_is_shared_by_the_workers(tmp_path):
+    release = threading.Event()
+
+    def hold_until_released(backend, connection):
+        connection.recv(100)
+        release.wait(30)
+
+    with Backend("held", hold_until_released) as backend:
+        port = free_port()
+        config = stream_config(port, backend.port).replace(
+            "    detect: {timeout: 200ms}", "    detect: {timeout: 200ms}\n    max_connections: 50")
+        try:
+            with Router(tmp_path, config, workers=2) as router:
+                clients = []
+                for index in range(200):
+                    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    client.sendall(b"hello %d" % index)
+                    clients.append(client)
+                wait_until(lambda: router.metric("l4router_connections_rejected_total",
+                                                 listener="front", reason="limit_listener")
+                           == 150, message="150 refusals")
+                wait_until(lambda: backend.connections >= 50, message="50 relays")
+                time.sleep(0.3)
+                relayed = backend.connections
+                accepted = router.metric("l4router_connections_accepted_total", listener="front")
+                release.set()
+                for client in clients:
+                    client.close()
+        finally:
+            release.set()
+    # 25 a worker: the kernel spread 200 clients over both, so each filled its share.
+    assert relayed == 50 and accepted == 50
