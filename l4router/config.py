@@ -93,7 +93,7 @@ class Listener:
     on_timeout: str | None  # backend name; None: reject
     default: str | None  # backend name; None: reject
     accept_proxy_protocol: bool = False
-    relay: str = "copy"  # copy | splice (Linux, zero-copy after the replay)
+    relay: str = "splice"  # splice (zero-copy after the replay where os.splice exists) | copy
 
 
 @attrs.frozen
@@ -622,10 +622,10 @@ class _Builder:
         idle_timeout = section.get("idle_timeout", _positive_duration,
                                    DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
         accept_proxy = False
-        relay = "copy"
+        relay = "splice"
         if not udp:
             accept_proxy = section.get("accept_proxy_protocol", _boolean, False)
-            relay = section.get("relay", _one_of(RELAY_MODES), "copy")
+            relay = section.get("relay", _one_of(RELAY_MODES), "splice")
         routes = self.routes(section, backends)
         target = self.target(backends)
         default = section.get("default", target, None)

@@ -40,6 +40,13 @@ def bind_now(reactor, description, factory):
     return outcome
 
 
+def exit_zero_after_orderly_stop(reactor):
+    """twistd re-raises the SIGTERM/SIGINT that stopped the reactor, so the exit status would
+    say "killed". The shutdown was orderly and complete: exit 0, as documented."""
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
 def describe_address(address):
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None:
@@ -228,10 +235,7 @@ class RouterService(MultiService):
 
     def _stopped(self, _):
         log.info("l4router stopped")
-        # twistd re-raises the SIGTERM/SIGINT that stopped the reactor, so the exit status
-        # would say "killed". The shutdown was orderly and complete: exit 0, as documented.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        exit_zero_after_orderly_stop(self.reactor)
 
     @staticmethod
     def _stop_stage(_, stage):

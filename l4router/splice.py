@@ -23,24 +23,61 @@ FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0))
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
+class PipePool:
+    """Pipes lent to directions only while bytes are in flight. A pipe is taken when a source
+    is readable and given back once emptied into the sink, so an idle relay holds none and a
+    busy process reuses a few: only a direction held up by a slow sink keeps one."""
+
+    def __init__(self, keep=16):
+        self.keep = keep  # empty pipes kept for reuse; more are closed
+        self.free = []
+
+    def take(self):
+        """An empty pipe (read fd, write fd); OSError when no descriptor is left."""
+        if self.free:
+            return self.free.pop()
+        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def give_back(self, pipe):
+        if len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            _close_pipe(pipe)
+
+
+def _close_pipe(pipe):
+    for fd in pipe:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+PIPES = PipePool()
+
+
 class _Direction:
-    """Bytes from one socket to the other through a pipe."""
+    """Bytes from one socket to the other through a pipe (borrowed while bytes are in it)."""
 
     def __init__(self, source, sink, side):
         self.source = source  # _Socket
         self.sink = sink  # _Socket
         self.side = side  # the protocol whose `received` counts these bytes
-        self.pipe_read, self.pipe_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pipe = None  # (read fd, write fd) while bytes are in flight
         self.in_pipe = 0
+        self.pending = b""  # bytes copied through Python when no pipe could be had
         self.eof = False
         self.finished = False  # EOF seen and passed on
 
-    def close(self):
-        for fd in (self.pipe_read, self.pipe_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def release_pipe(self):
+        """Give the pipe back if it is empty; close it if bytes were left in it."""
+        pipe, self.pipe = self.pipe, None
+        if pipe is None:
+            return
+        if self.in_pipe:
+            _close_pipe(pipe)
+        else:
+            PIPES.give_back(pipe)
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -74,8 +111,9 @@ class _Socket:
 class SpliceRelay:
     """Takes over a client protocol and a BackendSide whose transports have nothing buffered.
 
-    It costs four descriptors (two pipes) per connection on top of the two sockets; when they
-    cannot be had, the constructor raises OSError and the caller copies instead.
+    Pipes come from PIPES while bytes are in flight; when none can be had (out of
+    descriptors), a chunk is copied through Python instead (waiting for a pipe could
+    deadlock: the one that frees it may be waiting for ours).
     """
 
     def __init__(self, reactor, client, backend, idle_timeout, on_end):
@@ -89,11 +127,7 @@ class SpliceRelay:
         backend_socket = _Socket(self, backend.transport)
         self.sockets = (client_socket, backend_socket)
         self.up = _Direction(client_socket, backend_socket, client)
-        try:
-            self.down = _Direction(backend_socket, client_socket, backend)
-        except OSError:
-            self.up.close()
-            raise
+        self.down = _Direction(backend_socket, client_socket, backend)
         client_socket.outgoing, client_socket.incoming = self.up, self.down
         backend_socket.outgoing, backend_socket.incoming = self.down, self.up
         self.idle = IdleWatch(reactor, idle_timeout,
@@ -117,35 +151,60 @@ class SpliceRelay:
         if direction.eof:
             self.reactor.removeReader(direction.source)
             return None
+        if direction.pipe is None:
+            try:
+                direction.pipe = PIPES.take()
+            except OSError:  # out of descriptors: this chunk goes through Python instead
+                return self._copy(direction)
         try:
-            moved = os.splice(direction.source.fd, direction.pipe_write, CHUNK, flags=FLAGS)
+            moved = os.splice(direction.source.fd, direction.pipe[1], CHUNK, flags=FLAGS)
         except OSError as error:
             if error.errno in _AGAIN:
+                direction.release_pipe()
                 return None
             return self._reset(direction.source)
         if moved == 0:
-            direction.eof = True
-            self.reactor.removeReader(direction.source)
-            if direction.in_pipe == 0:
-                self._finish(direction)
-            return None
+            direction.release_pipe()
+            return self._source_ended(direction)
         direction.in_pipe += moved
         direction.side.received += moved
         return self.drain(direction)
 
+    def _copy(self, direction):
+        try:
+            data = os.read(direction.source.fd, CHUNK)
+        except OSError as error:
+            return None if error.errno in _AGAIN else self._reset(direction.source)
+        if not data:
+            return self._source_ended(direction)
+        direction.pending = data
+        direction.side.received += len(data)
+        return self.drain(direction)
+
+    def _source_ended(self, direction):
+        direction.eof = True
+        self.reactor.removeReader(direction.source)
+        if not direction.in_pipe and not direction.pending:
+            self._finish(direction)
+        return None
+
     def drain(self, direction):
-        while direction.in_pipe:
-            try:
-                moved = os.splice(direction.pipe_read, direction.sink.fd, direction.in_pipe,
-                                  flags=FLAGS)
-            except OSError as error:
-                if error.errno in _AGAIN:
-                    # The sink is full: stop reading the source until it drains (backpressure).
-                    self.reactor.removeReader(direction.source)
-                    self.reactor.addWriter(direction.sink)
-                    return None
+        """Empty what is in flight into the sink; while the sink is full, stop reading the
+        source and wait for the sink to be writable (backpressure)."""
+        try:
+            while direction.pending:
+                direction.pending = direction.pending[os.write(direction.sink.fd,
+                                                               direction.pending):]
+            while direction.in_pipe:
+                direction.in_pipe -= os.splice(direction.pipe[0], direction.sink.fd,
+                                               direction.in_pipe, flags=FLAGS)
+        except OSError as error:
+            if error.errno not in _AGAIN:
                 return self._reset(direction.sink)
-            direction.in_pipe -= moved
+            self.reactor.removeReader(direction.source)
+            self.reactor.addWriter(direction.sink)
+            return None
+        direction.release_pipe()
         self.reactor.removeWriter(direction.sink)
         if direction.eof:
             self._finish(direction)
@@ -159,7 +218,7 @@ class SpliceRelay:
             return
         direction.finished = True
         try:
-            _shutdown_write(direction.sink.fd)
+            direction.sink.transport.socket.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         if self.up.finished and self.down.finished:
@@ -189,7 +248,7 @@ class SpliceRelay:
             self.reactor.removeReader(sock)
             self.reactor.removeWriter(sock)
         for direction in (self.up, self.down):
-            direction.close()
+            direction.release_pipe()
         self.backend.relay = None
         for side in (self.client, self.backend):
             if abort:
@@ -197,13 +256,3 @@ class SpliceRelay:
             else:
                 side.transport.loseConnection()
         self.on_end(self.reason)
-
-
-def _shutdown_write(fd):
-    """shutdown(fd, SHUT_WR) on a descriptor the transport still owns (dup: closing the copy
-    leaves the original open)."""
-    copy = socket.socket(fileno=os.dup(fd))
-    try:
-        copy.shutdown(socket.SHUT_WR)
-    finally:
-        copy.close()

@@ -288,14 +288,10 @@ class InboundConnection(Protocol):
                 self.elicited_by is None:
             replay = _send_now(self.backend.transport, replay)
             if not replay:
-                try:
-                    self.relay = splice.SpliceRelay(clock, self, self.backend, idle,
-                                                    self._relay_ended)
-                except OSError:  # out of descriptors for the pipes: copy instead
-                    self.relay = None
-                else:
-                    self.relay.start(client_finished_sending=self.read_closed)
-                    return
+                self.relay = splice.SpliceRelay(clock, self, self.backend, idle,
+                                                self._relay_ended)
+                self.relay.start(client_finished_sending=self.read_closed)
+                return
         self.relay = Relay(self, self.backend, clock, idle, self._relay_ended)
         self.relay.start(replay, client_finished_sending=self.read_closed)
 

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from l4router.errors import BindFailed, WorkerFailed
 from l4router.logs import install_log_observer
+from l4router.service import exit_zero_after_orderly_stop
 from l4router.sockets import bind_reuseport
 
 log = Logger()
@@ -290,9 +291,7 @@ class Supervisor(MultiService):
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("l4router stopped")
-        # As RouterService does: the shutdown was orderly, so twistd exits 0.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        exit_zero_after_orderly_stop(self.reactor)
 
     def _kill(self, workers):
         for worker in workers:

@@ -126,3 +126,18 @@ def test_first_byte_table_changes_no_decision():
                 _decide_asking_everyone(detectors, Peek(data), final)
 
     check()
+
+
+def test_h2c_elicited_after_curl_sent_its_headers_waits_for_the_ack_that_follows_them():
+    """curl may send its HEADERS before it has read the router's SETTINGS: the ACK then comes
+    after the HEADERS, and the decision must wait for it there (it was missed, so the client
+    waited for the detection timeout)."""
+    detectors = DetectorSet(DETECTORS.values())
+    flight = capture("h2c_curl.bin")
+    preface_and_settings = 24 + 9 + int.from_bytes(flight[24:27], "big")
+    detector, answer = detectors.elicit(Peek(flight[:preface_and_settings]))
+    assert detector.name in ("grpc", "h2c") and answer == EMPTY_SETTINGS
+    assert detectors.decide(Peek(flight, elicited=EMPTY_SETTINGS)) is None  # no ACK yet
+    decision = detectors.decide(Peek(flight + SETTINGS_ACK, elicited=EMPTY_SETTINGS))
+    assert decision.protocol == "h2c" and decision.fields["authority"]
+    assert detector.replay(flight + SETTINGS_ACK) == flight

@@ -40,6 +40,7 @@ listeners:
   - name: capped
     listen: "127.0.0.1:{port}"
     max_connections: 50
+    relay: copy  # descriptors exactly back to before (splice keeps a pooled pipe: see its test)
     default: held
 backends:
   held: {{servers: ["127.0.0.1:{backend.port}"]}}

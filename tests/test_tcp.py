@@ -7,7 +7,6 @@ from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from l4router import splice
 from l4router.backends.group import BackendGroup
 from l4router.config import parse_config
 from l4router.detection.decision import DetectorSet
@@ -339,39 +338,3 @@ def test_per_source_limit_uses_the_source_from_the_header():
     other, other_transport = harness.client(3)
     other.dataReceived(proxyprotocol.v1_header("198.51.100.1", 1, "192.0.2.1", 443))
     assert not other_transport.disconnecting
-
-
-class _FakeSocket:
-    def __init__(self):
-        self.sent = b""
-
-    def send(self, data):
-        self.sent += data
-        return len(data)
-
-
-@pytest.mark.skipif(not splice.AVAILABLE, reason="os.splice: Linux, Python 3.10+ (not PyPy 3.9)")
-def test_splice_without_descriptors_for_its_pipes_falls_back_to_copying(monkeypatch):
-    import errno
-    import os
-
-    from l4router.relay import Relay
-
-    def no_descriptors(flags):
-        raise OSError(errno.EMFILE, "Too many open files")
-
-    monkeypatch.setattr(splice.os, "pipe2", no_descriptors)
-    harness = Harness(CONFIG.replace("    idle_timeout: 40s", "    idle_timeout: 40s\n    relay: splice"))
-    client, client_transport = harness.client()
-    client.dataReceived(REQUEST)
-    _, factory = harness.connect_attempt()
-    protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 80))
-    backend_transport = TCPTransport()
-    backend_transport.socket = _FakeSocket()
-    protocol.makeConnection(backend_transport)
-    assert isinstance(client.relay, Relay)  # copying after all
-    assert backend_transport.socket.sent == REQUEST  # replayed once, straight to the socket
-    assert backend_transport.value() == b""
-    client.dataReceived(b"next")
-    assert backend_transport.value() == b"next"
-    assert os.pipe2 is no_descriptors

@@ -96,6 +96,8 @@ def parse_first_request(data):
             else:
                 return Invalid(f"frame type {kind} before the first HEADERS")
             if flags & FLAG_END_HEADERS:
+                if settings_ack is None:  # a client may send HEADERS before it reads ours
+                    settings_ack = _first_settings_ack(data, offset + FRAME_HEADER + len(payload))
                 return Request(_decode(b"".join(block)), settings_ack)
     except ValueError as exc:
         return Invalid(str(exc))
@@ -123,6 +125,16 @@ def _decode(block):
     except (HPACKError, IndexError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"bad HPACK block: {exc}") from None
     return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
+
+
+def _first_settings_ack(data, start):
+    try:
+        for offset, kind, flags, _, _ in _frames(data, start):
+            if kind == FRAME_SETTINGS and flags & FLAG_ACK:
+                return offset
+    except ValueError:
+        pass
+    return None
 
 
 def strip_first_settings_ack(data):
