@@ -19,48 +19,50 @@ BACKEND_RESET = "backend_reset"
 IDLE_TIMEOUT = "idle_timeout"
 SHUTDOWN = "shutdown"
 
-IDLE_CHECKS_PER_TIMEOUT = 4  # an idle relay is closed between 1 and 1.25 idle_timeouts
+SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeouts
 
 
-class IdleWatch:
-    """Calls `on_idle` once `counts()` has not changed for `timeout` seconds.
+class IdleSweeper:
+    """Ends whatever has been idle for `timeout` seconds: relays, UDP sessions.
 
-    The counters are compared every timeout/4 instead of resetting a timer for every chunk,
-    so the relay's hot path does no timer work at all.
+    One timer serves every watched owner: every timeout/8 it compares each owner's
+    `activity()` (its byte or datagram counts) with what it was at the previous sweep, and
+    calls `idled()` on those unchanged for `timeout`. Nothing happens per chunk, and an idle
+    relay costs a dictionary entry instead of a timer of its own.
     """
 
-    def __init__(self, clock, timeout, counts, on_idle):
+    def __init__(self, clock, timeout):
         self.clock = clock
         self.timeout = timeout
-        self.counts = counts
-        self.on_idle = on_idle
+        self.watched = {}  # owner -> (its activity when it last changed, when that was seen)
         self._call = None
-        self._last = None
-        self._since = 0.0
 
-    def start(self):
-        self._last = self.counts()
-        self._since = self.clock.seconds()
-        self._schedule()
+    def watch(self, owner):
+        self.watched[owner] = (owner.activity(), self.clock.seconds())
+        if self._call is None:
+            self._call = self.clock.callLater(self.timeout / SWEEPS_PER_TIMEOUT, self._sweep)
 
-    def stop(self):
-        if self._call is not None and self._call.active():
+    def unwatch(self, owner):
+        self.watched.pop(owner, None)
+        if not self.watched and self._call is not None:
             self._call.cancel()
-        self._call = None
+            self._call = None
 
-    def _schedule(self):
-        self._call = self.clock.callLater(self.timeout / IDLE_CHECKS_PER_TIMEOUT, self._check)
-
-    def _check(self):
+    def _sweep(self):
         self._call = None
-        counts = self.counts()
         now = self.clock.seconds()
-        if counts != self._last:
-            self._last, self._since = counts, now
-        elif now - self._since >= self.timeout:
-            self.on_idle()
-            return
-        self._schedule()
+        idle = []
+        for owner, (last, since) in self.watched.items():
+            activity = owner.activity()
+            if activity != last:
+                self.watched[owner] = (activity, now)
+            elif now - since >= self.timeout:
+                idle.append(owner)
+        for owner in idle:
+            self.watched.pop(owner, None)
+            owner.idled()
+        if self.watched and self._call is None:
+            self._call = self.clock.callLater(self.timeout / SWEEPS_PER_TIMEOUT, self._sweep)
 
 
 def _uncouple(transport):
@@ -118,18 +120,20 @@ class Relay:
     `side_finished_sending` like BackendSide does.
     """
 
-    def __init__(self, client, backend, clock, idle_timeout, on_end):
+    def __init__(self, client, backend, idle, on_end):
         self.client = client
         self.backend = backend
+        self.idle = idle  # an IdleSweeper
         self.on_end = on_end
         self.reason = None
         self.lost = set()
-        self.idle = IdleWatch(clock, idle_timeout, self.counts,
-                              lambda: self.close(IDLE_TIMEOUT, abort=True))
         backend.relay = self
 
-    def counts(self):
+    def activity(self):
         return self.client.received, self.backend.received
+
+    def idled(self):
+        self.close(IDLE_TIMEOUT, abort=True)
 
     def start(self, replay, client_finished_sending):
         """Replay the peeked bytes, couple the two transports, and let the client be read."""
@@ -143,7 +147,7 @@ class Relay:
             self.side_finished_sending(self.client)
         else:
             client_transport.resumeProducing()
-        self.idle.start()
+        self.idle.watch(self)
 
     def peer_of(self, side):
         return self.backend if side is self.client else self.client
@@ -190,6 +194,6 @@ class Relay:
                     side.transport.loseConnection()
 
     def _end(self):
-        self.idle.stop()
+        self.idle.unwatch(self)
         self.backend.relay = None
         self.on_end(self.reason)

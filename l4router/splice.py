@@ -15,7 +15,7 @@ import socket
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from zope.interface import implementer
 
-from l4router.relay import BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_TIMEOUT, IdleWatch
+from l4router.relay import BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_TIMEOUT
 
 AVAILABLE = hasattr(os, "splice")
 CHUNK = 1 << 16
@@ -116,8 +116,9 @@ class SpliceRelay:
     deadlock: the one that frees it may be waiting for ours).
     """
 
-    def __init__(self, reactor, client, backend, idle_timeout, on_end):
+    def __init__(self, reactor, client, backend, idle, on_end):
         self.reactor = reactor
+        self.idle = idle  # an IdleSweeper
         self.client = client
         self.backend = backend
         self.on_end = on_end
@@ -130,9 +131,12 @@ class SpliceRelay:
         self.down = _Direction(backend_socket, client_socket, backend)
         client_socket.outgoing, client_socket.incoming = self.up, self.down
         backend_socket.outgoing, backend_socket.incoming = self.down, self.up
-        self.idle = IdleWatch(reactor, idle_timeout,
-                              lambda: (client.received, backend.received),
-                              lambda: self.close(IDLE_TIMEOUT, abort=True))
+
+    def activity(self):
+        return self.client.received, self.backend.received
+
+    def idled(self):
+        self.close(IDLE_TIMEOUT, abort=True)
 
     def start(self, client_finished_sending):
         for side in (self.client, self.backend):
@@ -143,7 +147,7 @@ class SpliceRelay:
             self._finish(self.up)
         for sock in self.sockets:
             self.reactor.addReader(sock)
-        self.idle.start()
+        self.idle.watch(self)
 
     # The pump
 
@@ -243,7 +247,7 @@ class SpliceRelay:
         self.ended = True
         if self.reason is None:
             self.reason = reason
-        self.idle.stop()
+        self.idle.unwatch(self)
         for sock in self.sockets:
             self.reactor.removeReader(sock)
             self.reactor.removeWriter(sock)

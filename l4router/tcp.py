@@ -283,7 +283,7 @@ class InboundConnection(Protocol):
         if self.elicited_by is not None:
             replay = self._rewritten_replay(replay)
         replay = self._proxy_header() + replay
-        clock, idle = self.factory.clock, self.factory.idle_timeout
+        clock, idle = self.factory.clock, self.factory.idle_sweeper
         if self.factory.listener.relay == "splice" and splice.AVAILABLE and \
                 self.elicited_by is None:
             replay = _send_now(self.backend.transport, replay)
@@ -292,7 +292,7 @@ class InboundConnection(Protocol):
                                                 self._relay_ended)
                 self.relay.start(client_finished_sending=self.read_closed)
                 return
-        self.relay = Relay(self, self.backend, clock, idle, self._relay_ended)
+        self.relay = Relay(self, self.backend, idle, self._relay_ended)
         self.relay.start(replay, client_finished_sending=self.read_closed)
 
     def _proxy_header(self):

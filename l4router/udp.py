@@ -18,7 +18,6 @@ from twisted.logger import Logger
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
-from l4router.relay import IdleWatch
 from l4router.listener import ListenerRuntime
 from l4router.sockets import MAX_DATAGRAM, adopt, parse_udp_listen
 
@@ -112,9 +111,7 @@ class UDPSession:
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = 0
         self.closed = False
-        self.idle = IdleWatch(clock, listener.listener.idle_timeout,
-                              lambda: (self.datagrams_up, self.datagrams_down),
-                              lambda: self.close(IDLE_TIMEOUT))
+        self.idle = listener.idle_sweeper
         self._detect_timer = clock.callLater(listener.listener.detect.timeout, self._detect_timed_out)
 
     # Client side
@@ -176,7 +173,7 @@ class UDPSession:
             metrics.udp_datagrams_up.inc()
             self.port.write(datagram)
         self.held = []
-        self.idle.start()
+        self.idle.watch(self)
 
     # Backend side
 
@@ -188,6 +185,12 @@ class UDPSession:
 
     # Ending
 
+    def activity(self):
+        return self.datagrams_up, self.datagrams_down
+
+    def idled(self):
+        self.close(IDLE_TIMEOUT)
+
     def close(self, reason):
         if self.closed:
             return
@@ -195,7 +198,7 @@ class UDPSession:
         if self._detect_timer is not None and self._detect_timer.active():
             self._detect_timer.cancel()
         self._detect_timer = None
-        self.idle.stop()
+        self.idle.unwatch(self)
         if self.port is not None:
             self.port.stopListening()
         if self.server is not None:
