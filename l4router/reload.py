@@ -63,16 +63,15 @@ class ConfigReloader:
         return True, f"reloaded {path} (sha256 {config.digest[:12]})"
 
     def _apply(self, config):
-        return self._apply_here(config)
+        for key in UNRELOADABLE:
+            if getattr(self.router.config, key) != getattr(config, key):
+                log.warn("'{key}' changed: it takes effect at the next restart", key=key)
+        return self._apply_changes(config)
 
     @defer.inlineCallbacks
-    def _apply_here(self, config):
+    def _apply_changes(self, config):
         router = self.router
         assembly = router.assembly
-        old = router.config
-        for key in UNRELOADABLE:
-            if getattr(old, key) != getattr(config, key):
-                log.warn("'{key}' changed: it takes effect at the next restart", key=key)
         groups = assembly.backend_groups(config)
         running = {service.name: service for service in router.listeners}
         kept, started, stopped = [], [], []
@@ -121,11 +120,8 @@ class WorkersReloader(ConfigReloader):
     or another number of workers: a new generation of workers replaces the old one, which
     drains (see Supervisor.replace_workers)."""
 
-    def _apply(self, config):
+    def _apply_changes(self, config):
         old = self.router.config
-        for key in UNRELOADABLE:
-            if getattr(old, key) != getattr(config, key):
-                log.warn("'{key}' changed: it takes effect at the next restart", key=key)
         if config.workers != old.workers or _sockets(config) != _sockets(old):
             return self.router.replace_workers(config)
         self.router.forward("HUP")

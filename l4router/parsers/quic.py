@@ -9,11 +9,6 @@ import hashlib
 import hmac
 
 import attrs
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
 from l4router.parsers.tls import ClientHello, parse_client_hello_message
@@ -47,6 +42,9 @@ class QuicHello:
 
 
 def hkdf_expand_label(secret, label, length):
+    from cryptography.hazmat.primitives import hashes  # imported late: see _decrypt
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
     return HKDFExpand(hashes.SHA256(), length, info).derive(secret)
@@ -106,6 +104,12 @@ def _decrypt(datagram, offset):
     pn_offset = reader.pos
     if length < 20 or pn_offset + length > len(datagram):
         return Invalid("packet length out of range")
+    # cryptography's OpenSSL bindings cost a process ~7 MiB: imported at the first datagram
+    # that looks like a QUIC Initial, not at start-up (a worker may never see one).
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     keys = client_initial_keys(version, dcid)
     sample = datagram[pn_offset + 4:pn_offset + 20]
     encryptor = Cipher(algorithms.AES(keys.hp), modes.ECB()).encryptor()
