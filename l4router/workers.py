@@ -236,6 +236,8 @@ class Supervisor(MultiService):
         and the old one goes on."""
         sockets = self.sockets_for(config)
         old = (self.config, self.sockets, self.workers)
+        retired = list(old[2].values())
+        self.retiring.extend(retired)  # so that a stop meanwhile stops them too
         self.generation += 1
         self.config, self.sockets, self.workers = config, sockets, {}
         self._replacing = defer.Deferred().addTimeout(READY_TIMEOUT, self.reactor)
@@ -248,15 +250,18 @@ class Supervisor(MultiService):
                 worker.signal("KILL")
             self._close_unused(sockets, old[1])
             self.config, self.sockets, self.workers = old
+            self.retiring = [w for w in self.retiring if w not in retired]
+            for index, worker in list(self.workers.items()):
+                if worker.ended.called:  # died meanwhile, when it was not current
+                    del self.workers[index]
+                    self.reactor.callLater(0, self._respawn, index)
             self._count_ready()
             raise
         finally:
             self._replacing = None
         self.workers_configured.set(config.workers)
-        retired = list(old[2].values())
         log.info("Generation {generation} accepting; {count} older workers drain and stop",
                  generation=self.generation, count=len(retired))
-        self.retiring.extend(retired)
         for worker in retired:
             worker.signal("TERM")
         self._close_unused(old[1], sockets)
