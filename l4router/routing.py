@@ -28,6 +28,8 @@ class RouteTable:
         self.on_timeout = RouteChoice(TIMEOUT_ROUTE, listener.on_timeout)
         self.choices = [RouteChoice(route.label, route.backend) for route in self.routes]
         self.hits = collections.Counter()  # route label -> connections, for the status page
+        # The client's address is parsed only when a route matches on it.
+        self.matches_source = any(route.match.sources is not None for route in self.routes)
 
     def choose(self, decision, source_host):
         choice = self._choose(decision, source_host)
@@ -37,7 +39,7 @@ class RouteTable:
     def _choose(self, decision, source_host):
         if decision.protocol == TIMEOUT:
             return self.on_timeout
-        source = _address(source_host)
+        source = _address(source_host) if self.matches_source else None
         for route, choice in zip(self.routes, self.choices):
             if _matches(route.match, decision, source):
                 return choice

@@ -13,7 +13,7 @@ import attrs
 from l4router.parsers import INCOMPLETE, Invalid, first_header
 
 MAX_METHOD = 32
-_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+_METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
 _REQUEST_LINE_RE = re.compile(rb"^([A-Z_-]+) ([\x21-\x7e]+) HTTP/1\.([01])\r?$")
 _FIELD_NAME_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -71,7 +71,7 @@ def parse_request(data):
     """An HTTP/1 request head -> Request | INCOMPLETE | Invalid."""
     space = data.find(b" ", 0, MAX_METHOD + 1)
     method_end = space if space >= 0 else min(len(data), MAX_METHOD + 1)
-    if space == 0 or any(byte not in _METHOD_CHARS for byte in data[:method_end]):
+    if space == 0 or data[:method_end].translate(None, _METHOD_CHARS):  # a byte left: not A-Z-_
         return Invalid("not an HTTP method")
     if space < 0:
         return INCOMPLETE if len(data) <= MAX_METHOD else Invalid("method too long")
