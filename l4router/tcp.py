@@ -283,13 +283,12 @@ class InboundConnection(Protocol):
         if self.elicited_by is not None:
             replay = self._rewritten_replay(replay)
         replay = self._proxy_header() + replay
-        clock, idle = self.factory.clock, self.factory.idle_sweeper
+        idle = self.factory.idle_sweeper
         if self.factory.listener.relay == "splice" and splice.AVAILABLE and \
                 self.elicited_by is None:
             replay = _send_now(self.backend.transport, replay)
             if not replay:
-                self.relay = splice.SpliceRelay(clock, self, self.backend, idle,
-                                                self._relay_ended)
+                self.relay = splice.SpliceRelay(self, self.backend, idle, self._relay_ended)
                 self.relay.start(client_finished_sending=self.read_closed)
                 return
         self.relay = Relay(self, self.backend, idle, self._relay_ended)
