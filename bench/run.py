@@ -206,6 +206,7 @@ class L4Router(Target):
 
     name = "l4router"
     workers = "auto"
+    relay = "splice"
 
     def command(self):
         b = self.backends
@@ -214,6 +215,7 @@ listeners:
   - name: bench
     listen: ["127.0.0.1:{self.ports[0]}", "127.0.0.1:{self.ports[1]}", "127.0.0.1:{self.ports[2]}"]
     detect: {{timeout: 5s}}
+    relay: {self.relay}
     max_connections: 9000
     routes:
       - match: {{protocol: tls, sni: "{SNI}"}}
@@ -255,16 +257,7 @@ class L4RouterCopy(L4Router):
     """l4router with `relay: copy` (every byte through Python) instead of splice."""
 
     name = "l4router-copy"
-
-    def command(self):
-        command = super().command()
-        path = f"{self.folder}/l4router.yaml"
-        with open(path) as config:
-            text = config.read()
-        with open(path, "w") as config:
-            config.write(text.replace("    detect: {timeout: 5s}",
-                                      "    detect: {timeout: 5s}\n    relay: copy"))
-        return command
+    relay = "copy"
 
 
 class HAProxy(Target):

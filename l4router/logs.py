@@ -41,7 +41,7 @@ def _tagged(observer, worker):
     return tag
 
 
-def install_log_observer(service, parent, observer):
+def install_log_observer(parent, observer):
     """twistd asks the application for an ILogObserver after makeService: the top service's
     chance to put the configured log format in place of twistd's default one."""
     if observer is not None and hasattr(parent, "setComponent"):

@@ -69,14 +69,15 @@ class PortsService(Service):
         super().privilegedStartService()
         try:
             for description in self.descriptions:
-                if description in self.inherited:
-                    self.ports.append(adopt(self.reactor, description,
-                                            self.inherited[description], self.factory))
-                    continue
-                self.ports.append(bind_now(self.reactor, description, self.factory))
+                fd = self.inherited.get(description)
+                self.ports.append(self.bind(description) if fd is None else
+                                  adopt(self.reactor, description, fd, self.factory))
         except BindFailed:
             self.stop_listening()
             raise
+
+    def bind(self, description):
+        return bind_now(self.reactor, description, self.factory)
 
     def addresses(self):
         return [describe_address(port.getHost()) for port in self.ports]
@@ -200,7 +201,7 @@ class RouterService(MultiService):
         return self.running and not self.draining
 
     def setServiceParent(self, parent):
-        install_log_observer(self, parent, self.log_observer)
+        install_log_observer(parent, self.log_observer)
         super().setServiceParent(parent)
 
     def startService(self):

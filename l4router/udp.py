@@ -19,7 +19,8 @@ from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
 from l4router.listener import ListenerRuntime
-from l4router.sockets import MAX_DATAGRAM, adopt, parse_udp_listen
+from l4router.service import ListenerService
+from l4router.sockets import MAX_DATAGRAM, parse_udp_listen
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -235,55 +236,23 @@ class UDPSession:
         }
 
 
-class UDPListenerService(Service):
-    """Binds a UDP listener's addresses before privileges drop; stopping ends its sessions."""
+class UDPListenerService(ListenerService):
+    """A UDP listener's sockets; stopping ends its sessions at once (a datagram flow has no
+    end to wait for)."""
 
-    def __init__(self, reactor, listener, protocol, shutdown_timeout, inherited=None):
-        self.reactor = reactor
-        self.inherited = inherited or {}
-        self.factory = protocol  # the name the status page and reloads use for every listener
-        self.setName(listener.name)
-        self.descriptions = listener.listen
-        self.shutdown_timeout = shutdown_timeout
-        self.ports = []
-
-    @property
-    def listener(self):
-        return self.factory.listener
-
-    def privilegedStartService(self):
-        super().privilegedStartService()
+    def bind(self, description):
+        host, port = parse_udp_listen(description)
         try:
-            for description in self.descriptions:
-                if description in self.inherited:
-                    self.ports.append(adopt(self.reactor, description,
-                                            self.inherited[description], self.factory))
-                    continue
-                host, port = parse_udp_listen(description)
-                try:
-                    self.ports.append(self.reactor.listenUDP(port, self.factory, interface=host,
-                                                             maxPacketSize=MAX_DATAGRAM))
-                except Exception as exc:
-                    raise BindFailed(f"cannot listen on udp {host}:{port}: {exc}") from None
-        except BindFailed:
-            self.stop_listening()
-            raise
+            return self.reactor.listenUDP(port, self.factory, interface=host,
+                                          maxPacketSize=MAX_DATAGRAM)
+        except Exception as exc:
+            raise BindFailed(f"cannot listen on udp {host}:{port}: {exc}") from None
 
     def addresses(self):
         return [f"udp {p.getHost().host}:{p.getHost().port}" for p in self.ports]
 
-    def startService(self):
-        super().startService()
-        for address in self.addresses():
-            log.info("Listener {listener} accepting on {address}", listener=self.name,
-                     address=address)
-
-    def stop_listening(self):
-        ports, self.ports = self.ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
-
     @defer.inlineCallbacks
     def stopService(self):
-        super().stopService()
+        Service.stopService(self)  # not ListenerService's drain: sessions end here
         self.factory.close_all(SHUTDOWN)
         yield self.stop_listening()

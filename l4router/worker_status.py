@@ -2,6 +2,7 @@
 a private UNIX socket, merged into one (counts summed; a server is up only if every worker
 sees it up; connections say which worker holds them)."""
 
+import copy
 import json
 
 from twisted.internet import defer
@@ -71,34 +72,39 @@ SUMMED_LISTENER_FIELDS = ("active_connections", "accepted", "refused", "bytes_pe
 
 
 def merge_listeners(per_worker):
-    merged = {}
-    for listeners in per_worker:
-        for listener in listeners:
-            into = merged.get(listener["listener"])
-            if into is None:
-                merged[listener["listener"]] = json.loads(json.dumps(listener))  # a copy
-                continue
-            for field in SUMMED_LISTENER_FIELDS:
-                into[field] += listener[field]
-            hits = {route["route"]: route["hits"] for route in listener["routes"]}
-            for route in into["routes"]:
-                route["hits"] += hits.get(route["route"], 0)
-    return list(merged.values())
+    return _merged(per_worker, "listener", _add_listener)
 
 
 def merge_backends(per_worker):
+    return _merged(per_worker, "backend", _add_backend)
+
+
+def _merged(per_worker, key, add):
+    """The workers' rows, one per `key`: the first worker's copied, the others' added to it."""
     merged = {}
-    for backends in per_worker:
-        for backend in backends:
-            into = merged.get(backend["backend"])
+    for rows in per_worker:
+        for row in rows:
+            into = merged.get(row[key])
             if into is None:
-                merged[backend["backend"]] = json.loads(json.dumps(backend))
-                continue
-            servers = {server["server"]: server for server in backend["servers"]}
-            for server in into["servers"]:
-                other = servers.get(server["server"])
-                if other is not None:
-                    server["healthy"] = server["healthy"] and other["healthy"]
-                    server["active_connections"] += other["active_connections"]
-                    server["pool_idle"] += other["pool_idle"]
+                merged[row[key]] = copy.deepcopy(row)
+            else:
+                add(into, row)
     return list(merged.values())
+
+
+def _add_listener(into, listener):
+    for field in SUMMED_LISTENER_FIELDS:
+        into[field] += listener[field]
+    hits = {route["route"]: route["hits"] for route in listener["routes"]}
+    for route in into["routes"]:
+        route["hits"] += hits.get(route["route"], 0)
+
+
+def _add_backend(into, backend):
+    servers = {server["server"]: server for server in backend["servers"]}
+    for server in into["servers"]:
+        other = servers.get(server["server"])
+        if other is not None:
+            server["healthy"] = server["healthy"] and other["healthy"]
+            server["active_connections"] += other["active_connections"]
+            server["pool_idle"] += other["pool_idle"]

@@ -111,7 +111,7 @@ class Supervisor(MultiService):
                 and (self.all_accepting() or self._replacing is not None))
 
     def setServiceParent(self, parent):
-        install_log_observer(self, parent, self.log_observer)
+        install_log_observer(parent, self.log_observer)
         super().setServiceParent(parent)
 
     def privilegedStartService(self):
@@ -307,9 +307,7 @@ class Supervisor(MultiService):
 
     def close_sockets(self):
         sockets, self.sockets = self.sockets, {}
-        for per_worker in sockets.values():
-            for sock in per_worker:
-                sock.close()
+        self._close_unused(sockets, {})
 
 
 # twistd, with pyOpenSSL kept out: a worker never speaks TLS itself (it relays TLS, listens on

@@ -9,6 +9,7 @@ import socketserver
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -80,6 +81,16 @@ class Router:
         url = f"http://{LOOPBACK}:{self.admin_port}{path}"
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.read()
+
+    def error_status(self, path):
+        """The HTTP error code `path` answers with; None while it answers 2xx or not at all."""
+        try:
+            self.get(path)
+            return None
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return None
 
     def metrics(self):
         """{(sample name, frozenset of label items): value}."""

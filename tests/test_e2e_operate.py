@@ -8,7 +8,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import pytest
@@ -156,7 +155,7 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
             time.sleep(0.3)
             router.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            readyz = wait_until(lambda: _status(router, "/readyz"), message="/readyz while draining")
+            readyz = wait_until(lambda: router.error_status("/readyz"), message="/readyz while draining")
             assert readyz == 503
             assert b"l4router_connections_active" in router.get("/metrics")
             with pytest.raises(OSError):
@@ -176,16 +175,6 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
                      "Stopping {stage}", "Stopping {stage}", "l4router stopped"], order
     stages = [e["stage"] for e in router.events() if e.get("log_format") == "Stopping {stage}"]
     assert stages == ["ListenersService", "BackendsService", "AdminService"]
-
-
-def _status(router, path):
-    try:
-        router.get(path)
-        return None
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return None
 
 
 def test_a_stream_longer_than_shutdown_timeout_is_aborted_at_the_timeout(tmp_path):

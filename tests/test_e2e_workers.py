@@ -229,7 +229,7 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
                 reader.start()
             wait_until(lambda: backend.connections == 8, message="8 relays")
             router.process.send_signal(signal.SIGTERM)
-            readyz = wait_until(lambda: _status_code(router, "/readyz"), message="/readyz 503")
+            readyz = wait_until(lambda: router.error_status("/readyz"), message="/readyz 503")
             assert readyz == 503
             for reader in readers:
                 reader.join(60)
@@ -243,16 +243,6 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
     assert messages.index((None, "All workers stopped")) > workers_done
     assert messages[-1] != (None, "All workers stopped")  # the supervisor stops after them
     assert (None, "l4router stopped") in messages[workers_done:]
-
-
-def _status_code(router, path):
-    try:
-        router.get(path)
-        return None
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return None
 
 
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
