@@ -8,6 +8,8 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
+from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -76,8 +78,27 @@ class JSONResource(Resource):
                        lambda value: json.dumps(value, indent=2, default=str).encode() + b"\n")
 
 
+def _over_unix_socket(request):
+    """The request came through a unix: socket: its file permissions chose who may ask, and
+    no browser (hence no DNS rebinding, no cross-site request) can reach it."""
+    return isinstance(request.getHost(), UNIXAddress)
+
+
+def cross_site(request):
+    """A browser says the request comes from another site (a page driving the admin site)."""
+    fetch_site = request.getHeader(b"sec-fetch-site")
+    if fetch_site is not None and fetch_site.lower() not in (b"same-origin", b"none"):
+        return True
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return False
+    host = request.getHeader(b"host") or b""
+    return origin.lower().split(b"://", 1)[-1] != host.lower()
+
+
 class ReloadResource(Resource):
-    """POST /reload: from a loopback address, or with the configured bearer token."""
+    """POST /reload: with the configured bearer token, or through a unix: admin socket. No
+    address is exempt: the router's own relays arrive from loopback."""
 
     isLeaf = True
 
@@ -86,21 +107,26 @@ class ReloadResource(Resource):
         self.reloader = reloader
         self.token = token
 
-    def allowed(self, request):
+    def refusal(self, request):
+        """Why the request may not change state, or None."""
+        if cross_site(request):
+            return "cross-site requests may not change state"
         if self.token is not None:
             given = request.getHeader(b"authorization") or b""
-            return hmac.compare_digest(given, f"Bearer {self.token}".encode())
-        host = getattr(request.getClientAddress(), "host", "")
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+            if hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+                return None
+            return "reload needs Authorization: Bearer <admin.token>"
+        if _over_unix_socket(request):
+            return None
+        return ("reload needs admin.token (or an admin site on a unix: socket); "
+                "SIGHUP always reloads")
 
     def render_POST(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        if not self.allowed(request):
+        refusal = self.refusal(request)
+        if refusal is not None:
             request.setResponseCode(403)
-            return b"reload is allowed from loopback or with the admin token\n"
+            return refusal.encode() + b"\n"
 
         def answer(outcome):
             ok, message = outcome
@@ -174,12 +200,13 @@ td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}th{{background:#
 """
 
 
-def admin_site(router, reloader, registry, token=None):
+def admin_site(router, reloader, registry, settings):
+    """`settings`: AdminSettings (the token, the Host names besides IP literals)."""
     throughput = router.throughput
-    root = _operations(router, reloader, registry, token)
+    root = _operations(router, reloader, registry, settings.token)
     _status_views(root, lambda: status.overview(router, throughput), router.backends.status,
                   lambda: status.connections(router))
-    return _site(root)
+    return AdminSite(root, settings.hosts)
 
 
 def _status_views(root, overview, backends, connections):
@@ -191,13 +218,13 @@ def _status_views(root, overview, backends, connections):
     root.putChild(b"status", state)
 
 
-def supervisor_site(supervisor, reloader, token=None):
+def supervisor_site(supervisor, reloader, settings):
     """The admin site of a supervisor: the workers' metrics summed, its readiness (every
     worker accepting), reloads, and the workers' status merged."""
     workers = WorkerStatus(supervisor.reactor, supervisor)
-    root = _operations(supervisor, reloader, supervisor.registry, token)
+    root = _operations(supervisor, reloader, supervisor.registry, settings.token)
     _status_views(root, workers.overview, workers.backends, workers.connections)
-    return _site(root)
+    return AdminSite(root, settings.hosts)
 
 
 def _operations(router, reloader, registry, token):
@@ -210,9 +237,43 @@ def _operations(router, reloader, registry, token):
     return root
 
 
-def _site(root):
-    site = Site(root)
-    site.noisy = False
-    site.displayTracebacks = False
-    site.log = lambda request: None  # requests are not access-logged here
-    return site
+def host_allowed(host_header, names):
+    """A Host an admin site answers: an IP literal, localhost, or a configured name. Any other
+    name may be a DNS-rebinding page reading the status (client addresses, names, paths)."""
+    host = host_header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    host = host.rstrip(".")
+    if host == "localhost" or host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class AdminSite(Site):
+    """Every answer says nosniff; a request whose Host is not ours is refused."""
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, root, hosts=()):
+        super().__init__(root)
+        self.hosts = frozenset(hosts)
+
+    def log(self, request):
+        """Requests are not access-logged here."""
+
+    def getResourceFor(self, request):
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        host = request.getHeader(b"host")
+        if host is not None and not _over_unix_socket(request) and \
+                not host_allowed(host, self.hosts):
+            return errorPage(421, "Misdirected Request",
+                             "This admin site answers to IP addresses, localhost and the "
+                             "names in admin.hosts.")
+        return super().getResourceFor(request)

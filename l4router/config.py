@@ -32,6 +32,11 @@ TRANSPORTS = ("tcp", "udp")
 RELAY_MODES = ("copy", "splice")
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# UDP sources are trivially spoofed: the session table is bounded unless a user says otherwise.
+DEFAULT_MAX_SESSIONS = 4096
+DEFAULT_MAX_SESSIONS_PER_SOURCE = 256
+UNLIMITED = "unlimited"
+DEFAULT_IPV6_SOURCE_PREFIX = 64  # one IPv6 host usually holds a whole /64
 SHAREABLE_ENDPOINT_TYPES = ("tcp", "tcp6", "udp")  # what workers can each hold a socket of
 MAX_WORKERS = 256
 LISTEN_BACKLOG = 1024  # the host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts
@@ -92,8 +97,10 @@ class Listener:
     routes: tuple
     on_timeout: str | None  # backend name; None: reject
     default: str | None  # backend name; None: reject
-    accept_proxy_protocol: bool = False
+    # The peers whose PROXY header is believed (ip_network objects); empty: none is expected.
+    accept_proxy_protocol: tuple = ()
     relay: str = "splice"  # splice (zero-copy after the replay where os.splice exists) | copy
+    ipv6_source_prefix: int = DEFAULT_IPV6_SOURCE_PREFIX  # per-source limits count IPv6 by prefix
 
 
 @attrs.frozen
@@ -154,7 +161,8 @@ class Backend:
 @attrs.frozen
 class AdminSettings:
     listen: tuple  # endpoint description strings; empty: no admin site
-    token: str | None = None  # when set, POST /reload needs "Authorization: Bearer <token>"
+    token: str | None = None  # POST /reload needs "Authorization: Bearer <token>" (or a unix: site)
+    hosts: tuple = ()  # Host names the site answers to besides IP literals and localhost
 
 
 @attrs.frozen
@@ -174,7 +182,8 @@ class Config:
     logging: LoggingSettings
     workers: int = 1  # processes: 1 runs in this process, more run under a supervisor
     source: str = ""  # the file it came from, for logs
-    digest: str = ""  # sha256 of the file, to tell configs apart
+    digest: str = ""  # sha256 of the file (the admin token redacted), to tell configs apart
+    text: bytes = attrs.field(default=b"", repr=False, eq=False)  # what was validated
 
 
 class _FrozenDict(Mapping):
@@ -317,6 +326,38 @@ def _token(value):
     return value
 
 
+def _limit(value):
+    """A count of at least 1, or `unlimited` (None)."""
+    if value == UNLIMITED:
+        return None
+    try:
+        return _positive_int(value)
+    except _Invalid:
+        raise _Invalid(f"must be a whole number of at least 1 or {UNLIMITED!r}, "
+                       f"not {value!r}") from None
+
+
+def _number_in(low, high):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _Invalid(f"must be a whole number from {low} to {high}, not {value!r}")
+        return value
+
+    return convert
+
+
+def _trusted_senders(value):
+    """`{from: [CIDR, ...]}`: whose PROXY header is believed. A bare `true` would believe
+    anyone, and anyone could then claim any source address."""
+    if value is False:
+        return ()
+    if not isinstance(value, Mapping) or set(value) != {"from"}:
+        raise _Invalid("must name the senders whose header is trusted, e.g. "
+                       "{from: [10.0.0.0/8]} (a header from anyone else closes the "
+                       f"connection), or false; not {value!r}")
+    return _networks(value["from"])
+
+
 def _boolean(value):
     if not isinstance(value, bool):
         raise _Invalid(f"must be true or false, not {value!r}")
@@ -435,6 +476,10 @@ def _networks(value):
         except ValueError:
             raise _Invalid(f"{item!r} is not an IP address or CIDR such as 192.0.2.0/24") from None
     return tuple(networks)
+
+
+def _host_names(value):
+    return tuple(name.lower().rstrip(".") for name in _string_list(value))
 
 
 def _server(value):
@@ -617,14 +662,18 @@ class _Builder:
                     self.reader.problem(section.key_path(key),
                                         f"is for {'udp' if other == 'sessions' else 'tcp'} "
                                         f"listeners; this one is {self.transport}")
-        max_connections = section.get(f"max_{unit}", _positive_int, None)
-        per_source = section.get(f"max_{unit}_per_source", _positive_int, None)
+        max_connections = section.get(f"max_{unit}", _limit,
+                                      DEFAULT_MAX_SESSIONS if udp else None)
+        per_source = section.get(f"max_{unit}_per_source", _limit,
+                                 DEFAULT_MAX_SESSIONS_PER_SOURCE if udp else None)
+        ipv6_prefix = section.get("ipv6_source_prefix", _number_in(1, 128),
+                                  DEFAULT_IPV6_SOURCE_PREFIX)
         idle_timeout = section.get("idle_timeout", _positive_duration,
                                    DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
-        accept_proxy = False
+        accept_proxy = ()
         relay = "splice"
         if not udp:
-            accept_proxy = section.get("accept_proxy_protocol", _boolean, False)
+            accept_proxy = section.get("accept_proxy_protocol", _trusted_senders, ())
             relay = section.get("relay", _one_of(RELAY_MODES), "splice")
         routes = self.routes(section, backends)
         target = self.target(backends)
@@ -632,13 +681,14 @@ class _Builder:
         on_timeout = section.get("on_timeout", target, default)
         section.finish()
         values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
-                  routes, default, on_timeout, accept_proxy, relay)
+                  routes, default, on_timeout, accept_proxy, relay, ipv6_prefix)
         if _MISSING in values:
             return None
         return Listener(name=name, transport=transport, listen=listen, detect=detect,
                         max_connections=max_connections, max_connections_per_source=per_source,
                         idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
-                        default=default, accept_proxy_protocol=accept_proxy, relay=relay)
+                        default=default, accept_proxy_protocol=accept_proxy, relay=relay,
+                        ipv6_source_prefix=ipv6_prefix)
 
     @staticmethod
     def listen_list(value):
@@ -759,9 +809,11 @@ class _Builder:
             return AdminSettings(())
         listen = section.get("listen", self.admin_listen, ())
         token = section.get("token", _token, None)
+        hosts = section.get("hosts", _host_names, ())
         section.finish()
         return AdminSettings(() if listen is _MISSING else listen,
-                             None if token is _MISSING else token)
+                             None if token is _MISSING else token,
+                             () if hosts is _MISSING else hosts)
 
     @staticmethod
     def admin_listen(value):
@@ -798,8 +850,17 @@ def parse_config(text, detectors, source="<string>"):
     config = _Builder(reader, list(detectors)).build(raw)
     if reader.problems:
         raise ConfigError(reader.problems)
-    digest = hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
-    return attrs.evolve(config, source=source, digest=digest)
+    text = text.encode() if isinstance(text, str) else text
+    return attrs.evolve(config, source=source, digest=config_digest(text, config.admin.token),
+                        text=text)
+
+
+def config_digest(text, token):
+    """sha256 of the file with the admin token redacted: the digest is published (metrics,
+    status page) and must not let anyone test guesses of the token."""
+    if token:
+        text = text.replace(token.encode(), b"<redacted>")
+    return hashlib.sha256(text).hexdigest()
 
 
 def load_config(path, detectors):

@@ -2,6 +2,8 @@
 
 import collections
 
+from l4router.addresses import source_key
+
 LIMIT_PROCESS = "limit_process"
 LIMIT_LISTENER = "limit_listener"
 LIMIT_SOURCE = "limit_source"
@@ -25,16 +27,17 @@ class Admission:
     """Counts a listener's active connections; `admit` answers None or the rejection reason.
     In a worker, the limits are its share (`workers`: how many share them)."""
 
-    def __init__(self, process, maximum=None, per_source=None, workers=1):
+    def __init__(self, process, maximum=None, per_source=None, workers=1, ipv6_prefix=64):
         self.process = process
         self.workers = workers
-        self.configure(maximum, per_source)
+        self.configure(maximum, per_source, ipv6_prefix)
         self.active = 0
         self.by_source = collections.Counter()
 
-    def configure(self, maximum, per_source):
+    def configure(self, maximum, per_source, ipv6_prefix=64):
         self.maximum = worker_share(maximum, self.workers)
         self.per_source = worker_share(per_source, self.workers)
+        self.ipv6_prefix = ipv6_prefix
 
     def admit(self, source):
         """Admit a connection from `source` (None: its real source is not known yet)."""
@@ -52,19 +55,23 @@ class Admission:
 
     def admit_source(self, source):
         """Count a connection against its source; a PROXY header reveals it after accept."""
-        if self.per_source is not None and self.by_source[source] >= self.per_source:
+        key = source_key(source, self.ipv6_prefix)
+        if self.per_source is not None and self.by_source[key] >= self.per_source:
             return LIMIT_SOURCE
-        self.by_source[source] += 1
+        self.by_source[key] += 1
         return None
 
     def release(self, source):
         """Release an admitted connection; `source` as counted, or None if it never was."""
         self.process.active -= 1
         self.active -= 1
-        if source is None:
-            return
-        remaining = self.by_source[source] - 1
+        if source is not None:
+            self.release_source(source)
+
+    def release_source(self, source):
+        key = source_key(source, self.ipv6_prefix)
+        remaining = self.by_source[key] - 1
         if remaining:
-            self.by_source[source] = remaining
+            self.by_source[key] = remaining
         else:
-            del self.by_source[source]
+            del self.by_source[key]

@@ -1,8 +1,34 @@
 """What a listener of either transport keeps between connections: its config, detectors,
 routes, backends and limits (all swapped by a reload), and the counters the status page shows."""
 
+import collections
+
+from twisted.logger import Logger
+
 from l4router.relay import IdleSweeper
 from l4router.routing import RouteTable
+
+log = Logger()
+
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class RateLimitedLog:
+    """At most one log line per key and interval, saying how many events it stands for: a
+    flood of refused connections must not become a flood of log lines."""
+
+    def __init__(self, clock, interval):
+        self.clock = clock
+        self.interval = interval
+        self.counts = collections.Counter()
+        self.last = {}
+
+    def event(self, key, emit):
+        self.counts[key] += 1
+        now = self.clock.seconds()
+        if now - self.last.get(key, -self.interval) >= self.interval:
+            emit(key, self.counts.pop(key))
+            self.last[key] = now
 
 
 class ListenerRuntime:
@@ -17,7 +43,13 @@ class ListenerRuntime:
         self.refused_total = 0
         self.bytes_closed = 0  # relayed by connections or sessions that have ended, both ways
         self.idle_sweeper = None
+        self.refusals = RateLimitedLog(clock, REFUSAL_LOG_INTERVAL)
         self.reconfigure(listener, detectors, backends, access_log)
+
+    def log_refusals(self, reason, count):
+        log.warn("Listener {listener} refused {count} connections ({reason}) in the last "
+                 "{interval:.0f}s", listener=self.name, count=count, reason=reason,
+                 interval=REFUSAL_LOG_INTERVAL)
 
     def reconfigure(self, listener, detectors, backends, access_log=True):
         """New connections follow this listener config; open ones keep going as they are."""
@@ -28,4 +60,5 @@ class ListenerRuntime:
         self.access_log = access_log
         if self.idle_sweeper is None or self.idle_sweeper.timeout != listener.idle_timeout:
             self.idle_sweeper = IdleSweeper(self.clock, listener.idle_timeout)  # open ones keep theirs
-        self.admission.configure(listener.max_connections, listener.max_connections_per_source)
+        self.admission.configure(listener.max_connections, listener.max_connections_per_source,
+                                 listener.ipv6_source_prefix)

@@ -8,6 +8,8 @@ shutdown. An invalid config changes nothing: the error is logged and exported.
 
 import signal
 
+import attrs
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -23,10 +25,13 @@ class ConfigReloader:
     """Reloads the router in this process. `metrics` (ConfigMetrics) is None in a worker,
     whose supervisor reads the config first and exports the outcome."""
 
-    def __init__(self, router, metrics, detectors):
+    def __init__(self, router, metrics, detectors, path=None):
+        """`path`: where the config is read (a worker reads its supervisor's validated
+        snapshot); by default the file the running config came from."""
         self.router = router
         self.detectors = detectors
         self.metrics = metrics
+        self.path = path
         self._reloading = False
         if metrics is not None:
             metrics.loaded(router.config.digest)
@@ -52,7 +57,8 @@ class ConfigReloader:
         path = self.router.config.source
         log.info("Reloading the config from {path}", path=path)
         try:
-            config = load_config(path, self.detectors)
+            config = load_config(self.path or path, self.detectors)
+            config = attrs.evolve(config, source=path)
             yield self._apply(config)
         except (ConfigError, BindFailed, WorkerFailed, defer.TimeoutError) as error:
             log.error("Reload failed, the running config stays: {error}", error=str(error))
@@ -124,6 +130,7 @@ class WorkersReloader(ConfigReloader):
         old = self.router.config
         if config.workers != old.workers or _sockets(config) != _sockets(old):
             return self.router.replace_workers(config)
+        self.router.write_config_snapshot(config)
         self.router.forward("HUP")
         self.router.config = config
         return defer.succeed(None)

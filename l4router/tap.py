@@ -4,6 +4,8 @@ import json
 import sys
 from importlib import resources
 
+import attrs
+
 from twisted.python import usage
 
 from l4router.admin import admin_site, supervisor_site
@@ -39,6 +41,7 @@ class Options(usage.Options):
         ["sockets", None, "{}", "(internal) JSON: listen description -> inherited fd."],
         ["status-fd", None, None, "(internal) The fd to announce readiness on.", int],
         ["admin-socket", None, None, "(internal) The UNIX socket of the worker's status site."],
+        ["config-source", None, None, "(internal) The file the -c snapshot was validated from."],
     ]
     optFlags = [
         ["check", None, "Validate the config, print every error with its key path, and exit "
@@ -55,6 +58,8 @@ class Options(usage.Options):
         path = self["config"] or quickstart_config_path()
         try:
             self.loaded = load_config(path, self.detectors)
+            if self["config-source"]:
+                self.loaded = attrs.evolve(self.loaded, source=self["config-source"])
         except ConfigError as error:
             sys.stderr.write(f"l4router: invalid config {path}:\n")
             for key, reason in error.problems:
@@ -104,7 +109,7 @@ def makeService(options):
     if worker is not None:
         return build_worker(config, options.detectors, reactor, worker,
                             json.loads(options["sockets"]), options["status-fd"],
-                            options["admin-socket"], observer)
+                            options["admin-socket"], observer, options["config"])
     if config.workers > 1:
         return build_supervisor(config, options.detectors, reactor,
                                 worker_command(options, config.source), observer)
@@ -117,23 +122,23 @@ def build_supervisor(config, detectors, reactor, command, log_observer=None):
     supervisor = Supervisor(reactor, config, command, admin, log_observer=log_observer)
     metrics = ConfigMetrics(supervisor.registry)
     supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
-    admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin.token)
+    admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin)
     return supervisor
 
 
 def build_worker(config, detectors, reactor, index, sockets, status_fd, admin_socket,
-                 log_observer):
+                 log_observer, config_path=None):
     """Worker `index`: the router on the sockets its supervisor handed down, its status site
     on a UNIX socket only the supervisor asks."""
     router = build_router(config, detectors, reactor, log_observer=log_observer,
                           inherited_sockets=sockets, worker=index,
-                          admin_listen=(f"unix:{admin_socket}",))
+                          admin_listen=(f"unix:{admin_socket}",), config_path=config_path)
     router.on_started = lambda: start_worker(reactor, status_fd)
     return router
 
 
 def build_router(config, detectors, reactor, registry=None, log_observer=None,
-                 inherited_sockets=None, worker=None, admin_listen=None):
+                 inherited_sockets=None, worker=None, admin_listen=None, config_path=None):
     """Build (not start) the whole Service tree for `config`; in a worker, on inherited
     sockets, without the config metrics (the supervisor's), the admin site on `admin_listen`."""
     assembly = RouterAssembly(reactor, detectors, registry, inherited_sockets,
@@ -149,7 +154,6 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None,
                            log_observer=log_observer)
     if worker is not None:
         router.samplers.append(assembly.metrics.watch_worker(reactor, worker).sample)
-    router.reloader = ConfigReloader(router, assembly.metrics.config, detectors)
-    admin.factory = admin_site(router, router.reloader, assembly.metrics.registry,
-                               config.admin.token)
+    router.reloader = ConfigReloader(router, assembly.metrics.config, detectors, config_path)
+    admin.factory = admin_site(router, router.reloader, assembly.metrics.registry, config.admin)
     return router

@@ -1,6 +1,6 @@
 """TCP listener: admission, peek and detect, route, connect, hand over to the relay."""
 
-import collections
+import ipaddress
 import itertools
 
 from twisted.internet import defer
@@ -10,6 +10,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from l4router.addresses import normalise_host
 from l4router.backends.group import CONNECT_FAILED
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
@@ -26,27 +27,9 @@ access_log = Logger(namespace="l4router.access")
 REJECTED = "rejected"  # a route or default said reject
 CLIENT_CLOSED_EARLY = "client_closed_early"  # gone before a decision
 PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
+PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from a peer not trusted to send one
 
 _connection_ids = itertools.count(1)
-REFUSAL_LOG_INTERVAL = 10.0
-
-
-class RateLimitedLog:
-    """At most one log line per key and interval, saying how many events it stands for: a
-    flood of refused connections must not become a flood of log lines."""
-
-    def __init__(self, clock, interval):
-        self.clock = clock
-        self.interval = interval
-        self.counts = collections.Counter()
-        self.last = {}
-
-    def event(self, key, emit):
-        self.counts[key] += 1
-        now = self.clock.seconds()
-        if now - self.last.get(key, -self.interval) >= self.interval:
-            emit(key, self.counts.pop(key))
-            self.last[key] = now
 
 
 def _send_now(transport, data):
@@ -75,32 +58,41 @@ class ListenerFactory(ListenerRuntime, Factory):
         self.connections = set()
         self._drain_waiters = []
         super().__init__(*args, **kwargs)
-        self._refusals = RateLimitedLog(self.clock, REFUSAL_LOG_INTERVAL)
 
     def buildProtocol(self, addr):
-        source = getattr(addr, "host", None) or str(addr)
-        behind_proxy = self.listener.accept_proxy_protocol
-        # Behind a PROXY-protocol balancer the peer is the balancer: the per-source limit
-        # waits for the header.
-        refusal = self.admission.admit(None if behind_proxy else source)
+        peer = getattr(addr, "host", None)
+        peer = normalise_host(peer) if peer else str(addr)
+        header_expected = self._trusts(peer)
+        # Behind a trusted PROXY-protocol balancer the peer is the balancer: the per-source
+        # limit waits for the header. Anyone else is counted by their own address.
+        refusal = self.admission.admit(None if header_expected else peer)
         if refusal is not None:
             # Returning None makes the port close the socket at once, without reading.
-            self.metrics.rejected(refusal).inc()
-            self.refused_total += 1
-            self._refusals.event(refusal, self._log_refusals)
+            self.refuse(refusal)
             return None
         self.accepted_total += 1
         self.metrics.accepted.inc()
         self.metrics.active.inc()
-        connection = InboundConnection(self, source, getattr(addr, "port", 0),
-                                       source_counted=not behind_proxy)
+        connection = InboundConnection(self, peer, getattr(addr, "port", 0), header_expected)
         self.connections.add(connection)
         return connection
 
-    def _log_refusals(self, reason, count):
-        log.warn("Listener {listener} refused {count} connections ({reason}) in the last "
-                 "{interval:.0f}s", listener=self.name, count=count, reason=reason,
-                 interval=REFUSAL_LOG_INTERVAL)
+    def _trusts(self, peer):
+        """The peer may put a PROXY header in front of its stream (`accept_proxy_protocol`)."""
+        trusted = self.listener.accept_proxy_protocol
+        if not trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(address in network for network in trusted)
+
+    def refuse(self, reason):
+        """Count and (rate-limited) log a connection closed before it was relayed."""
+        self.metrics.rejected(reason).inc()
+        self.refused_total += 1
+        self.refusals.event(reason, self.log_refusals)
 
     def connection_ended(self, connection):
         self.connections.discard(connection)
@@ -134,13 +126,16 @@ class InboundConnection(Protocol):
     backend transport and counts it.
     """
 
-    def __init__(self, factory, source, source_port, source_counted=True):
+    def __init__(self, factory, source, source_port, header_expected=False):
         self.factory = factory
         self.id = next(_connection_ids)
         self.source = source
         self.source_port = source_port
-        self.source_counted = source_counted
-        self.awaiting_proxy_header = factory.listener.accept_proxy_protocol
+        self.source_counted = not header_expected  # a trusted balancer is not a source
+        self.awaiting_proxy_header = header_expected
+        # A listener behind balancers: a header from anyone else is a forged address.
+        self.refuse_proxy_header = bool(factory.listener.accept_proxy_protocol) and \
+            not header_expected
         self.buffer = b""
         self.elicited = b""  # bytes the router sent the client during detection
         self.elicited_by = None  # the detector that asked for them, and rewrites the replay
@@ -171,6 +166,9 @@ class InboundConnection(Protocol):
             return
         self.buffer += data
         if self.awaiting_proxy_header and not self._take_proxy_header():
+            return
+        if self.refuse_proxy_header and proxyprotocol.starts_with_header(self.buffer):
+            self._reject(PROXY_UNTRUSTED)
             return
         self.received = len(self.buffer)
         if self.decision is None:
@@ -215,7 +213,7 @@ class InboundConnection(Protocol):
         self.awaiting_proxy_header = False
         self.buffer = self.buffer[header.length:]
         if header.source is not None:
-            self.source, self.source_port = header.source, header.source_port
+            self.source, self.source_port = normalise_host(header.source), header.source_port
         refusal = self.factory.admission.admit_source(self.source)
         if refusal is not None:
             self._reject(refusal)
@@ -300,10 +298,11 @@ class InboundConnection(Protocol):
         if version == "none":
             return b""
         local = self.transport.getHost()
-        if (":" in self.source) != (":" in local.host):  # a v6 client of a v4 listener, say
+        local_host = normalise_host(local.host)
+        if (":" in self.source) != (":" in local_host):  # a v6 client of a v4 listener, say
             return proxyprotocol.unknown_header(version)
         write = proxyprotocol.v1_header if version == "v1" else proxyprotocol.v2_header
-        return write(self.source, self.source_port, local.host, local.port)
+        return write(self.source, self.source_port, local_host, local.port)
 
     def _rewritten_replay(self, replay):
         """Remove the client's answer to what the router elicited; the backend never asked."""
@@ -334,7 +333,10 @@ class InboundConnection(Protocol):
 
     def _reject(self, reason):
         self._cancel_detect_timer()
-        self.factory.metrics.rejected(reason).inc()
+        if reason == PROXY_UNTRUSTED:
+            self.factory.refuse(reason)  # counted and logged: someone forges addresses
+        else:
+            self.factory.metrics.rejected(reason).inc()
         self._close(reason)
 
     def _close(self, reason):

@@ -7,14 +7,18 @@ carries them to the chosen server, and replies go back to that client. Datagram 
 are kept exactly.
 """
 
-import ipaddress
+import errno
 import itertools
+import socket
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from l4router.addresses import normalise_host
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
@@ -26,10 +30,12 @@ log = Logger()
 access_log = Logger(namespace="l4router.access")
 
 MAX_HELD_DATAGRAMS = 16
+READS_PER_WAKEUP = 16  # datagrams read from a session's socket before others get a turn
 
 # Session end reasons (l4router_udp_sessions_ended_total) and drop reasons.
 IDLE_TIMEOUT = "idle_timeout"
 BACKEND_UNREACHABLE = "backend_unreachable"  # the server's host answered ICMP unreachable
+SOCKET_UNAVAILABLE = "socket_unavailable"  # no socket towards the server (out of descriptors)
 REJECTED = "rejected"
 SHUTDOWN = "shutdown"
 
@@ -53,10 +59,11 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
     def datagramReceived(self, data, addr):
         session = self.sessions.get(addr)
         if session is None:
-            refusal = self.admission.admit(addr[0])
+            refusal = self.admission.admit(normalise_host(addr[0]))
             if refusal is not None:
                 self.refused_total += 1
                 self.metrics.udp_dropped(refusal).inc()
+                self.refusals.event(refusal, self.log_refusals)
                 return
             self.accepted_total += 1
             session = self.sessions[addr] = UDPSession(self, addr)
@@ -68,7 +75,7 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
 
     def session_ended(self, session):
         del self.sessions[session.client]
-        self.admission.release(session.client[0])
+        self.admission.release(session.source)
         self.metrics.udp_sessions_active.dec()
 
     def close_all(self, reason):
@@ -76,29 +83,79 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
             session.close(reason)
 
 
-class _BackendSocket(DatagramProtocol):
-    """The session's connected socket towards its server."""
+@implementer(IReadDescriptor)
+class BackendSocket:
+    """The session's connected, non-blocking socket towards its server, read by the reactor.
 
-    def __init__(self, session):
+    A plain socket rather than a Twisted UDP port: a port logs its start and end (two lines
+    per session) and asks the kernel for its name; a session needs neither.
+    """
+
+    __slots__ = ("session", "socket", "reactor", "fileno")
+
+    def __init__(self, reactor, session, host, port):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_DGRAM)  # OSError: the caller's
+        try:
+            self.socket.setblocking(False)
+            self.socket.connect((host, port))
+        except OSError:
+            self.socket.close()
+            raise
         self.session = session
+        self.reactor = reactor
+        self.fileno = self.socket.fileno
+        reactor.addReader(self)
 
-    def datagramReceived(self, data, addr):
-        self.session.from_backend(data)
+    def logPrefix(self):
+        return "l4router-udp-session"
 
-    def connectionRefused(self):
-        self.session.close(BACKEND_UNREACHABLE)
+    def write(self, data):
+        try:
+            self.socket.send(data)
+        except BlockingIOError:
+            pass  # a full send buffer drops the datagram, as the network may
+        except OSError as exc:
+            self._failed(exc)
 
-    def stopProtocol(self):
-        # An ICMP error on the connected socket shows as EPOLLERR, which the reactor turns
-        # into the port's end; the session's own close has already marked it closed.
+    def doRead(self):
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data = self.socket.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                self._failed(exc)
+                return None
+            self.session.from_backend(data)
+            if self.session.closed:
+                return None
+        return None
+
+    def _failed(self, exc):
+        """ICMP port or host unreachable comes back as an error on the connected socket."""
+        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+            self.session.close(BACKEND_UNREACHABLE)
+        else:
+            log.warn("UDP session {id}: {error}", id=self.session.id, error=str(exc))
+            self.session.close(BACKEND_UNREACHABLE)
+
+    def connectionLost(self, reason):
+        """The reactor dropped the descriptor: an ICMP error on the connected socket shows as
+        EPOLLERR without anything to read."""
         if not self.session.closed:
             self.session.close(BACKEND_UNREACHABLE)
+
+    def close(self):
+        self.reactor.removeReader(self)
+        self.socket.close()
 
 
 class UDPSession:
     def __init__(self, listener, client):
         self.listener = listener
-        self.client = client
+        self.client = client  # the address replies go to, as the socket spells it
+        self.source = normalise_host(client[0])  # as routes, limits and logs see it
         self.id = next(_session_ids)
         clock = listener.clock
         self.started = clock.seconds()
@@ -144,7 +201,7 @@ class UDPSession:
         if self._detect_timer is not None and self._detect_timer.active():
             self._detect_timer.cancel()
         self.decision = decision
-        choice = listener.routes.choose(decision, self.client[0])
+        choice = listener.routes.choose(decision, self.source)
         self.route = choice.route
         listener.metrics.udp_created(decision.protocol).inc()
         listener.metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()
@@ -154,21 +211,24 @@ class UDPSession:
         self.backend_name = choice.backend
         group = listener.backends[choice.backend]
         try:
-            self.server = group.pick(self.client[0])
+            self.server = group.pick(self.source)
         except BackendUnavailable as error:
             log.warn("UDP session {id} from {source} gets no server of backend {backend}: "
-                     "{error}", id=self.id, source=self.client[0], backend=group.name,
+                     "{error}", id=self.id, source=self.source, backend=group.name,
                      error=str(error), reason=error.reason)
             self.close(error.reason)
             return
         self._open_backend_socket()
 
     def _open_backend_socket(self):
-        address = self.server.address
-        family_any = "::" if ipaddress.ip_address(address).version == 6 else "0.0.0.0"
-        self.port = self.listener.clock.listenUDP(0, _BackendSocket(self), interface=family_any,
-                                                     maxPacketSize=MAX_DATAGRAM)
-        self.port.connect(address, self.server.server.port)
+        try:
+            self.port = BackendSocket(self.listener.clock, self, self.server.address,
+                                      self.server.server.port)
+        except OSError as exc:  # out of descriptors, say: end now, releasing everything
+            self.listener.refusals.event(SOCKET_UNAVAILABLE, self.listener.log_refusals)
+            log.debug("UDP session {id}: no socket: {error}", id=self.id, error=str(exc))
+            self.close(SOCKET_UNAVAILABLE)
+            return
         metrics = self.listener.metrics
         for datagram in self.held:
             metrics.udp_datagrams_up.inc()
@@ -201,7 +261,7 @@ class UDPSession:
         self._detect_timer = None
         self.idle.unwatch(self)
         if self.port is not None:
-            self.port.stopListening()
+            self.port.close()
         if self.server is not None:
             self.server.release()
         listener = self.listener
@@ -225,7 +285,7 @@ class UDPSession:
         decision = self.decision
         return {
             "connection_id": self.id, "listener": self.listener.name, "transport": "udp",
-            "source": self.client[0], "source_port": self.client[1],
+            "source": self.source, "source_port": self.client[1],
             "protocol": decision.protocol if decision else None,
             "fields": dict(decision.fields) if decision else {},
             "route": self.route, "backend": self.backend_name,
@@ -250,6 +310,16 @@ class UDPListenerService(ListenerService):
 
     def addresses(self):
         return [f"udp {p.getHost().host}:{p.getHost().port}" for p in self.ports]
+
+    def startService(self):
+        listener = self.listener
+        for key, value in (("max_sessions", listener.max_connections),
+                           ("max_sessions_per_source", listener.max_connections_per_source)):
+            if value is None:
+                log.warn("Listener {listener}: {key} is unlimited: spoofed UDP sources can "
+                         "fill the session table and use up descriptors",
+                         listener=listener.name, key=key)
+        super().startService()
 
     @defer.inlineCallbacks
     def stopService(self):

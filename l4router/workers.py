@@ -100,6 +100,19 @@ class Supervisor(MultiService):
     def metrics_dir(self):
         return os.path.join(self.run_dir, "metrics")
 
+    @property
+    def config_snapshot(self):
+        """The validated config text the workers read (at start, restart and reload), so that
+        no worker ever runs a file that changed after the supervisor checked it."""
+        return os.path.join(self.run_dir, "config.yaml")
+
+    def write_config_snapshot(self, config):
+        partial = self.config_snapshot + ".new"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(config.text)
+        os.replace(partial, self.config_snapshot)
+
     def all_accepting(self):
         return (len(self.workers) == self.config.workers
                 and all(worker.ready for worker in self.workers.values()))
@@ -143,6 +156,7 @@ class Supervisor(MultiService):
         super().startService()
         self.run_dir = tempfile.mkdtemp(prefix="l4router-")
         os.mkdir(self.metrics_dir)
+        self.write_config_snapshot(self.config)
         multiprocess.MultiProcessCollector(self.registry, path=self.metrics_dir)
         self.workers_configured.set(self.config.workers)
         for index in range(self.config.workers):
@@ -162,7 +176,8 @@ class Supervisor(MultiService):
         status_fd = 3 + len(inherited)
         child_fds[status_fd] = "r"
         admin_socket = os.path.join(self.run_dir, f"worker-{self.generation}-{index}.sock")
-        argv, env = self.worker_command(index, inherited, status_fd, admin_socket)
+        argv, env = self.worker_command(index, inherited, status_fd, admin_socket,
+                                        self.config_snapshot)
         env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
         worker = WorkerProcess(self, index, status_fd, admin_socket)
         try:
@@ -242,6 +257,7 @@ class Supervisor(MultiService):
         self.config, self.sockets, self.workers = config, sockets, {}
         self._replacing = defer.Deferred().addTimeout(READY_TIMEOUT, self.reactor)
         try:
+            self.write_config_snapshot(config)
             for index in range(config.workers):
                 self.spawn(index)
             yield self._replacing
@@ -250,6 +266,7 @@ class Supervisor(MultiService):
                 worker.signal("KILL")
             self._close_unused(sockets, old[1])
             self.config, self.sockets, self.workers = old
+            self.write_config_snapshot(self.config)
             self.retiring = [w for w in self.retiring if w not in retired]
             for index, worker in list(self.workers.items()):
                 if worker.ended.called:  # died meanwhile, when it was not current
@@ -310,23 +327,28 @@ class Supervisor(MultiService):
         self._close_unused(sockets, {})
 
 
-# twistd, with pyOpenSSL kept out: a worker never speaks TLS itself (it relays TLS, listens on
-# the plain sockets it was handed, serves its status on a UNIX socket), and Twisted's TCP
-# support would otherwise load pyOpenSSL for startTLS, 12 MiB of RSS in every worker.
-WORKER_BOOT = ("import sys; sys.modules['OpenSSL'] = None; "
+# twistd, with the working directory off sys.path (`python -c` puts it first, and a planted
+# yaml.py there would run in every worker, as root) and pyOpenSSL kept out: a worker never
+# speaks TLS itself (it relays TLS, listens on the plain sockets it was handed, serves its
+# status on a UNIX socket), and Twisted's TCP support would otherwise load pyOpenSSL for
+# startTLS, 12 MiB of RSS in every worker.
+WORKER_BOOT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+               "sys.modules['OpenSSL'] = None; "
                "from twisted.scripts.twistd import run; run()")
 
 
-def worker_command(options, config_path):
-    """How the supervisor starts worker `index`: twistd again, with what it must adopt."""
+def worker_command(options, config_source):
+    """How the supervisor starts worker `index`: twistd again, with what it must adopt and
+    the validated config snapshot (named as the file it came from)."""
     twistd = options.parent or {}
     logfile = twistd.get("logfile")
 
-    def command(index, inherited, status_fd, admin_socket):
+    def command(index, inherited, status_fd, admin_socket, config_snapshot):
         argv = [sys.executable, "-c", WORKER_BOOT, "--nodaemon", "--pidfile="]
         if logfile and logfile != "-":
             argv.append(f"--logfile={logfile}.worker-{index}")
-        argv += ["l4router", "-c", config_path, "--worker", str(index),
+        argv += ["l4router", "-c", config_snapshot, "--config-source", config_source,
+                 "--worker", str(index),
                  "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
                 "--admin-socket", admin_socket]
         return argv, dict(os.environ)

@@ -2,6 +2,7 @@
 
 import hashlib
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -45,23 +46,35 @@ def listening(port, host=LOOPBACK):
 class Router:
     """Runs `twistd -n l4router -c CONFIG` with JSON logs; stops it on exit, checking exit 0."""
 
-    def __init__(self, tmp_path, config_text, admin_port=None, env=None, workers=1):
+    TOKEN = "admin-token-for-the-tests"
+
+    def __init__(self, tmp_path, config_text, admin_port=None, env=None, workers=1,
+                 admin_extra="", max_open_files=None):
+        """`admin_extra`: more keys of the admin section; `max_open_files`: RLIMIT_NOFILE."""
         assert TWISTD, "twistd is not on PATH: install l4router (see README)"
         self.tmp_path = tmp_path
         self.admin_port = admin_port or free_port()
         self.config_path = tmp_path / "router.yaml"
         self.config_path.write_text(
-            config_text + f"\nadmin: {{listen: '127.0.0.1:{self.admin_port}'}}\n"
+            config_text + f"\nadmin: {{listen: '127.0.0.1:{self.admin_port}', "
+            f"token: {self.TOKEN}{admin_extra}}}\n"
             f"logging: {{format: json, access_log: true}}\nworkers: {workers}\n")
         self.log_path = tmp_path / "router.log"
         self.env = env
+        self.max_open_files = max_open_files
+        self.workers = workers
         self.process = None
+
+    def _limits(self):
+        if self.max_open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files,) * 2)
 
     def start(self):
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(self.config_path)],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=self.env)
+            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=self.env,
+            preexec_fn=self._limits)
         try:
             wait_until(self._ready, timeout=20, message="the router's /healthz")
         except BaseException:
@@ -73,7 +86,10 @@ class Router:
         if self.process.poll() is not None:
             raise AssertionError(f"router exited {self.process.returncode}:\n{self.log_text()}")
         try:
-            return self.get("/healthz") == b"ok\n"
+            # With workers, /readyz: every worker accepts (one killed while it still starts
+            # would stop everything, as a broken install does).
+            return self.get("/readyz" if self.workers > 1 else "/healthz") in (b"ok\n",
+                                                                                b"ready\n")
         except OSError:
             return False
 
@@ -81,6 +97,20 @@ class Router:
         url = f"http://{LOOPBACK}:{self.admin_port}{path}"
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.read()
+
+    def post(self, path, headers=None, token=TOKEN, timeout=40):
+        """(HTTP status, body) of a POST to the admin site, with the admin token unless
+        `token` is None."""
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(f"http://{LOOPBACK}:{self.admin_port}{path}",
+                                         method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
 
     def error_status(self, path):
         """The HTTP error code `path` answers with; None while it answers 2xx or not at all."""

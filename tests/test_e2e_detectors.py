@@ -190,7 +190,7 @@ def test_proxy_v2_connection_routed_by_the_source_it_carries(tmp_path):
 listeners:
   - name: behind_lb
     listen: "127.0.0.1:{port}"
-    accept_proxy_protocol: true
+    accept_proxy_protocol: {{from: [127.0.0.0/8]}}
     routes:
       - match: {{source: "203.0.113.0/24"}}
         backend: inside

@@ -283,7 +283,7 @@ PROXY_CONFIG = """
 listeners:
   - name: edge
     listen: "127.0.0.1:8000"
-    accept_proxy_protocol: true
+    accept_proxy_protocol: {from: [192.0.2.0/24]}
     max_connections_per_source: 1
     routes:
       - match: {source: 203.0.113.0/24}

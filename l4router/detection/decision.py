@@ -11,12 +11,15 @@ log = Logger()
 UNKNOWN = "unknown"
 TIMEOUT = "timeout"
 MAX_FIELD_LENGTH = 1024  # a field is client data: bounded, so is every log line it goes to
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+# C0, DEL and C1 controls, and the Unicode line and paragraph separators: each can start a
+# new line or an escape sequence in a terminal or in a tool that re-renders the log.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def safe_value(value):
-    """A field value fit for logs and metrics: control characters (newlines, ANSI escapes)
-    escaped, length bounded; tuples of strings likewise."""
+    """A field value fit for logs and metrics: control characters (newlines, ANSI escapes,
+    C1 controls, Unicode line separators) escaped, length bounded; tuples of strings likewise."""
     if isinstance(value, str):
         return value.translate(_CONTROL)[:MAX_FIELD_LENGTH]
     if isinstance(value, tuple):

@@ -41,13 +41,14 @@ class Request:
 
     @property
     def path(self):
-        """The path of the target without the query; '*' for OPTIONS *."""
+        """The path of the target without the query, normalised (see `normalise_path`);
+        '*' for OPTIONS *."""
         target = self.target
         if _authority(target) is not None:
             rest = target.split("://", 1)[1]
             slash = rest.find("/")
             target = rest[slash:] if slash >= 0 else "/"
-        return target.split("?", 1)[0].split("#", 1)[0]
+        return normalise_path(target.split("?", 1)[0].split("#", 1)[0])
 
 
 def _authority(target):
@@ -59,12 +60,53 @@ def _authority(target):
 
 
 def strip_port(authority):
-    """'Example.COM:8080' -> 'example.com'; '[::1]:80' -> '::1'."""
+    """'Example.COM.:8080' -> 'example.com'; '[::1]:80' -> '::1'. Lower case and without the
+    trailing dot of a fully qualified name, so that a rule on a name sees every spelling."""
     authority = authority.strip().lower()
     if authority.startswith("["):
         end = authority.find("]")
         return authority[1:end] if end > 0 else authority
-    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return host.rstrip(".")
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(match):
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def normalise_path(path):
+    """RFC 3986 6.2.2: percent-encoded unreserved characters decoded (`/%72eload` is
+    `/reload`), other escapes in upper case, and dot segments removed (`/a/../reload`)."""
+    if not path.startswith("/"):  # '*', or CONNECT's host:port
+        return path
+    if "%" in path:
+        path = _PERCENT_RE.sub(_decode_unreserved, path)
+    if "/." not in path:
+        return path
+    output = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if output:
+                output.pop()
+        elif segment != ".":
+            output.append(segment)
+    normalised = "/" + "/".join(output)
+    if output and path.endswith(("/.", "/..")):
+        normalised += "/"
+    return normalised
+
+
+def normalise_authority(authority):
+    """Lower case, the host without the trailing dot of a fully qualified name, port kept."""
+    authority = authority.strip().lower()
+    host, colon, port = authority.rpartition(":") if authority.count(":") == 1 else \
+        (authority, "", "")
+    return host.rstrip(".") + colon + port
 
 
 def parse_request(data):

@@ -12,6 +12,7 @@ import hpack
 from hpack.exceptions import HPACKError
 
 from l4router.parsers import INCOMPLETE, Invalid, first_header
+from l4router.parsers.http1 import normalise_authority, normalise_path
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 FRAME_HEADER = 9
@@ -21,6 +22,10 @@ FRAME_HEADERS, FRAME_PRIORITY, FRAME_SETTINGS = 0x1, 0x2, 0x4
 FRAME_PING, FRAME_WINDOW_UPDATE, FRAME_CONTINUATION = 0x6, 0x8, 0x9
 FLAG_ACK, FLAG_END_HEADERS, FLAG_PADDED, FLAG_PRIORITY = 0x1, 0x4, 0x8, 0x20
 BEFORE_HEADERS = frozenset({FRAME_SETTINGS, FRAME_WINDOW_UPDATE, FRAME_PRIORITY, FRAME_PING})
+# Real clients send a handful of frames up to the end of their first header block (SETTINGS,
+# WINDOW_UPDATE, a few PRIORITY, HEADERS, rarely a CONTINUATION). More is a client making the
+# router walk the same frames once per segment: it is not a request we route.
+MAX_FIRST_FRAMES = 16
 
 # What a server sends first: an empty SETTINGS frame (changes no setting).
 EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -38,7 +43,16 @@ class Request:
     @property
     def authority(self):
         value = self.header(":authority") or self.header("host")
-        return value.lower() if value else None
+        return normalise_authority(value) if value else None
+
+    @property
+    def path(self):
+        """:path with its path part normalised as HTTP/1's is; the query kept."""
+        value = self.header(":path")
+        if value is None:
+            return None
+        path, question, query = value.partition("?")
+        return normalise_path(path) + question + query
 
 
 def _frames(data, start=len(PREFACE)):
@@ -78,6 +92,8 @@ def parse_first_request(data):
     settings_ack = None
     try:
         for index, (offset, kind, flags, stream, payload) in enumerate(_frames(data)):
+            if index == MAX_FIRST_FRAMES:
+                return Invalid(f"more than {MAX_FIRST_FRAMES} frames before a complete HEADERS")
             if index == 0 and (kind != FRAME_SETTINGS or flags & FLAG_ACK):
                 return Invalid("the preface must be followed by SETTINGS")
             if stream_of_block is not None:

@@ -29,6 +29,11 @@ class ProxyHeader:
     length: int  # bytes of header to remove from the stream
 
 
+def starts_with_header(data):
+    """The bytes begin with a whole v1 or v2 signature."""
+    return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE)
+
+
 def parse_header(data):
     if data[:1] == b"P" or (data and not data.startswith(V2_SIGNATURE[:len(data)])):
         return _v1(data)

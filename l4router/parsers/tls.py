@@ -15,6 +15,9 @@ HANDSHAKE_CLIENT_HELLO = 1
 RECORD_HEADER = 5
 MAX_RECORD = 2**14 + 2048  # RFC 8446 5.2 allows TLSCiphertext up to 2^14 + 256; be lenient
 MAX_CLIENT_HELLO = 2**16 + 2**14  # bigger than any real one, post-quantum key shares included
+# Clients send a ClientHello in one record (in two when it exceeds 16 KiB). Many tiny records
+# only make a parser that is re-run per segment walk them again and again: not TLS we route.
+MAX_RECORDS = 8
 
 EXT_SERVER_NAME = 0
 EXT_ALPN = 16
@@ -95,6 +98,8 @@ def _reassemble(data):
     pos = 0
     size = len(data)
     while True:
+        if len(fragments) == MAX_RECORDS:
+            return Invalid(f"ClientHello spread over more than {MAX_RECORDS} records")
         if size - pos < RECORD_HEADER:
             return _check_partial_header(data[pos:])
         if data[pos] != RECORD_HANDSHAKE:

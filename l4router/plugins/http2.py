@@ -19,7 +19,7 @@ H2_FIELDS = ("authority", "path", "method", "scheme", "content_type")
 
 
 def h2_fields(request):
-    return {"authority": request.authority, "path": request.header(":path"),
+    return {"authority": request.authority, "path": request.path,
             "method": request.header(":method"), "scheme": request.header(":scheme"),
             "content_type": request.header("content-type")}
 
