@@ -30,7 +30,7 @@ CHECKOUT = os.path.dirname(HERE)
 SNI = "localhost"  # resolves to 127.0.0.1 for the TLS client without touching /etc/hosts
 IDLE_CONNECTIONS = 5000
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "sslh-select": "sslh", "iperf3": "iperf3",
-         "wrk": "wrk", "openssl": "openssl"}
+         "wrk": "wrk", "openssl": "openssl", "strace": "strace"}
 
 
 def free_port():
@@ -114,6 +114,58 @@ def cpu_seconds(pid):
         except OSError:
             pass
     return total
+
+
+def pss_bytes(pid):
+    """Proportional set size of the process tree: shared pages (a forked worker's, say)
+    counted once in all, not once per process as RSS counts them."""
+    total = 0
+    for child in process_tree(pid):
+        try:
+            with open(f"/proc/{child}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) * 1024 for line in rollup
+                              if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+STRACED_REQUESTS = 1000
+
+
+def close_requests(port, count):
+    """`count` HTTP requests with `Connection: close`, one at a time, each read to the end."""
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(request)
+            while client.recv(65536):
+                pass
+
+
+def syscalls_per_connection(port, pid, count=STRACED_REQUESTS):
+    """(system calls, epoll_ctl calls) per proxied connection: `strace -c -f` on every
+    process of the target while `count` Connection: close requests pass through it."""
+    close_requests(port, 50)  # warm: first imports, pools, caches
+    pids = [str(p) for p in process_tree(pid)]
+    summary = f"{tempfile.mkdtemp(prefix='strace-')}/summary"
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", summary,
+                               *[arg for p in pids for arg in ("-p", p)]],
+                              stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    close_requests(port, count)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(30)
+    calls = epoll_ctl = 0
+    with open(summary) as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 5 and fields[-1] not in ("syscall", "total") and \
+                    fields[3].isdigit():
+                calls += int(fields[3])
+                if fields[-1] == "epoll_ctl":
+                    epoll_ctl += int(fields[3])
+    return calls / count, epoll_ctl / count
 
 
 class Backends:
@@ -341,17 +393,23 @@ def iperf(port, streams, seconds):
     return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"]
 
 
-def wrk(port, seconds, close):
-    return wrk_url(f"http://127.0.0.1:{port}/", seconds, close)
+def wrk(port, seconds, close, pid=None):
+    return wrk_url(f"http://127.0.0.1:{port}/", seconds, close, pid)
 
 
-def wrk_url(url, seconds, close):
+def wrk_url(url, seconds, close, pid=None):
+    """(requests/s, p50 ms, p99 ms), and with `pid` the CPU µs of its process tree per
+    request."""
     headers = ["-H", "Connection: close"] if close else []
+    cpu_before = cpu_seconds(pid) if pid else 0
     out = subprocess.run(["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", *headers, url],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
+    cpu = cpu_seconds(pid) - cpu_before if pid else 0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
-    return rps, _ms(latency.get("50")), _ms(latency.get("99"))
+    per_request = cpu * 1e6 / requests if pid and requests else None
+    return rps, _ms(latency.get("50")), _ms(latency.get("99")), per_request
 
 
 def _ms(text):
@@ -364,8 +422,7 @@ def _ms(text):
 def tls_connections(port, seconds):
     """New TLS connections per second routed by SNI: wrk over https with Connection: close
     does a full handshake (SNI localhost) for every request."""
-    rps, _, _ = wrk_url(f"https://{SNI}:{port}/", seconds, close=True)
-    return rps
+    return wrk_url(f"https://{SNI}:{port}/", seconds, close=True)[0]
 
 
 def idle_connections(port, target_pid, count=IDLE_CONNECTIONS):
@@ -397,12 +454,15 @@ def measure(target, seconds):
     if pid:
         figures["cpu_seconds_per_gib"] = (cpu_seconds(pid) - cpu_before) / (relayed / 2**30)
     figures["bulk_8_gbps"], _ = iperf(bulk_port, 8, seconds)
-    figures["close_rps"], figures["close_p50_ms"], figures["close_p99_ms"] = \
-        wrk(http_port, seconds, close=True)
-    figures["keepalive_rps"], _, figures["keepalive_p99_ms"] = wrk(http_port, seconds, False)
+    (figures["close_rps"], figures["close_p50_ms"], figures["close_p99_ms"],
+     figures["cpu_us_per_connection"]) = wrk(http_port, seconds, close=True, pid=pid)
+    figures["keepalive_rps"], _, figures["keepalive_p99_ms"], _ = wrk(http_port, seconds, False)
     figures["tls_cps"] = tls_connections(tls_port, seconds)
     if pid:
         figures["rss_idle_mib"] = rss_bytes(pid) / 2**20
+        figures["pss_idle_mib"] = pss_bytes(pid) / 2**20
+        figures["syscalls_per_connection"], figures["epoll_ctl_per_connection"] = \
+            syscalls_per_connection(http_port, pid)
         try:
             idle, loaded = idle_connections(http_port, pid)
             figures["rss_bytes_per_connection"] = (loaded - idle) / IDLE_CONNECTIONS
@@ -413,7 +473,8 @@ def measure(target, seconds):
 
 
 LOWER_IS_BETTER = {"close_p50_ms", "close_p99_ms", "keepalive_p99_ms", "cpu_seconds_per_gib",
-                   "rss_idle_mib", "rss_bytes_per_connection"}
+                   "rss_idle_mib", "rss_bytes_per_connection", "cpu_us_per_connection",
+                   "pss_idle_mib", "syscalls_per_connection", "epoll_ctl_per_connection"}
 
 
 def table(results):

@@ -20,6 +20,36 @@ IDLE_TIMEOUT = "idle_timeout"
 SHUTDOWN = "shutdown"
 
 SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeouts
+# A relay copies until one direction has carried this much, then splices (where it may):
+# a short answer costs one recv and one send, where splice costs four calls and a pipe.
+SPLICE_AFTER = 64 * 1024
+
+
+def buffered(transport):
+    """Bytes a Twisted transport holds for its socket (its private write buffers)."""
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except AttributeError:  # not a FileDescriptor (an in-memory transport): nothing held
+        return 0
+
+
+def write_now(transport, data):
+    """Write `data` to a Twisted TCP transport, sending at once what the socket takes.
+
+    `transport.write` only buffers: it registers for writability (an epoll_ctl), sends on the
+    next turn of the loop and unregisters (another): two system calls and a loop turn per
+    relayed chunk. When nothing is buffered (order is kept), the socket gets the bytes now;
+    only what it does not take goes through the transport, which also finds any error.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is not None and transport.connected and not transport.disconnecting and \
+            not buffered(transport):
+        try:
+            data = data[sock.send(data):]
+        except OSError:  # full (EAGAIN) or failing: the transport deals with it
+            pass
+    if data:
+        transport.write(data)
 
 
 class IdleSweeper:
@@ -85,12 +115,12 @@ class BackendSide(Protocol):
             self.on_connected(self)
 
     def dataReceived(self, data):
-        self.received += len(data)
         relay = self.relay
         if relay is None:
+            self.received += len(data)
             self.spoiled()
             return
-        relay.client.transport.write(data)
+        relay.forward(self, data)
 
     def readConnectionLost(self):
         self.read_closed = True
@@ -113,21 +143,42 @@ class BackendSide(Protocol):
 
 
 class Relay:
-    """Owns a client protocol and a BackendSide once the backend is connected.
+    """Owns a client protocol and a BackendSide once the backend is connected: copies.
 
-    The client protocol is the listener's inbound protocol: it forwards what it reads to
-    `relay.backend.transport`, counts it in its own `received`, and calls `side_lost` /
-    `side_finished_sending` like BackendSide does.
+    The client protocol is the listener's inbound protocol: it hands what it reads to
+    `forward`, and calls `side_lost` / `side_finished_sending` like BackendSide does.
+
+    `on_large`: called once when a direction has carried SPLICE_AFTER bytes while nothing is
+    buffered and neither side has finished: the caller may hand both sockets to the splice
+    relay (`hand_over`).
     """
 
-    def __init__(self, client, backend, idle, on_end):
+    def __init__(self, client, backend, idle, on_end, on_large=None):
         self.client = client
         self.backend = backend
         self.idle = idle  # an IdleSweeper
         self.on_end = on_end
+        self.on_large = on_large
         self.reason = None
         self.lost = set()
         backend.relay = self
+
+    def forward(self, side, data):
+        side.received += len(data)
+        sink = self.peer_of(side).transport
+        write_now(sink, data)
+        if self.on_large is not None and side.received >= SPLICE_AFTER and \
+                not buffered(sink) and not buffered(side.transport) and \
+                not (self.lost or self.client.read_closed or self.backend.read_closed):
+            on_large, self.on_large = self.on_large, None
+            on_large()
+
+    def hand_over(self):
+        """Give both transports up (to another relay): nothing is buffered, nothing ended."""
+        self.idle.unwatch(self)
+        for side in (self.client, self.backend):
+            _uncouple(side.transport)
+        self.backend.relay = None
 
     def activity(self):
         return self.client.received, self.backend.received
@@ -140,7 +191,7 @@ class Relay:
         client_transport = self.client.transport
         backend_transport = self.backend.transport
         if replay:
-            backend_transport.write(replay)
+            write_now(backend_transport, replay)
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
         if client_finished_sending:

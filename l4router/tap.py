@@ -15,6 +15,7 @@ from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
 from l4router.logs import make_log_observer
 from l4router.metrics import ConfigMetrics
+from l4router.reactor import install_unless_chosen
 from l4router.reload import ConfigReloader, WorkersReloader
 from l4router.service import AdminService, BackendsService, ListenersService, RouterService
 from l4router.workers import Supervisor, start_worker, worker_command
@@ -51,6 +52,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        install_unless_chosen()
         self.detectors = installed_detectors()
         if self["list-detectors"]:
             sys.stdout.write(describe_detectors(self.detectors))

@@ -32,15 +32,6 @@ PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from a peer not trusted to
 _connection_ids = itertools.count(1)
 
 
-def _send_now(transport, data):
-    """Write what goes straight into the socket now; return the rest. The splice relay must
-    start with nothing buffered, and the peeked bytes of a fresh connection nearly always fit."""
-    try:
-        return data[transport.socket.send(data):] if data else b""
-    except (OSError, AttributeError):  # full, failing or not a socket: the copying relay's
-        return data  # transport deals with it
-
-
 def set_no_delay(transport):
     """Relayed bytes go out at once (a proxy must not add Nagle delays); not every transport is TCP."""
     try:
@@ -161,8 +152,7 @@ class InboundConnection(Protocol):
 
     def dataReceived(self, data):
         if self.relay is not None:
-            self.received += len(data)
-            self.backend.transport.write(data)
+            self.relay.forward(self, data)
             return
         self.buffer += data
         if self.awaiting_proxy_header and not self._take_proxy_header():
@@ -281,16 +271,18 @@ class InboundConnection(Protocol):
         if self.elicited_by is not None:
             replay = self._rewritten_replay(replay)
         replay = self._proxy_header() + replay
-        idle = self.factory.idle_sweeper
-        if self.factory.listener.relay == "splice" and splice.AVAILABLE and \
-                self.elicited_by is None:
-            replay = _send_now(self.backend.transport, replay)
-            if not replay:
-                self.relay = splice.SpliceRelay(self, self.backend, idle, self._relay_ended)
-                self.relay.start(client_finished_sending=self.read_closed)
-                return
-        self.relay = Relay(self, self.backend, idle, self._relay_ended)
+        splice_later = self.factory.listener.relay == "splice" and splice.AVAILABLE
+        self.relay = Relay(self, self.backend, self.factory.idle_sweeper, self._relay_ended,
+                           on_large=self._splice if splice_later else None)
         self.relay.start(replay, client_finished_sending=self.read_closed)
+
+    def _splice(self):
+        """The relay has carried enough to be worth splicing: the sockets go to SpliceRelay."""
+        self.relay.hand_over()
+        self.relay = splice.SpliceRelay(self, self.backend, self.factory.idle_sweeper,
+                                        self._relay_ended)
+        self.backend.relay = self.relay
+        self.relay.start(client_finished_sending=False)
 
     def _proxy_header(self):
         """PROXY protocol out: the client's real addresses, before anything else."""
