@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry
 from l4router.backends.group import BackendGroup
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for
-from l4router.limits import Admission, ProcessLimit, worker_share
+from l4router.limits import Admission, LocalLimit, Unlimited
+from l4router.shared_limits import PROCESS, listener_key
 from l4router.metrics import RouterMetrics
 from l4router.service import ListenerService
 from l4router.tcp import ListenerFactory
@@ -29,8 +30,9 @@ def access_log_wanted(config):
 
 class RouterAssembly:
     def __init__(self, reactor, detectors, registry=None, inherited_sockets=None,
-                 standalone=True):
-        """`standalone`: not a worker, so the config and process metrics are this process's."""
+                 standalone=True, shared_limits=None):
+        """`standalone`: not a worker, so the config and process metrics are this process's.
+        `shared_limits`: in a worker, the limits its supervisor shares (WorkerLimits)."""
         self.reactor = reactor
         self.detectors = detectors
         self.inherited_sockets = inherited_sockets or {}  # in a worker: description -> fd
@@ -39,15 +41,22 @@ class RouterAssembly:
                                      config_metrics=standalone)
         if standalone:
             self.metrics.watch_reactor(reactor)
-        self.process_limit = ProcessLimit()
+        self.shared_limits = shared_limits
+        self.process_limit = self.shared_limit(PROCESS) or LocalLimit()
         self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
 
-    def workers(self, config):
-        """How many processes share the limits: this one alone, or the supervisor's workers."""
-        return 1 if self.standalone else config.workers
+    def shared_limit(self, key):
+        """In a worker: the shared limit for `key`, or Unlimited (None when not a worker)."""
+        if self.shared_limits is None:
+            return None
+        if self.shared_limits.get(key) is None:
+            self.shared_limits.refresh()  # a listener a reload has just added, say
+        return self.shared_limits.get(key) or Unlimited()
 
     def apply_limits(self, config):
-        self.process_limit.maximum = worker_share(config.max_connections, self.workers(config))
+        if self.shared_limits is not None:
+            self.shared_limits.refresh()  # the supervisor has adjusted the semaphores
+        self.process_limit.set_maximum(config.max_connections)
 
     def backend_groups(self, config):
         return {name: BackendGroup(backend, self.reactor, self.metrics)
@@ -69,7 +78,8 @@ class RouterAssembly:
         return kind(
             listener, self.listener_detectors(listener), groups,
             Admission(self.process_limit, listener.max_connections,
-                      listener.max_connections_per_source, self.workers(config)),
+                      listener.max_connections_per_source, listener.ipv6_source_prefix,
+                      listener=self.shared_limit(listener_key(listener.name))),
             self.metrics.for_listener(listener.name), self.reactor,
             access_log=access_log_wanted(config), recent=self.recent)
 

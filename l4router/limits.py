@@ -1,4 +1,13 @@
-"""Connection admission: process-wide, per listener and per source address."""
+"""Connection admission: process-wide, per listener and per source address.
+
+A limit means the same with one process or several workers:
+- the process-wide and per-listener counts are `Limit`s: a plain count in one process, a
+  semaphore shared by every worker under a supervisor (l4router.shared_limits);
+- per-source counts stay in the worker: the supervisor steers every connection of one source
+  to one worker (l4router.steering), so that worker's count is the whole count.
+"""
+
+from __future__ import annotations
 
 import collections
 
@@ -9,48 +18,74 @@ LIMIT_LISTENER = "limit_listener"
 LIMIT_SOURCE = "limit_source"
 
 
-def worker_share(limit, workers):
-    """One worker's part of a limit: the kernel spreads connections evenly over the workers,
-    so each holds 1/N of it, rounded up (a limit is never cut to nothing)."""
-    return None if limit is None else -(-limit // workers)
+class LocalLimit:
+    """A count of admitted connections against a maximum (None: unlimited), in this process."""
 
-
-class ProcessLimit:
-    """The process-wide count, shared by every listener."""
-
-    def __init__(self, maximum=None):
+    def __init__(self, maximum: int | None = None):
         self.maximum = maximum
         self.active = 0
 
+    def try_acquire(self) -> bool:
+        if self.maximum is not None and self.active >= self.maximum:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+    def set_maximum(self, maximum: int | None) -> None:
+        self.maximum = maximum
+
+
+ProcessLimit = LocalLimit  # the count every listener of a process shares
+
+
+class Unlimited(LocalLimit):
+    """A worker's count of a limit its supervisor does not share (unlimited when the workers
+    started): it stays unlimited whatever a reload says, until a restart."""
+
+    def set_maximum(self, maximum: int | None) -> None:
+        pass
+
 
 class Admission:
-    """Counts a listener's active connections; `admit` answers None or the rejection reason.
-    In a worker, the limits are its share (`workers`: how many share them)."""
+    """Admits a listener's connections; `admit` answers None or the rejection reason."""
 
-    def __init__(self, process, maximum=None, per_source=None, workers=1, ipv6_prefix=64):
+    def __init__(self, process, maximum=None, per_source=None, ipv6_prefix=64, listener=None):
+        """`process`: the process-wide Limit; `listener`: this listener's Limit (a shared one
+        under a supervisor), by default a local one of `maximum`."""
         self.process = process
-        self.workers = workers
-        self.configure(maximum, per_source, ipv6_prefix)
-        self.active = 0
+        self.listener = listener if listener is not None else LocalLimit(maximum)
         self.by_source = collections.Counter()
+        self.configure(maximum, per_source, ipv6_prefix)
+
+    @property
+    def active(self) -> int:
+        return self.listener.active
+
+    @property
+    def maximum(self) -> int | None:
+        return self.listener.maximum
 
     def configure(self, maximum, per_source, ipv6_prefix=64):
-        self.maximum = worker_share(maximum, self.workers)
-        self.per_source = worker_share(per_source, self.workers)
+        self.listener.set_maximum(maximum)
+        self.per_source = per_source
         self.ipv6_prefix = ipv6_prefix
 
     def admit(self, source):
         """Admit a connection from `source` (None: its real source is not known yet)."""
-        if self.process.maximum is not None and self.process.active >= self.process.maximum:
+        if not self.process.try_acquire():
             return LIMIT_PROCESS
-        if self.maximum is not None and self.active >= self.maximum:
+        if not self.listener.try_acquire():
+            self.process.release()
             return LIMIT_LISTENER
         if source is not None:
             refusal = self.admit_source(source)
             if refusal is not None:
+                self.listener.release()
+                self.process.release()
                 return refusal
-        self.process.active += 1
-        self.active += 1
         return None
 
     def admit_source(self, source):
@@ -63,8 +98,8 @@ class Admission:
 
     def release(self, source):
         """Release an admitted connection; `source` as counted, or None if it never was."""
-        self.process.active -= 1
-        self.active -= 1
+        self.listener.release()
+        self.process.release()
         if source is not None:
             self.release_source(source)
 

@@ -153,21 +153,30 @@ class Relay:
     relay (`hand_over`).
     """
 
-    def __init__(self, client, backend, idle, on_end, on_large=None):
+    def __init__(self, client, backend, idle, on_end, on_large=None, rewrite_client=None):
+        """`rewrite_client`: a filter (`feed(data)`, `done`) the client's bytes pass through
+        until it is done (the removal of an elicited answer, say)."""
         self.client = client
         self.backend = backend
         self.idle = idle  # an IdleSweeper
         self.on_end = on_end
         self.on_large = on_large
+        self.rewrite_client = rewrite_client
         self.reason = None
         self.lost = set()
         backend.relay = self
 
     def forward(self, side, data):
         side.received += len(data)
+        rewrite = self.rewrite_client
+        if rewrite is not None and side is self.client:
+            data = rewrite.feed(data)
+            if rewrite.done:
+                self.rewrite_client = None
         sink = self.peer_of(side).transport
         write_now(sink, data)
-        if self.on_large is not None and side.received >= SPLICE_AFTER and \
+        if self.on_large is not None and self.rewrite_client is None and \
+                side.received >= SPLICE_AFTER and \
                 not buffered(sink) and not buffered(side.transport) and \
                 not (self.lost or self.client.read_closed or self.backend.read_closed):
             on_large, self.on_large = self.on_large, None

@@ -131,6 +131,7 @@ class WorkersReloader(ConfigReloader):
         if config.workers != old.workers or _sockets(config) != _sockets(old):
             return self.router.replace_workers(config)
         self.router.write_config_snapshot(config)
+        self.router.apply_limits(config)
         self.router.forward("HUP")
         self.router.config = config
         return defer.succeed(None)

@@ -17,6 +17,7 @@ from l4router.logs import make_log_observer
 from l4router.metrics import ConfigMetrics
 from l4router.reactor import install_unless_chosen
 from l4router.reload import ConfigReloader, WorkersReloader
+from l4router.shared_limits import WorkerLimits
 from l4router.service import AdminService, BackendsService, ListenersService, RouterService
 from l4router.workers import Supervisor, start_worker, worker_command
 
@@ -43,6 +44,8 @@ class Options(usage.Options):
         ["status-fd", None, None, "(internal) The fd to announce readiness on.", int],
         ["admin-socket", None, None, "(internal) The UNIX socket of the worker's status site."],
         ["config-source", None, None, "(internal) The file the -c snapshot was validated from."],
+        ["limits-index", None, None, "(internal) The supervisor's index of shared limits."],
+        ["count-file", None, None, "(internal) Where the worker counts what it holds of them."],
     ]
     optFlags = [
         ["check", None, "Validate the config, print every error with its key path, and exit "
@@ -111,7 +114,8 @@ def makeService(options):
     if worker is not None:
         return build_worker(config, options.detectors, reactor, worker,
                             json.loads(options["sockets"]), options["status-fd"],
-                            options["admin-socket"], observer, options["config"])
+                            options["admin-socket"], observer, options["config"],
+                            WorkerLimits(options["limits-index"], options["count-file"]))
     if config.workers > 1:
         return build_supervisor(config, options.detectors, reactor,
                                 worker_command(options, config.source), observer)
@@ -129,22 +133,24 @@ def build_supervisor(config, detectors, reactor, command, log_observer=None):
 
 
 def build_worker(config, detectors, reactor, index, sockets, status_fd, admin_socket,
-                 log_observer, config_path=None):
+                 log_observer, config_path=None, shared_limits=None):
     """Worker `index`: the router on the sockets its supervisor handed down, its status site
     on a UNIX socket only the supervisor asks."""
     router = build_router(config, detectors, reactor, log_observer=log_observer,
                           inherited_sockets=sockets, worker=index,
-                          admin_listen=(f"unix:{admin_socket}",), config_path=config_path)
+                          admin_listen=(f"unix:{admin_socket}",), config_path=config_path,
+                          shared_limits=shared_limits)
     router.on_started = lambda: start_worker(reactor, status_fd)
     return router
 
 
 def build_router(config, detectors, reactor, registry=None, log_observer=None,
-                 inherited_sockets=None, worker=None, admin_listen=None, config_path=None):
+                 inherited_sockets=None, worker=None, admin_listen=None, config_path=None,
+                 shared_limits=None):
     """Build (not start) the whole Service tree for `config`; in a worker, on inherited
     sockets, without the config metrics (the supervisor's), the admin site on `admin_listen`."""
     assembly = RouterAssembly(reactor, detectors, registry, inherited_sockets,
-                              standalone=worker is None)
+                              standalone=worker is None, shared_limits=shared_limits)
     assembly.apply_limits(config)
     groups = assembly.backend_groups(config)
     listeners = ListenersService()

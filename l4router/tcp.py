@@ -30,6 +30,9 @@ PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
 PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from a peer not trusted to send one
 
 _connection_ids = itertools.count(1)
+# A client that waits for the server (grpcio) is drawn out once it has been quiet this long;
+# one that goes on sending (curl's HEADERS right after its preface) is never disturbed.
+ELICIT_AFTER_QUIET = 0.02
 
 
 def set_no_delay(transport):
@@ -130,6 +133,7 @@ class InboundConnection(Protocol):
         self.buffer = b""
         self.elicited = b""  # bytes the router sent the client during detection
         self.elicited_by = None  # the detector that asked for them, and rewrites the replay
+        self._elicit_call = None  # the elicitation waiting for the client to go quiet
         self.received = 0
         self.read_closed = False
         self.decision = None
@@ -223,10 +227,21 @@ class InboundConnection(Protocol):
         if decision is not None:
             self._decided(decision)
         elif self.elicited_by is None:
+            self._cancel_elicit()
             offer = detectors.elicit(peek)
             if offer is not None:
-                self.elicited_by, self.elicited = offer
-                self.transport.write(self.elicited)
+                self._elicit_call = self.factory.clock.callLater(ELICIT_AFTER_QUIET,
+                                                                 self._elicit, offer)
+
+    def _elicit(self, offer):
+        self._elicit_call = None
+        self.elicited_by, self.elicited = offer
+        self.transport.write(self.elicited)
+
+    def _cancel_elicit(self):
+        if self._elicit_call is not None:
+            self._elicit_call.cancel()
+            self._elicit_call = None
 
     def _detect_timed_out(self):
         self._detect_timer = None
@@ -236,6 +251,7 @@ class InboundConnection(Protocol):
             self._decided(Decision(TIMEOUT))
 
     def _cancel_detect_timer(self):
+        self._cancel_elicit()
         if self._detect_timer is not None:
             if self._detect_timer.active():
                 self._detect_timer.cancel()
@@ -268,12 +284,14 @@ class InboundConnection(Protocol):
         self.server, self.backend = connection
         set_no_delay(self.backend.transport)
         replay, self.buffer = self.buffer, b""
-        if self.elicited_by is not None:
-            replay = self._rewritten_replay(replay)
+        rewriter = self._rewriter()
+        if rewriter is not None:
+            replay = rewriter.feed(replay)
         replay = self._proxy_header() + replay
         splice_later = self.factory.listener.relay == "splice" and splice.AVAILABLE
         self.relay = Relay(self, self.backend, self.factory.idle_sweeper, self._relay_ended,
-                           on_large=self._splice if splice_later else None)
+                           on_large=self._splice if splice_later else None,
+                           rewrite_client=rewriter)
         self.relay.start(replay, client_finished_sending=self.read_closed)
 
     def _splice(self):
@@ -296,14 +314,17 @@ class InboundConnection(Protocol):
         write = proxyprotocol.v1_header if version == "v1" else proxyprotocol.v2_header
         return write(self.source, self.source_port, local_host, local.port)
 
-    def _rewritten_replay(self, replay):
-        """Remove the client's answer to what the router elicited; the backend never asked."""
+    def _rewriter(self):
+        """What removes the client's answer to what the router elicited from its stream (the
+        backend never asked); None when nothing was elicited."""
+        if self.elicited_by is None:
+            return None
         try:
-            return self.elicited_by.replay(replay)
+            return self.elicited_by.rewriter()
         except Exception:
-            log.failure("Detector {detector}'s replay raised; replaying unchanged",
+            log.failure("Detector {detector}'s rewriter raised; relaying unchanged",
                         detector=self.elicited_by.name)
-            return replay
+            return None
 
     def _connect_failed(self, failure):
         self._connecting = None

@@ -24,7 +24,9 @@ from twisted.logger import Logger
 from l4router.errors import BindFailed, WorkerFailed
 from l4router.logs import install_log_observer
 from l4router.service import exit_zero_after_orderly_stop
+from l4router.shared_limits import LimitTable
 from l4router.sockets import bind_reuseport
+from l4router.steering import attach_source_steering
 
 log = Logger()
 
@@ -37,11 +39,12 @@ READY_TIMEOUT = 30.0  # a reload's new generation of workers must be accepting b
 class WorkerProcess(protocol.ProcessProtocol):
     """One worker: its readiness (a line on a status pipe) and its end."""
 
-    def __init__(self, supervisor, index, status_fd, admin_socket):
+    def __init__(self, supervisor, index, status_fd, admin_socket, count_file):
         self.supervisor = supervisor
         self.index = index
         self.status_fd = status_fd
         self.admin_socket = admin_socket  # its status site, for the supervisor's views
+        self.count_file = count_file  # what it holds of the shared limits
         self.ready = False
         self.pid = None
         self.ended = defer.Deferred()
@@ -83,6 +86,7 @@ class Supervisor(MultiService):
         self._replacing = None  # fires once a new generation is ready
         self.restarts = {}  # index -> restarts in a row without a ready worker
         self.run_dir = None  # the workers' metric files and admin sockets
+        self.limits = None  # LimitTable: the limits the workers share
         self.draining = False
         self.started_all = False
         self.registry = CollectorRegistry()
@@ -142,12 +146,29 @@ class Supervisor(MultiService):
                     missing = max(0, config.workers - len(held))
                     more = bind_reuseport(description, missing) if missing else []
                     bound.extend(more)
-                    sockets[description] = (held + more)[:config.workers]
+                    group = sockets[description] = (held + more)[:config.workers]
+                    self._steer(description, group, listener)
         except BindFailed:
             for sock in bound:
                 sock.close()
             raise
         return sockets
+
+    @staticmethod
+    def _steer(description, group, listener):
+        """Every connection of one source to one worker: per-source limits are then exact
+        (l4router.steering). A kernel that cannot leaves the spreading to its own hash."""
+        try:
+            attach_source_steering(group[0], len(group), listener.ipv6_source_prefix)
+        except OSError as exc:
+            log.warn("Listener {listener} on {address}: connections are not steered by source "
+                     "({error}); a per-source limit may refuse below its value",
+                     listener=listener.name, address=description, error=str(exc))
+
+    def apply_limits(self, config):
+        for key in self.limits.apply(config):
+            log.warn("The limit of {key} changes between limited and unlimited: that takes "
+                     "effect at the next restart", key=key)
 
     def startService(self):
         log.info("l4router using config {path} (sha256 {digest}) with {count} workers",
@@ -157,6 +178,8 @@ class Supervisor(MultiService):
         self.run_dir = tempfile.mkdtemp(prefix="l4router-")
         os.mkdir(self.metrics_dir)
         self.write_config_snapshot(self.config)
+        self.limits = LimitTable(self.run_dir, self.reactor)
+        self.apply_limits(self.config)
         multiprocess.MultiProcessCollector(self.registry, path=self.metrics_dir)
         self.workers_configured.set(self.config.workers)
         for index in range(self.config.workers):
@@ -176,10 +199,11 @@ class Supervisor(MultiService):
         status_fd = 3 + len(inherited)
         child_fds[status_fd] = "r"
         admin_socket = os.path.join(self.run_dir, f"worker-{self.generation}-{index}.sock")
+        count_file = self.limits.count_file(self.generation, index)
         argv, env = self.worker_command(index, inherited, status_fd, admin_socket,
-                                        self.config_snapshot)
+                                        self.config_snapshot, self.limits.index_path, count_file)
         env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
-        worker = WorkerProcess(self, index, status_fd, admin_socket)
+        worker = WorkerProcess(self, index, status_fd, admin_socket, count_file)
         try:
             self.reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
         except OSError as exc:  # say, --uid to a user who cannot run this Python
@@ -204,6 +228,7 @@ class Supervisor(MultiService):
             multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
         if os.path.exists(worker.admin_socket):  # a killed worker leaves it behind
             os.unlink(worker.admin_socket)
+        self.limits.worker_gone(worker.count_file)
         if worker in self.retiring:
             self.retiring.remove(worker)
         current = self.workers.get(worker.index) is worker
@@ -258,6 +283,7 @@ class Supervisor(MultiService):
         self._replacing = defer.Deferred().addTimeout(READY_TIMEOUT, self.reactor)
         try:
             self.write_config_snapshot(config)
+            self.apply_limits(config)
             for index in range(config.workers):
                 self.spawn(index)
             yield self._replacing
@@ -267,6 +293,7 @@ class Supervisor(MultiService):
             self._close_unused(sockets, old[1])
             self.config, self.sockets, self.workers = old
             self.write_config_snapshot(self.config)
+            self.apply_limits(self.config)
             self.retiring = [w for w in self.retiring if w not in retired]
             for index, worker in list(self.workers.items()):
                 if worker.ended.called:  # died meanwhile, when it was not current
@@ -310,6 +337,8 @@ class Supervisor(MultiService):
             deadline.cancel()
         log.info("All workers stopped")
         yield defer.maybeDeferred(super().stopService)
+        if self.limits is not None:
+            self.limits.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("l4router stopped")
@@ -343,14 +372,16 @@ def worker_command(options, config_source):
     twistd = options.parent or {}
     logfile = twistd.get("logfile")
 
-    def command(index, inherited, status_fd, admin_socket, config_snapshot):
+    def command(index, inherited, status_fd, admin_socket, config_snapshot, limits_index,
+                count_file):
         argv = [sys.executable, "-c", WORKER_BOOT, "--nodaemon", "--pidfile="]
         if logfile and logfile != "-":
             argv.append(f"--logfile={logfile}.worker-{index}")
         argv += ["l4router", "-c", config_snapshot, "--config-source", config_source,
                  "--worker", str(index),
                  "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
-                "--admin-socket", admin_socket]
+                "--admin-socket", admin_socket, "--limits-index", limits_index,
+                 "--count-file", count_file]
         return argv, dict(os.environ)
 
     return command

@@ -6,7 +6,7 @@ import pytest
 from l4router.detection import NEED_MORE, NO_MATCH, Match, Peek
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
-from l4router.parsers.http2 import EMPTY_SETTINGS, SETTINGS_ACK, strip_first_settings_ack
+from l4router.parsers.http2 import EMPTY_SETTINGS, SETTINGS_ACK, SettingsAckStripper
 from tests.captures import ALSO_MATCHES, ELICITED, EXPECTED, capture, capture_names
 
 DETECTORS = {d.name: d for d in detectors_for(installed_detectors(), "tcp")}
@@ -74,14 +74,39 @@ def test_grpc_waits_silently_then_elicits_settings():
     assert detectors.decide(silent) is None
     detector, answer = detectors.elicit(silent)
     assert detector.name == "grpc" and answer == EMPTY_SETTINGS
-    # Once elicited, the decision waits for the client's ACK of those SETTINGS ...
+    # Once elicited, the decision comes with the HEADERS, ACK or not ...
     flight = capture("grpc_python.bin")
     ack_at = flight.index(SETTINGS_ACK, 24)
-    assert detectors.decide(Peek(flight[:ack_at], elicited=EMPTY_SETTINGS)) is None
-    # ... and the replay carries everything but that one ACK.
-    replay = detector.replay(flight)
-    assert replay == flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK):]
-    assert strip_first_settings_ack(flight[:ack_at]) == flight[:ack_at]  # nothing to strip yet
+    decision = detectors.decide(Peek(flight, elicited=EMPTY_SETTINGS))
+    assert decision.protocol == "grpc"
+    # ... and what reaches the backend is everything but that one ACK.
+    assert strip_in_pieces(flight, [len(flight)]) == \
+        flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK):]
+    assert detector.rewriter().feed(flight[:ack_at]) == flight[:ack_at]  # nothing to strip yet
+
+
+def strip_in_pieces(stream, cuts):
+    stripper = SettingsAckStripper()
+    pieces, start = [], 0
+    for cut in cuts:
+        pieces.append(stripper.feed(stream[start:cut]))
+        start = cut
+    return b"".join(pieces) + stripper.feed(stream[start:])
+
+
+@pytest.mark.parametrize("name", ["grpc_python.bin", "h2c_curl.bin"])
+def test_the_elicited_ack_is_removed_at_every_split_point(name):
+    """The ACK may come in the replay or later in the relay, split anywhere."""
+    flight = capture(name)
+    if SETTINGS_ACK not in flight[24:]:
+        flight += SETTINGS_ACK  # curl's ACK follows its HEADERS
+    flight += b"\x00\x00\x04\x00\x01\x00\x00\x00\x01data" + SETTINGS_ACK  # DATA, the backend's ACK
+    ack_at = flight.index(SETTINGS_ACK, 24)
+    expected = flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK):]
+    for cut in range(len(flight) + 1):
+        assert strip_in_pieces(flight, [cut]) == expected, cut
+    for cut in range(0, len(flight), 7):
+        assert strip_in_pieces(flight, list(range(cut, len(flight), 3))) == expected, cut
 
 
 def test_no_elicitation_for_other_protocols():
@@ -128,16 +153,14 @@ def test_first_byte_table_changes_no_decision():
     check()
 
 
-def test_h2c_elicited_after_curl_sent_its_headers_waits_for_the_ack_that_follows_them():
-    """curl may send its HEADERS before it has read the router's SETTINGS: the ACK then comes
-    after the HEADERS, and the decision must wait for it there (it was missed, so the client
-    waited for the detection timeout)."""
+def test_h2c_is_decided_by_its_headers_even_when_elicited_before_them():
+    """curl may send its HEADERS before it has read the router's SETTINGS: the decision comes
+    with the HEADERS (the ACK that follows is removed in flight, not waited for)."""
     detectors = DetectorSet(DETECTORS.values())
     flight = capture("h2c_curl.bin")
     preface_and_settings = 24 + 9 + int.from_bytes(flight[24:27], "big")
     detector, answer = detectors.elicit(Peek(flight[:preface_and_settings]))
     assert detector.name in ("grpc", "h2c") and answer == EMPTY_SETTINGS
-    assert detectors.decide(Peek(flight, elicited=EMPTY_SETTINGS)) is None  # no ACK yet
-    decision = detectors.decide(Peek(flight + SETTINGS_ACK, elicited=EMPTY_SETTINGS))
+    decision = detectors.decide(Peek(flight, elicited=EMPTY_SETTINGS))
     assert decision.protocol == "h2c" and decision.fields["authority"]
-    assert detector.replay(flight + SETTINGS_ACK) == flight
+    assert detector.rewriter().feed(flight + SETTINGS_ACK) == flight

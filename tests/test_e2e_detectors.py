@@ -5,9 +5,11 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 
+from tests.captures import capture
 from tests.grpc_peers import greeter_server, say_hello
 from tests.h2_peer import serve_h2c
 from tests.support import (
@@ -244,3 +246,69 @@ backends:
                 client.sendall(b"get user:42\r\n")
                 assert client.recv(100) == b"cache:get user:42"
         assert "this plugin is broken" in router.log_text()
+
+
+H2C_CONFIG = """
+listeners:
+  - name: h2
+    listen: "127.0.0.1:{port}"
+    detect: {{timeout: 5s}}
+    routes:
+      - match: {{protocol: [h2c, grpc], authority: h2.example.com}}
+        backend: recorder
+    default: reject
+backends:
+  recorder: {{servers: ["127.0.0.1:{recorder}"]}}
+"""
+
+
+def record_everything(backend, connection):
+    received = b""
+    while data := connection.recv(65536):
+        received += data
+    backend.record(received)
+
+
+def test_h2c_in_random_small_segments_from_a_client_that_never_reads_is_routed(tmp_path):
+    import random
+
+    flight = capture("h2c_curl.bin")
+    generator = random.Random(13)
+    with Backend("recorder", record_everything) as recorder:
+        port = free_port()
+        with Router(tmp_path, H2C_CONFIG.format(port=port, recorder=recorder.port)) as router:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                start = 0
+                while start < len(flight):
+                    end = start + generator.randint(1, 12)
+                    client.sendall(flight[start:end])
+                    start = end
+                    time.sleep(0.001)
+                wait_until(lambda: recorder.connections == 1, message="the route")
+                client.shutdown(socket.SHUT_WR)
+                wait_until(lambda: recorder.results, message="the backend's bytes")
+            assert recorder.results == [flight]  # nothing elicited, nothing removed
+            event = router.wait_access_events(1)[0]
+            assert event["protocol"] == "h2c" and event["route"] == "routes[0]"
+
+
+def test_an_ack_of_the_elicited_settings_arriving_after_the_decision_is_removed(tmp_path):
+    from l4router.parsers.http2 import EMPTY_SETTINGS, SETTINGS_ACK
+
+    flight = capture("h2c_curl.bin")
+    preface_and_settings = 24 + 9 + int.from_bytes(flight[24:27], "big")
+    with Backend("recorder", record_everything) as recorder:
+        port = free_port()
+        with Router(tmp_path, H2C_CONFIG.format(port=port, recorder=recorder.port)):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(flight[:preface_and_settings])
+                assert client.recv(100) == EMPTY_SETTINGS  # quiet: the router draws it out
+                client.sendall(flight[preface_and_settings:])  # HEADERS: decided
+                wait_until(lambda: recorder.connections == 1, message="the route")
+                client.sendall(SETTINGS_ACK + b"\x00\x00\x00\x08\x00\x00\x00\x00\x00" +
+                               SETTINGS_ACK)  # ours, a WINDOW_UPDATE-sized frame, the backend's
+                client.shutdown(socket.SHUT_WR)
+                wait_until(lambda: recorder.results, message="the backend's bytes")
+            assert recorder.results == [flight + b"\x00\x00\x00\x08\x00\x00\x00\x00\x00" +
+                                        SETTINGS_ACK]

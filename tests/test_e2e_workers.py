@@ -52,8 +52,10 @@ def alive(pid):
 
 
 def relay_digest(port, seed, size):
-    """Send `size` pseudo-random bytes through an echo relay; the digest of what came back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+    """Send `size` pseudo-random bytes through an echo relay; the digest of what came back.
+    From 127.0.0.(seed+1): workers are chosen by the source address."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20,
+                                  source_address=(f"127.0.0.{seed % 250 + 1}", 0)) as client:
         sender = threading.Thread(target=_send_all, args=(client, seed, size))
         sender.start()
         digest, count = read_to_end(client)
@@ -87,7 +89,7 @@ def test_connections_spread_over_both_workers_byte_exact_and_counted_once(tmp_pa
             metrics = router.metrics()
     for index, result in enumerate(results):
         assert result == (stream_digest(index, 256 << 10), 256 << 10), index
-    assert {e["worker"] for e in events} == {0, 1}  # the kernel spread them
+    assert {e["worker"] for e in events} == {0, 1}  # steered by source: the sources spread
     accepted = metrics[("l4router_connections_accepted_total", frozenset({("listener", "front")}))]
     assert accepted == 40  # summed over the workers' metric files, each counted once
     assert metrics[("l4router_workers_ready", frozenset())] == 2
@@ -346,8 +348,9 @@ def test_status_views_merge_the_workers(tmp_path):
         port = free_port()
         with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
             clients = []
-            for _ in range(12):
-                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            for index in range(12):  # from 12 addresses: one source goes to one worker
+                client = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                                  source_address=(f"127.0.0.{index + 1}", 0))
                 client.sendall(b"hello")
                 clients.append(client)
             wait_until(lambda: backend.connections == 12, message="12 relays")
@@ -398,5 +401,5 @@ def test_max_connections_is_shared_by_the_workers(tmp_path):
                     client.close()
         finally:
             release.set()
-    # 25 a worker: the kernel spread 200 clients over both, so each filled its share.
+    # Exactly 50 in all, whichever workers took them (one source: one worker, steered).
     assert relayed == 50 and accepted == 50

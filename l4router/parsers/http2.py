@@ -35,7 +35,6 @@ SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
 @attrs.frozen
 class Request:
     headers: tuple  # (name, value) pairs as str, pseudo-headers included
-    settings_ack: int | None  # offset of the client's first SETTINGS ACK frame, if any
 
     def header(self, name):
         return first_header(self.headers, name)
@@ -89,7 +88,6 @@ def parse_first_request(data):
         return INCOMPLETE
     block = []
     stream_of_block = None
-    settings_ack = None
     try:
         for index, (offset, kind, flags, stream, payload) in enumerate(_frames(data)):
             if index == MAX_FIRST_FRAMES:
@@ -106,15 +104,11 @@ def parse_first_request(data):
                 block.append(_header_block_fragment(flags, payload))
                 stream_of_block = stream
             elif kind in BEFORE_HEADERS:
-                if kind == FRAME_SETTINGS and flags & FLAG_ACK and settings_ack is None:
-                    settings_ack = offset
                 continue
             else:
                 return Invalid(f"frame type {kind} before the first HEADERS")
             if flags & FLAG_END_HEADERS:
-                if settings_ack is None:  # a client may send HEADERS before it reads ours
-                    settings_ack = _first_settings_ack(data, offset + FRAME_HEADER + len(payload))
-                return Request(_decode(b"".join(block)), settings_ack)
+                return Request(_decode(b"".join(block)))
     except ValueError as exc:
         return Invalid(str(exc))
     return INCOMPLETE
@@ -143,23 +137,46 @@ def _decode(block):
     return tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
 
 
-def _first_settings_ack(data, start):
-    try:
-        for offset, kind, flags, _, _ in _frames(data, start):
-            if kind == FRAME_SETTINGS and flags & FLAG_ACK:
-                return offset
-    except ValueError:
-        pass
-    return None
+class SettingsAckStripper:
+    """Removes the client's first SETTINGS ACK from its stream, fed in pieces as they come:
+    the ACK of the empty SETTINGS the router sent to draw the client out, which the backend
+    never sent. (HTTP/2 acknowledges SETTINGS in order, so the first ACK after ours is for
+    ours.) Incremental: each byte is looked at once, whatever the segmentation; after
+    MAX_SCANNED_FRAMES frames without one it stops looking."""
 
+    MAX_SCANNED_FRAMES = 256
 
-def strip_first_settings_ack(data):
-    """The stream without the client's first SETTINGS ACK: the one answering the router's own
-    empty SETTINGS, which the backend never sent."""
-    try:
-        for offset, kind, flags, _, payload in _frames(data):
-            if kind == FRAME_SETTINGS and flags & FLAG_ACK and not payload:
-                return data[:offset] + data[offset + FRAME_HEADER:]
-    except ValueError:
-        pass
-    return data
+    def __init__(self, start=len(PREFACE)):
+        self.skip = start  # bytes to pass on before the next frame header
+        self.header = b""  # a frame header split between two pieces
+        self.frames = 0
+        self.done = False
+
+    def feed(self, data):
+        if self.done:
+            return data
+        out = []
+        pos, size = 0, len(data)
+        while pos < size and not self.done:
+            if self.skip:
+                taken = min(self.skip, size - pos)
+                out.append(data[pos:pos + taken])
+                pos += taken
+                self.skip -= taken
+                continue
+            piece = data[pos:pos + FRAME_HEADER - len(self.header)]
+            pos += len(piece)
+            self.header += piece
+            if len(self.header) < FRAME_HEADER:
+                break
+            header, self.header = self.header, b""
+            length = int.from_bytes(header[:3], "big")
+            if header[3] == FRAME_SETTINGS and header[4] & FLAG_ACK and length == 0:
+                self.done = True  # the ACK of ours: dropped
+                continue
+            out.append(header)
+            self.skip = length
+            self.frames += 1
+            self.done = self.frames >= self.MAX_SCANNED_FRAMES
+        out.append(data[pos:])
+        return b"".join(out)

@@ -1,9 +1,10 @@
 """HTTP/2 with prior knowledge: `grpc` (asked first) and `h2c`.
 
 grpcio sends its preface and SETTINGS and then waits for the server's SETTINGS before any
-HEADERS. Both detectors therefore draw the HEADERS out: once the preface is complete and no
-HEADERS has come, the router sends an empty SETTINGS frame, waits for the client's ACK of it,
-and removes that one ACK from what it replays, so the backend sees an ordinary connection.
+HEADERS. Both detectors therefore draw the HEADERS out: once the preface is complete and the
+client has gone quiet without HEADERS, the router sends an empty SETTINGS frame. The decision
+comes with the HEADERS, and the client's ACK of those SETTINGS, before or after it, is removed
+from what reaches the backend (`rewriter`), so the backend sees an ordinary connection.
 """
 
 from twisted.plugin import IPlugin
@@ -12,7 +13,7 @@ from zope.interface import implementer
 from l4router.detection import NEED_MORE, IProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers import INCOMPLETE
-from l4router.parsers.http2 import EMPTY_SETTINGS, preface_complete, strip_first_settings_ack
+from l4router.parsers.http2 import EMPTY_SETTINGS, SettingsAckStripper, preface_complete
 from l4router.parsers.soap import media_type
 
 H2_FIELDS = ("authority", "path", "method", "scheme", "content_type")
@@ -43,18 +44,16 @@ class HTTP2Detector:
     first_bytes = frozenset(b"P")  # the preface
 
     def request(self, peek):
-        request = peek.h2_first_headers
-        if request and peek.elicited and request.settings_ack is None:
-            return INCOMPLETE  # the ACK of our SETTINGS is still to come: it must not reach the backend
-        return request
+        return peek.h2_first_headers
 
     def elicit(self, peek):
         if peek.h2_first_headers is INCOMPLETE and preface_complete(peek.data):
             return EMPTY_SETTINGS
         return None
 
-    def replay(self, data):
-        return strip_first_settings_ack(data)
+    def rewriter(self):
+        """Removes the client's ACK of the elicited SETTINGS from its stream."""
+        return SettingsAckStripper()
 
 
 @implementer(IPlugin, IProtocolDetector)

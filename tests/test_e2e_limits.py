@@ -1,0 +1,178 @@
+"""Limits mean the same with one process or several workers: exactly N, never N+1, never a
+refusal below N (the real supervisor and workers, clients from many loopback addresses)."""
+
+import json
+import os
+import signal
+import socket
+import time
+
+import dns.message
+import pytest
+
+from l4router.steering import source_hash_program
+from tests.support import Backend, Router, free_port, wait_until
+from tests.test_e2e_udp import DNSServer, dns_config
+from tests.test_e2e_workers import worker_pids
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class HeldBackend(Backend):
+    """Answers `ok` to every connection and keeps it open until the client's end reaches it."""
+
+    def __init__(self):
+        def hold(backend, connection):
+            connection.recv(100)
+            connection.sendall(b"ok")
+            while connection.recv(100):
+                pass
+
+        super().__init__("held", hold)
+
+
+def limits_config(port, backend, listener_limits):
+    return f"""
+listeners:
+  - name: front
+    listen: "127.0.0.1:{port}"
+    detect: {{timeout: 200ms}}
+    {listener_limits}
+    default: held
+backends:
+  held: {{servers: ["127.0.0.1:{backend.port}"]}}
+"""
+
+
+def open_clients(port, sources):
+    """One connection from each source address, held open; (client, relayed?) for each."""
+    clients = []
+    for source in sources:
+        client = socket.socket()
+        client.settimeout(10)
+        client.bind((source, 0))
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"hello")
+        clients.append(client)
+    results = []
+    for client in clients:
+        try:
+            results.append((client, client.recv(10) == b"ok"))
+        except OSError:
+            results.append((client, False))
+    return results
+
+
+def close_all(results):
+    for client, _ in results:
+        client.close()
+
+
+def workers_used(router):
+    """How many workers hold a connection now (the status merges theirs)."""
+    return {row["worker"] for row in json.loads(router.get("/status/connections"))}
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_max_connections_admits_exactly_its_value_over_all_workers(tmp_path, workers):
+    with HeldBackend() as backend:
+        port = free_port()
+        config = limits_config(port, backend, "max_connections: 5")
+        with Router(tmp_path, config, workers=workers) as router:
+            for attempt in range(3):  # every time, not once
+                # Four first (they land on more than one worker), then sixteen more.
+                first = open_clients(port, [f"127.0.0.{i}" for i in range(1, 5)])
+                rest = []
+                try:
+                    assert all(relayed for _, relayed in first), attempt
+                    used = workers_used(router)
+                    assert len(used) > 1, used
+                    rest = open_clients(port, [f"127.0.0.{i}" for i in range(5, 21)])
+                    assert sum(relayed for _, relayed in rest) == 1, attempt
+                finally:
+                    close_all(first + rest)
+                wait_until(lambda: router.metric("l4router_connections_active",
+                                                 listener="front") == 0,
+                           message="every connection closed")
+            assert router.metric("l4router_connections_rejected_total", listener="front",
+                                 reason="limit_listener") == 45
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_per_source_limit_admits_exactly_its_value_from_each_source(tmp_path, workers):
+    with HeldBackend() as backend:
+        port = free_port()
+        config = limits_config(port, backend, "max_connections_per_source: 2")
+        with Router(tmp_path, config, workers=workers) as router:
+            results = open_clients(port, ["127.0.0.1"] * 6 + ["127.0.0.2"] * 6)
+            try:
+                first, second = results[:6], results[6:]
+                assert sum(relayed for _, relayed in first) == 2
+                assert sum(relayed for _, relayed in second) == 2
+                assert router.metric("l4router_connections_rejected_total", listener="front",
+                                     reason="limit_source") == 8
+            finally:
+                close_all(results)
+
+
+def test_a_killed_worker_gives_back_what_it_held(tmp_path):
+    with HeldBackend() as backend:
+        port = free_port()
+        config = limits_config(port, backend, "max_connections: 4")
+        with Router(tmp_path, config, workers=2) as router:
+            results = open_clients(port, [f"127.0.0.{i}" for i in range(1, 21)])
+            assert sum(relayed for _, relayed in results) == 4
+            pids = worker_pids(router)
+            os.kill(pids[0], signal.SIGKILL)  # with whatever it held
+            wait_until(lambda: set(worker_pids(router).values()) != set(pids.values()),
+                       timeout=20, message="the worker restarted")
+            wait_until(lambda: router.metric("l4router_workers_ready") == 2, timeout=20,
+                       message="both workers ready")
+            close_all(results)
+            wait_until(lambda: router.metric("l4router_connections_active",
+                                             listener="front") == 0,
+                       message="every connection closed")
+            again = open_clients(port, [f"127.0.1.{i}" for i in range(1, 21)])
+            try:
+                assert sum(relayed for _, relayed in again) == 4
+            finally:
+                close_all(again)
+
+
+def test_udp_session_limits_are_exact_over_workers(tmp_path):
+    with DNSServer("10.0.0.1") as alpha, DNSServer("10.0.0.2") as beta:
+        port = free_port()
+        config = dns_config(port, alpha, beta, extra="max_sessions: 3")
+        with Router(tmp_path, config, workers=2) as router:
+            clients = []
+            try:
+                for index in range(1, 11):
+                    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    client.bind((f"127.0.0.{index}", 0))
+                    client.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
+                                  ("127.0.0.1", port))
+                    clients.append(client)
+                time.sleep(1.0)
+                answered = 0
+                for client in clients:
+                    client.setblocking(False)
+                    try:
+                        client.recvfrom(4096)
+                        answered += 1
+                    except BlockingIOError:
+                        pass
+            finally:
+                for client in clients:
+                    client.close()
+            assert answered == 3
+            assert router.metric("l4router_udp_datagrams_dropped_total", listener="dns",
+                                 reason="limit_listener") == 7
+
+
+def test_the_steering_program_hashes_the_configured_ipv6_prefix():
+    program = source_hash_program(3, 48)
+    loads = [k for code, _, _, k in program if code == 0x20]
+    masks = [k for code, _, _, k in program if code == 0x54]
+    assert len(loads) == 3  # IPv4's source word, and IPv6's first two words
+    assert masks == [0xFFFFFFFF, 0xFFFF0000]
+    assert program[-2] == (0x94, 0, 0, 3) and program[-1][0] == 0x16
