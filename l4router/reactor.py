@@ -1,37 +1,136 @@
-"""The epoll reactor without the per-event logging context: twistd's `--reactor=l4router`, and
-what `twistd l4router` installs when no reactor was chosen.
+"""The epoll reactor l4router runs on: twistd's `--reactor=l4router`, and what `twistd
+l4router` installs when no reactor was chosen.
 
-Twisted's EPollReactor hands every ready descriptor to `log.callWithLogger`, which asks the
-descriptor for its log prefix and pushes a logging context around the call, on every event.
-l4router logs through `twisted.logger` with explicit fields and never reads that context, and
-on a short connection those wrappers cost as much as the work (bench/RESULTS.md). Everything
-else, the timed calls, the threads, the signal handling and `_doReadOrWrite` itself (which
-turns a raised doRead/doWrite into a logged, closed connection), is Twisted's own.
+Two differences from Twisted's EPollReactor, both about what a short connection costs:
+
+- No per-event logging context. Twisted hands every ready descriptor to `log.callWithLogger`,
+  which asks it for its log prefix and pushes a context around the call. l4router logs
+  through `twisted.logger` with explicit fields and never reads that context.
+- Read interest is dropped lazily. A transport that stops reading (paused while its backend
+  connects, half-closed, about to close) keeps its epoll registration; only if the kernel then
+  reports it readable is the registration changed. A pause and a resume, or a stop just
+  before the socket is closed (which removes it from epoll by itself), then cost no
+  epoll_ctl at all. Write interest is dropped at once (a socket is nearly always writable,
+  so keeping it would only wake the loop). Only TCP connections are treated so: their
+  sockets are this process's alone, so closing one removes it from epoll; anything else
+  (a listening port adopted from the supervisor is a duplicate of a descriptor that stays
+  open) is synchronised at once, as Twisted does.
+
+Everything else, the timed calls, threads, signals and `_doReadOrWrite` itself (which turns a
+raised doRead/doWrite into a logged, closed connection), is Twisted's own.
 """
 
 from __future__ import annotations
 
 import sys
 
-from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
 log = Logger()
 
+_ALWAYS = EPOLLERR | EPOLLHUP  # reported whatever the registration asks for
+
 
 class LeanEPollReactor(EPollReactor):
+    def __init__(self) -> None:
+        self._kernel: dict[int, int] = {}  # fd -> the events it is registered for now
+        self._owner: dict[int, object] = {}  # fd -> the selectable that registration is for
+        super().__init__()
+
+    # What the descriptors want, and what the kernel has
+
+    def _wanted(self, fd: int) -> int:
+        return (EPOLLIN if fd in self._reads else 0) | (EPOLLOUT if fd in self._writes else 0)
+
+    def _register(self, fd: int, events: int, owner) -> None:
+        """Make the kernel's registration of `fd` exactly `events` (0: none)."""
+        current = self._kernel.get(fd, 0) if self._owner.get(fd) is owner else None
+        if events == current:
+            return
+        if not events:
+            self._kernel.pop(fd, None)
+            self._owner.pop(fd, None)
+            try:
+                self._poller.unregister(fd)
+            except OSError:  # closed already: closing removed it
+                pass
+            return
+        try:
+            if current:
+                self._poller.modify(fd, events)
+            else:
+                self._poller.register(fd, events)
+        except FileExistsError:  # a registration left by a closed owner of the same number
+            self._poller.modify(fd, events)
+        except FileNotFoundError:  # ours was removed when its descriptor was closed
+            self._poller.register(fd, events)
+        self._kernel[fd] = events
+        self._owner[fd] = owner
+
+    def _add(self, xer, primary, other, selectables, event, antievent):
+        fd = xer.fileno()
+        if fd in primary and selectables.get(fd) is xer:
+            return
+        if selectables.get(fd) not in (None, xer):  # the number was reused: start afresh
+            self._reads.discard(fd)
+            self._writes.discard(fd)
+        primary.add(fd)
+        selectables[fd] = xer
+        wanted = self._wanted(fd)
+        kept = self._kernel.get(fd, 0) if self._owner.get(fd) is xer else 0
+        if wanted & ~kept:
+            self._register(fd, wanted | kept, xer)
+
+    def _remove(self, xer, primary, other, selectables, event, antievent):
+        fd = xer.fileno()
+        if fd == -1:  # closed: the kernel has dropped it; forget it here too
+            for fd, owner in list(selectables.items()):
+                if owner is xer:
+                    self._reads.discard(fd)
+                    self._writes.discard(fd)
+                    del selectables[fd]
+                    self._kernel.pop(fd, None)
+                    self._owner.pop(fd, None)
+            return
+        if fd not in primary or selectables.get(fd) is not xer:
+            return
+        primary.discard(fd)
+        wanted = self._wanted(fd)
+        if not wanted:
+            del selectables[fd]
+        if not isinstance(xer, Connection):
+            self._register(fd, wanted, xer)
+        elif getattr(xer, "disconnected", False):
+            # Closing: its other interest goes next (FileDescriptor.connectionLost stops
+            # reading, then writing); one removal then does for both.
+            if not wanted:
+                self._register(fd, 0, xer)
+        elif event == EPOLLOUT:
+            self._register(fd, wanted | (self._kernel.get(fd, 0) & EPOLLIN), xer)
+
+    # The loop
+
     def doPoll(self, timeout: float | None) -> None:
         try:
             events = self._poller.poll(-1 if timeout is None else timeout,
-                                       len(self._selectables))
+                                       max(1, len(self._kernel)))
         except InterruptedError:
             return
         selectables = self._selectables
         handle = self._doReadOrWrite
         for fd, event in events:
             selectable = selectables.get(fd)
-            if selectable is None:
+            if selectable is None:  # nobody wants it any more: drop the lazy registration
+                self._register(fd, 0, self._owner.get(fd))
                 continue
+            wanted = self._wanted(fd)
+            if event & (EPOLLIN | EPOLLOUT) & ~wanted:  # what a lazy registration still asks
+                self._register(fd, wanted, self._owner.get(fd))
+                event &= wanted | _ALWAYS
+                if not event:
+                    continue
             try:
                 handle(selectable, fd, event)
             except Exception:  # _doReadOrWrite catches what doRead raises; this is the rest
@@ -55,3 +154,5 @@ def install_unless_chosen() -> None:
     if "twisted.internet.reactor" in sys.modules or not sys.platform.startswith("linux"):
         return
     install()
+
+

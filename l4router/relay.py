@@ -5,6 +5,8 @@ reads, so memory stays bounded), a FIN is passed on as a half-close, an idle rel
 and the bytes each way are counted. The relay ends exactly once, with one close reason.
 """
 
+import socket
+
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -31,6 +33,32 @@ def buffered(transport):
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:  # not a FileDescriptor (an in-memory transport): nothing held
         return 0
+
+
+def half_close(transport):
+    """Pass a FIN on: shutdown(SHUT_WR) now when nothing is buffered. Twisted's
+    loseWriteConnection would register for writability, send nothing, shut down and
+    unregister: three more system calls."""
+    sock = getattr(transport, "socket", None)
+    if sock is None or buffered(transport):
+        transport.loseWriteConnection()
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # the peer is gone: the transport finds out as it reads
+        pass
+    transport._writeDisconnected = True  # the state its own half-close ends in
+
+
+def close_flushed(transport):
+    """Close a transport whose peer has said all it had: when nothing is buffered, at once
+    and with close() alone. Twisted's loseConnection would first register for writability
+    and send nothing, then shutdown(2) before close() (which its own comment calls
+    unnecessary for a socket no other process holds)."""
+    if getattr(transport, "socket", None) is not None and not buffered(transport):
+        transport._writeDisconnected = True  # nothing to flush: loseConnection closes now
+        transport._shouldShutdown = False
+    transport.loseConnection()
 
 
 def write_now(transport, data):
@@ -221,7 +249,7 @@ class Relay:
         if self.client.read_closed and self.backend.read_closed:
             self.close(COMPLETED)
         else:
-            peer.transport.loseWriteConnection()
+            half_close(peer.transport)
 
     def side_lost(self, side, reason):
         """One side is fully closed: close the other once it has flushed what it got."""
@@ -250,6 +278,8 @@ class Relay:
                 _uncouple(side.transport)
                 if abort:
                     side.transport.abortConnection()
+                elif side.read_closed:  # it said all it had: nothing more will be read
+                    close_flushed(side.transport)
                 else:
                     side.transport.loseConnection()
 

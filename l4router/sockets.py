@@ -7,6 +7,7 @@ addresses), and a worker that dies and is restarted gets the same socket back: t
 queued on it meanwhile are accepted by the new worker, not reset.
 """
 
+import os
 import socket
 
 from l4router.errors import BindFailed
@@ -63,8 +64,14 @@ def bind_reuseport(description, count):
 
 
 def adopt(reactor, description, fd, factory_or_protocol):
-    """Run a listener on a socket the supervisor handed down (the reactor dups the fd)."""
+    """Run a listener on a socket the supervisor handed down. The reactor works on a
+    duplicate; the original is closed, so that when the port stops listening this worker's
+    hold on the socket really ends (the supervisor keeps its own for a successor)."""
     family, kind, *_ = socket_spec(description)
-    if kind == socket.SOCK_DGRAM:
-        return reactor.adoptDatagramPort(fd, family, factory_or_protocol, maxPacketSize=MAX_DATAGRAM)
-    return reactor.adoptStreamPort(fd, family, factory_or_protocol)
+    try:
+        if kind == socket.SOCK_DGRAM:
+            return reactor.adoptDatagramPort(fd, family, factory_or_protocol,
+                                             maxPacketSize=MAX_DATAGRAM)
+        return reactor.adoptStreamPort(fd, family, factory_or_protocol)
+    finally:
+        os.close(fd)

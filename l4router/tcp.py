@@ -167,6 +167,8 @@ class InboundConnection(Protocol):
         self.received = len(self.buffer)
         if self.decision is None:
             self._detect(final=False)
+        elif len(self.buffer) > self.factory.listener.detect.max_bytes:
+            self.transport.pauseProducing()  # connecting: hold what came, read no more
 
     def readConnectionLost(self):
         self.read_closed = True
@@ -274,7 +276,8 @@ class InboundConnection(Protocol):
     # Connecting
 
     def _connect(self, group):
-        self.transport.pauseProducing()  # the client waits; its bytes stay in the buffer
+        # The client is read on while the backend connects (bytes wait in the buffer, up to
+        # max_bytes): pausing and resuming it would cost two epoll_ctl per connection.
         self.group = group
         self._connecting = group.connect(self.source)
         self._connecting.addCallbacks(self._connected, self._connect_failed)

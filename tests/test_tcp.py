@@ -121,15 +121,19 @@ def test_http1_routed_by_host_replays_bytes_then_relays():
     client.dataReceived(REQUEST[10:])
     (host, port, timeout), factory = harness.connect_attempt()
     assert (host, port, timeout) == ("10.0.0.1", 80, 1.0)
-    assert client_transport.producerState == "paused"  # no reading while connecting
+    # Read on while connecting (no epoll_ctl to pause and resume), up to max_bytes (64).
+    client.dataReceived(b"early")
+    assert client_transport.producerState == "producing"
+    client.dataReceived(b"0123456789")
+    assert client_transport.producerState == "paused"
     backend, backend_transport = harness.accept_backend(factory)
-    assert backend_transport.value() == REQUEST
+    assert backend_transport.value() == REQUEST + b"early0123456789"  # in order
     assert client_transport.producerState == "producing"
     assert backend_transport.producer is client_transport
     assert client_transport.producer is backend_transport
     client.dataReceived(b"more")
     backend.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
-    assert backend_transport.value() == REQUEST + b"more"
+    assert backend_transport.value() == REQUEST + b"early0123456789more"
     assert client_transport.value() == b"HTTP/1.1 200 OK\r\n\r\n"
     assert harness.metric("l4router_connections_routed_total", listener="edge",
                           protocol="http1", route="routes[0]", backend="web") == 1
