@@ -1,11 +1,13 @@
 """The epoll reactor l4router runs on: twistd's `--reactor=l4router`, and what `twistd
 l4router` installs when no reactor was chosen.
 
-Two differences from Twisted's EPollReactor, both about what a short connection costs:
+Three differences from Twisted's EPollReactor, both about what a short connection costs:
 
 - No per-event logging context. Twisted hands every ready descriptor to `log.callWithLogger`,
   which asks it for its log prefix and pushes a context around the call. l4router logs
   through `twisted.logger` with explicit fields and never reads that context.
+- Registrations change once per turn of the loop, just before the wait: a connect's read
+  and write interest, or a stop and a start, cost one epoll_ctl (or none), not one each.
 - Read interest is dropped lazily. A transport that stops reading (paused while its backend
   connects, half-closed, about to close) keeps its epoll registration; only if the kernel then
   reports it readable is the registration changed. A pause and a resume, or a stop just
@@ -33,10 +35,16 @@ log = Logger()
 _ALWAYS = EPOLLERR | EPOLLHUP  # reported whatever the registration asks for
 
 
+def _closed(owner) -> bool:
+    """A TCP connection whose socket is closed: closing took it out of epoll already."""
+    return isinstance(owner, Connection) and owner.fileno() == -1
+
+
 class LeanEPollReactor(EPollReactor):
     def __init__(self) -> None:
-        self._kernel: dict[int, int] = {}  # fd -> the events it is registered for now
-        self._owner: dict[int, object] = {}  # fd -> the selectable that registration is for
+        self._target: dict[int, tuple[int, object]] = {}  # fd -> (events, owner) wanted there
+        self._kernel: dict[int, tuple[int, object]] = {}  # fd -> (events, owner) registered
+        self._dirty: set[int] = set()  # fds whose registration is to be brought up to date
         super().__init__()
 
     # What the descriptors want, and what the kernel has
@@ -44,30 +52,43 @@ class LeanEPollReactor(EPollReactor):
     def _wanted(self, fd: int) -> int:
         return (EPOLLIN if fd in self._reads else 0) | (EPOLLOUT if fd in self._writes else 0)
 
+    def _registered(self, fd: int, owner) -> int:
+        """The events `fd` is (or is about to be) registered for on behalf of `owner`."""
+        events, registered_for = self._target.get(fd, (0, None))
+        return events if registered_for is owner else 0
+
     def _register(self, fd: int, events: int, owner) -> None:
-        """Make the kernel's registration of `fd` exactly `events` (0: none)."""
-        current = self._kernel.get(fd, 0) if self._owner.get(fd) is owner else None
-        if events == current:
-            return
-        if not events:
-            self._kernel.pop(fd, None)
-            self._owner.pop(fd, None)
+        """Register `fd` for exactly `events` (0: none) before the next wait. Changes within
+        one turn of the loop (a connect's read and write interest, say) make one call."""
+        self._target[fd] = (events, owner)
+        self._dirty.add(fd)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for fd in dirty:
+            events, owner = self._target.get(fd, (0, None))
+            held, held_for = self._kernel.get(fd, (0, None))
             try:
-                self._poller.unregister(fd)
-            except OSError:  # closed already: closing removed it
-                pass
-            return
-        try:
-            if current:
-                self._poller.modify(fd, events)
-            else:
-                self._poller.register(fd, events)
-        except FileExistsError:  # a registration left by a closed owner of the same number
-            self._poller.modify(fd, events)
-        except FileNotFoundError:  # ours was removed when its descriptor was closed
-            self._poller.register(fd, events)
-        self._kernel[fd] = events
-        self._owner[fd] = owner
+                if not events:
+                    self._target.pop(fd, None)
+                    if self._kernel.pop(fd, None) is not None and not _closed(owner):
+                        self._poller.unregister(fd)
+                elif not held or held_for is not owner:
+                    try:
+                        self._poller.register(fd, events)
+                    except FileExistsError:  # left by a closed owner of the same number
+                        self._poller.modify(fd, events)
+                elif events != held:
+                    try:
+                        self._poller.modify(fd, events)
+                    except FileNotFoundError:  # removed when its descriptor was closed
+                        self._poller.register(fd, events)
+            except OSError:  # closed before it was ever waited on: nothing to register
+                self._target.pop(fd, None)
+                self._kernel.pop(fd, None)
+                continue
+            if events:
+                self._kernel[fd] = (events, owner)
 
     def _add(self, xer, primary, other, selectables, event, antievent):
         fd = xer.fileno()
@@ -79,7 +100,7 @@ class LeanEPollReactor(EPollReactor):
         primary.add(fd)
         selectables[fd] = xer
         wanted = self._wanted(fd)
-        kept = self._kernel.get(fd, 0) if self._owner.get(fd) is xer else 0
+        kept = self._registered(fd, xer)
         if wanted & ~kept:
             self._register(fd, wanted | kept, xer)
 
@@ -91,8 +112,8 @@ class LeanEPollReactor(EPollReactor):
                     self._reads.discard(fd)
                     self._writes.discard(fd)
                     del selectables[fd]
+                    self._target.pop(fd, None)
                     self._kernel.pop(fd, None)
-                    self._owner.pop(fd, None)
             return
         if fd not in primary or selectables.get(fd) is not xer:
             return
@@ -108,11 +129,13 @@ class LeanEPollReactor(EPollReactor):
             if not wanted:
                 self._register(fd, 0, xer)
         elif event == EPOLLOUT:
-            self._register(fd, wanted | (self._kernel.get(fd, 0) & EPOLLIN), xer)
+            self._register(fd, wanted | (self._registered(fd, xer) & EPOLLIN), xer)
 
     # The loop
 
     def doPoll(self, timeout: float | None) -> None:
+        if self._dirty:
+            self._flush()
         try:
             events = self._poller.poll(-1 if timeout is None else timeout,
                                        max(1, len(self._kernel)))
@@ -122,12 +145,13 @@ class LeanEPollReactor(EPollReactor):
         handle = self._doReadOrWrite
         for fd, event in events:
             selectable = selectables.get(fd)
+            owner = self._kernel.get(fd, (0, None))[1]
             if selectable is None:  # nobody wants it any more: drop the lazy registration
-                self._register(fd, 0, self._owner.get(fd))
+                self._register(fd, 0, owner)
                 continue
             wanted = self._wanted(fd)
             if event & (EPOLLIN | EPOLLOUT) & ~wanted:  # what a lazy registration still asks
-                self._register(fd, wanted, self._owner.get(fd))
+                self._register(fd, wanted, owner)
                 event &= wanted | _ALWAYS
                 if not event:
                     continue

@@ -265,7 +265,7 @@ class Relay:
         peer = self.peer_of(side)
         if peer not in self.lost:
             _uncouple(peer.transport)
-            peer.transport.loseConnection()
+            self._close_side(peer)
         else:
             self._end()
 
@@ -278,10 +278,15 @@ class Relay:
                 _uncouple(side.transport)
                 if abort:
                     side.transport.abortConnection()
-                elif side.read_closed:  # it said all it had: nothing more will be read
-                    close_flushed(side.transport)
                 else:
-                    side.transport.loseConnection()
+                    self._close_side(side)
+
+    @staticmethod
+    def _close_side(side):
+        if side.read_closed:  # it said all it had: nothing more will be read
+            close_flushed(side.transport)
+        else:
+            side.transport.loseConnection()
 
     def _end(self):
         self.idle.unwatch(self)

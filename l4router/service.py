@@ -6,6 +6,8 @@ RouterService
  └─ ListenersService  one ListenerService per listener: stop accepting, drain, abort the rest
 """
 
+import socket
+
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -70,8 +72,10 @@ class PortsService(Service):
         try:
             for description in self.descriptions:
                 fd = self.inherited.get(description)
-                self.ports.append(self.bind(description) if fd is None else
-                                  adopt(self.reactor, description, fd, self.factory))
+                port = self.bind(description) if fd is None else \
+                    adopt(self.reactor, description, fd, self.factory)
+                no_delay_for_accepted(port)
+                self.ports.append(port)
         except BindFailed:
             self.stop_listening()
             raise
@@ -85,6 +89,18 @@ class PortsService(Service):
     def stop_listening(self):
         ports, self.ports = self.ports, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+def no_delay_for_accepted(port):
+    """TCP_NODELAY on a listening socket is inherited by every socket it accepts (Linux): set
+    once here, not once per connection (a proxy must not add Nagle delays)."""
+    sock = getattr(port, "socket", None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and \
+            sock.type == socket.SOCK_STREAM:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 class AdminService(PortsService):

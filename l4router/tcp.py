@@ -150,7 +150,7 @@ class InboundConnection(Protocol):
         self._ended = False
 
     def connectionMade(self):
-        set_no_delay(self.transport)
+        # TCP_NODELAY comes from the listening socket (service.no_delay_for_accepted).
         self._detect_timer = self.factory.clock.callLater(
             self.factory.listener.detect.timeout, self._detect_timed_out)
 
