@@ -18,17 +18,22 @@ from l4router.worker_status import WorkerStatus
 
 
 class MetricsResource(Resource):
-    """Serves the registry the service owns (not prometheus-client's global one)."""
+    """Serves the registry the service owns (not prometheus-client's global one).
+    `before`: what must happen first (a supervisor has its workers flush their counts)."""
 
     isLeaf = True
 
-    def __init__(self, registry):
+    def __init__(self, registry, before=None):
         super().__init__()
         self.registry = registry
+        self.before = before
 
     def render_GET(self, request):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
+        if self.before is None:
+            return generate_latest(self.registry)
+        return _answer(request, lambda: defer.maybeDeferred(self.before).addCallback(
+            lambda _: generate_latest(self.registry)), lambda body: body)
 
 
 class TextResource(Resource):
@@ -200,12 +205,16 @@ td,th{{border:1px solid #bbb;padding:.2em .6em;text-align:left}}th{{background:#
 """
 
 
-def admin_site(router, reloader, registry, settings):
-    """`settings`: AdminSettings (the token, the Host names besides IP literals)."""
+def admin_site(router, reloader, metrics, settings, worker=False):
+    """`settings`: AdminSettings (the token, the Host names besides IP literals). A worker's
+    site (on a UNIX socket only its supervisor asks) also answers /flush: its pending metric
+    updates into the files the supervisor's /metrics reads."""
     throughput = router.throughput
-    root = _operations(router, reloader, registry, settings.token)
+    root = _operations(router, reloader, MetricsResource(metrics.registry), settings.token)
     _status_views(root, lambda: status.overview(router, throughput), router.backends.status,
                   lambda: status.connections(router))
+    if worker:
+        root.putChild(b"flush", JSONResource(lambda: metrics.flush() or {}))
     return AdminSite(root, settings.hosts)
 
 
@@ -222,14 +231,16 @@ def supervisor_site(supervisor, reloader, settings):
     """The admin site of a supervisor: the workers' metrics summed, its readiness (every
     worker accepting), reloads, and the workers' status merged."""
     workers = WorkerStatus(supervisor.reactor, supervisor)
-    root = _operations(supervisor, reloader, supervisor.registry, settings.token)
+    metrics = MetricsResource(supervisor.registry,
+                              before=lambda: workers.fetch(b"/flush"))
+    root = _operations(supervisor, reloader, metrics, settings.token)
     _status_views(root, workers.overview, workers.backends, workers.connections)
     return AdminSite(root, settings.hosts)
 
 
-def _operations(router, reloader, registry, token):
+def _operations(router, reloader, metrics, token):
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry))
+    root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", TextResource(lambda: (200, "ok")))
     root.putChild(b"readyz", TextResource(
         lambda: (200, "ready") if router.ready else (503, "not ready")))

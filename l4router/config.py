@@ -184,6 +184,7 @@ class Config:
     source: str = ""  # the file it came from, for logs
     digest: str = ""  # sha256 of the file (the admin token redacted), to tell configs apart
     text: bytes = attrs.field(default=b"", repr=False, eq=False)  # what was validated
+    warnings: tuple = attrs.field(default=(), eq=False)  # valid, but surely not meant
 
 
 class _FrozenDict(Mapping):
@@ -506,6 +507,7 @@ class _Builder:
 
     def __init__(self, reader, detectors):
         self.reader = reader
+        self.warnings = []  # what is valid but surely not meant (a route never reached)
         self.detectors = {d.name: d for d in detectors}
         declared = [getattr(d, "fields", None) for d in detectors]
         # A plugin that does not declare its fields may produce any; then field names go unchecked.
@@ -755,7 +757,15 @@ class _Builder:
             path = listener.key_path(f"routes[{index}]")
             route = self.route(item, path, index, backends)
             routes.append(route)
-        return _MISSING if None in routes else tuple(routes)
+        if None in routes:
+            return _MISSING
+        for index, route in enumerate(routes):
+            earlier = next((e for e in routes[:index] if shadows(e.match, route.match)), None)
+            if earlier is not None:
+                self.warnings.append(
+                    f"{listener.key_path(f'routes[{index}]')}: never matches: {earlier.label} "
+                    "before it matches every connection it would")
+        return tuple(routes)
 
     def route(self, raw, path, index, backends):
         section = self.reader.section(raw, path)
@@ -794,6 +804,11 @@ class _Builder:
                 self.reader.problem(field_path, f"no installed detector produces field {key!r} "
                                                 f"(known: {', '.join(sorted(self.known_fields))})")
                 continue
+            never = self.never_produced(protocols, key)
+            if never:
+                self.reader.problem(field_path, f"protocol {never} never produces field {key!r}: "
+                                                "this route could never match")
+                continue
             patterns = self.reader.convert(section.raw[key], field_path, _string_list)
             if patterns is not _MISSING:
                 fields.append((key, GlobSet.of(patterns)))
@@ -801,6 +816,18 @@ class _Builder:
         if len(self.reader.problems) > problems_before:
             return _MISSING
         return RouteMatch(protocols, sources, tuple(fields))
+
+    def never_produced(self, protocols, field):
+        """The protocols of a match, named as a user would read them, when none of them can
+        produce `field` (`{protocol: ssh, sni: ...}`); '' when one can or it cannot be told
+        (a detector that does not declare its fields may produce any)."""
+        if not protocols or protocols is _MISSING:
+            return ""
+        producers = [self.detectors.get(name) for name in protocols]
+        declared = [getattr(d, "fields", None) if d is not None else () for d in producers]
+        if any(fields is None or field in fields for fields in declared):
+            return ""
+        return " or ".join(sorted(protocols))
 
     def admin(self, top):
         raw = top.get("admin", lambda v: v, {})
@@ -837,6 +864,32 @@ class _Builder:
         return LoggingSettings(fmt, access_log, level)
 
 
+def shadows(first, later):
+    """`first` matches every connection `later` matches, so a route with `later` after one
+    with `first` is never reached: every key of `first` is in `later`, no wider."""
+    if first.protocols is not None and (later.protocols is None or
+                                        not later.protocols <= first.protocols):
+        return False
+    if first.sources is not None and (later.sources is None or not all(
+            any(net.version == wide.version and net.subnet_of(wide) for wide in first.sources)
+            for net in later.sources)):
+        return False
+    later_fields = dict(later.fields)
+    for name, globs in first.fields:
+        narrower = later_fields.get(name)
+        if narrower is None or not all(_within(pattern, globs) for pattern in narrower.patterns):
+            return False
+    return True
+
+
+def _within(pattern, globs):
+    """Every value `pattern` matches, `globs` matches too (told for the same pattern, for a
+    plain name, and for a `*` that takes anything)."""
+    if pattern in globs.patterns or "*" in globs.patterns:
+        return True
+    return not any(c in pattern for c in "*?[") and globs.matches(pattern)
+
+
 def parse_config(text, detectors, source="<string>"):
     """Parse YAML text into a Config, or raise ConfigError listing every problem."""
     try:
@@ -847,9 +900,11 @@ def parse_config(text, detectors, source="<string>"):
         reason = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([(f"{source}: {where}", f"not valid YAML: {reason}")]) from None
     reader = _Reader()
-    config = _Builder(reader, list(detectors)).build(raw)
+    builder = _Builder(reader, list(detectors))
+    config = builder.build(raw)
     if reader.problems:
         raise ConfigError(reader.problems)
+    config = attrs.evolve(config, warnings=tuple(builder.warnings))
     text = text.encode() if isinstance(text, str) else text
     return attrs.evolve(config, source=source, digest=config_digest(text, config.admin.token),
                         text=text)

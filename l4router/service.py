@@ -205,7 +205,7 @@ class RouterService(MultiService):
         self.draining = False
         self.throughput = ThroughputMeter(self)
         self.reloader = None  # set by whoever can build new parts (l4router.reload)
-        self.samplers = []  # called every SAMPLE_INTERVAL while running (a worker's gauges)
+        self.samplers = []  # called every SAMPLE_INTERVAL while running (gauges, metrics flush)
         self._sampling = []
         self.on_started = None  # a worker tells its supervisor it accepts
         for child in (admin, backends, listeners):
@@ -223,6 +223,8 @@ class RouterService(MultiService):
     def startService(self):
         log.info("l4router using config {path} (sha256 {digest})", path=self.config.source,
                  digest=self.config.digest[:12])
+        for warning in self.config.warnings:
+            log.warn("Config warning: {warning}", warning=warning)
         super().startService()
         self.throughput.start()
         if self.reloader is not None:
@@ -251,6 +253,7 @@ class RouterService(MultiService):
         return done
 
     def _stopped(self, _):
+        self.assembly.metrics.flush()  # a worker's last counts, into the files its supervisor reads
         log.info("l4router stopped")
         exit_zero_after_orderly_stop(self.reactor)
 

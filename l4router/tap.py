@@ -70,6 +70,8 @@ class Options(usage.Options):
             for key, reason in error.problems:
                 sys.stderr.write(f"  {key}: {reason}\n")
             raise SystemExit(2)
+        for warning in self.loaded.warnings:
+            sys.stderr.write(f"l4router: warning: {warning}\n")
         if self["check"]:
             sys.stdout.write(f"l4router: {path} is valid: {len(self.loaded.listeners)} "
                              f"listeners, {len(self.loaded.backends)} backends\n")
@@ -160,8 +162,10 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None,
                          None)
     router = RouterService(reactor, config, assembly, admin, BackendsService(groups), listeners,
                            log_observer=log_observer)
+    router.samplers.append(assembly.metrics.flush)  # bounds what waits for a scrape
     if worker is not None:
         router.samplers.append(assembly.metrics.watch_worker(reactor, worker).sample)
     router.reloader = ConfigReloader(router, assembly.metrics.config, detectors, config_path)
-    admin.factory = admin_site(router, router.reloader, assembly.metrics.registry, config.admin)
+    admin.factory = admin_site(router, router.reloader, assembly.metrics, config.admin,
+                               worker=worker is not None)
     return router

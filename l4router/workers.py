@@ -174,6 +174,8 @@ class Supervisor(MultiService):
         log.info("l4router using config {path} (sha256 {digest}) with {count} workers",
                  path=self.config.source, digest=self.config.digest[:12],
                  count=self.config.workers)
+        for warning in self.config.warnings:
+            log.warn("Config warning: {warning}", warning=warning)
         super().startService()
         self.run_dir = tempfile.mkdtemp(prefix="l4router-")
         os.mkdir(self.metrics_dir)

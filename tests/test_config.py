@@ -109,6 +109,12 @@ BAD = [
      "listeners[0].routes[1].match.sni", "non-empty strings"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {hots: x}, reject: true}]}]",
      "listeners[0].routes[0].match.hots", "no installed detector produces field 'hots'"),
+    ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: ssh, sni: x}, "
+     "reject: true}]}]", "listeners[0].routes[0].match.sni",
+     "protocol ssh never produces field 'sni'"),
+    ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [unknown, ssh], "
+     "host: x}, reject: true}]}]", "listeners[0].routes[0].match.host",
+     "protocol ssh or unknown never produces field 'host'"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, "
      "reject: true}]}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",
@@ -149,6 +155,32 @@ def test_bad_config_names_the_key_path(text, path, reason):
         parse(text)
     assert any(p.endswith(path) and reason in r for p, r in raised.value.problems), \
         raised.value.problems
+
+
+def test_a_field_any_of_the_route_protocols_produces_is_accepted():
+    config = parse("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [tls, ssh], "
+                   "sni: x}, reject: true}, {match: {host: y}, reject: true}]}]")
+    assert [route.match.fields[0][0] for route in config.listeners[0].routes] == ["sni", "host"]
+
+
+def test_a_route_an_earlier_one_shadows_is_warned_about():
+    config = parse("""
+listeners:
+  - name: a
+    listen: ":1"
+    routes:
+      - {match: {protocol: http1}, reject: true}
+      - {match: {protocol: http1, host: x.example}, reject: true}
+      - {match: {protocol: tls, sni: "*.example.com"}, reject: true}
+      - {match: {protocol: tls, sni: [a.example.com, "*.example.com"]}, reject: true}
+      - {match: {protocol: tls, sni: example.com}, reject: true}
+      - {match: {source: 10.0.0.0/8}, reject: true}
+      - {match: {protocol: tls, source: 10.1.0.0/16}, reject: true}
+      - {match: {protocol: [tls, ssh]}, reject: true}
+""")
+    assert [w.split(":")[0] for w in config.warnings] == [
+        "listeners[0].routes[1]", "listeners[0].routes[3]", "listeners[0].routes[6]"]
+    assert "routes[0] before it matches every connection it would" in config.warnings[0]
 
 
 def test_every_problem_is_reported_at_once():
