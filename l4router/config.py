@@ -469,6 +469,13 @@ def _string_list(value):
     return tuple(str(v) for v in values)
 
 
+def _patterns(value):
+    """A match field's patterns; `true`/`false` for a yes-or-no field (`truncated: true`)."""
+    if isinstance(value, bool):
+        return ("true" if value else "false",)
+    return _string_list(value)
+
+
 def _networks(value):
     networks = []
     for item in _string_list(value):
@@ -809,7 +816,7 @@ class _Builder:
                 self.reader.problem(field_path, f"protocol {never} never produces field {key!r}: "
                                                 "this route could never match")
                 continue
-            patterns = self.reader.convert(section.raw[key], field_path, _string_list)
+            patterns = self.reader.convert(section.raw[key], field_path, _patterns)
             if patterns is not _MISSING:
                 fields.append((key, GlobSet.of(patterns)))
         section.finish()

@@ -142,6 +142,11 @@ class RouterMetrics:
         self.detection_seconds = Histogram(
             "l4router_detection_seconds", "Time from accept to the detection decision.",
             ["listener"], buckets=DETECTION_BUCKETS, registry=r)
+        self.truncated = Counter(
+            "l4router_detection_truncated",
+            "Decisions on a first flight cut short (longer than detect.max_bytes, or the "
+            "client closed) whose bytes already proved the protocol.",
+            ["listener", "protocol"], registry=r)
         self.connect_failures = Counter(
             "l4router_backend_connect_failures", "Failed connects to backend servers.",
             ["backend", "server", "reason"], registry=r)
@@ -303,6 +308,9 @@ class ListenerMetrics:
         if child is None:
             child = self._closed[reason] = self.metrics.closed.labels(self.listener, reason)
         return child
+
+    def truncated(self, protocol):
+        return self.metrics.truncated.labels(self.listener, protocol)
 
     def udp_created(self, protocol):
         return self.metrics.udp_sessions_created.labels(self.listener, protocol)

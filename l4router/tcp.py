@@ -264,6 +264,8 @@ class InboundConnection(Protocol):
         self.decision = decision
         metrics = self.factory.metrics
         metrics.detection_seconds.observe(self.factory.clock.seconds() - self.started)
+        if decision.fields.get("truncated"):
+            metrics.truncated(decision.protocol).inc()
         choice = self.factory.routes.choose(decision, self.source)
         self.route = choice.route
         metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()

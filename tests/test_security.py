@@ -476,3 +476,57 @@ def test_client_fields_escape_c1_controls_and_unicode_line_separators():
         "a\\x85b\\u2028c\\u2029d\\x9b31m\\x1b\\x7f"
     assert safe_value(("x\u2028",)) == ("x\\u2028",)
 
+
+
+# Issue "Routing and transport": a first flight too large is not "not that protocol"
+
+def test_a_client_hello_cut_anywhere_after_its_first_bytes_is_decided_truncated_tls():
+    from l4router.detection import Peek
+    from l4router.detection.decision import DetectorSet
+    from l4router.detection.registry import detectors_for
+
+    message = client_hello(3000)
+    flight = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+    detectors = DetectorSet(detectors_for(DETECTORS, "tcp"))
+    sni_at = flight.index(b"router.example") + len(b"router.example")
+    for cut in range(1, len(flight)):
+        decision = detectors.decide(Peek(flight[:cut]), final=True)
+        if cut < 11:  # record header, handshake header and version: not proven yet
+            assert decision.protocol != "tls", cut
+            continue
+        assert decision.protocol == "tls" and decision.fields["truncated"] is True, cut
+        assert decision.fields.get("sni") == ("router.example" if cut >= sni_at else None), cut
+    whole = detectors.decide(Peek(flight), final=True)
+    assert "truncated" not in whole.fields
+
+
+def test_an_oversized_client_hello_is_routed_as_truncated_tls(tmp_path):
+    with Backend("tls", reply_with_name) as tls_backend, \
+            Backend("other", reply_with_name) as other:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: edge
+    listen: "127.0.0.1:{port}"
+    detect: {{max_bytes: 1024}}
+    routes:
+      - match: {{protocol: tls, truncated: true, sni: router.example}}
+        backend: tls
+    default: other
+backends:
+  tls: {{servers: ["127.0.0.1:{tls_backend.port}"]}}
+  other: {{servers: ["127.0.0.1:{other.port}"]}}
+"""
+        message = client_hello(4000)
+        flight = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+        with Router(tmp_path, config) as router:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(flight)
+                client.shutdown(socket.SHUT_WR)
+                assert client.recv(100).startswith(b"tls:")
+            wait_until(lambda: tls_backend.results, message="the relayed hello")
+            assert tls_backend.results[0] == flight[:len(tls_backend.results[0])]
+            event = router.wait_access_events(1)[0]
+            assert event["protocol"] == "tls" and event["fields"]["truncated"] is True
+            assert router.metric("l4router_detection_truncated_total", listener="edge",
+                                 protocol="tls") == 1

@@ -67,11 +67,13 @@ class DetectorSet:
             if detector.name in self._failed:
                 continue
             verdict = self._ask(detector, peek)
+            if verdict is NEED_MORE:
+                if not final:
+                    return None
+                verdict = self._ask_truncated(detector, peek)
             if isinstance(verdict, Match):
                 fields = {str(k)[:64]: safe_value(v) for k, v in verdict.fields.items()}
                 return Decision(detector.name, fields)
-            if verdict is NEED_MORE and not final:
-                return None
         return Decision(UNKNOWN)
 
     def elicit(self, peek):
@@ -92,9 +94,17 @@ class DetectorSet:
                 return detector, bytes(answer)
         return None
 
-    def _ask(self, detector, peek):
+    def _ask_truncated(self, detector, peek):
+        """No more bytes will come and `detector` still needs some: a detector whose first
+        bytes already prove its protocol says so (`detect_truncated`), instead of the flight
+        counting as not its protocol."""
+        if getattr(detector, "detect_truncated", None) is None:
+            return NO_MATCH
+        return self._ask(detector, peek, detector.detect_truncated)
+
+    def _ask(self, detector, peek, method=None):
         try:
-            verdict = detector.detect(peek)
+            verdict = (method or detector.detect)(peek)
         except Exception:
             self._failed.add(detector.name)
             log.failure("Detector {detector} raised; it is skipped from now on",

@@ -17,6 +17,17 @@ class IProtocolDetector(Interface):
     def detect(peek):
         """Return Match(fields), NEED_MORE or NO_MATCH. Never raises on any input."""
 
+    # Optional, asked only when present:
+    #   first_bytes: frozenset of the values the protocol's first byte can take
+    #   fields: tuple of the field names it can produce (config checks routes against them)
+    #   elicit(peek) -> bytes | None: what to send a client that waits for the server
+    #   rewriter() -> object with feed(data) -> data and `done`: removes the client's answer
+    #       to what was elicited from its stream
+    #   detect_truncated(peek) -> Match | NO_MATCH: asked when no more bytes will come
+    #       (detect.max_bytes reached, or the client closed) and detect still says NEED_MORE;
+    #       a Match says the bytes so far already prove the protocol (fields with
+    #       truncated=True), instead of the flight counting as not this protocol
+
 
 class Verdict(enum.Enum):
     """A detector's answer when it does not match (yet)."""

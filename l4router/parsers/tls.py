@@ -136,7 +136,7 @@ def _check_partial_header(head):
     return INCOMPLETE
 
 
-def _parse_body(reader, dtls=False):
+def _parse_body(reader, dtls=False, partial=None):
     legacy_version = reader.uint(2)
     if legacy_version >> 8 != (0xFE if dtls else 3):
         raise Truncated(f"client version 0x{legacy_version:04x} is not {'DTLS' if dtls else 'TLS'}")
@@ -150,28 +150,69 @@ def _parse_body(reader, dtls=False):
         raise Truncated("cipher suites list empty or odd")
     if not reader.vector(1):
         raise Truncated("no compression methods")
-    sni = None
-    alpn = ()
-    supported = ()
-    ech = False
+    found = {"legacy_version": legacy_version, "sni": None, "alpn": (),
+             "supported_versions": (), "ech": False, "extensions": ()}
+    if partial is not None:
+        partial.update(found)
+        found = partial  # what is parsed so far stays there when the bytes run out
     types = []
     if reader.remaining:
-        extensions = reader.sub(2)
+        extensions = reader.sub(2) if partial is None else _rest_of_block(reader)
         while extensions.remaining:
             kind = extensions.uint(2)
             body = extensions.sub(2)
             if is_grease(kind):
                 continue
             types.append(kind)
+            found["extensions"] = tuple(types)
             if kind == EXT_SERVER_NAME:
-                sni = _server_name(body)
+                found["sni"] = _server_name(body)
             elif kind == EXT_ALPN:
-                alpn = _alpn(body)
+                found["alpn"] = _alpn(body)
             elif kind == EXT_SUPPORTED_VERSIONS:
-                supported = _supported_versions(body)
+                found["supported_versions"] = _supported_versions(body)
             elif kind == EXT_ENCRYPTED_CLIENT_HELLO:
-                ech = True
-    return ClientHello(legacy_version, sni, alpn, supported, ech, tuple(types))
+                found["ech"] = True
+    return ClientHello(**found)
+
+
+def _rest_of_block(reader):
+    """The extensions block of a ClientHello cut short: what of it is there."""
+    length = reader.uint(2)
+    end = min(reader.end, reader.pos + length)
+    block = Reader(reader.data, reader.pos, end)
+    reader.pos = end
+    return block
+
+
+def parse_truncated_client_hello(data):
+    """What a ClientHello cut short (by `detect.max_bytes`, or the client closing) says so far:
+    a ClientHello with the fields parsed before the cut, once the bytes prove one (a handshake
+    record whose message is a ClientHello); None when they do not."""
+    handshake = _gathered(data)
+    if len(handshake) < 6 or handshake[0] != HANDSHAKE_CLIENT_HELLO or handshake[4] != 3:
+        return None
+    partial = {}
+    try:
+        return _parse_body(Reader(handshake[4:]), partial=partial)
+    except Truncated:
+        if not partial:  # cut before the extensions: a ClientHello all the same
+            partial = {"legacy_version": int.from_bytes(handshake[4:6], "big"), "sni": None,
+                       "alpn": (), "supported_versions": (), "ech": False, "extensions": ()}
+        return ClientHello(**partial)
+
+
+def _gathered(data):
+    """The handshake bytes of the records so far, the last one possibly cut."""
+    fragments = []
+    pos = 0
+    while len(data) - pos >= RECORD_HEADER and len(fragments) < MAX_RECORDS:
+        if data[pos] != RECORD_HANDSHAKE or data[pos + 1] != 3 or data[pos + 2] > 4:
+            break
+        length = int.from_bytes(data[pos + 3:pos + 5], "big")
+        fragments.append(data[pos + RECORD_HEADER:pos + RECORD_HEADER + length])
+        pos += RECORD_HEADER + length
+    return b"".join(fragments)
 
 
 def _server_name(body):
