@@ -22,6 +22,7 @@ from l4router.errors import ConfigError
 REJECT = "reject"
 BALANCE_POLICIES = ("round_robin", "random", "least_connections", "source_hash")
 PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
+PROXY_TLVS = ("authority", "alpn", "unique_id")  # what a v2 header out can carry
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 DEFAULT_DETECT_TIMEOUT = 3.0
@@ -156,6 +157,7 @@ class Backend:
     pool: PoolSettings = PoolSettings()
     max_connections_per_server: int | None = None
     proxy_protocol: str = "none"
+    proxy_tlvs: tuple = ()  # PROXY v2 TLVs sent: authority, alpn, unique_id
 
 
 @attrs.frozen
@@ -469,6 +471,23 @@ def _string_list(value):
     return tuple(str(v) for v in values)
 
 
+def _proxy_protocol_out(value):
+    """`none` | `v1` | `v2`, or `{version: v2, tlvs: [authority, alpn, unique_id]}` ->
+    (version, TLV names)."""
+    if not isinstance(value, Mapping):
+        return _one_of(PROXY_PROTOCOL_VERSIONS)(value), ()
+    unknown = set(value) - {"version", "tlvs"}
+    if unknown:
+        raise _Invalid(f"unknown key {sorted(map(str, unknown))[0]!r} (known: version, tlvs)")
+    if value.get("version") != "v2":
+        raise _Invalid("TLVs need version: v2")
+    tlvs = _string_list(value["tlvs"]) if "tlvs" in value else ()
+    for tlv in tlvs:
+        if tlv not in PROXY_TLVS:
+            raise _Invalid(f"no TLV is called {tlv!r} (known: {', '.join(PROXY_TLVS)})")
+    return "v2", tlvs
+
+
 def _patterns(value):
     """A match field's patterns; `true`/`false` for a yes-or-no field (`truncated: true`)."""
     if isinstance(value, bool):
@@ -607,13 +626,14 @@ class _Builder:
             self.reader.problem(f"{path}.pool.max_idle", f"must be at least min_idle ({pool.min_idle})")
             pool = _MISSING
         per_server = section.get("max_connections_per_server", _positive_int, None)
-        proxy_protocol = section.get("proxy_protocol", _one_of(PROXY_PROTOCOL_VERSIONS), "none")
+        proxy_protocol = section.get("proxy_protocol", _proxy_protocol_out, ("none", ()))
         section.finish()
         values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol)
         if _MISSING in parsed or not parsed or _MISSING in values:
             return None
+        version, tlvs = proxy_protocol
         return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
-                       per_server, proxy_protocol)
+                       per_server, version, tlvs)
 
     def settings(self, parent, key, settings_class, converters, default):
         """A small mapping of known keys -> a settings object; absent keys keep defaults."""

@@ -2,6 +2,7 @@
 
 import ipaddress
 import itertools
+import secrets
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -30,6 +31,7 @@ PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
 PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from a peer not trusted to send one
 
 _connection_ids = itertools.count(1)
+_PROCESS_ID = secrets.token_hex(4)  # makes connection ids unique beyond this process
 # A client that waits for the server (grpcio) is drawn out once it has been quiet this long;
 # one that goes on sending (curl's HEADERS right after its preface) is never disturbed.
 ELICIT_AFTER_QUIET = 0.02
@@ -316,8 +318,32 @@ class InboundConnection(Protocol):
         local_host = normalise_host(local.host)
         if (":" in self.source) != (":" in local_host):  # a v6 client of a v4 listener, say
             return proxyprotocol.unknown_header(version)
-        write = proxyprotocol.v1_header if version == "v1" else proxyprotocol.v2_header
-        return write(self.source, self.source_port, local_host, local.port)
+        if version == "v1":
+            return proxyprotocol.v1_header(self.source, self.source_port, local_host, local.port)
+        return proxyprotocol.v2_header(self.source, self.source_port, local_host, local.port,
+                                       self._tlvs(self.group.config.proxy_tlvs))
+
+    def _tlvs(self, wanted):
+        """The v2 TLVs a backend asked for: the detected name (SNI, Host or :authority) as
+        PP2_TYPE_AUTHORITY, the client's first ALPN offer, our unique connection id."""
+        fields = self.decision.fields if self.decision is not None else {}
+        records = []
+        if "authority" in wanted:
+            name = fields.get("sni") or fields.get("host") or fields.get("authority")
+            if name:
+                records.append(proxyprotocol.tlv(proxyprotocol.PP2_TYPE_AUTHORITY, name.encode()))
+        if "alpn" in wanted and fields.get("alpn"):
+            records.append(proxyprotocol.tlv(proxyprotocol.PP2_TYPE_ALPN,
+                                             fields["alpn"][0].encode()))
+        if "unique_id" in wanted:
+            records.append(proxyprotocol.tlv(proxyprotocol.PP2_TYPE_UNIQUE_ID,
+                                             self.unique_id.encode()))
+        return b"".join(records)
+
+    @property
+    def unique_id(self):
+        """This connection's id, unique across processes and restarts (access log, PROXY)."""
+        return f"{_PROCESS_ID}-{self.id}"
 
     def _rewriter(self):
         """What removes the client's answer to what the router elicited from its stream (the
@@ -401,7 +427,8 @@ class InboundConnection(Protocol):
         """What is known of this connection: the access-log fields and the status view."""
         decision = self.decision
         return {
-            "connection_id": self.id, "listener": self.factory.name, "source": self.source,
+            "connection_id": self.id, "unique_id": self.unique_id,
+            "listener": self.factory.name, "source": self.source,
             "source_port": self.source_port,
             "protocol": decision.protocol if decision else None,
             "fields": dict(decision.fields) if decision else {},

@@ -1,6 +1,10 @@
 """Before any test: the system tools the end-to-end tests drive are there, or the run stops
 saying exactly what to install. As root on Debian (a fresh machine, CI) they are installed,
-so that the README's test command alone prepares the machine."""
+so that the README's test command alone prepares the machine.
+
+Every test also gets the marker of its tier (see CONTRIBUTING.md): `pure` (bytes in, values
+out), `memory` (Twisted's in-memory reactor and transports, or a reactor turned by hand), and
+`process` (the real `twistd -n l4router` with real clients and servers)."""
 
 import os
 import shutil
@@ -15,6 +19,7 @@ SYSTEM_TOOLS = {
     "ssh": "openssh-client",
     "sshd": "openssh-server",
     "nginx": "nginx",
+    "haproxy": "haproxy",
     "chromium": "chromium",
     "systemd-socket-activate": "systemd",
 }
@@ -29,6 +34,26 @@ def _missing_packages():
         if not found:
             missing.append(package)
     return sorted(set(missing))
+
+
+PURE = {"test_config", "test_detection", "test_detectors", "test_parsers_fuzz",
+        "test_parsers_http1", "test_parsers_proxyprotocol", "test_parsers_tls",
+        "test_udp_detectors"}
+MEMORY = {"test_backends", "test_tcp", "test_reactor"}
+TIERS = ("pure", "memory", "process")
+
+
+def pytest_configure(config):
+    for tier, meaning in zip(TIERS, ("bytes in, values out", "an in-memory or hand-turned "
+                                     "reactor", "the real router process")):
+        config.addinivalue_line("markers", f"{tier}: {meaning}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        tier = "pure" if module in PURE else "memory" if module in MEMORY else "process"
+        item.add_marker(tier)
 
 
 def pytest_sessionstart(session):

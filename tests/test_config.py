@@ -115,6 +115,10 @@ BAD = [
     ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [unknown, ssh], "
      "host: x}, reject: true}]}]", "listeners[0].routes[0].match.host",
      "protocol ssh or unknown never produces field 'host'"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
+     "{version: v1, tlvs: [authority]}}}", "backends.b.proxy_protocol", "TLVs need version: v2"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
+     "{version: v2, tlvs: [sni]}}}", "backends.b.proxy_protocol", "no TLV is called 'sni'"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, "
      "reject: true}]}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",

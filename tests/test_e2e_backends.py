@@ -391,3 +391,63 @@ def _ask_or_none(port):
         return ask(port, b"x") or None
     except OSError:
         return None
+
+
+def test_proxy_v2_tlvs_reach_haproxy_as_authority_and_unique_id(tmp_path):
+    """HAProxy, the real receiving peer, reads what our v2 header carries (its
+    fc_pp_authority and fc_pp_unique_id, in its own log)."""
+    from tests.test_security import client_hello
+
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    assert os.path.exists(haproxy), "haproxy missing: apt-get install haproxy"
+    with Backend("app", reply_with_name) as app:
+        router_port, haproxy_port = free_port(), free_port()
+        (tmp_path / "haproxy.cfg").write_text(f"""
+global
+    log stdout format raw local0 info
+defaults
+    mode tcp
+    log global
+    log-format "pp authority=%[fc_pp_authority] unique_id=%[fc_pp_unique_id]"
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind 127.0.0.1:{haproxy_port} accept-proxy
+    default_backend app
+backend app
+    server app 127.0.0.1:{app.port}
+""")
+        log = open(tmp_path / "haproxy.log", "wb")
+        peer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: listening(haproxy_port), message="haproxy listening")
+            config = f"""
+listeners:
+  - name: edge
+    listen: "127.0.0.1:{router_port}"
+    default: haproxy
+backends:
+  haproxy:
+    servers: ["127.0.0.1:{haproxy_port}"]
+    proxy_protocol: {{version: v2, tlvs: [authority, alpn, unique_id]}}
+"""
+            message = client_hello(600)
+            flight = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+            with Router(tmp_path, config) as router:
+                with socket.create_connection(("127.0.0.1", router_port), timeout=10) as client:
+                    client.sendall(flight)
+                    client.shutdown(socket.SHUT_WR)
+                    assert client.recv(100).startswith(b"app:")
+                event = router.wait_access_events(1)[0]
+            assert event["fields"]["sni"] == "router.example"
+            wait_until(lambda: b"pp authority=" in (tmp_path / "haproxy.log").read_bytes(),
+                       message="haproxy's log line")
+            line = [l for l in (tmp_path / "haproxy.log").read_bytes().splitlines()
+                    if l.startswith(b"pp ")][0].decode()
+            assert line == f"pp authority=router.example unique_id={event['unique_id']}"
+        finally:
+            peer.terminate()
+            peer.wait(10)
+            log.close()

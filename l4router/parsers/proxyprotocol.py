@@ -101,11 +101,24 @@ def v1_header(source, source_port, destination, destination_port):
     return f"PROXY {family} {source} {destination} {source_port} {destination_port}\r\n".encode()
 
 
-def v2_header(source, source_port, destination, destination_port):
+PP2_TYPE_ALPN = 0x01
+PP2_TYPE_AUTHORITY = 0x02
+PP2_TYPE_UNIQUE_ID = 0x05
+MAX_TLV_VALUE = 255  # what we send: a name, a protocol, an id (UNIQUE_ID allows 128 at most)
+
+
+def tlv(kind, value):
+    """One type-length-value record of a v2 header."""
+    value = value[:MAX_TLV_VALUE]
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value
+
+
+def v2_header(source, source_port, destination, destination_port, tlvs=b""):
+    """A v2 header, for PROXY protocol out; `tlvs`: encoded TLV records to carry."""
     src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
     family = 0x21 if src.version == 6 else 0x11
     body = src.packed + dst.packed + source_port.to_bytes(2, "big") + \
-        destination_port.to_bytes(2, "big")
+        destination_port.to_bytes(2, "big") + tlvs
     return V2_SIGNATURE + bytes([0x21, family]) + len(body).to_bytes(2, "big") + body
 
 
