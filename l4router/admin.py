@@ -177,8 +177,10 @@ def render_status_page(data):
                     [(l["listener"], r["route"], r["backend"], r["hits"])
                      for l in data["listeners"] for r in l["routes"]])
     servers = _table(["backend", "server", "address", "weight", "health", "active", "idle spares"],
-                     [(b["backend"], s["server"], s["address"], s["weight"],
-                       "up" if s["healthy"] else "DOWN", s["active_connections"], s["pool_idle"])
+                     [(b["backend"] + (" (backup tier serving)" if b.get("using_backup") else ""),
+                       s["server"] + (" (backup)" if s.get("backup") else ""), s["address"],
+                       s["weight"], "up" if s["healthy"] else "DOWN", s["active_connections"],
+                       s["pool_idle"])
                       for b in data["backends"] for s in b["servers"]])
     recent = _table(["id", "listener", "source", "protocol", "route", "server", "bytes up",
                      "bytes down", "seconds", "close reason"],

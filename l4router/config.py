@@ -77,6 +77,7 @@ class Route:
     label: str  # the `name` given, else "routes[N]"; labels metrics and logs
     match: RouteMatch
     backend: str | None  # None: reject
+    fallback: str | None = None  # the backend used while `backend` has no server up
 
 
 @attrs.frozen
@@ -109,6 +110,7 @@ class Server:
     host: str
     port: int
     weight: int = 1
+    backup: bool = False  # gets clients only while no primary server of its backend is up
 
     @property
     def label(self):
@@ -514,18 +516,21 @@ def _server(value):
         host, port = split_host_port(value)
         weight = 1
     elif isinstance(value, Mapping):
-        unknown = set(value) - {"address", "weight"}
+        unknown = set(value) - {"address", "weight", "backup"}
         if unknown:
-            raise _Invalid(f"unknown key {sorted(map(str, unknown))[0]!r} (known: address, weight)")
+            raise _Invalid(f"unknown key {sorted(map(str, unknown))[0]!r} "
+                           "(known: address, weight, backup)")
         if "address" not in value:
             raise _Invalid("needs an address: host:port")
         host, port = split_host_port(value["address"])
         weight = _positive_int(value.get("weight", 1))
+        backup = _boolean(value.get("backup", False))
     else:
-        raise _Invalid(f"must be host:port or {{address: host:port, weight: N}}, not {value!r}")
+        raise _Invalid(f"must be host:port or {{address: host:port, weight: N, backup: BOOL}}, "
+                       f"not {value!r}")
     if not host:
         raise _Invalid(f"needs a host: {value!r}")
-    return Server(host, port, weight)
+    return Server(host, port, weight, backup if isinstance(value, Mapping) else False)
 
 
 class _Builder:
@@ -802,13 +807,19 @@ class _Builder:
         match = self.match(section)
         backend = section.get("backend", self.target(backends), None)
         reject = section.get("reject", _boolean, False)
+        fallback = section.get("fallback", self.target(backends), None)
         section.finish()
         if section.has("backend") == bool(reject):
             self.reader.problem(path, "needs exactly one of backend: NAME or reject: true")
             return None
-        if _MISSING in (label, match) or (section.has("backend") and backend is _MISSING):
+        if section.has("fallback") and (reject or fallback is None or fallback == backend):
+            self.reader.problem(f"{path}.fallback", "names another backend, for a route to a "
+                                                   "backend")
             return None
-        return Route(label, match, None if reject else backend)
+        if _MISSING in (label, match, fallback) or (section.has("backend") and
+                                                    backend is _MISSING):
+            return None
+        return Route(label, match, None if reject else backend, fallback)
 
     def match(self, route):
         raw = route.get("match", lambda v: v, {})

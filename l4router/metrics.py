@@ -142,6 +142,14 @@ class RouterMetrics:
         self.detection_seconds = Histogram(
             "l4router_detection_seconds", "Time from accept to the detection decision.",
             ["listener"], buckets=DETECTION_BUCKETS, registry=r)
+        self.fallbacks = Counter(
+            "l4router_connections_fallback",
+            "Connections sent to a route's fallback backend because its backend had no "
+            "server up.", ["listener", "route", "backend"], registry=r)
+        self.backup_serving = Gauge(
+            "l4router_backend_backup_serving",
+            "1 while no primary server of a backend is up and its backup tier serves.",
+            ["backend"], registry=r, multiprocess_mode="livemax")
         self.truncated = Counter(
             "l4router_detection_truncated",
             "Decisions on a first flight cut short (longer than detect.max_bytes, or the "
@@ -308,6 +316,9 @@ class ListenerMetrics:
         if child is None:
             child = self._closed[reason] = self.metrics.closed.labels(self.listener, reason)
         return child
+
+    def fallback(self, route, backend):
+        return self.metrics.fallbacks.labels(self.listener, route, backend)
 
     def truncated(self, protocol):
         return self.metrics.truncated.labels(self.listener, protocol)

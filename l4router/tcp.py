@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from l4router.addresses import normalise_host
-from l4router.backends.group import CONNECT_FAILED
+from l4router.backends.group import CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
@@ -142,6 +142,7 @@ class InboundConnection(Protocol):
         self.route = None
         self.backend_name = None
         self.group = None
+        self._fallback = None  # the route's fallback backend, until it has been used
         self.server = None
         self.relay = None
         self.backend = None
@@ -275,6 +276,7 @@ class InboundConnection(Protocol):
             self._reject(REJECTED)
             return
         self.backend_name = choice.backend
+        self._fallback = choice.fallback
         self._connect(self.factory.backends[choice.backend])
 
     # Connecting
@@ -364,6 +366,12 @@ class InboundConnection(Protocol):
         reason = CONNECT_FAILED
         if failure.check(BackendUnavailable):
             reason = failure.value.reason
+            if reason == NO_HEALTHY_SERVER and self._fallback is not None:
+                # The route's backend has no server up: its fallback serves instead.
+                self.backend_name, self._fallback = self._fallback, None
+                self.factory.metrics.fallback(self.route, self.backend_name).inc()
+                self._connect(self.factory.backends[self.backend_name])
+                return None
             log.warn("Connection {id} from {source} gets no server of backend {backend}: "
                      "{error}", backend=self.group.name, id=self.id, source=self.source,
                      error=failure.getErrorMessage(), reason=reason)

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from l4router.addresses import normalise_host
+from l4router.backends.group import NO_HEALTHY_SERVER
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
@@ -211,7 +212,16 @@ class UDPSession:
         self.backend_name = choice.backend
         group = listener.backends[choice.backend]
         try:
-            self.server = group.pick(self.source)
+            try:
+                self.server = group.pick(self.source)
+            except BackendUnavailable as error:
+                if error.reason != NO_HEALTHY_SERVER or choice.fallback is None:
+                    raise
+                # The route's backend has no server up: its fallback serves instead.
+                self.backend_name = choice.fallback
+                group = listener.backends[choice.fallback]
+                listener.metrics.fallback(choice.route, choice.fallback).inc()
+                self.server = group.pick(self.source)
         except BackendUnavailable as error:
             log.warn("UDP session {id} from {source} gets no server of backend {backend}: "
                      "{error}", id=self.id, source=self.source, backend=group.name,

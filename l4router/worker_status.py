@@ -101,6 +101,7 @@ def _add_listener(into, listener):
 
 
 def _add_backend(into, backend):
+    into["using_backup"] = into.get("using_backup", False) or backend.get("using_backup", False)
     servers = {server["server"]: server for server in backend["servers"]}
     for server in into["servers"]:
         other = servers.get(server["server"])

@@ -119,6 +119,10 @@ BAD = [
      "{version: v1, tlvs: [authority]}}}", "backends.b.proxy_protocol", "TLVs need version: v2"),
     (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
      "{version: v2, tlvs: [sni]}}}", "backends.b.proxy_protocol", "no TLV is called 'sni'"),
+    (f"listeners: [{{name: a, listen: ':1', routes: [{{reject: true, fallback: b}}]}}]\n"
+     f"{BASE_BACKENDS}", "listeners[0].routes[0].fallback", "names another backend"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
+     "backup: maybe}]}}", "backends.b.servers[0]", "true or false"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, "
      "reject: true}]}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",

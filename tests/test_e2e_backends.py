@@ -1,6 +1,7 @@
 """Backends through the real router process: balancing, health, retries, pools, PROXY out."""
 
 import collections
+import json
 import os
 import shutil
 import socket
@@ -451,3 +452,63 @@ backends:
             peer.terminate()
             peer.wait(10)
             log.close()
+
+
+def test_backup_servers_serve_only_while_no_primary_is_up(tmp_path):
+    primary_port = free_port()  # nothing there yet: the primary is down
+    with Backend("backup", reply_with_name) as backup:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: edge
+    listen: "127.0.0.1:{port}"
+    default: web
+backends:
+  web:
+    servers: ["127.0.0.1:{primary_port}", {{address: "127.0.0.1:{backup.port}", backup: true}}]
+    health_check: {{interval: 100ms, timeout: 200ms, rise: 1, fall: 1}}
+"""
+        with Router(tmp_path, config) as router:
+            wait_until(lambda: router.metric("l4router_backend_backup_serving",
+                                             backend="web") == 1, message="the backup serving")
+            assert {ask(port, b"one") for _ in range(5)} == {b"backup:one"}
+            page = router.get("/").decode()
+            assert "web (backup tier serving)" in page and "(backup)" in page
+            with Backend("primary", reply_with_name, port=primary_port):
+                wait_until(lambda: router.metric("l4router_backend_backup_serving",
+                                                 backend="web") == 0, message="the primary up")
+                assert {ask(port, b"two") for _ in range(5)} == {b"primary:two"}
+            status = json.loads(router.get("/status/backends"))
+            assert [s["backup"] for s in status[0]["servers"]] == [False, True]
+
+
+def test_a_route_falls_back_while_its_backend_has_no_server_up(tmp_path):
+    dead = free_port()
+    with Backend("spare", reply_with_name) as spare:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: edge
+    listen: "127.0.0.1:{port}"
+    routes:
+      - name: web
+        match: {{protocol: http1}}
+        backend: main
+        fallback: spare
+    default: reject
+backends:
+  main:
+    servers: ["127.0.0.1:{dead}"]
+    health_check: {{interval: 100ms, timeout: 200ms, rise: 1, fall: 1}}
+  spare: {{servers: ["127.0.0.1:{spare.port}"]}}
+"""
+        with Router(tmp_path, config) as router:
+            wait_until(lambda: router.metric("l4router_backend_server_up", backend="main",
+                                             server=f"127.0.0.1:{dead}") == 0,
+                       message="main's server down")
+            request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert ask(port, request) == b"spare:GET / HTTP/1.1"
+            event = router.wait_access_events(1)[0]
+            assert (event["route"], event["backend"]) == ("web", "spare")
+            assert router.metric("l4router_connections_fallback_total", listener="edge",
+                                 route="web", backend="spare") == 1

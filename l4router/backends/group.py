@@ -46,6 +46,12 @@ class BackendGroup:
         self.random = jitter_random or random.Random()
         self.balancer = POLICIES[backend.balance]()
         self.servers = [ServerState(backend.name, s, metrics) for s in backend.servers]
+        if any(s.backup for s in self.servers):
+            self._backup_serving = metrics.backup_serving.labels(backend.name)
+            self._backup_serving.set(0)
+            self._backup_was_serving = False
+            for server in self.servers:
+                server.on_change = self._health_changed
         self.checkers = {}
         if backend.health_check is not None:
             self.checkers = {s: HealthChecker(s, backend.health_check, reactor, metrics)
@@ -70,6 +76,7 @@ class BackendGroup:
 
     def status(self):
         return {"backend": self.name, "balance": self.config.balance,
+                "using_backup": self.using_backup(),
                 "servers": [s.status() for s in self.servers]}
 
     # Connecting a client
@@ -98,17 +105,39 @@ class BackendGroup:
         return server
 
     def choose(self, source, tried):
-        healthy = [s for s in self.servers if s.healthy]
-        if not healthy:
+        """The primary servers while one is up; the backup tier only while none is (or when
+        every primary has failed this client once)."""
+        primaries = [s for s in self.servers if s.healthy and not s.backup]
+        backups = [s for s in self.servers if s.healthy and s.backup]
+        if not primaries and not backups:
             raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
         limit = self.config.max_connections_per_server
-        open_servers = [s for s in healthy if limit is None or s.active < limit]
-        if not open_servers:
-            raise BackendUnavailable(self.name, BACKEND_FULL)
-        untried = [s for s in open_servers if s not in tried]
-        if untried:
-            return self.balancer.choose(untried, source)
-        return min(open_servers, key=tried.get)  # every one failed once: the longest ago
+        for tier in (primaries, backups):
+            open_servers = [s for s in tier if limit is None or s.active < limit]
+            if not open_servers:
+                if tier:  # up but full: a full tier does not spill into the next
+                    raise BackendUnavailable(self.name, BACKEND_FULL)
+                continue
+            untried = [s for s in open_servers if s not in tried]
+            if untried:
+                return self.balancer.choose(untried, source)
+            if tier is primaries and any(s not in tried for s in backups):
+                continue  # every primary failed this client: on to the backups
+            return min(open_servers, key=tried.get)  # every one failed once: the longest ago
+        raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
+
+    def _health_changed(self):
+        serving = self.using_backup()
+        if serving != self._backup_was_serving:
+            self._backup_was_serving = serving
+            self._backup_serving.set(1 if serving else 0)
+            log.warn("Backend {backend}: the backup tier {state}", backend=self.name,
+                     state="serves (no primary server is up)" if serving else "stands by")
+
+    def using_backup(self):
+        """No primary server is up and a backup is: the backup tier serves."""
+        return (not any(s.healthy for s in self.servers if not s.backup)
+                and any(s.healthy for s in self.servers if s.backup))
 
     def take_spare(self, server):
         if server.pool is None:

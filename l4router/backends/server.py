@@ -32,6 +32,7 @@ class ServerState:
         self.current_weight = 0  # smooth weighted round robin's running weight
         self.active = 0  # connections handed out or being connected
         self.healthy = True
+        self.on_change = None  # the group's, to follow its backup tier
         self.address = _literal(server.host)  # None until a host name is resolved
         self.pool = None
         self._metric_up = metrics.server_up.labels(backend, self.label)
@@ -49,6 +50,8 @@ class ServerState:
             return
         self.healthy = healthy
         self._metric_up.set(1 if healthy else 0)
+        if self.on_change is not None:
+            self.on_change()
         if healthy:
             log.info("Backend {backend} server {server} is up: {why}", backend=self.backend,
                      server=self.label, why=why)
@@ -64,8 +67,13 @@ class ServerState:
         self.active -= 1
         self._metric_active.set(self.active)
 
+    @property
+    def backup(self):
+        return self.server.backup
+
     def status(self):
         return {"server": self.label, "address": self.address, "weight": self.weight,
+                "backup": self.backup,
                 "healthy": self.healthy, "active_connections": self.active,
                 "pool_idle": self.pool.idle_count if self.pool is not None else 0}
 
