@@ -179,7 +179,8 @@ def render_status_page(data):
     servers = _table(["backend", "server", "address", "weight", "health", "active", "idle spares"],
                      [(b["backend"] + (" (backup tier serving)" if b.get("using_backup") else ""),
                        s["server"] + (" (backup)" if s.get("backup") else ""), s["address"],
-                       s["weight"], "up" if s["healthy"] else "DOWN", s["active_connections"],
+                       s["weight"], {True: "up", False: "DOWN"}.get(s["healthy"], "unknown"),
+                       s["active_connections"],
                        s["pool_idle"])
                       for b in data["backends"] for s in b["servers"]])
     recent = _table(["id", "listener", "source", "protocol", "route", "server", "bytes up",
@@ -187,7 +188,7 @@ def render_status_page(data):
                     [(c["connection_id"], c["listener"], c["source"], c["protocol"], c["route"],
                       c["server"], c["bytes_up"], c["bytes_down"], f"{c['duration']:.3f}",
                       c["reason"]) for c in data["recent_connections"]])
-    state = "ready" if data["ready"] else "draining"
+    state = data.get("state") or ("ready" if data["ready"] else "draining")
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>l4router status</title>
 <style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;margin-bottom:1.5em}}

@@ -64,7 +64,8 @@ def recent(router):
 
 
 def overview(router, throughput):
-    return {"ready": router.ready, "config": router.config.source,
+    state = "draining" if router.draining else "ready" if router.ready else "starting"
+    return {"ready": router.ready, "state": state, "config": router.config.source,
             "config_sha256": router.config.digest,
             "listeners": listeners(router, throughput),
             "backends": router.backends.status(),

@@ -52,16 +52,40 @@ class WorkerStatus:
         def merge(answers):
             views = [data for _, data in answers]
             config = self.supervisor.config
+            supervisor = self.supervisor
+            state = "draining" if supervisor.draining else \
+                "ready" if supervisor.ready else "starting"
             return {
-                "ready": self.supervisor.ready, "config": config.source,
+                "ready": supervisor.ready, "state": state, "config": config.source,
                 "config_sha256": config.digest, "workers": len(views),
-                "listeners": merge_listeners([v["listeners"] for v in views]),
-                "backends": merge_backends([v["backends"] for v in views]),
+                "listeners": merge_listeners([v["listeners"] for v in views]) or
+                configured_listeners(config),
+                "backends": merge_backends([v["backends"] for v in views]) or
+                configured_backends(config),
                 "recent_connections": _tagged_rows(
                     [(index, data["recent_connections"]) for index, data in answers]),
             }
 
         return self.fetch(b"/status").addCallback(merge)
+
+
+def configured_listeners(config):
+    """What the config says, before any worker has reported (they are starting)."""
+    return [{"listener": listener.name, "addresses": list(listener.listen),
+             "active_connections": 0, "accepted": 0, "refused": 0, "bytes_per_second": 0,
+             "detectors": list(listener.detect.protocols or ()),
+             "routes": [{"route": route.label, "backend": route.backend or "reject", "hits": 0}
+                        for route in listener.routes]}
+            for listener in config.listeners]
+
+
+def configured_backends(config):
+    return [{"backend": name, "balance": backend.balance, "using_backup": False,
+             "servers": [{"server": server.label, "address": server.host,
+                          "weight": server.weight, "backup": server.backup, "healthy": None,
+                          "active_connections": 0, "pool_idle": 0}
+                         for server in backend.servers]}
+            for name, backend in config.backends.items()]
 
 
 def _tagged_rows(answers):

@@ -204,3 +204,32 @@ def test_every_policy_fails_over_to_the_other_server(policy):
     assert second != first
     harness.accept(factory)
     assert connected[0][0].label == f"{second}:80"
+
+
+def test_the_status_page_of_starting_workers_says_starting_and_shows_the_config():
+    """Before any worker reports, the supervisor's views come from the config."""
+    from types import SimpleNamespace
+
+    from l4router.admin import render_status_page
+    from l4router.config import parse_config
+    from l4router.detection.registry import installed_detectors
+    from l4router.worker_status import WorkerStatus
+
+    config = parse_config("""
+listeners:
+  - name: front
+    listen: "127.0.0.1:8443"
+    routes:
+      - {name: web, match: {protocol: tls}, backend: web}
+    default: reject
+backends:
+  web: {servers: ["127.0.0.1:9443", {address: "127.0.0.1:9444", backup: true}]}
+""", installed_detectors())
+    supervisor = SimpleNamespace(workers={}, config=config, ready=False, draining=False)
+    views = []
+    WorkerStatus(MemoryReactorClock(), supervisor).overview().addCallback(views.append)
+    [view] = views
+    assert view["state"] == "starting" and view["workers"] == 0
+    page = render_status_page(view)
+    assert "<b>starting</b>" in page and "front" in page and "127.0.0.1:9444 (backup)" in page
+    assert "unknown" in page and "DOWN" not in page
