@@ -17,6 +17,12 @@ from collections.abc import Mapping
 import attrs
 import yaml
 
+try:  # the regular expression parser: re._parser on 3.11, sre_parse before
+    from re import _constants as _regex_constants, _parser as _regex_parser
+except ImportError:
+    import sre_constants as _regex_constants
+    import sre_parse as _regex_parser
+
 from l4router.errors import ConfigError
 
 REJECT = "reject"
@@ -45,16 +51,22 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
+class Regex(str):
+    """A match pattern given as `{regex: ...}`: a regular expression, not a glob."""
+
+
 @attrs.frozen
 class GlobSet:
-    """Case-insensitive glob patterns; matches when any pattern matches any value."""
+    """Case-insensitive patterns, globs or anchored regular expressions (`Regex`); matches
+    when any pattern matches any value."""
 
     patterns: tuple
     regex: re.Pattern = attrs.field(eq=False, repr=False)
 
     @classmethod
     def of(cls, patterns):
-        joined = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+        joined = "|".join(f"(?:{p}\\Z)" if isinstance(p, Regex) else f"(?:{fnmatch.translate(p)})"
+                          for p in patterns)
         return cls(tuple(patterns), re.compile(joined, re.IGNORECASE | re.DOTALL))
 
     def matches(self, value):
@@ -490,11 +502,64 @@ def _proxy_protocol_out(value):
     return "v2", tlvs
 
 
+MAX_REGEX = 512
+
+
 def _patterns(value):
-    """A match field's patterns; `true`/`false` for a yes-or-no field (`truncated: true`)."""
+    """A match field's patterns: globs, `{regex: ...}` (anchored: it must match the whole
+    value), or `true`/`false` for a yes-or-no field (`truncated: true`)."""
     if isinstance(value, bool):
         return ("true" if value else "false",)
-    return _string_list(value)
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _Invalid("must be a pattern or a non-empty list of them")
+    patterns = []
+    for item in items:
+        if isinstance(item, Mapping):
+            if set(item) != {"regex"} or not isinstance(item["regex"], str):
+                raise _Invalid(f"a regular expression is {{regex: '...'}}, not {item!r}")
+            patterns.append(Regex(_safe_regex(item["regex"])))
+        else:
+            patterns.extend(_string_list([item]))
+    return tuple(patterns)
+
+
+def _safe_regex(expression):
+    """A regular expression fit to run on client bytes: it compiles, it is not too long, and
+    no repetition holds another repetition or alternatives (`(a+)+`, `(a|aa)*`): the shapes
+    whose backtracking takes exponential time on a value that almost matches. (A character
+    class, `[ab]+`, is fine.)"""
+    if len(expression) > MAX_REGEX:
+        raise _Invalid(f"a regular expression of at most {MAX_REGEX} characters")
+    try:
+        re.compile(expression)
+        parsed = _regex_parser.parse(expression)
+    except (re.error, RecursionError) as exc:
+        raise _Invalid(f"not a regular expression: {exc}") from None
+    if _nested_repeat(parsed, inside=False):
+        raise _Invalid(f"{expression!r} repeats a repetition or alternatives, which can take "
+                       "exponential time on a value that almost matches")
+    return expression
+
+
+_REPEATS = {_regex_constants.MAX_REPEAT, _regex_constants.MIN_REPEAT,
+            getattr(_regex_constants, "POSSESSIVE_REPEAT", None)} - {None}
+
+
+def _nested_repeat(parsed, inside):
+    for op, arg in parsed:
+        if op in _REPEATS:
+            low, high, sub = arg
+            if inside or _nested_repeat(sub, inside=high > 1):
+                if high > 1:
+                    return True
+        elif op == _regex_constants.SUBPATTERN:
+            if _nested_repeat(arg[-1], inside):
+                return True
+        elif op == _regex_constants.BRANCH:
+            if inside or any(_nested_repeat(branch, inside) for branch in arg[1]):
+                return True
+    return False
 
 
 def _networks(value):

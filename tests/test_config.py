@@ -123,6 +123,14 @@ BAD = [
      f"{BASE_BACKENDS}", "listeners[0].routes[0].fallback", "names another backend"),
     (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
      "backup: maybe}]}}", "backends.b.servers[0]", "true or false"),
+    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(a+)+$'}}, "
+     "reject: true}]}]", "listeners[0].routes[0].match.sni", "exponential time"),
+    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(x|xx)*'}}, "
+     "reject: true}]}]", "listeners[0].routes[0].match.sni", "exponential time"),
+    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(unclosed'}}, "
+     "reject: true}]}]", "listeners[0].routes[0].match.sni", "not a regular expression"),
+    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regexp: x}}, "
+     "reject: true}]}]", "listeners[0].routes[0].match.sni", "{regex: '...'}"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, "
      "reject: true}]}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",
@@ -189,6 +197,34 @@ listeners:
     assert [w.split(":")[0] for w in config.warnings] == [
         "listeners[0].routes[1]", "listeners[0].routes[3]", "listeners[0].routes[6]"]
     assert "routes[0] before it matches every connection it would" in config.warnings[0]
+
+
+def test_regular_expressions_match_whole_values_beside_globs():
+    from l4router.detection.decision import Decision
+    from l4router.routing import RouteTable
+
+    config = parse(r"""
+listeners:
+  - name: a
+    listen: ":1"
+    routes:
+      - name: tenants
+        match: {protocol: tls, sni: [{regex: '[a-z0-9-]+\.tenants\.example'}, "*.other.org"]}
+        backend: b
+    default: reject
+backends:
+  b: {servers: ["127.0.0.1:2"]}
+""")
+    table = RouteTable(config.listeners[0])
+
+    def route(sni):
+        return table.choose(Decision("tls", {"sni": sni}), "192.0.2.1").route
+
+    assert route("acme-1.tenants.example") == "tenants"
+    assert route("ACME.Tenants.Example") == "tenants"  # case-insensitive, as globs
+    assert route("acme.tenants.example.evil.com") == "default"  # anchored: the whole value
+    assert route("a.b.tenants.example") == "default"
+    assert route("x.other.org") == "tenants"
 
 
 def test_every_problem_is_reported_at_once():
