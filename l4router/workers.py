@@ -245,7 +245,10 @@ class Supervisor(MultiService):
             self._replacing.errback(WorkerFailed(
                 f"worker {worker.index} of the new generation ended ({how}) before it was ready"))
             return
-        if not self.started_all and not worker.ready:
+        if not self.started_all and not worker.ready and not getattr(reason, "signal", None):
+            # It exited by itself before accepting: a broken install or config, which a
+            # restart would only repeat. (One killed by a signal while it started, the OOM
+            # killer's or an operator's, is restarted like any other.)
             log.critical("Worker {index} ended ({how}) before it was ready: stopping",
                          index=worker.index, how=how)
             self.reactor.callLater(0, self.reactor.stop)

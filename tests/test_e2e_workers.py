@@ -4,13 +4,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
 from tests.support import (
-    Backend, Router, free_port, pseudo_random_stream, read_to_end, reply_with_name,
+    TWISTD, Backend, Router, free_port, pseudo_random_stream, read_to_end, reply_with_name,
     run_twistd, stream_digest, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
@@ -403,3 +404,26 @@ def test_max_connections_is_shared_by_the_workers(tmp_path):
             release.set()
     # Exactly 50 in all, whichever workers took them (one source: one worker, steered).
     assert relayed == 50 and accepted == 50
+
+
+def test_a_worker_killed_while_it_starts_is_restarted(tmp_path):
+    """Killed before it was ready (by the OOM killer, say): restarted, not a stop of
+    everything (which is for a worker that exits by itself: a broken install)."""
+    with Backend("app", reply_with_name) as backend:
+        port = free_port()
+        router = Router(tmp_path, stream_config(port, backend.port), workers=2)
+        router.log_file = open(router.log_path, "wb")
+        router.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(router.config_path)],
+            stdout=router.log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            wait_until(lambda: len(worker_pids(router)) == 2, timeout=20,
+                       message="both workers started")
+            os.kill(worker_pids(router)[1], signal.SIGKILL)  # as soon as it is spawned
+            wait_until(lambda: router.error_status("/readyz") is None and
+                       router.metric("l4router_workers_ready") == 2, timeout=30,
+                       message="both workers ready")
+            assert router.metric("l4router_worker_exits_total", worker="1") == 1
+            assert ask_many(port, 10) == {b"app:ping"}
+        finally:
+            assert router.stop() == 0, router.log_text()
