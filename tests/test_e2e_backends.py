@@ -397,7 +397,7 @@ def _ask_or_none(port):
 def test_proxy_v2_tlvs_reach_haproxy_as_authority_and_unique_id(tmp_path):
     """HAProxy, the real receiving peer, reads what our v2 header carries (its
     fc_pp_authority and fc_pp_unique_id, in its own log)."""
-    from tests.test_security import client_hello
+    from tests.test_security import client_hello, tls_record
 
     haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
     assert os.path.exists(haproxy), "haproxy missing: apt-get install haproxy"
@@ -434,8 +434,7 @@ backends:
     servers: ["127.0.0.1:{haproxy_port}"]
     proxy_protocol: {{version: v2, tlvs: [authority, alpn, unique_id]}}
 """
-            message = client_hello(600)
-            flight = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+            flight = tls_record(client_hello(600))
             with Router(tmp_path, config) as router:
                 with socket.create_connection(("127.0.0.1", router_port), timeout=10) as client:
                     client.sendall(flight)

@@ -5,14 +5,12 @@ import json
 import os
 import signal
 import socket
-import time
 
-import dns.message
 import pytest
 
 from l4router.steering import source_hash_program
 from tests.support import Backend, Router, free_port, wait_until
-from tests.test_e2e_udp import DNSServer, dns_config
+from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
 from tests.test_e2e_workers import worker_pids
 
 pytestmark = pytest.mark.timeout(180)
@@ -144,26 +142,7 @@ def test_udp_session_limits_are_exact_over_workers(tmp_path):
         port = free_port()
         config = dns_config(port, alpha, beta, extra="max_sessions: 3")
         with Router(tmp_path, config, workers=2) as router:
-            clients = []
-            try:
-                for index in range(1, 11):
-                    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                    client.bind((f"127.0.0.{index}", 0))
-                    client.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
-                                  ("127.0.0.1", port))
-                    clients.append(client)
-                time.sleep(1.0)
-                answered = 0
-                for client in clients:
-                    client.setblocking(False)
-                    try:
-                        client.recvfrom(4096)
-                        answered += 1
-                    except BlockingIOError:
-                        pass
-            finally:
-                for client in clients:
-                    client.close()
+            answered = queries_answered(port, [f"127.0.0.{i}" for i in range(1, 11)])
             assert answered == 3
             assert router.metric("l4router_udp_datagrams_dropped_total", listener="dns",
                                  reason="limit_listener") == 7

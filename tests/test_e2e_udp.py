@@ -52,6 +52,33 @@ class DNSServer:
         self.socket.close()
 
 
+def queries_answered(port, sources, settle=1.0):
+    """One DNS query from each source address (None: any), all at once; how many were
+    answered within `settle` seconds."""
+    clients = []
+    try:
+        for source in sources:
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            clients.append(client)
+            if source is not None:
+                client.bind((source, 0))
+            client.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
+                          ("127.0.0.1", port))
+        time.sleep(settle)  # every answer there is has come by now
+        answered = 0
+        for client in clients:
+            client.setblocking(False)
+            try:
+                client.recvfrom(4096)
+                answered += 1
+            except BlockingIOError:
+                pass
+        return answered
+    finally:
+        for client in clients:
+            client.close()
+
+
 def dns_config(port, alpha, beta, extra=""):
     return f"""
 listeners:

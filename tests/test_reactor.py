@@ -99,6 +99,7 @@ def test_a_pause_and_a_resume_cost_no_epoll_call_and_lose_no_bytes(reactor):
         for _ in range(3):  # readable while paused: the lazy registration is dropped
             reactor.doIteration(0.01)
         assert server.data == b""
+        assert registrations_for(reactor, fd)[-1] == ("del", fd)
         transport.resumeProducing()
         turn_until(reactor, lambda: server.data == b"while paused")
         # A pause and resume with nothing arriving meanwhile: no call at all.

@@ -18,10 +18,10 @@ from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError
 from l4router.limits import Admission, ProcessLimit
 from l4router.parsers import Invalid, http1, http2, tls
-from l4router.parsers.proxyprotocol import v1_header, v2_header
+from l4router.parsers.proxyprotocol import v1_header
 from tests.support import (Backend, Router, ask, free_port, http_reply_with_name,
                            reply_with_name, wait_until)
-from tests.test_e2e_udp import DNSServer, dns_config
+from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
 
 pytestmark = pytest.mark.timeout(180)
 DETECTORS = installed_detectors()
@@ -203,6 +203,10 @@ def client_hello(size, server_name=b"router.example"):
     return b"\x01" + len(body).to_bytes(3, "big") + body
 
 
+def tls_record(message):
+    return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+
+
 def one_byte_records(message):
     return b"".join(b"\x16\x03\x01\x00\x01" + message[i:i + 1] for i in range(len(message)))
 
@@ -294,23 +298,7 @@ def test_udp_sessions_without_a_socket_end_at_once_and_log_nothing_per_session(t
         config = dns_config(port, alpha, beta).replace("idle_timeout: 2s", "idle_timeout: 3s")
         router = Router(tmp_path, config, max_open_files=64)
         with router:
-            clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(100)]
-            answered = 0
-            try:
-                for client in clients:
-                    client.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
-                                  ("127.0.0.1", port))
-                time.sleep(1.0)  # every answer there is has come by now
-                for client in clients:
-                    client.setblocking(False)
-                    try:
-                        client.recvfrom(4096)
-                        answered += 1
-                    except BlockingIOError:
-                        pass
-            finally:
-                for client in clients:
-                    client.close()
+            answered = queries_answered(port, [None] * 100)
             assert 0 < answered < 100
             # Every session ends, by idle timeout or at once without a socket: none leaks.
             # (The admin site is asked only once the sessions' descriptors are free again.)
@@ -485,8 +473,7 @@ def test_a_client_hello_cut_anywhere_after_its_first_bytes_is_decided_truncated_
     from l4router.detection.decision import DetectorSet
     from l4router.detection.registry import detectors_for
 
-    message = client_hello(3000)
-    flight = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+    flight = tls_record(client_hello(3000))
     detectors = DetectorSet(detectors_for(DETECTORS, "tcp"))
     sni_at = flight.index(b"router.example") + len(b"router.example")
     for cut in range(1, len(flight)):
@@ -517,8 +504,7 @@ backends:
   tls: {{servers: ["127.0.0.1:{tls_backend.port}"]}}
   other: {{servers: ["127.0.0.1:{other.port}"]}}
 """
-        message = client_hello(4000)
-        flight = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+        flight = tls_record(client_hello(4000))
         with Router(tmp_path, config) as router:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
                 client.sendall(flight)
