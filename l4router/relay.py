@@ -22,9 +22,12 @@ IDLE_TIMEOUT = "idle_timeout"
 SHUTDOWN = "shutdown"
 
 SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeouts
-# A relay copies until one direction has carried this much, then splices (where it may):
-# a short answer costs one recv and one send, where splice costs four calls and a pipe.
+# A relay copies until a direction shows bulk: SPLICE_AFTER bytes carried and a single read of
+# SPLICE_CHUNK or more. Then it splices (where it may). A short answer, or a keep-alive stream
+# of small requests and answers, costs one recv and one send per chunk copied, where splice
+# costs four calls and a pipe.
 SPLICE_AFTER = 64 * 1024
+SPLICE_CHUNK = 16 * 1024
 
 
 def buffered(transport):
@@ -176,9 +179,9 @@ class Relay:
     The client protocol is the listener's inbound protocol: it hands what it reads to
     `forward`, and calls `side_lost` / `side_finished_sending` like BackendSide does.
 
-    `on_large`: called once when a direction has carried SPLICE_AFTER bytes while nothing is
-    buffered and neither side has finished: the caller may hand both sockets to the splice
-    relay (`hand_over`).
+    `on_large`: called once when a direction shows bulk (SPLICE_AFTER, SPLICE_CHUNK) while
+    nothing is buffered and neither side has finished: the caller may hand both sockets to
+    the splice relay (`hand_over`).
     """
 
     def __init__(self, client, backend, idle, on_end, on_large=None, rewrite_client=None):
@@ -204,7 +207,7 @@ class Relay:
         sink = self.peer_of(side).transport
         write_now(sink, data)
         if self.on_large is not None and self.rewrite_client is None and \
-                side.received >= SPLICE_AFTER and \
+                len(data) >= SPLICE_CHUNK and side.received >= SPLICE_AFTER and \
                 not buffered(sink) and not buffered(side.transport) and \
                 not (self.lost or self.client.read_closed or self.backend.read_closed):
             on_large, self.on_large = self.on_large, None

@@ -73,7 +73,7 @@ def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(t
                 assert client.recv(100) == b"\xffhello"
                 clients.append(client)
             # Ten idle relays: two sockets each, no pipe (a short flow is copied; a direction
-            # splices only once it has carried SPLICE_AFTER bytes).
+            # splices only once it shows bulk: SPLICE_AFTER bytes and a large read).
             wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) - before == 20,
                        message="two descriptors per idle relay")
             # Not one descriptor more: twenty directions share the pooled pipe; the others copy.
