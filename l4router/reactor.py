@@ -83,12 +83,26 @@ class LeanEPollReactor(EPollReactor):
                         self._poller.modify(fd, events)
                     except FileNotFoundError:  # removed when its descriptor was closed
                         self._poller.register(fd, events)
+            except PermissionError:  # a regular file: epoll cannot, so poll it continuously
+                self._poll_continuously(fd, owner)
+                continue
             except OSError:  # closed before it was ever waited on: nothing to register
                 self._target.pop(fd, None)
                 self._kernel.pop(fd, None)
                 continue
             if events:
                 self._kernel[fd] = (events, owner)
+
+    def _poll_continuously(self, fd, owner):
+        """What Twisted's EPollReactor does for descriptors epoll refuses (EPERM)."""
+        self._target.pop(fd, None)
+        if fd in self._reads:
+            self._reads.discard(fd)
+            self._continuousPolling.addReader(owner)
+        if fd in self._writes:
+            self._writes.discard(fd)
+            self._continuousPolling.addWriter(owner)
+        self._selectables.pop(fd, None)
 
     def _add(self, xer, primary, other, selectables, event, antievent):
         fd = xer.fileno()

@@ -150,3 +150,31 @@ def test_a_listening_port_is_unregistered_when_it_stops(reactor):
     client.close()
     port.stopListening()
     turn_until(reactor, lambda: ("del", fd) in reactor._poller.calls)
+
+
+def test_a_regular_file_is_polled_continuously_as_twisted_does(reactor, tmp_path):
+    """epoll refuses regular files (EPERM): they are read by polling, not lost."""
+    from twisted.internet.abstract import FileDescriptor
+
+    path = tmp_path / "data"
+    path.write_bytes(b"x")
+    read = []
+
+    class FileReader(FileDescriptor):
+        def __init__(self, stream):
+            super().__init__(reactor)
+            self.stream = stream
+
+        def fileno(self):
+            return self.stream.fileno()
+
+        def doRead(self):
+            read.append(self.stream.read())
+
+    with open(path, "rb") as stream:
+        reader = FileReader(stream)
+        reader.startReading()
+        turn_until(reactor, lambda: read)
+        assert read[0] == b"x"
+        assert reactor._continuousPolling.isReading(reader)
+        reader.stopReading()
