@@ -100,6 +100,14 @@ class DetectSettings:
 
 
 @attrs.frozen
+class RateLimit:
+    """A token bucket: `rate` new connections a second on average, `burst` at once."""
+
+    rate: float
+    burst: int
+
+
+@attrs.frozen
 class Listener:
     name: str
     transport: str
@@ -115,6 +123,7 @@ class Listener:
     accept_proxy_protocol: tuple = ()
     relay: str = "splice"  # splice (zero-copy after the replay where os.splice exists) | copy
     ipv6_source_prefix: int = DEFAULT_IPV6_SOURCE_PREFIX  # per-source limits count IPv6 by prefix
+    rate_per_source: RateLimit | None = None  # new connections (sessions) a source may open
 
 
 @attrs.frozen
@@ -352,6 +361,17 @@ def _limit(value):
     except _Invalid:
         raise _Invalid(f"must be a whole number of at least 1 or {UNLIMITED!r}, "
                        f"not {value!r}") from None
+
+
+def _rate_limit(value):
+    """`{rate: 10, burst: 20}`: new connections a second per source, and how many at once."""
+    if not isinstance(value, Mapping) or not set(value) <= {"rate", "burst"} or \
+            "rate" not in value:
+        raise _Invalid(f"must be {{rate: N, burst: N}} (new connections a second, and at "
+                       f"once), not {value!r}")
+    rate = _number(0.001, 1e6)(value["rate"])
+    burst = _positive_int(value.get("burst", max(1, int(rate))))
+    return RateLimit(float(rate), burst)
 
 
 def _number_in(low, high):
@@ -767,6 +787,7 @@ class _Builder:
                                  DEFAULT_MAX_SESSIONS_PER_SOURCE if udp else None)
         ipv6_prefix = section.get("ipv6_source_prefix", _number_in(1, 128),
                                   DEFAULT_IPV6_SOURCE_PREFIX)
+        rate = section.get("rate_per_source", _rate_limit, None)
         idle_timeout = section.get("idle_timeout", _positive_duration,
                                    DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
         accept_proxy = ()
@@ -780,14 +801,14 @@ class _Builder:
         on_timeout = section.get("on_timeout", target, default)
         section.finish()
         values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
-                  routes, default, on_timeout, accept_proxy, relay, ipv6_prefix)
+                  routes, default, on_timeout, accept_proxy, relay, ipv6_prefix, rate)
         if _MISSING in values:
             return None
         return Listener(name=name, transport=transport, listen=listen, detect=detect,
                         max_connections=max_connections, max_connections_per_source=per_source,
                         idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
                         default=default, accept_proxy_protocol=accept_proxy, relay=relay,
-                        ipv6_source_prefix=ipv6_prefix)
+                        ipv6_source_prefix=ipv6_prefix, rate_per_source=rate)
 
     @staticmethod
     def listen_list(value):

@@ -10,12 +10,44 @@ A limit means the same with one process or several workers:
 from __future__ import annotations
 
 import collections
+import time
 
 from l4router.addresses import source_key
 
 LIMIT_PROCESS = "limit_process"
 LIMIT_LISTENER = "limit_listener"
 LIMIT_SOURCE = "limit_source"
+RATE_SOURCE = "rate_source"
+MAX_IDLE_BUCKETS = 10000  # past this, full buckets (equal to none) are dropped
+
+
+class TokenBuckets:
+    """New connections a source may open: `rate` a second on average, `burst` at once. A
+    bucket refills with time; a full one is the same as none, so the table keeps only
+    sources that opened connections lately."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.buckets = {}  # key -> (tokens, when they were counted)
+
+    def take(self, key):
+        now = self.clock()
+        tokens, then = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        if tokens < 1:
+            self.buckets[key] = (tokens, now)
+            return False
+        self.buckets[key] = (tokens - 1, now)
+        if len(self.buckets) > MAX_IDLE_BUCKETS:
+            self._drop_full(now)
+        return True
+
+    def _drop_full(self, now):
+        for key, (tokens, then) in list(self.buckets.items()):
+            if tokens + (now - then) * self.rate >= self.burst:
+                del self.buckets[key]
 
 
 class LocalLimit:
@@ -52,13 +84,17 @@ class Unlimited(LocalLimit):
 class Admission:
     """Admits a listener's connections; `admit` answers None or the rejection reason."""
 
-    def __init__(self, process, maximum=None, per_source=None, ipv6_prefix=64, listener=None):
+    def __init__(self, process, maximum=None, per_source=None, ipv6_prefix=64, listener=None,
+                 rate=None, clock=time.monotonic):
         """`process`: the process-wide Limit; `listener`: this listener's Limit (a shared one
-        under a supervisor), by default a local one of `maximum`."""
+        under a supervisor), by default a local one of `maximum`; `rate`: a RateLimit of new
+        connections per source (exact with workers too: a source is steered to one)."""
         self.process = process
         self.listener = listener if listener is not None else LocalLimit(maximum)
         self.by_source = collections.Counter()
-        self.configure(maximum, per_source, ipv6_prefix)
+        self.clock = clock
+        self.rate = None
+        self.configure(maximum, per_source, ipv6_prefix, rate)
 
     @property
     def active(self) -> int:
@@ -68,10 +104,14 @@ class Admission:
     def maximum(self) -> int | None:
         return self.listener.maximum
 
-    def configure(self, maximum, per_source, ipv6_prefix=64):
+    def configure(self, maximum, per_source, ipv6_prefix=64, rate=None):
         self.listener.set_maximum(maximum)
         self.per_source = per_source
         self.ipv6_prefix = ipv6_prefix
+        if rate is None:
+            self.rate = None
+        elif self.rate is None or (self.rate.rate, self.rate.burst) != (rate.rate, rate.burst):
+            self.rate = TokenBuckets(rate.rate, rate.burst, self.clock)
 
     def admit(self, source):
         """Admit a connection from `source` (None: its real source is not known yet)."""
@@ -93,6 +133,8 @@ class Admission:
         key = source_key(source, self.ipv6_prefix)
         if self.per_source is not None and self.by_source[key] >= self.per_source:
             return LIMIT_SOURCE
+        if self.rate is not None and not self.rate.take(key):
+            return RATE_SOURCE
         self.by_source[key] += 1
         return None
 

@@ -131,6 +131,10 @@ BAD = [
      "reject: true}]}]", "listeners[0].routes[0].match.sni", "not a regular expression"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regexp: x}}, "
      "reject: true}]}]", "listeners[0].routes[0].match.sni", "{regex: '...'}"),
+    ("listeners: [{name: a, listen: ':1', rate_per_source: 5}]",
+     "listeners[0].rate_per_source", "{rate: N, burst: N}"),
+    ("listeners: [{name: a, listen: ':1', rate_per_source: {rate: 0}}]",
+     "listeners[0].rate_per_source", "a number from"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, "
      "reject: true}]}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",

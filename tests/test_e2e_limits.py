@@ -155,3 +155,35 @@ def test_the_steering_program_hashes_the_configured_ipv6_prefix():
     assert len(loads) == 3  # IPv4's source word, and IPv6's first two words
     assert masks == [0xFFFFFFFF, 0xFFFF0000]
     assert program[-2] == (0x94, 0, 0, 3) and program[-1][0] == 0x16
+
+
+def test_a_token_bucket_bounds_new_connections_per_source():
+    from l4router.limits import Admission, LocalLimit, TokenBuckets
+
+    now = [0.0]
+    buckets = TokenBuckets(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(4)] == [True, True, True, False]
+    assert buckets.take("b")  # another source has its own bucket
+    now[0] = 0.5  # one token back
+    assert buckets.take("a") and not buckets.take("a")
+    from l4router.config import RateLimit
+    admission = Admission(LocalLimit(), rate=RateLimit(1.0, 1), clock=lambda: now[0])
+    assert admission.admit("2001:db8::1") is None
+    assert admission.admit("2001:db8::2") == "rate_source"  # the same /64
+    assert admission.active == 1  # a refusal holds nothing
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_new_connections_per_source_are_rate_limited_exactly(tmp_path, workers):
+    with HeldBackend() as backend:
+        port = free_port()
+        config = limits_config(port, backend, "rate_per_source: {rate: 0.5, burst: 3}")
+        with Router(tmp_path, config, workers=workers) as router:
+            results = open_clients(port, ["127.0.0.1"] * 5 + ["127.0.0.2"] * 5)
+            try:
+                assert [relayed for _, relayed in results] == [True] * 3 + [False] * 2 + \
+                    [True] * 3 + [False] * 2
+                assert router.metric("l4router_connections_rejected_total", listener="front",
+                                     reason="rate_source") == 4
+            finally:
+                close_all(results)
