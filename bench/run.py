@@ -91,16 +91,21 @@ def process_tree(pid):
     return pids
 
 
-def rss_bytes(pid):
+def _summed_kib(pid, name, field):
+    """A `field: N kB` line of /proc/PID/`name`, in bytes, summed over the process tree."""
     total = 0
     for child in process_tree(pid):
         try:
-            with open(f"/proc/{child}/status") as status:
-                total += next(int(line.split()[1]) * 1024 for line in status
-                              if line.startswith("VmRSS:"))
+            with open(f"/proc/{child}/{name}") as stream:
+                total += next(int(line.split()[1]) * 1024 for line in stream
+                              if line.startswith(field))
         except (OSError, StopIteration):
             pass
     return total
+
+
+def rss_bytes(pid):
+    return _summed_kib(pid, "status", "VmRSS:")
 
 
 def cpu_seconds(pid):
@@ -119,15 +124,7 @@ def cpu_seconds(pid):
 def pss_bytes(pid):
     """Proportional set size of the process tree: shared pages (a forked worker's, say)
     counted once in all, not once per process as RSS counts them."""
-    total = 0
-    for child in process_tree(pid):
-        try:
-            with open(f"/proc/{child}/smaps_rollup") as rollup:
-                total += next(int(line.split()[1]) * 1024 for line in rollup
-                              if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+    return _summed_kib(pid, "smaps_rollup", "Pss:")
 
 
 STRACED_REQUESTS = 1000
