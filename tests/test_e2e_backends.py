@@ -110,7 +110,7 @@ def test_killed_backend_leaves_rotation_without_failing_clients_and_returns(tmp_
 
     try:
         with Router(tmp_path, config) as router:
-            loader = threading.Thread(target=steady_stream)
+            loader = threading.Thread(daemon=True, target=steady_stream)
             loader.start()
             time.sleep(0.8)
             killing_at = time.monotonic()
@@ -217,7 +217,7 @@ def delaying_forwarder(upstream_port, delay):
                 except OSError:
                     pass
 
-            other = threading.Thread(target=pump, args=(upstream, connection))
+            other = threading.Thread(daemon=True, target=pump, args=(upstream, connection))
             other.start()
             pump(connection, upstream)
             other.join(10)

@@ -147,7 +147,8 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "20s")) as router:
             results = {}
-            readers = [threading.Thread(target=paced_reader, args=(port, results, i, 2.0))
+            readers = [threading.Thread(
+                daemon=True, target=paced_reader, args=(port, results, i, 2.0))
                        for i in range(20)]
             for reader in readers:
                 reader.start()
@@ -182,7 +183,8 @@ def test_a_stream_longer_than_shutdown_timeout_is_aborted_at_the_timeout(tmp_pat
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "1s")) as router:
             results = {}
-            reader = threading.Thread(target=paced_reader, args=(port, results, 0, 30.0))
+            reader = threading.Thread(
+                daemon=True, target=paced_reader, args=(port, results, 0, 30.0))
             reader.start()
             wait_until(lambda: backend.connections == 1, message="the relay")
             time.sleep(0.3)
@@ -236,30 +238,33 @@ def test_sighup_reload_switches_routes_without_refusing_or_breaking_anything(tmp
                     except OSError as exc:
                         results.append((time.monotonic(), exc))
 
-            loader = threading.Thread(target=steady)
+            loader = threading.Thread(daemon=True, target=steady)
             loader.start()
-            # The established relay goes to `old` (http1 route).
-            established.sendall(b"GET /long HTTP/1.1\r\n\r\n")
-            assert established.recv(100).startswith(b"old:")
-            time.sleep(0.3)
-            router.config_path.write_text(router.config_path.read_text().replace(
-                "backend: old", "backend: new").replace("default: old", "default: new"))
-            router.process.send_signal(signal.SIGHUP)
-            reloaded_at = time.monotonic()
-            wait_until(lambda: router.metric("l4router_config_reloads_total",
-                                             result="success") == 1, message="the reload")
-            time.sleep(0.5)
-            # An invalid config on SIGHUP changes nothing and says so.
-            good = router.config_path.read_text()
-            router.config_path.write_text(good.replace("idle_timeout", "x").replace(
-                "detect: {timeout: 200ms}", "detect: {timeout: soon}"))
-            router.process.send_signal(signal.SIGHUP)
-            wait_until(lambda: router.metric("l4router_config_reloads_total",
-                                             result="failure") == 1, message="the failed reload")
-            assert router.metric("l4router_config_last_reload_success") == 0
-            time.sleep(0.3)
-            stop.set()
-            loader.join(10)
+            try:
+                # The established relay goes to `old` (http1 route).
+                established.sendall(b"GET /long HTTP/1.1\r\n\r\n")
+                assert established.recv(100).startswith(b"old:")
+                time.sleep(0.3)
+                router.config_path.write_text(router.config_path.read_text().replace(
+                    "backend: old", "backend: new").replace("default: old", "default: new"))
+                router.process.send_signal(signal.SIGHUP)
+                reloaded_at = time.monotonic()
+                wait_until(lambda: router.metric("l4router_config_reloads_total",
+                                                 result="success") == 1, message="the reload")
+                time.sleep(0.5)
+                # An invalid config on SIGHUP changes nothing and says so.
+                good = router.config_path.read_text()
+                router.config_path.write_text(good.replace("idle_timeout", "x").replace(
+                    "detect: {timeout: 200ms}", "detect: {timeout: soon}"))
+                router.process.send_signal(signal.SIGHUP)
+                wait_until(lambda: router.metric("l4router_config_reloads_total",
+                                                 result="failure") == 1,
+                           message="the failed reload")
+                assert router.metric("l4router_config_last_reload_success") == 0
+                time.sleep(0.3)
+            finally:
+                stop.set()
+                loader.join(10)
             established.close()
             errors = [e for e in router.events() if e.get("log_format", "").startswith(
                 "Reload failed")]

@@ -87,13 +87,14 @@ def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(t
                         client.sendall(chunk)
                     client.shutdown(socket.SHUT_WR)
 
-                sender = threading.Thread(target=send)
+                sender = threading.Thread(daemon=True, target=send)
                 sender.start()
                 time.sleep(1.0)  # not reading yet: every direction fills up and holds on
                 results[index] = read_to_end(client)
                 sender.join()
 
-            threads = [threading.Thread(target=stream, args=(i, c)) for i, c in enumerate(clients)]
+            threads = [threading.Thread(
+                daemon=True, target=stream, args=(i, c)) for i, c in enumerate(clients)]
             for thread in threads:
                 thread.start()
             for thread in threads:

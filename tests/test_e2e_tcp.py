@@ -210,7 +210,7 @@ RELAYS = pytest.mark.parametrize("relay", ["copy", "splice"])
 @RELAYS
 def test_256_mib_each_way_byte_exact(tmp_path, relay):
     def exchange(backend, connection):
-        sender = threading.Thread(target=send_stream, args=(connection, 2, SIZE))
+        sender = threading.Thread(daemon=True, target=send_stream, args=(connection, 2, SIZE))
         sender.start()
         backend.record(read_to_end(connection))
         sender.join()
@@ -223,7 +223,7 @@ def test_256_mib_each_way_byte_exact(tmp_path, relay):
                 client.sendall(b"BULK")  # unknown protocol -> default
                 result = {}
                 reader = threading.Thread(
-                    target=lambda: result.update(down=read_to_end(client)))
+                    daemon=True, target=lambda: result.update(down=read_to_end(client)))
                 reader.start()
                 send_stream(client, 1, SIZE)
                 client.shutdown(socket.SHUT_WR)

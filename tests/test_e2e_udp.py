@@ -126,7 +126,7 @@ def test_10000_dns_queries_from_50_ports_routed_by_zone(tmp_path):
                         expected = "10.0.0.1" if zone == "alpha" else "10.0.0.2"
                         (answers if address == expected else wrong).append(address)
 
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(50)]
+            threads = [threading.Thread(daemon=True, target=client, args=(i,)) for i in range(50)]
             for thread in threads:
                 thread.start()
             for thread in threads:

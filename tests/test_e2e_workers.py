@@ -57,7 +57,7 @@ def relay_digest(port, seed, size):
     From 127.0.0.(seed+1): workers are chosen by the source address."""
     with socket.create_connection(("127.0.0.1", port), timeout=20,
                                   source_address=(f"127.0.0.{seed % 250 + 1}", 0)) as client:
-        sender = threading.Thread(target=_send_all, args=(client, seed, size))
+        sender = threading.Thread(daemon=True, target=_send_all, args=(client, seed, size))
         sender.start()
         digest, count = read_to_end(client)
         sender.join()
@@ -81,7 +81,7 @@ def test_connections_spread_over_both_workers_byte_exact_and_counted_once(tmp_pa
             def run(index):
                 results[index] = relay_digest(port, index, 256 << 10)
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(40)]
+            threads = [threading.Thread(daemon=True, target=run, args=(i,)) for i in range(40)]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -223,7 +223,8 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
                     time.sleep(1.0)  # still relaying when SIGTERM arrives
                     results[index] = read_to_end(client)
 
-            readers = [threading.Thread(target=slow_reader, args=(i,)) for i in range(8)]
+            readers = [threading.Thread(
+                daemon=True, target=slow_reader, args=(i,)) for i in range(8)]
             for reader in readers:
                 reader.start()
             wait_until(lambda: backend.connections == 8, message="8 relays")
@@ -284,7 +285,7 @@ backends:
                 continue
             server.sendto(data, peer)
 
-    echoer = threading.Thread(target=echo_datagrams)
+    echoer = threading.Thread(daemon=True, target=echo_datagrams)
     echoer.start()
     try:
         with Router(tmp_path, config, workers=2) as router:

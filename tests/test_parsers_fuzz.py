@@ -12,7 +12,8 @@ from tests.captures import capture, capture_names
 
 PARSERS = {
     "tls": tls.parse_client_hello, "http1": http1.parse_request,
-    "http2": http2.parse_first_request, "http2_strip": lambda data: http2.SettingsAckStripper().feed(data),
+    "http2": http2.parse_first_request,
+    "http2_strip": lambda data: http2.SettingsAckStripper().feed(data),
     "http2_preface": http2.preface_complete, "jsonrpc": jsonrpc.parse_raw,
     "mqtt": mqtt.parse_connect, "openvpn": openvpn.parse_hard_reset,
     "postgres": postgres.parse_first_message, "proxy": proxyprotocol.parse_header,

@@ -68,7 +68,8 @@ def duplex_backend(backend, connection):
     while not header.endswith(b"\n"):
         header += connection.recv(1)
     seed, up, down, half = (int(x) for x in header.split())
-    sender = threading.Thread(target=_send_chunked, args=(connection, seed + 1, down, seed))
+    sender = threading.Thread(
+        daemon=True, target=_send_chunked, args=(connection, seed + 1, down, seed))
     sender.start()
     digest, count = hashlib.sha256(), 0
     while count < up:
@@ -102,7 +103,8 @@ def duplex_client(port, seed, up, down, half, results):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
             client.sendall(b"%d %d %d %d\n" % (seed, up, down, int(half)))
             received = {}
-            reader = threading.Thread(target=lambda: received.update(down=read_to_end(client)))
+            reader = threading.Thread(
+                daemon=True, target=lambda: received.update(down=read_to_end(client)))
             reader.start()
             _send_chunked(client, seed, up, seed + 7)
             if half:
@@ -128,7 +130,8 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
         with Router(tmp_path, config) as router:
             results = {}
             started = time.monotonic()
-            threads = [threading.Thread(target=duplex_client, args=(port, seed, up, down, half,
+            threads = [threading.Thread(
+                daemon=True, target=duplex_client, args=(port, seed, up, down, half,
                                                                     results))
                        for seed, (up, down, half) in sizes.items()]
             for thread in threads:
@@ -204,7 +207,7 @@ backends:
 """
         with Router(tmp_path, config) as router:
             results = {}
-            good = threading.Thread(target=duplex_client,
+            good = threading.Thread(daemon=True, target=duplex_client,
                                     args=(port, 5000, 8 << 20, 8 << 20, True, results))
             good.start()
             outcomes = {}
@@ -225,7 +228,8 @@ backends:
                     except OSError as exc:
                         outcomes[name] = type(exc).__name__
 
-            clients = [threading.Thread(target=fault_client, args=(n,)) for n in faults]
+            clients = [threading.Thread(
+                daemon=True, target=fault_client, args=(n,)) for n in faults]
             for client in clients:
                 client.start()
             for client in clients + [good]:
@@ -286,7 +290,7 @@ backends:
                     latencies.append(time.monotonic() - started)
                     time.sleep(0.01)
 
-            prober = threading.Thread(target=good_client)
+            prober = threading.Thread(daemon=True, target=good_client)
             prober.start()
             # Slowloris: one byte every 500 ms; ended at detect.timeout.
             slow_started = time.monotonic()
@@ -370,7 +374,8 @@ def test_churn_leaves_no_fd_timer_or_memory_behind(tmp_path):
                     except OSError:
                         errors += 1
 
-            workers = [threading.Thread(target=worker, args=(count // 8,)) for _ in range(8)]
+            workers = [threading.Thread(
+                daemon=True, target=worker, args=(count // 8,)) for _ in range(8)]
             for thread in workers:
                 thread.start()
             for thread in workers:

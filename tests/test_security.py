@@ -185,7 +185,8 @@ def _unix_admin(router, path):
     """The router's config with its admin site on TCP (for the test's probes) and on `path`,
     without a token."""
     text = router.config_path.read_text()
-    return text.replace(f"admin: {{listen: '127.0.0.1:{router.admin_port}', token: {Router.TOKEN}}}",
+    old = f"admin: {{listen: '127.0.0.1:{router.admin_port}', token: {Router.TOKEN}}}"
+    return text.replace(old,
                         f"admin: {{listen: ['127.0.0.1:{router.admin_port}', 'unix:{path}']}}")
 
 

@@ -38,7 +38,7 @@ def capture(name, command, answer_h2=False):
             pass
         connection.close()
 
-    thread = threading.Thread(target=serve)
+    thread = threading.Thread(daemon=True, target=serve)
     thread.start()
     client = subprocess.Popen([arg.replace("{port}", str(port)) for arg in command],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
