@@ -42,7 +42,7 @@ class RouterAssembly:
         if standalone:
             self.metrics.watch_reactor(reactor)
         self.shared_limits = shared_limits
-        self.process_limit = self.shared_limit(PROCESS) or LocalLimit()
+        self.process_limit = self.shared_limit(PROCESS) or LocalLimit()  # every listener's
         self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
 
     def shared_limit(self, key):

@@ -70,9 +70,6 @@ class LocalLimit:
         self.maximum = maximum
 
 
-ProcessLimit = LocalLimit  # the count every listener of a process shares
-
-
 class Unlimited(LocalLimit):
     """A worker's count of a limit its supervisor does not share (unlimited when the workers
     started): it stays unlimited whatever a reload says, until a restart."""

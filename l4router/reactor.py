@@ -157,15 +157,15 @@ class LeanEPollReactor(EPollReactor):
             return
         selectables = self._selectables
         handle = self._doReadOrWrite
+        reads, writes, kernel = self._reads, self._writes, self._kernel
         for fd, event in events:
             selectable = selectables.get(fd)
-            owner = self._kernel.get(fd, (0, None))[1]
             if selectable is None:  # nobody wants it any more: drop the lazy registration
-                self._register(fd, 0, owner)
+                self._register(fd, 0, kernel.get(fd, (0, None))[1])
                 continue
-            wanted = self._wanted(fd)
+            wanted = (EPOLLIN if fd in reads else 0) | (EPOLLOUT if fd in writes else 0)
             if event & (EPOLLIN | EPOLLOUT) & ~wanted:  # what a lazy registration still asks
-                self._register(fd, wanted, owner)
+                self._register(fd, wanted, kernel.get(fd, (0, None))[1])
                 event &= wanted | _ALWAYS
                 if not event:
                     continue

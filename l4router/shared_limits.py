@@ -86,15 +86,13 @@ class LimitTable:
         restart_needed = []
         for key in sorted(present):
             maximum = wanted.get(key)
-            if key not in self.semaphores:
-                if maximum is None:
-                    pass
-                elif key in self.running:
-                    restart_needed.append(key)
-                else:
-                    self._create(key, maximum)
-            elif maximum is None:
-                restart_needed.append(key)
+            shared = key in self.semaphores
+            if maximum is None and not shared:
+                continue
+            if maximum is None or (not shared and key in self.running):
+                restart_needed.append(key)  # turned off, or on under running connections
+            elif not shared:
+                self._create(key, maximum)
             elif maximum != self.maximum[key]:
                 self._adjust(key, maximum)
         self.running |= present

@@ -64,7 +64,9 @@ class ListenerFactory(ListenerRuntime, Factory):
         refusal = self.admission.admit(None if header_expected else peer)
         if refusal is not None:
             # Returning None makes the port close the socket at once, without reading.
-            self.refuse(refusal)
+            self.metrics.rejected(refusal).inc()
+            self.refused_total += 1
+            self.refusals.event(refusal, self.log_refusals)
             return None
         self.accepted_total += 1
         self.metrics.accepted.inc()
@@ -83,12 +85,6 @@ class ListenerFactory(ListenerRuntime, Factory):
         except ValueError:
             return False
         return any(address in network for network in trusted)
-
-    def refuse(self, reason):
-        """Count and (rate-limited) log a connection closed before it was relayed."""
-        self.metrics.rejected(reason).inc()
-        self.refused_total += 1
-        self.refusals.event(reason, self.log_refusals)
 
     def connection_ended(self, connection):
         self.connections.discard(connection)
@@ -165,6 +161,8 @@ class InboundConnection(Protocol):
         if self.awaiting_proxy_header and not self._take_proxy_header():
             return
         if self.refuse_proxy_header and proxyprotocol.starts_with_header(self.buffer):
+            # Someone claims an address that is not theirs: logged (rate-limited) as well.
+            self.factory.refusals.event(PROXY_UNTRUSTED, self.factory.log_refusals)
             self._reject(PROXY_UNTRUSTED)
             return
         self.received = len(self.buffer)
@@ -385,10 +383,7 @@ class InboundConnection(Protocol):
 
     def _reject(self, reason):
         self._cancel_detect_timer()
-        if reason == PROXY_UNTRUSTED:
-            self.factory.refuse(reason)  # counted and logged: someone forges addresses
-        else:
-            self.factory.metrics.rejected(reason).inc()
+        self.factory.metrics.rejected(reason).inc()
         self._close(reason)
 
     def _close(self, reason):

@@ -135,11 +135,9 @@ class BackendSocket:
 
     def _failed(self, exc):
         """ICMP port or host unreachable comes back as an error on the connected socket."""
-        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-            self.session.close(BACKEND_UNREACHABLE)
-        else:
+        if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
             log.warn("UDP session {id}: {error}", id=self.session.id, error=str(exc))
-            self.session.close(BACKEND_UNREACHABLE)
+        self.session.close(BACKEND_UNREACHABLE)
 
     def connectionLost(self, reason):
         """The reactor dropped the descriptor: an ICMP error on the connected socket shows as

@@ -16,7 +16,7 @@ from l4router.config import parse_config
 from l4router.detection.decision import safe_value
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError
-from l4router.limits import Admission, ProcessLimit
+from l4router.limits import Admission, LocalLimit
 from l4router.parsers import Invalid, http1, http2, tls
 from l4router.parsers.proxyprotocol import v1_header
 from tests.support import (Backend, Router, ask, free_port, http_reply_with_name,
@@ -368,7 +368,7 @@ def test_addresses_are_normalised_and_ipv6_sources_counted_per_prefix():
     assert source_key("2001:db8::1", 64) == source_key("2001:db8::ffff:1", 64) == \
         "2001:db8::/64"
     assert source_key("2001:db8::1", 128) == "2001:db8::1"
-    admission = Admission(ProcessLimit(), per_source=2)
+    admission = Admission(LocalLimit(), per_source=2)
     assert admission.admit("2001:db8::1") is None
     assert admission.admit("2001:db8::2") is None
     assert admission.admit("2001:db8:0:0:ffff::3") == "limit_source"

@@ -11,7 +11,7 @@ from l4router.backends.group import BackendGroup
 from l4router.config import parse_config
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
-from l4router.limits import Admission, ProcessLimit
+from l4router.limits import Admission, LocalLimit
 from l4router.metrics import RouterMetrics
 from l4router.parsers import proxyprotocol
 from l4router.tcp import ListenerFactory
@@ -71,7 +71,7 @@ class Harness:
                   for name, b in self.config.backends.items()}
         self.factory = ListenerFactory(
             listener, DetectorSet(detectors_for(detectors, "tcp")), groups,
-            Admission(ProcessLimit(), listener.max_connections,
+            Admission(LocalLimit(), listener.max_connections,
                       listener.max_connections_per_source), metrics.for_listener("edge"),
             self.reactor)
 
