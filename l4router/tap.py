@@ -13,6 +13,7 @@ from l4router.assembly import RouterAssembly
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
+from l4router.forkserver import ForkServer
 from l4router.logs import make_log_observer
 from l4router.metrics import ConfigMetrics
 from l4router.reactor import install_unless_chosen
@@ -55,6 +56,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        keep_pyopenssl_out()
         install_unless_chosen()
         self.detectors = installed_detectors()
         if self["list-detectors"]:
@@ -76,6 +78,13 @@ class Options(usage.Options):
             sys.stdout.write(f"l4router: {path} is valid: {len(self.loaded.listeners)} "
                              f"listeners, {len(self.loaded.backends)} backends\n")
             raise SystemExit(0)
+
+
+def keep_pyopenssl_out():
+    """l4router never speaks TLS itself (it relays TLS; it listens and serves its admin site
+    on plain sockets), but Twisted's TCP support loads pyOpenSSL for startTLS when it can:
+    12 MiB in every process. Unless something loaded it already, it is made unavailable."""
+    sys.modules.setdefault("OpenSSL", None)
 
 
 def describe_detectors(detectors):
@@ -119,15 +128,19 @@ def makeService(options):
                             options["admin-socket"], observer, options["config"],
                             WorkerLimits(options["limits-index"], options["count-file"]))
     if config.workers > 1:
+        # Forked now, before twistd begins logging or runs the reactor.
+        fork_server = ForkServer.start(twistd.get("uid"), twistd.get("gid"),
+                                       twistd.get("euid", False))
         return build_supervisor(config, options.detectors, reactor,
-                                worker_command(options, config.source), observer)
+                                worker_command(options, config.source), fork_server, observer)
     return build_router(config, options.detectors, reactor, log_observer=observer)
 
 
-def build_supervisor(config, detectors, reactor, command, log_observer=None):
+def build_supervisor(config, detectors, reactor, command, fork_server, log_observer=None):
     """The parent of `config.workers` workers: sockets, processes, the admin site, reloads."""
     admin = AdminService(reactor, config.admin.listen, None)
-    supervisor = Supervisor(reactor, config, command, admin, log_observer=log_observer)
+    supervisor = Supervisor(reactor, config, command, fork_server, admin,
+                            log_observer=log_observer)
     metrics = ConfigMetrics(supervisor.registry)
     supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
     admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin)

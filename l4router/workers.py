@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client import multiprocess
 from twisted.application.service import MultiService
-from twisted.internet import abstract, defer, error, protocol
+from twisted.internet import abstract, defer, error
 from twisted.logger import Logger
 
 from l4router.errors import BindFailed, WorkerFailed
@@ -30,50 +29,99 @@ from l4router.steering import attach_source_steering
 
 log = Logger()
 
-STATUS_READY = b"ready\n"
+STATUS_READY = b"ready"  # a line on the status pipe
 RESTART_BACKOFF = (0.5, 10.0)  # first delay, longest delay between restarts of one worker
 KILL_GRACE = 5.0  # after shutdown_timeout, a worker that has not exited is killed
 READY_TIMEOUT = 30.0  # a reload's new generation of workers must be accepting by then
 
 
-class WorkerProcess(protocol.ProcessProtocol):
-    """One worker: its readiness (a line on a status pipe) and its end."""
+class WorkerProcess(abstract.FileDescriptor):
+    """One worker, as its status pipe tells it: `ready` (it accepts; the worker writes it)
+    and `exit STATUS` (the fork server reaped it)."""
 
-    def __init__(self, supervisor, index, status_fd, admin_socket, count_file):
+    def __init__(self, supervisor, index, pid, status_fd, stdin_fd, admin_socket, count_file):
+        super().__init__(supervisor.reactor)
         self.supervisor = supervisor
         self.index = index
+        self.pid = pid
         self.status_fd = status_fd
+        self.stdin_fd = stdin_fd  # the worker's stdin: it stops when this end closes
         self.admin_socket = admin_socket  # its status site, for the supervisor's views
         self.count_file = count_file  # what it holds of the shared limits
         self.ready = False
-        self.pid = None
         self.ended = defer.Deferred()
+        self._lines = b""
 
-    def connectionMade(self):
-        self.pid = self.transport.pid
+    def fileno(self):
+        return self.status_fd
 
-    def childDataReceived(self, fd, data):
-        if fd == self.status_fd and STATUS_READY in data and not self.ready:
-            self.ready = True
-            self.supervisor.worker_ready(self)
+    def doRead(self):
+        try:
+            data = os.read(self.status_fd, 512)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            return error.ConnectionDone()
+        self._lines += data
+        *lines, self._lines = self._lines.split(b"\n")
+        for line in lines:
+            if line == STATUS_READY and not self.ready:
+                self.ready = True
+                self.supervisor.worker_ready(self)
+            elif line.startswith(b"exit "):
+                self._exited(int(line[5:]))
+        return None
 
-    def processEnded(self, reason):
-        self.supervisor.worker_ended(self, reason.value)
-        self.ended.callback(reason.value)
+    def _exited(self, status):
+        """`status`: as waitpid says it, or None when nobody could learn it."""
+        if self.ended.called:
+            return
+        code = None if status is None else os.waitstatus_to_exitcode(status)
+        if code is None:
+            reason = error.ProcessTerminated()
+        elif code == 0:
+            reason = error.ProcessDone(status)
+        elif code > 0:
+            reason = error.ProcessTerminated(exitCode=code, status=status)
+        else:
+            reason = error.ProcessTerminated(signal=-code, status=status)
+        os.close(self.stdin_fd)
+        self.supervisor.worker_ended(self, reason)
+        self.ended.callback(reason)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        os.close(self.status_fd)
+        if self.ended.called:
+            return
+        # No exit line: the fork server is gone, and with it what reaps this worker and
+        # could start another. Its end is watched through a pidfd instead.
+        self.supervisor.fork_server_lost()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._exited(None)
+            return
+        EndWatch(self.reactor, pidfd, lambda: self._exited(None)).startReading()
 
     def signal(self, name):
+        if self.ended.called:
+            return
         try:
-            self.transport.signalProcess(name)
-        except error.ProcessExitedAlready:
+            os.kill(self.pid, getattr(signal, f"SIG{name}"))
+        except ProcessLookupError:
             pass
 
 
 class Supervisor(MultiService):
     """The parent process: sockets, workers, the admin site, reloads, ordered shutdown."""
 
-    def __init__(self, reactor, config, worker_command, admin, log_observer=None):
+    def __init__(self, reactor, config, worker_command, fork_server, admin, log_observer=None):
         super().__init__()
         self.reactor = reactor
+        self.fork_server = fork_server  # l4router.forkserver: where workers come from
         self.log_observer = log_observer
         self.config = config
         self.worker_command = worker_command  # index, sockets, status fd -> (argv, env)
@@ -192,24 +240,34 @@ class Supervisor(MultiService):
     def spawn(self, index):
         sockets = {description: per_worker[index].fileno()
                    for description, per_worker in self.sockets.items()}
+        stdin_read, stdin_write = os.pipe()  # closed by us: the worker stops (EndWatch)
+        status_read, status_write = os.pipe()
         # The child sees its sockets as fds 3, 4, ...; then the status pipe.
-        child_fds = {0: "w", 1: 1, 2: 2}
+        child_fds = {0: stdin_read, 1: 1, 2: 2}
         inherited = {}
         for number, (description, fd) in enumerate(sockets.items(), start=3):
             child_fds[number] = fd
             inherited[description] = number
         status_fd = 3 + len(inherited)
-        child_fds[status_fd] = "r"
+        child_fds[status_fd] = status_write
         admin_socket = os.path.join(self.run_dir, f"worker-{self.generation}-{index}.sock")
         count_file = self.limits.count_file(self.generation, index)
         argv, env = self.worker_command(index, inherited, status_fd, admin_socket,
                                         self.config_snapshot, self.limits.index_path, count_file)
         env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
-        worker = WorkerProcess(self, index, status_fd, admin_socket, count_file)
         try:
-            self.reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
-        except OSError as exc:  # say, --uid to a user who cannot run this Python
-            raise WorkerFailed(f"cannot start worker {index}: {exc}") from None
+            pid = self.fork_server.spawn(argv, env, child_fds, status_fd)
+        except WorkerFailed:
+            os.close(stdin_write)
+            os.close(status_read)
+            raise
+        finally:
+            os.close(stdin_read)
+            os.close(status_write)
+        os.set_blocking(status_read, False)
+        worker = WorkerProcess(self, index, pid, status_read, stdin_write, admin_socket,
+                               count_file)
+        worker.startReading()
         self.workers[index] = worker
         log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -268,6 +326,12 @@ class Supervisor(MultiService):
             except WorkerFailed as failure:
                 log.critical("{failure}: stopping", failure=str(failure))
                 self.reactor.stop()
+
+    def fork_server_lost(self):
+        if not self.draining and not self.fork_server.lost:
+            self.fork_server.lost = True
+            log.critical("The fork server is gone: no worker could be started again; stopping")
+            self.reactor.stop()
 
     def forward(self, signal_name):
         for worker in self.workers.values():
@@ -346,6 +410,7 @@ class Supervisor(MultiService):
             self.limits.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.fork_server.stop()
         log.info("l4router stopped")
         exit_zero_after_orderly_stop(self.reactor)
 
@@ -361,40 +426,32 @@ class Supervisor(MultiService):
         self._close_unused(sockets, {})
 
 
-# twistd, with the working directory off sys.path (`python -c` puts it first, and a planted
-# yaml.py there would run in every worker, as root) and pyOpenSSL kept out: a worker never
-# speaks TLS itself (it relays TLS, listens on the plain sockets it was handed, serves its
-# status on a UNIX socket), and Twisted's TCP support would otherwise load pyOpenSSL for
-# startTLS, 12 MiB of RSS in every worker.
-WORKER_BOOT = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-               "sys.modules['OpenSSL'] = None; "
-               "from twisted.scripts.twistd import run; run()")
-
-
 def worker_command(options, config_source):
-    """How the supervisor starts worker `index`: twistd again, with what it must adopt and
-    the validated config snapshot (named as the file it came from)."""
+    """How the supervisor starts worker `index`: twistd again (forked, see
+    l4router.forkserver), with what it must adopt and the validated config snapshot (named as
+    the file it came from)."""
     twistd = options.parent or {}
     logfile = twistd.get("logfile")
 
     def command(index, inherited, status_fd, admin_socket, config_snapshot, limits_index,
                 count_file):
-        argv = [sys.executable, "-c", WORKER_BOOT, "--nodaemon", "--pidfile="]
+        argv = ["twistd", "--nodaemon", "--pidfile="]
         if logfile and logfile != "-":
             argv.append(f"--logfile={logfile}.worker-{index}")
         argv += ["l4router", "-c", config_snapshot, "--config-source", config_source,
                  "--worker", str(index),
                  "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
-                "--admin-socket", admin_socket, "--limits-index", limits_index,
+                 "--admin-socket", admin_socket, "--limits-index", limits_index,
                  "--count-file", count_file]
         return argv, dict(os.environ)
 
     return command
 
 
-class ParentWatch(abstract.FileDescriptor):
-    """A worker's end of a pipe only its supervisor writes to: when the supervisor is gone,
-    the pipe ends and the worker shuts down (drains) instead of running on as an orphan."""
+class EndWatch(abstract.FileDescriptor):
+    """An fd that ends when something is gone: a worker's end of a pipe only its supervisor
+    writes to (the worker then drains instead of running on as an orphan), or a process's
+    pidfd (readable, and unreadable, once the process has ended)."""
 
     def __init__(self, reactor, fd, on_gone):
         super().__init__(reactor)
@@ -416,6 +473,7 @@ class ParentWatch(abstract.FileDescriptor):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        os.close(self.fd)
         if reason.check(error.ConnectionDone):  # not the reactor's own shutdown
             self.on_gone()
 
@@ -434,8 +492,8 @@ def _run_as_worker(reactor, status_fd):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(_stop_once, reactor))
     os.set_blocking(0, False)
-    ParentWatch(reactor, 0, lambda: _supervisor_gone(reactor)).startReading()
-    os.write(status_fd, STATUS_READY)
+    EndWatch(reactor, 0, lambda: _supervisor_gone(reactor)).startReading()
+    os.write(status_fd, STATUS_READY + b"\n")
     os.close(status_fd)
 
 

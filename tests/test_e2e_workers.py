@@ -428,3 +428,78 @@ def test_a_worker_killed_while_it_starts_is_restarted(tmp_path):
             assert ask_many(port, 10) == {b"app:ping"}
         finally:
             assert router.stop() == 0, router.log_text()
+
+
+def _parent(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+def _memory(pid, field):
+    """A field of /proc/PID/smaps_rollup, in KiB."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _listening_inode(port):
+    """The inode of the socket listening on 127.0.0.1:PORT (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            fields = row.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+                return int(fields[9])
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def test_workers_are_forked_sharing_the_supervisors_pages_and_none_of_its_sockets(tmp_path):
+    """Workers come from a fork server the supervisor forked once everything was imported:
+    they share its pages (PSS) and hold only what they were handed (not the admin site)."""
+    with Backend("app", reply_with_name) as backend:
+        port = free_port()
+        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+            assert ask_many(port, 10) == {b"app:ping"}
+            workers = list(worker_pids(router).values())
+            fork_server = _parent(workers[0])
+            assert _parent(workers[1]) == fork_server
+            assert _parent(fork_server) == router.process.pid
+            admin = _listening_inode(router.admin_port)
+            assert admin in _socket_inodes(router.process.pid)
+            for pid in workers + [fork_server]:
+                assert admin not in _socket_inodes(pid)
+                # Pages written since the fork are the worker's own; the rest is shared.
+                assert _memory(pid, "Shared_Dirty") > 16 * 1024, pid
+                assert _memory(pid, "Pss") < _memory(pid, "Rss") * 0.6, pid
+
+
+def test_a_supervisor_whose_fork_server_is_gone_stops_in_order(tmp_path):
+    """Nothing could start a worker any more: the supervisor says so and stops in order (its
+    workers drain and stop) instead of running on unable to replace one."""
+    with Backend("app", reply_with_name) as backend:
+        port = free_port()
+        router = Router(tmp_path, stream_config(port, backend.port), workers=2).start()
+        try:
+            workers = list(worker_pids(router).values())
+            os.kill(_parent(workers[0]), signal.SIGKILL)
+            assert router.process.wait(30) == 0
+            wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15,
+                       message="the workers to stop")
+        finally:
+            router.stop()
+    messages = [e.get("log_format") for e in router.events()]
+    assert "The fork server is gone: no worker could be started again; stopping" in messages
+    assert "All workers stopped" in messages
