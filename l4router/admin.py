@@ -5,6 +5,7 @@ import html
 import ipaddress
 import json
 import time
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet import defer
@@ -14,6 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from l4router import status
+from l4router.backends.control import Change, ControlError
 from l4router.worker_status import WorkerStatus
 
 
@@ -101,9 +103,30 @@ def cross_site(request):
     return origin.lower().split(b"://", 1)[-1] != host.lower()
 
 
+def state_change_refusal(request, token, what):
+    """Why `request` may not change state (`what`: "reload", say), or None. It needs the
+    bearer token or a unix: admin socket; no address is exempt (the router's own relays
+    arrive from loopback), and a browser's cross-site request never passes."""
+    if cross_site(request):
+        return "cross-site requests may not change state"
+    if token is not None:
+        given = request.getHeader(b"authorization") or b""
+        if hmac.compare_digest(given, f"Bearer {token}".encode()):
+            return None
+        return f"{what} needs Authorization: Bearer <admin.token>"
+    if _over_unix_socket(request):
+        return None
+    return f"{what} needs admin.token (or an admin site on a unix: socket)"
+
+
+def _refuse(request, refusal):
+    request.setResponseCode(403)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return refusal.encode() + b"\n"
+
+
 class ReloadResource(Resource):
-    """POST /reload: with the configured bearer token, or through a unix: admin socket. No
-    address is exempt: the router's own relays arrive from loopback."""
+    """POST /reload (SIGHUP always reloads)."""
 
     isLeaf = True
 
@@ -112,26 +135,11 @@ class ReloadResource(Resource):
         self.reloader = reloader
         self.token = token
 
-    def refusal(self, request):
-        """Why the request may not change state, or None."""
-        if cross_site(request):
-            return "cross-site requests may not change state"
-        if self.token is not None:
-            given = request.getHeader(b"authorization") or b""
-            if hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-                return None
-            return "reload needs Authorization: Bearer <admin.token>"
-        if _over_unix_socket(request):
-            return None
-        return ("reload needs admin.token (or an admin site on a unix: socket); "
-                "SIGHUP always reloads")
-
     def render_POST(self, request):
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        refusal = self.refusal(request)
+        refusal = state_change_refusal(request, self.token, "reload")
         if refusal is not None:
-            request.setResponseCode(403)
-            return refusal.encode() + b"\n"
+            return _refuse(request, refusal + "; SIGHUP always reloads")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
 
         def answer(outcome):
             ok, message = outcome
@@ -141,6 +149,60 @@ class ReloadResource(Resource):
 
         self.reloader.reload().addCallback(answer)
         return NOT_DONE_YET
+
+
+class ServerControlResource(Resource):
+    """POST /backends/B/servers/S/{drain,disable,enable,weight,remove} and
+    POST /backends/B/servers?address=HOST:PORT (add): runtime control of backend servers
+    (l4router.runtime). Answers the server's status as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, control, token):
+        super().__init__()
+        self.control = control
+        self.token = token
+
+    def render_POST(self, request):
+        refusal = state_change_refusal(request, self.token, "changing a server")
+        if refusal is not None:
+            return _refuse(request, refusal)
+        request.setHeader(b"content-type", b"application/json")
+        query = {k.decode("latin-1"): [v.decode("utf-8", "replace") for v in values]
+                 for k, values in request.args.items()}
+        segments = [unquote(s.decode("latin-1")) for s in request.postpath]
+        try:
+            change = _change_of(segments, query)
+        except ControlError as error:
+            return _control_error(request, error)
+        done = defer.maybeDeferred(self.control.change, change)
+
+        def answer(server):
+            request.write(json.dumps(server, default=str).encode() + b"\n")
+            request.finish()
+
+        def failed(failure):
+            error = failure.value if failure.check(ControlError) else ControlError(
+                f"the change failed: {failure.getErrorMessage()}", 500)
+            request.write(_control_error(request, error))
+            request.finish()
+
+        done.addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+
+def _change_of(segments, query):
+    if len(segments) == 2 and segments[1] == "servers":
+        return Change.from_query(segments[0], "add", query.get("address", [""])[0], query)
+    if len(segments) == 4 and segments[1] == "servers":
+        return Change.from_query(segments[0], segments[3], segments[2], query)
+    raise ControlError("use /backends/BACKEND/servers/SERVER/ACTION or "
+                       "/backends/BACKEND/servers?address=HOST:PORT", 404)
+
+
+def _control_error(request, error):
+    request.setResponseCode(error.status)
+    return json.dumps({"error": str(error)}).encode() + b"\n"
 
 
 class StatusPage(Resource):
@@ -176,12 +238,12 @@ def render_status_page(data):
     routes = _table(["listener", "route", "backend", "hits"],
                     [(l["listener"], r["route"], r["backend"], r["hits"])
                      for l in data["listeners"] for r in l["routes"]])
-    servers = _table(["backend", "server", "address", "weight", "health", "active", "idle spares"],
+    servers = _table(["backend", "server", "address", "weight", "health", "state", "active",
+                      "idle spares"],
                      [(b["backend"] + (" (backup tier serving)" if b.get("using_backup") else ""),
                        s["server"] + (" (backup)" if s.get("backup") else ""), s["address"],
                        s["weight"], {True: "up", False: "DOWN"}.get(s["healthy"], "unknown"),
-                       s["active_connections"],
-                       s["pool_idle"])
+                       s.get("state", "enabled"), s["active_connections"], s["pool_idle"])
                       for b in data["backends"] for s in b["servers"]])
     recent = _table(["id", "listener", "source", "protocol", "route", "server", "bytes up",
                      "bytes down", "seconds", "close reason"],
@@ -243,6 +305,7 @@ def supervisor_site(supervisor, reloader, settings):
 
 def _operations(router, reloader, metrics, token):
     root = Resource()
+    root.putChild(b"backends", ServerControlResource(router.control, token))
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", TextResource(lambda: (200, "ok")))
     root.putChild(b"readyz", TextResource(

@@ -9,6 +9,7 @@ import collections
 
 from prometheus_client import CollectorRegistry
 
+from l4router.backends.control import RuntimeState
 from l4router.backends.group import BackendGroup
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for
@@ -30,10 +31,12 @@ def access_log_wanted(config):
 
 class RouterAssembly:
     def __init__(self, reactor, detectors, registry=None, inherited_sockets=None,
-                 standalone=True, shared_limits=None):
+                 standalone=True, shared_limits=None, runtime=None):
         """`standalone`: not a worker, so the config and process metrics are this process's.
-        `shared_limits`: in a worker, the limits its supervisor shares (WorkerLimits)."""
+        `shared_limits`: in a worker, the limits its supervisor shares (WorkerLimits).
+        `runtime`: the RuntimeState of servers (a worker's reads its supervisor's file)."""
         self.reactor = reactor
+        self.runtime = runtime if runtime is not None else RuntimeState()
         self.detectors = detectors
         self.inherited_sockets = inherited_sockets or {}  # in a worker: description -> fd
         self.standalone = standalone
@@ -59,8 +62,13 @@ class RouterAssembly:
         self.process_limit.set_maximum(config.max_connections)
 
     def backend_groups(self, config):
-        return {name: BackendGroup(backend, self.reactor, self.metrics)
-                for name, backend in config.backends.items()}
+        """Groups for `config`, with the runtime changes made so far (l4router.backends.control)."""
+        groups = {name: BackendGroup(backend, self.reactor, self.metrics)
+                  for name, backend in config.backends.items()}
+        if not self.runtime.writable:
+            self.runtime.load()  # a worker: what its supervisor has recorded by now
+        self.runtime.apply(groups)
+        return groups
 
     def listener_detectors(self, listener):
         return DetectorSet(detectors_for(self.detectors, listener.transport,

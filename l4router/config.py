@@ -206,6 +206,7 @@ class Config:
     admin: AdminSettings
     logging: LoggingSettings
     workers: int = 1  # processes: 1 runs in this process, more run under a supervisor
+    state_file: str | None = None  # where runtime changes to servers outlive a restart
     source: str = ""  # the file it came from, for logs
     digest: str = ""  # sha256 of the file (the admin token redacted), to tell configs apart
     text: bytes = attrs.field(default=b"", repr=False, eq=False)  # what was validated
@@ -231,7 +232,7 @@ class _FrozenDict(Mapping):
         return f"{type(self).__name__}({self._items!r})"
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
     """A value is wrong; the reader adds the key path."""
 
 
@@ -596,6 +597,16 @@ def _host_names(value):
     return tuple(name.lower().rstrip(".") for name in _string_list(value))
 
 
+def _state_file(value):
+    """An absolute path in a directory that exists (the file itself is written at the first
+    runtime change)."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise _Invalid(f"must be an absolute file path, not {value!r}")
+    if not os.path.isdir(os.path.dirname(value)):
+        raise _Invalid(f"the directory of {value!r} does not exist")
+    return value
+
+
 def _server(value):
     if isinstance(value, str):
         host, port = split_host_port(value)
@@ -647,10 +658,12 @@ class _Builder:
         admin = self.admin(top)
         logging = self.logging(top)
         workers = self.workers(top, listeners)
+        state_file = top.get("state_file", _state_file, None)
         top.finish()
         return Config(
             listeners=listeners, backends=_FrozenDict(backends), max_connections=max_connections,
             shutdown_timeout=shutdown_timeout, admin=admin, logging=logging, workers=workers,
+            state_file=state_file,
         )
 
     def workers(self, top, listeners):

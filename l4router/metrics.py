@@ -171,6 +171,10 @@ class RouterMetrics:
             "l4router_backend_server_up",
             "1 while a server is healthy (gets new clients); with workers, in every worker.",
             ["backend", "server"], registry=r, multiprocess_mode="livemin")
+        self.server_admin_state = Gauge(
+            "l4router_backend_server_admin_state",
+            "1 for the state an operator set a server to (enabled, draining, disabled).",
+            ["backend", "server", "state"], registry=r, multiprocess_mode="livemax")
         self.server_active = Gauge(
             "l4router_backend_server_active_connections",
             "Connections to a server: relaying or being connected.",
@@ -272,6 +276,10 @@ class ConfigMetrics:
         self.reloads = Counter(
             "l4router_config_reloads", "Reloads by result (success, failure).", ["result"],
             registry=registry)
+        self.runtime_changes = Counter(
+            "l4router_runtime_changes",
+            "Changes to backend servers made at run time (admin site, l4router-ctl), by action.",
+            ["action"], registry=registry)
         self.reload_success.set(1)
         self._digest = None
 

@@ -18,7 +18,7 @@ from l4router.errors import BindFailed, ConfigError, WorkerFailed
 
 log = Logger()
 
-UNRELOADABLE = ("admin", "logging")  # bound or installed once, before privileges are dropped
+UNRELOADABLE = ("admin", "logging", "state_file")  # set up once, before privileges are dropped
 
 
 class ConfigReloader:
@@ -105,6 +105,8 @@ class ConfigReloader:
         # Nothing can fail from here on: commit.
         assembly.apply_limits(config)
         router.backends.replace(groups)
+        if assembly.runtime.writable:
+            assembly.runtime.forget_missing(config.backends)
         for service, listener in kept:
             assembly.reconfigure_factory(service.factory, listener, config, groups)
             service.shutdown_timeout = config.shutdown_timeout
@@ -128,6 +130,7 @@ class WorkersReloader(ConfigReloader):
 
     def _apply_changes(self, config):
         old = self.router.config
+        self.router.control.state.forget_missing(config.backends)  # before workers read it
         if config.workers != old.workers or _sockets(config) != _sockets(old):
             return self.router.replace_workers(config)
         self.router.write_config_snapshot(config)

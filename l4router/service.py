@@ -205,6 +205,7 @@ class RouterService(MultiService):
         self.draining = False
         self.throughput = ThroughputMeter(self)
         self.reloader = None  # set by whoever can build new parts (l4router.reload)
+        self.control = None  # runtime changes to servers (l4router.runtime)
         self.samplers = []  # called every SAMPLE_INTERVAL while running (gauges, metrics flush)
         self._sampling = []
         self.on_started = None  # a worker tells its supervisor it accepts

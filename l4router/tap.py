@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from l4router.admin import admin_site, supervisor_site
 from l4router.assembly import RouterAssembly
+from l4router.backends.control import RuntimeState
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
@@ -18,8 +19,10 @@ from l4router.logs import make_log_observer
 from l4router.metrics import ConfigMetrics
 from l4router.reactor import install_unless_chosen
 from l4router.reload import ConfigReloader, WorkersReloader
+from l4router.runtime import RouterControl, SupervisorControl
 from l4router.shared_limits import WorkerLimits
 from l4router.service import AdminService, BackendsService, ListenersService, RouterService
+from l4router.worker_status import WorkerStatus
 from l4router.workers import Supervisor, start_worker, worker_command
 
 
@@ -47,6 +50,7 @@ class Options(usage.Options):
         ["config-source", None, None, "(internal) The file the -c snapshot was validated from."],
         ["limits-index", None, None, "(internal) The supervisor's index of shared limits."],
         ["count-file", None, None, "(internal) Where the worker counts what it holds of them."],
+        ["runtime-state", None, None, "(internal) The supervisor's runtime changes to servers."],
     ]
     optFlags = [
         ["check", None, "Validate the config, print every error with its key path, and exit "
@@ -126,7 +130,8 @@ def makeService(options):
         return build_worker(config, options.detectors, reactor, worker,
                             json.loads(options["sockets"]), options["status-fd"],
                             options["admin-socket"], observer, options["config"],
-                            WorkerLimits(options["limits-index"], options["count-file"]))
+                            WorkerLimits(options["limits-index"], options["count-file"]),
+                            RuntimeState(options["runtime-state"], writable=False))
     if config.workers > 1:
         # Forked now, before twistd begins logging or runs the reactor.
         fork_server = ForkServer.start(twistd.get("uid"), twistd.get("gid"),
@@ -143,29 +148,34 @@ def build_supervisor(config, detectors, reactor, command, fork_server, log_obser
                             log_observer=log_observer)
     metrics = ConfigMetrics(supervisor.registry)
     supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
+    supervisor.control = SupervisorControl(supervisor, RuntimeState(config.state_file), metrics,
+                                           WorkerStatus(reactor, supervisor))
     admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin)
     return supervisor
 
 
 def build_worker(config, detectors, reactor, index, sockets, status_fd, admin_socket,
-                 log_observer, config_path=None, shared_limits=None):
+                 log_observer, config_path=None, shared_limits=None, runtime=None):
     """Worker `index`: the router on the sockets its supervisor handed down, its status site
     on a UNIX socket only the supervisor asks."""
     router = build_router(config, detectors, reactor, log_observer=log_observer,
                           inherited_sockets=sockets, worker=index,
                           admin_listen=(f"unix:{admin_socket}",), config_path=config_path,
-                          shared_limits=shared_limits)
+                          shared_limits=shared_limits, runtime=runtime)
     router.on_started = lambda: start_worker(reactor, status_fd)
     return router
 
 
 def build_router(config, detectors, reactor, registry=None, log_observer=None,
                  inherited_sockets=None, worker=None, admin_listen=None, config_path=None,
-                 shared_limits=None):
+                 shared_limits=None, runtime=None):
     """Build (not start) the whole Service tree for `config`; in a worker, on inherited
     sockets, without the config metrics (the supervisor's), the admin site on `admin_listen`."""
+    if runtime is None:
+        runtime = RuntimeState(config.state_file)
     assembly = RouterAssembly(reactor, detectors, registry, inherited_sockets,
-                              standalone=worker is None, shared_limits=shared_limits)
+                              standalone=worker is None, shared_limits=shared_limits,
+                              runtime=runtime)
     assembly.apply_limits(config)
     groups = assembly.backend_groups(config)
     listeners = ListenersService()
@@ -179,6 +189,7 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None,
     if worker is not None:
         router.samplers.append(assembly.metrics.watch_worker(reactor, worker).sample)
     router.reloader = ConfigReloader(router, assembly.metrics.config, detectors, config_path)
+    router.control = RouterControl(router, runtime, assembly.metrics.config)
     admin.factory = admin_site(router, router.reloader, assembly.metrics, config.admin,
                                worker=worker is not None)
     return router

@@ -260,6 +260,10 @@ class UDPSession:
     def idled(self):
         self.close(IDLE_TIMEOUT)
 
+    def abort(self, reason):
+        """Ended at once from outside (an operator disabled its server): as a TCP relay's."""
+        self.close(reason)
+
     def close(self, reason):
         if self.closed:
             return

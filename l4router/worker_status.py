@@ -28,14 +28,14 @@ class WorkerStatus:
         self.reactor = reactor
         self.supervisor = supervisor
 
-    def fetch(self, path):
-        """[(worker index, parsed JSON)] of the workers that answered."""
+    def fetch(self, path, method=b"GET", headers=None):
+        """[(worker index, parsed JSON)] of the workers that answered (200)."""
         requests = []
         for index, worker in sorted(self.supervisor.workers.items()):
             agent = Agent.usingEndpointFactory(
                 self.reactor, _WorkerSocket(self.reactor, worker.admin_socket))
-            request = agent.request(b"GET", b"http://worker" + path)
-            request.addCallback(readBody).addCallback(json.loads)
+            request = agent.request(method, b"http://worker" + path, headers)
+            request.addCallback(_body_of_200).addCallback(json.loads)
             request.addTimeout(FETCH_TIMEOUT, self.reactor)
             requests.append(request.addCallback(lambda data, index=index: (index, data)))
         answered = defer.DeferredList(requests, consumeErrors=True)
@@ -69,6 +69,14 @@ class WorkerStatus:
         return self.fetch(b"/status").addCallback(merge)
 
 
+def _body_of_200(response):
+    body = readBody(response)
+    if response.code != 200:
+        return body.addCallback(lambda text: defer.fail(ValueError(
+            f"{response.code}: {text[:200].decode('utf-8', 'replace')}")))
+    return body
+
+
 def configured_listeners(config):
     """What the config says, before any worker has reported (they are starting)."""
     return [{"listener": listener.name, "addresses": list(listener.listen),
@@ -83,6 +91,7 @@ def configured_backends(config):
     return [{"backend": name, "balance": backend.balance, "using_backup": False,
              "servers": [{"server": server.label, "address": server.host,
                           "weight": server.weight, "backup": server.backup, "healthy": None,
+                          "state": "enabled",
                           "active_connections": 0, "pool_idle": 0}
                          for server in backend.servers]}
             for name, backend in config.backends.items()]

@@ -147,6 +147,7 @@ class Supervisor(MultiService):
                                     ["worker"], registry=self.registry)
         ProcessCollector(registry=self.registry)  # the supervisor's own process_* metrics
         self.reloader = None
+        self.control = None  # runtime changes to servers (l4router.runtime)
 
     @property
     def metrics_dir(self):
@@ -228,6 +229,10 @@ class Supervisor(MultiService):
         self.run_dir = tempfile.mkdtemp(prefix="l4router-")
         os.mkdir(self.metrics_dir)
         self.write_config_snapshot(self.config)
+        runtime = self.control.state
+        if runtime.path is None:  # no state_file: the workers read the changes from here
+            runtime.path = os.path.join(self.run_dir, "runtime.json")
+        runtime.save()
         self.limits = LimitTable(self.run_dir, self.reactor)
         self.apply_limits(self.config)
         multiprocess.MultiProcessCollector(self.registry, path=self.metrics_dir)
@@ -253,7 +258,8 @@ class Supervisor(MultiService):
         admin_socket = os.path.join(self.run_dir, f"worker-{self.generation}-{index}.sock")
         count_file = self.limits.count_file(self.generation, index)
         argv, env = self.worker_command(index, inherited, status_fd, admin_socket,
-                                        self.config_snapshot, self.limits.index_path, count_file)
+                                        self.config_snapshot, self.limits.index_path, count_file,
+                                        self.control.state.path)
         env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
         try:
             pid = self.fork_server.spawn(argv, env, child_fds, status_fd)
@@ -434,7 +440,7 @@ def worker_command(options, config_source):
     logfile = twistd.get("logfile")
 
     def command(index, inherited, status_fd, admin_socket, config_snapshot, limits_index,
-                count_file):
+                count_file, runtime_state):
         argv = ["twistd", "--nodaemon", "--pidfile="]
         if logfile and logfile != "-":
             argv.append(f"--logfile={logfile}.worker-{index}")
@@ -442,7 +448,7 @@ def worker_command(options, config_source):
                  "--worker", str(index),
                  "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
                  "--admin-socket", admin_socket, "--limits-index", limits_index,
-                 "--count-file", count_file]
+                 "--count-file", count_file, "--runtime-state", runtime_state]
         return argv, dict(os.environ)
 
     return command

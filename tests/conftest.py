@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from tests.support import free_port, listening, wait_until
+
 # The program each end-to-end test runs -> the Debian package that brings it.
 SYSTEM_TOOLS = {
     "curl": "curl",
@@ -69,3 +71,32 @@ def pytest_sessionstart(session):
     still = _missing_packages()
     if still:
         pytest.exit(f"apt-get did not bring {' '.join(still)}", returncode=3)
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A real OpenSSH server on a loopback port, accepting one generated key for this user."""
+    sshd_path = shutil.which("sshd") or "/usr/sbin/sshd"
+    assert os.path.exists(sshd_path), "sshd missing: apt-get install openssh-server"
+    folder = tmp_path / "sshd"
+    folder.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")],
+                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "user")],
+                   check=True)
+    (folder / "authorized_keys").write_bytes((folder / "user.pub").read_bytes())
+    os.makedirs("/run/sshd", exist_ok=True)
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
+        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nPidFile none\n")
+    process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    try:
+        wait_until(lambda: listening(port), message="sshd to listen")
+        yield port, folder / "user"
+    finally:
+        process.terminate()
+        process.wait(10)

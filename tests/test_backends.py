@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 
 from l4router.backends.balancing import (
     LeastConnections, SmoothWeightedRoundRobin, SourceHash, WeightedRandom)
+from l4router.backends.control import Change, ControlError, RuntimeState, apply_change
 from l4router.backends.group import BackendGroup
 from l4router.config import Backend, HealthCheckSettings, PoolSettings, RetrySettings, Server
 from l4router.errors import BackendUnavailable
@@ -233,3 +234,72 @@ backends:
     page = render_status_page(view)
     assert "<b>starting</b>" in page and "front" in page and "127.0.0.1:9444 (backup)" in page
     assert "unknown" in page and "DOWN" not in page
+
+
+# Runtime control (l4router.backends.control)
+
+def _runtime_change(state, groups, backend, action, server, **query):
+    change = Change.from_query(backend, action, server,
+                               {k: [str(v)] for k, v in query.items()})
+    state.check(change, {name: group.config for name, group in groups.items()})
+    state.record(change)
+    return apply_change(change, groups, connections=[])
+
+
+def test_drained_and_disabled_servers_get_no_new_client_and_the_backup_tier_follows():
+    servers = (Server("10.0.0.1", 80), Server("10.0.0.2", 80), Server("10.0.0.3", 80, 1, True))
+    harness = Harness(servers=servers)
+    groups = {"web": harness.group}
+    state = RuntimeState()
+    _runtime_change(state, groups, "web", "drain", "10.0.0.1:80")
+    assert {harness.group.choose("c", {}).label for _ in range(6)} == {"10.0.0.2:80"}
+    assert not harness.group.using_backup()
+    _runtime_change(state, groups, "web", "disable", "10.0.0.2:80")
+    assert harness.group.using_backup()  # no primary takes clients: the backup tier serves
+    assert harness.group.choose("c", {}).label == "10.0.0.3:80"
+    assert harness.metric("l4router_backend_backup_serving", backend="web") == 1
+    assert harness.metric("l4router_backend_server_admin_state", backend="web",
+                          server="10.0.0.2:80", state="disabled") == 1
+    assert harness.metric("l4router_backend_server_admin_state", backend="web",
+                          server="10.0.0.2:80", state="enabled") == 0
+    _runtime_change(state, groups, "web", "enable", "10.0.0.2:80")
+    assert harness.group.choose("c", {}).label == "10.0.0.2:80"
+
+
+def test_runtime_changes_are_checked_and_applied_again_to_groups_built_later(tmp_path):
+    path = str(tmp_path / "state.json")
+    harness = Harness()
+    groups = {"web": harness.group}
+    state = RuntimeState(path)
+    _runtime_change(state, groups, "web", "weight", "10.0.0.1:80", weight=5)
+    _runtime_change(state, groups, "web", "add", "10.0.0.9:8080", weight=2, backup=1)
+    _runtime_change(state, groups, "web", "remove", "10.0.0.2:80")
+    _runtime_change(state, groups, "web", "drain", "10.0.0.9:8080")
+    for backend, action, server, status in (
+            ("nope", "drain", "10.0.0.1:80", 404),
+            ("web", "drain", "10.0.0.2:80", 404),  # removed
+            ("web", "add", "10.0.0.1:80", 409),
+            ("web", "add", "no-port", 400)):
+        with pytest.raises(ControlError) as raised:
+            state.check(Change.from_query(backend, action, server, {}),
+                        {"web": harness.group.config})
+        assert raised.value.status == status, (action, server)
+    with pytest.raises(ControlError, match="keeps at least one server") as raised:
+        RuntimeState().check(Change.from_query("web", "remove", "10.0.0.1:80", {}),
+                             {"web": Backend("web", (Server("10.0.0.1", 80),))})
+    with pytest.raises(ControlError, match="weight must be 1..1000"):
+        Change.from_query("web", "weight", "10.0.0.1:80", {"weight": ["0"]})
+    with pytest.raises(ControlError, match="unknown action"):
+        Change.from_query("web", "explode", "10.0.0.1:80", {})
+    # A reload or a worker's start: new groups, the same changes (read from the file).
+    rebuilt = Harness().group
+    RuntimeState(path, writable=False).apply({"web": rebuilt})
+    assert [(s.label, s.weight, s.backup, s.admin_state) for s in rebuilt.servers] == [
+        ("10.0.0.1:80", 5, False, "enabled"), ("10.0.0.9:8080", 2, True, "draining")]
+    # A config without 10.0.0.1 drops what was recorded of it; a server added at run time
+    # stays while its backend does.
+    state.forget_missing({"web": Backend("web", (Server("10.0.0.7", 80),))})
+    assert RuntimeState(path).servers == {"web": {"10.0.0.9:8080": {"state": "draining"}}}
+    state.forget_missing({})
+    saved = RuntimeState(path)
+    assert (saved.servers, saved.added, saved.removed) == ({}, {}, {})

@@ -2,7 +2,6 @@
 grpcio, curl over h2c, SOAP and JSON-RPC POSTs, OpenSSH, PROXY protocol v2, drop-in plugins."""
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,7 +12,6 @@ from tests.captures import capture
 from tests.grpc_peers import greeter_server, say_hello
 from tests.h2_peer import serve_h2c
 from tests.support import (
-    listening,
     TWISTD, Backend, Router, free_port, http_reply_with_name, reply_with_name, wait_until)
 from l4router.parsers.proxyprotocol import v2_header
 
@@ -122,35 +120,6 @@ backends:
             assert curl(f"{url}/page") == "web /page"
             assert b"GetLastTradePrice" in soap.results[0]
             assert b'"eth_chainId"' in rpc.results[0]
-
-
-@pytest.fixture
-def sshd(tmp_path):
-    """A real OpenSSH server on a loopback port, accepting one generated key for this user."""
-    sshd_path = shutil.which("sshd") or "/usr/sbin/sshd"
-    assert os.path.exists(sshd_path), "sshd missing: apt-get install openssh-server"
-    folder = tmp_path / "sshd"
-    folder.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")],
-                   check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "user")],
-                   check=True)
-    (folder / "authorized_keys").write_bytes((folder / "user.pub").read_bytes())
-    os.makedirs("/run/sshd", exist_ok=True)
-    port = free_port()
-    (folder / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\n"
-        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
-        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nPidFile none\n")
-    process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    try:
-        wait_until(lambda: listening(port), message="sshd to listen")
-        yield port, folder / "user"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_openssh_client_routed_to_a_real_sshd(tmp_path, sshd):

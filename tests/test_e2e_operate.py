@@ -308,7 +308,7 @@ backends:
             subprocess.run([chromium, *flags, f"--screenshot={screenshot}",
                             "--window-size=1280,900", url], capture_output=True, timeout=60)
     for text in ("public_edge", f"127.0.0.1:{port}", "to_app", "app_servers",
-                 f"127.0.0.1:{app.port}", "completed", ">up<"):
+                 f"127.0.0.1:{app.port}", "completed", ">up<", ">state<", ">enabled<"):
         assert text in dom, text
     assert screenshot.stat().st_size > 10000
 

@@ -22,6 +22,7 @@ from l4router.parsers.proxyprotocol import v1_header
 from tests.support import (Backend, Router, ask, free_port, http_reply_with_name,
                            reply_with_name, wait_until)
 from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
+from tests.test_e2e_workers import worker_pids
 
 pytestmark = pytest.mark.timeout(180)
 DETECTORS = installed_detectors()
@@ -434,16 +435,12 @@ backends:
             router.config_path.write_text("listeners: [this is not a valid config\n")
             pids = worker_pids(router)
             os.kill(pids[0], signal.SIGKILL)
-            wait_until(lambda: len(set(worker_pids(router)) - set(pids)) == 1, timeout=20,
+            wait_until(lambda: worker_pids(router)[0] != pids[0], timeout=20,
                        message="the killed worker restarted")
             wait_until(lambda: router.metric("l4router_workers_ready") == 2, timeout=20,
                        message="both workers ready")
             assert {ask(port, b"two") for _ in range(10)} == {b"app:two"}
             assert not marker.exists()
-
-
-def worker_pids(router):
-    return [int(p) for p in os.popen(f"pgrep -P {router.process.pid}").read().split()]
 
 
 def test_the_published_config_digest_does_not_hash_the_token():

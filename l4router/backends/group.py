@@ -45,34 +45,81 @@ class BackendGroup:
         self.metrics = metrics
         self.random = jitter_random or random.Random()
         self.balancer = POLICIES[backend.balance]()
-        self.servers = [ServerState(backend.name, s, metrics) for s in backend.servers]
-        if any(s.backup for s in self.servers):
-            self._backup_serving = metrics.backup_serving.labels(backend.name)
-            self._backup_serving.set(0)
-            self._backup_was_serving = False
-            for server in self.servers:
-                server.on_change = self._health_changed
-        self.checkers = {}
-        if backend.health_check is not None:
-            self.checkers = {s: HealthChecker(s, backend.health_check, reactor, metrics)
-                             for s in self.servers}
-        self.pools = []
-        if backend.pool.min_idle:
-            self.pools = [ServerPool(s, backend.pool, reactor, backend.connect_timeout, metrics)
-                          for s in self.servers]
-        self.refreshers = [NameRefresher(s, reactor) for s in self.servers if s.address is None]
+        self.servers = []
+        self.checkers = {}  # ServerState -> HealthChecker, with health_check configured
+        self.pools = {}  # ServerState -> ServerPool, with pool.min_idle
+        self.refreshers = {}  # ServerState -> NameRefresher, for a server named by host name
+        self._backup_was_serving = False
+        self._backup_serving = metrics.backup_serving.labels(backend.name)
+        self._backup_serving.set(0)
+        self.running = False
+        for server in backend.servers:
+            self._add(server)
         self._connect_seconds = metrics.connect_seconds.labels(backend.name)
         self._retries = metrics.retries.labels(backend.name)
         self._pool_hits = metrics.pool_requests.labels(backend.name, "hit")
         self._pool_misses = metrics.pool_requests.labels(backend.name, "miss")
 
+    def _add(self, server_config):
+        """A server and the parts that keep it: name resolution, health checks, a pool."""
+        backend = self.config
+        server = ServerState(backend.name, server_config, self.metrics)
+        server.on_change = self._health_changed
+        self.servers.append(server)
+        if backend.health_check is not None:
+            self.checkers[server] = HealthChecker(server, backend.health_check, self.reactor,
+                                                  self.metrics)
+        if backend.pool.min_idle:
+            self.pools[server] = ServerPool(server, backend.pool, self.reactor,
+                                            backend.connect_timeout, self.metrics)
+        if server.address is None:
+            self.refreshers[server] = NameRefresher(server, self.reactor)
+        return server
+
+    def _parts(self, server):
+        return [table[server] for table in (self.refreshers, self.checkers, self.pools)
+                if server in table]
+
     def start(self):
-        for part in (*self.refreshers, *self.checkers.values(), *self.pools):
-            part.start()
+        self.running = True
+        for server in self.servers:
+            for part in self._parts(server):
+                part.start()
 
     def stop(self):
-        for part in (*self.refreshers, *self.checkers.values(), *self.pools):
+        self.running = False
+        for server in self.servers:
+            for part in self._parts(server):
+                part.stop()
+
+    # Runtime control (l4router.backends.control)
+
+    def server(self, label):
+        return next((s for s in self.servers if s.label == label), None)
+
+    def add_server(self, server_config):
+        """A server added at run time; it gets clients at once (health checks, when
+        configured, start from "up" as at start-up)."""
+        server = self._add(server_config)
+        if self.running:
+            for part in self._parts(server):
+                part.start()
+        self._health_changed()
+        return server
+
+    def remove_server(self, label):
+        """No new clients from now on; relays already on it go on until they end."""
+        server = self.server(label)
+        if server is None:
+            return None
+        for part in self._parts(server):
             part.stop()
+        for table in (self.refreshers, self.checkers, self.pools):
+            table.pop(server, None)
+        self.servers.remove(server)
+        server.forget_metrics()
+        self._health_changed()
+        return server
 
     def status(self):
         return {"backend": self.name, "balance": self.config.balance,
@@ -107,8 +154,8 @@ class BackendGroup:
     def choose(self, source, tried):
         """The primary servers while one is up; the backup tier only while none is (or when
         every primary has failed this client once)."""
-        primaries = [s for s in self.servers if s.healthy and not s.backup]
-        backups = [s for s in self.servers if s.healthy and s.backup]
+        primaries = [s for s in self.servers if s.eligible and not s.backup]
+        backups = [s for s in self.servers if s.eligible and s.backup]
         if not primaries and not backups:
             raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
         limit = self.config.max_connections_per_server
@@ -127,6 +174,8 @@ class BackendGroup:
         raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
 
     def _health_changed(self):
+        """A server's health or state changed: say so when the backup tier takes over or
+        stands by again."""
         serving = self.using_backup()
         if serving != self._backup_was_serving:
             self._backup_was_serving = serving
@@ -136,8 +185,8 @@ class BackendGroup:
 
     def using_backup(self):
         """No primary server is up and a backup is: the backup tier serves."""
-        return (not any(s.healthy for s in self.servers if not s.backup)
-                and any(s.healthy for s in self.servers if s.backup))
+        return (not any(s.eligible for s in self.servers if not s.backup)
+                and any(s.eligible for s in self.servers if s.backup))
 
     def take_spare(self, server):
         if server.pool is None:

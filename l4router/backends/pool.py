@@ -62,6 +62,10 @@ class ServerPool:
         self.running = False
         if self._refill_call is not None and self._refill_call.active():
             self._refill_call.cancel()
+        self.drop_idle()
+
+    def drop_idle(self):
+        """Close every spare (the server is stopping, drained or disabled)."""
         while self.spares:
             self.discard(self.spares[0])
 
@@ -82,7 +86,7 @@ class ServerPool:
         if not self.running or self._refill_call is not None and self._refill_call.active():
             return
         wanted = min(self.settings.min_idle, self.settings.max_idle)
-        while self.server.healthy and len(self.spares) + self.connecting < wanted:
+        while self.server.eligible and len(self.spares) + self.connecting < wanted:
             endpoint = self.server.endpoint(self.reactor, self.connect_timeout)
             if endpoint is None:
                 return
