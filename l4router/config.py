@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import attrs
 import yaml
 
+from l4router.backends.probes import PROBES
+
 try:  # the regular expression parser: re._parser on 3.11, sre_parse before
     from re import _constants as _regex_constants, _parser as _regex_parser
 except ImportError:
@@ -156,9 +158,16 @@ class RetrySettings:
 @attrs.frozen
 class HealthCheckSettings:
     interval: float = 5.0
-    timeout: float = 1.0
+    timeout: float = 1.0  # for the connect, and again for the answer of a probe
     rise: int = 2
     fall: int = 3
+    probe: str = "tcp"  # what the check says and expects (l4router.backends.probes)
+    path: str = "/"  # http: the request's path
+    host: str | None = None  # http: the Host header (default: the server's host)
+    expect_status: tuple = ("2xx", "3xx")  # http: status classes ("2xx") or codes ("204")
+    sni: str | None = None  # tls: the name in the ClientHello (default: the server's host)
+    send: bytes = b""  # content: sent once connected
+    expect: str | None = None  # content: a regular expression the answer must contain
 
 
 @attrs.frozen
@@ -597,6 +606,32 @@ def _host_names(value):
     return tuple(name.lower().rstrip(".") for name in _string_list(value))
 
 
+def _http_path(value):
+    if not isinstance(value, str) or not re.fullmatch(r"/[\x21-\x7e]*", value):
+        raise _Invalid(f"must be a path starting with / (no spaces), not {value!r}")
+    return value
+
+
+def _host_name(value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._:\[\]-]{1,253}", value):
+        raise _Invalid(f"must be a host name, not {value!r}")
+    return value
+
+
+def _status_classes(value):
+    items = value if isinstance(value, list) else [value]
+    classes = tuple(str(item).lower() for item in items)
+    if not classes or not all(re.fullmatch(r"[1-5](xx|\d\d)", c) for c in classes):
+        raise _Invalid(f"must be status classes such as 2xx or codes such as 204, not {value!r}")
+    return classes
+
+
+def _bytes_to_send(value):
+    if not isinstance(value, str) or len(value) > 4096:
+        raise _Invalid("must be a string of at most 4096 characters (YAML escapes: \"\\r\\n\")")
+    return value.encode("utf-8")
+
+
 def _state_file(value):
     """An absolute path in a directory that exists (the file itself is written at the first
     runtime change)."""
@@ -719,9 +754,7 @@ class _Builder:
             "attempts": _positive_int, "initial_backoff": parse_duration,
             "max_backoff": parse_duration, "multiplier": _number(1.0, 100.0),
             "jitter": _number(0.0, 1.0)}, RetrySettings())
-        health = self.settings(section, "health_check", HealthCheckSettings, {
-            "interval": _positive_duration, "timeout": _positive_duration,
-            "rise": _positive_int, "fall": _positive_int}, None)
+        health = self.health_check(section, path)
         pool = self.settings(section, "pool", PoolSettings, {
             "min_idle": _non_negative_int, "max_idle": _non_negative_int,
             "idle_timeout": _positive_duration, "max_lifetime": _positive_duration}, PoolSettings())
@@ -737,6 +770,25 @@ class _Builder:
         version, tlvs = proxy_protocol
         return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
                        per_server, version, tlvs)
+
+    def health_check(self, section, path):
+        health = self.settings(section, "health_check", HealthCheckSettings, {
+            "interval": _positive_duration, "timeout": _positive_duration,
+            "rise": _positive_int, "fall": _positive_int, "probe": _one_of(PROBES),
+            "path": _http_path, "host": _host_name, "expect_status": _status_classes,
+            "sni": _host_name, "send": _bytes_to_send, "expect": _safe_regex}, None)
+        if not isinstance(health, HealthCheckSettings):
+            return health
+        key = f"{path}.health_check"
+        content_keys = [k for k in ("send", "expect") if getattr(health, k) not in (b"", None)]
+        if health.probe == "content" and health.expect is None:
+            self.reader.problem(f"{key}.expect", "probe content needs a regular expression "
+                                                 "the answer must contain")
+            return _MISSING
+        if health.probe != "content" and content_keys:
+            self.reader.problem(f"{key}.{content_keys[0]}", "is for probe: content only")
+            return _MISSING
+        return health
 
     def settings(self, parent, key, settings_class, converters, default):
         """A small mapping of known keys -> a settings object; absent keys keep defaults."""

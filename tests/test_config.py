@@ -123,6 +123,22 @@ BAD = [
      f"{BASE_BACKENDS}", "listeners[0].routes[0].fallback", "names another backend"),
     (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
      "backup: maybe}]}}", "backends.b.servers[0]", "true or false"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+     "{probe: smtp}}}", "backends.b.health_check.probe", "must be one of"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+     "{probe: content}}}", "backends.b.health_check.expect", "needs a regular expression"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+     "{probe: http, send: x}}}", "backends.b.health_check.send", "for probe: content only"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+     "{probe: content, expect: '(a+)+'}}}", "backends.b.health_check.expect",
+     "exponential time"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+     "{probe: http, expect_status: [2xx, 600]}}}", "backends.b.health_check.expect_status",
+     "status classes"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+     "{probe: http, path: 'no slash'}}}", "backends.b.health_check.path", "starting with /"),
+    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nstate_file: relative.json", "state_file",
+     "absolute file path"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(a+)+$'}}, "
      "reject: true}]}]", "listeners[0].routes[0].match.sni", "exponential time"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(x|xx)*'}}, "

@@ -1,21 +1,61 @@
-"""Active health checks (a TCP connect within `timeout` every `interval`, with rise/fall
-thresholds) and the passive signal of connect failures and resets seen by real clients."""
+"""Active health checks (a TCP connect within `timeout` every `interval`, or a probe that
+speaks the server's protocol, with rise/fall thresholds) and the passive signal of connect
+failures and resets seen by real clients."""
 
+from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from l4router.backends.probes import MAX_ANSWER, probe_for
+
 log = Logger()
 
 
-class _Probe(Protocol):
+class _Connected(Protocol):
     def connectionMade(self):
-        self.transport.abortConnection()  # a completed handshake is all a check needs
+        self.transport.abortConnection()  # a completed handshake is all a TCP check needs
 
 
-class _ProbeFactory(Factory):
+class _Conversation(Protocol):
+    """Sends the probe's greeting, reads until its judge decides; `verdict` fires with
+    (passed, why). Ended by the checker's timeout if the server says nothing."""
+
+    def __init__(self, probe):
+        self.probe = probe
+        self.answer = b""
+        self.verdict = defer.Deferred()
+
+    def connectionMade(self):
+        if self.probe.greeting:
+            self.transport.write(self.probe.greeting)
+
+    def dataReceived(self, data):
+        if self.verdict.called:
+            return
+        self.answer += data
+        verdict = self.probe.judge(self.answer[:MAX_ANSWER])
+        if verdict is None and len(self.answer) >= MAX_ANSWER:
+            verdict = False, f"no verdict in the first {MAX_ANSWER} bytes"
+        if verdict is not None:
+            self.conclude(*verdict)
+
+    def connectionLost(self, reason):
+        self.conclude(False, f"closed after {len(self.answer)} bytes")
+
+    def conclude(self, passed, why):
+        if not self.verdict.called:
+            self.verdict.callback((passed, why))
+
+
+class _OneProtocol(Factory):
     noisy = False
-    protocol = _Probe
+
+    def __init__(self, protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol_instance
 
 
 class HealthChecker:
@@ -30,6 +70,7 @@ class HealthChecker:
         self.loop = LoopingCall(self.check)
         self.loop.clock = reactor
         self._checking = None
+        self.probe = probe_for(settings, server.server.host)
         self._metric_ok = metrics.health_checks.labels(server.backend, server.label, "ok")
         self._metric_failed = metrics.health_checks.labels(server.backend, server.label, "failed")
 
@@ -49,11 +90,34 @@ class HealthChecker:
         if endpoint is None:
             self.record(False, "address not resolved")
             return
-        self._checking = endpoint.connect(_ProbeFactory())
-        self._checking.addCallbacks(lambda _: self.record(True, "check passed"),
-                                    lambda failure: self.record(
-                                        False, f"check failed: {failure.getErrorMessage()}"))
+        if self.probe is None:
+            self._checking = endpoint.connect(_OneProtocol(_Connected()))
+            self._checking.addCallback(lambda _: (True, "check passed"))
+        else:
+            self._checking = self._converse(endpoint)
+        self._checking.addErrback(lambda failure: (
+            False, f"check failed: {failure.getErrorMessage()}"))
+        self._checking.addCallback(lambda verdict: self.record(*verdict))
         self._checking.addBoth(self._done)
+
+    def _converse(self, endpoint):
+        """Connect, then the probe's exchange, bounded by `timeout` once connected."""
+        conversation = _Conversation(self.probe)
+        timeout = self.settings.timeout
+
+        def connected(_):
+            deadline = self.reactor.callLater(timeout, conversation.conclude, False, (
+                f"no answer within {timeout:g}s to the {self.probe.name} probe"))
+
+            def finished(verdict):
+                if deadline.active():
+                    deadline.cancel()
+                conversation.transport.abortConnection()
+                return verdict
+
+            return conversation.verdict.addBoth(finished)
+
+        return endpoint.connect(_OneProtocol(conversation)).addCallback(connected)
 
     def _done(self, _):
         self._checking = None
