@@ -63,7 +63,8 @@ class RouterAssembly:
 
     def backend_groups(self, config):
         """Groups for `config`, with the runtime changes made so far (l4router.backends.control)."""
-        groups = {name: BackendGroup(backend, self.reactor, self.metrics)
+        groups = {name: BackendGroup(backend, self.reactor, self.metrics,
+                                     dns_settings=config.dns)
                   for name, backend in config.backends.items()}
         if not self.runtime.writable:
             self.runtime.load()  # a worker: what its supervisor has recorded by now

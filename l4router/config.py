@@ -190,6 +190,24 @@ class Backend:
     max_connections_per_server: int | None = None
     proxy_protocol: str = "none"
     proxy_tlvs: tuple = ()  # PROXY v2 TLVs sent: authority, alpn, unique_id
+    discovery: Discovery | None = None  # servers from DNS SRV or a watched file, not `servers`
+
+
+@attrs.frozen
+class Discovery:
+    """Where a backend's servers come from while it runs (l4router.backends.discovery)."""
+
+    kind: str  # "srv" (DNS SRV records) or "file" (a JSON or YAML list, re-read on change)
+    source: str  # the SRV name, or the file's absolute path
+    refresh: float = 2.0  # file: how often it is looked at; srv: the shortest re-resolution
+
+
+@attrs.frozen
+class DnsSettings:
+    """The DNS servers SRV discovery asks (none: /etc/resolv.conf's)."""
+
+    servers: tuple = ()  # (host, port) pairs
+    timeout: float = 2.0
 
 
 @attrs.frozen
@@ -216,6 +234,7 @@ class Config:
     logging: LoggingSettings
     workers: int = 1  # processes: 1 runs in this process, more run under a supervisor
     state_file: str | None = None  # where runtime changes to servers outlive a restart
+    dns: DnsSettings = DnsSettings()
     source: str = ""  # the file it came from, for logs
     digest: str = ""  # sha256 of the file (the admin token redacted), to tell configs apart
     text: bytes = attrs.field(default=b"", repr=False, eq=False)  # what was validated
@@ -632,6 +651,36 @@ def _bytes_to_send(value):
     return value.encode("utf-8")
 
 
+def _discovery(value):
+    kinds = [k for k in ("srv", "file") if k in value]
+    unknown = set(value) - {"srv", "file", "refresh"}
+    if unknown or len(kinds) != 1:
+        raise _Invalid("must be a list of servers, {srv: _service._tcp.NAME} or {file: PATH} "
+                       "(with an optional refresh)")
+    kind = kinds[0]
+    source = value[kind]
+    if kind == "srv" and not (isinstance(source, str) and
+                              re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", source)):
+        raise _Invalid(f"srv must be a DNS name such as _http._tcp.example.com, not {source!r}")
+    if kind == "file":
+        if not isinstance(source, str) or not os.path.isabs(source):
+            raise _Invalid(f"file must be an absolute path, not {source!r}")
+        if not os.path.isdir(os.path.dirname(source)):
+            raise _Invalid(f"the directory of {source!r} does not exist")
+    refresh = _positive_duration(value.get("refresh", 2.0))
+    return Discovery(kind, source, refresh)
+
+
+def _dns_servers(value):
+    servers = []
+    for item in _string_list(value):
+        host, port = split_host_port(item if ":" in item else f"{item}:53")
+        servers.append((host, port))
+    if not servers:
+        raise _Invalid("must list at least one DNS server, host:port")
+    return tuple(servers)
+
+
 def _state_file(value):
     """An absolute path in a directory that exists (the file itself is written at the first
     runtime change)."""
@@ -642,7 +691,9 @@ def _state_file(value):
     return value
 
 
-def _server(value):
+def parse_server(value):
+    """`host:port` or `{address: host:port, weight: N, backup: BOOL}` -> Server; raises
+    ValueError (a config's `servers`, a discovery file's entries, a runtime `add`)."""
     if isinstance(value, str):
         host, port = split_host_port(value)
         weight = 1
@@ -694,11 +745,13 @@ class _Builder:
         logging = self.logging(top)
         workers = self.workers(top, listeners)
         state_file = top.get("state_file", _state_file, None)
+        dns = self.settings(top, "dns", DnsSettings, {
+            "servers": _dns_servers, "timeout": _positive_duration}, DnsSettings())
         top.finish()
         return Config(
             listeners=listeners, backends=_FrozenDict(backends), max_connections=max_connections,
             shutdown_timeout=shutdown_timeout, admin=admin, logging=logging, workers=workers,
-            state_file=state_file,
+            state_file=state_file, dns=DnsSettings() if dns is _MISSING else dns,
         )
 
     def workers(self, top, listeners):
@@ -742,12 +795,16 @@ class _Builder:
             return None
         servers = section.get("servers", lambda v: v)
         parsed = []
-        if servers is not _MISSING:
+        discovery = None
+        if isinstance(servers, Mapping):
+            discovery = self.reader.convert(servers, f"{path}.servers", _discovery)
+        elif servers is not _MISSING:
             if not isinstance(servers, list) or not servers:
-                self.reader.problem(section.key_path("servers"), "must be a non-empty list of host:port")
+                self.reader.problem(section.key_path("servers"), "must be a non-empty list of "
+                                    "host:port, {srv: NAME} or {file: PATH}")
             else:
                 for index, server in enumerate(servers):
-                    parsed.append(self.reader.convert(server, f"{path}.servers[{index}]", _server))
+                    parsed.append(self.reader.convert(server, f"{path}.servers[{index}]", parse_server))
         balance = section.get("balance", _one_of(BALANCE_POLICIES), "round_robin")
         connect_timeout = section.get("connect_timeout", _positive_duration, DEFAULT_CONNECT_TIMEOUT)
         retry = self.settings(section, "retry", RetrySettings, {
@@ -764,12 +821,13 @@ class _Builder:
         per_server = section.get("max_connections_per_server", _positive_int, None)
         proxy_protocol = section.get("proxy_protocol", _proxy_protocol_out, ("none", ()))
         section.finish()
-        values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol)
-        if _MISSING in parsed or not parsed or _MISSING in values:
+        values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol,
+                  discovery)
+        if _MISSING in parsed or not (parsed or discovery) or _MISSING in values:
             return None
         version, tlvs = proxy_protocol
         return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
-                       per_server, version, tlvs)
+                       per_server, version, tlvs, discovery)
 
     def health_check(self, section, path):
         health = self.settings(section, "health_check", HealthCheckSettings, {

@@ -171,6 +171,14 @@ class RouterMetrics:
             "l4router_backend_server_up",
             "1 while a server is healthy (gets new clients); with workers, in every worker.",
             ["backend", "server"], registry=r, multiprocess_mode="livemin")
+        self.discovery_servers = Gauge(
+            "l4router_backend_discovery_servers",
+            "Servers a backend's discovery (DNS SRV, a watched file) gave last.",
+            ["backend"], registry=r, multiprocess_mode="livemax")
+        self.discovery_failures = Counter(
+            "l4router_backend_discovery_failures",
+            "Discovery lookups or file reads that failed (the last good set was kept).",
+            ["backend"], registry=r)
         self.server_admin_state = Gauge(
             "l4router_backend_server_admin_state",
             "1 for the state an operator set a server to (enabled, draining, disabled).",

@@ -139,6 +139,14 @@ BAD = [
      "{probe: http, path: 'no slash'}}}", "backends.b.health_check.path", "starting with /"),
     (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nstate_file: relative.json", "state_file",
      "absolute file path"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: x, file: /y}}}}}}",
+     "backends.b.servers", "{srv: _service._tcp.NAME} or {file: PATH}"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{file: relative.yaml}}}}}}",
+     "backends.b.servers", "absolute path"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: 'bad name!'}}}}}}",
+     "backends.b.servers", "a DNS name"),
+    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\ndns: {{servers: ['10.0.0.1:99999']}}",
+     "dns.servers", "1-65535"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(a+)+$'}}, "
      "reject: true}]}]", "listeners[0].routes[0].match.sni", "exponential time"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(x|xx)*'}}, "

@@ -15,7 +15,7 @@ import os
 import attrs
 from twisted.logger import Logger
 
-from l4router.config import Server, split_host_port
+from l4router.config import Server, parse_server, split_host_port
 
 log = Logger()
 
@@ -104,21 +104,31 @@ class RuntimeState:
                       stream, indent=1, sort_keys=True)
         os.replace(partial, self.path)
 
-    def servers_of(self, backend) -> dict[str, Server]:
-        """{label: Server} of a configured backend (`config.Backend`) as changed at run time."""
+    def servers_of(self, backend) -> dict[str, Server] | None:
+        """{label: Server} of a configured backend (`config.Backend`) as changed at run time;
+        None when discovery decides them (they are known to the running groups only)."""
+        if backend.discovery is not None:
+            return None
         servers = {s.label: s for s in backend.servers}
         for label in self.removed.get(backend.name, ()):
             servers.pop(label, None)
         for label, spec in self.added.get(backend.name, {}).items():
-            servers[label] = _server(spec)
+            servers[label] = parse_server(spec)
         return servers
 
     def check(self, change: Change, backends) -> None:
-        """Raise ControlError unless `change` can be made to `backends` (name -> config)."""
+        """Raise ControlError unless `change` can be made to `backends` (name -> config).
+        A backend whose servers come from discovery takes changes to any server label (they
+        apply to a server of that label whenever discovery gives it), but no add or remove."""
         backend = backends.get(change.backend)
         if backend is None:
             raise ControlError(f"no backend is called {change.backend!r}", 404)
         servers = self.servers_of(backend)
+        if servers is None:
+            if change.action in ("add", "remove"):
+                raise ControlError(f"backend {change.backend}'s servers come from "
+                                   f"{backend.discovery.kind} discovery", 409)
+            return
         if change.action == "add":
             try:
                 host, port = split_host_port(change.server)
@@ -158,19 +168,24 @@ class RuntimeState:
         return label
 
     def apply(self, groups: dict) -> None:
-        """Bring freshly built groups to the state recorded here."""
+        """Bring freshly built groups to the state recorded here; servers discovery adds
+        later get theirs as they come."""
         for name, group in groups.items():
             for label in self.removed.get(name, ()):
                 group.remove_server(label)
             for spec in self.added.get(name, {}).values():
-                group.add_server(_server(spec))
-            for label, entry in self.servers.get(name, {}).items():
-                server = group.server(label)
-                if server is None:
-                    continue  # the config no longer has it
-                if "weight" in entry:
-                    server.weight = entry["weight"]
-                server.set_admin_state(entry.get("state", ENABLED))
+                group.add_server(parse_server(spec))
+            for server in group.servers:
+                self.apply_to_server(name, server)
+            group.on_server_added = lambda server, name=name: self.apply_to_server(name, server)
+
+    def apply_to_server(self, backend: str, server) -> None:
+        entry = self.servers.get(backend, {}).get(server.label)
+        if entry is None:
+            return
+        if "weight" in entry:
+            server.weight = entry["weight"]
+        server.set_admin_state(entry.get("state", ENABLED))
 
     def forget_missing(self, backends) -> None:
         """After a reload: what concerns backends or servers the config no longer has goes."""
@@ -183,14 +198,10 @@ class RuntimeState:
                     del table[name]
         for name, entries in self.servers.items():
             present = self.servers_of(backends[name])
-            for label in [label for label in entries if label not in present]:
+            for label in [label for label in entries if present is not None and
+                          label not in present]:
                 del entries[label]
         self.save()
-
-
-def _server(spec: dict) -> Server:
-    host, port = split_host_port(spec["address"])
-    return Server(host, port, int(spec.get("weight", 1)), bool(spec.get("backup", False)))
 
 
 def apply_change(change: Change, groups: dict, connections) -> dict:

@@ -9,10 +9,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l4router.backends.balancing import POLICIES
+from l4router.backends.discovery import discovery_for
 from l4router.backends.health import HealthChecker
 from l4router.backends.pool import ServerPool
 from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
+from l4router.config import DnsSettings
 from l4router.errors import BackendUnavailable
 from l4router.relay import BackendSide
 
@@ -38,7 +40,7 @@ def failure_reason(failure):
 class BackendGroup:
     """The servers of one backend and how a client is connected to one of them."""
 
-    def __init__(self, backend, reactor, metrics, jitter_random=None):
+    def __init__(self, backend, reactor, metrics, jitter_random=None, dns_settings=None):
         self.config = backend
         self.name = backend.name
         self.reactor = reactor
@@ -53,8 +55,10 @@ class BackendGroup:
         self._backup_serving = metrics.backup_serving.labels(backend.name)
         self._backup_serving.set(0)
         self.running = False
+        self.on_server_added = None  # what the runtime state says of a server added later
         for server in backend.servers:
             self._add(server)
+        self.discovery = discovery_for(self, reactor, dns_settings or DnsSettings())
         self._connect_seconds = metrics.connect_seconds.labels(backend.name)
         self._retries = metrics.retries.labels(backend.name)
         self._pool_hits = metrics.pool_requests.labels(backend.name, "hit")
@@ -85,12 +89,31 @@ class BackendGroup:
         for server in self.servers:
             for part in self._parts(server):
                 part.start()
+        if self.discovery is not None:
+            self.discovery.start()
 
     def stop(self):
         self.running = False
+        if self.discovery is not None:
+            self.discovery.stop()
         for server in self.servers:
             for part in self._parts(server):
                 part.stop()
+
+    def replace_servers(self, configs):
+        """Discovery found this set: servers gone are removed (their relays go on), new ones
+        added, changed weights and tiers taken."""
+        wanted = {server.label: server for server in configs}
+        for server in list(self.servers):
+            if server.label not in wanted:
+                self.remove_server(server.label)
+        for label, config in wanted.items():
+            server = self.server(label)
+            if server is None:
+                self.add_server(config)
+            elif server.server != config:
+                server.server, server.weight = config, config.weight
+        self._health_changed()
 
     # Runtime control (l4router.backends.control)
 
@@ -101,6 +124,8 @@ class BackendGroup:
         """A server added at run time; it gets clients at once (health checks, when
         configured, start from "up" as at start-up)."""
         server = self._add(server_config)
+        if self.on_server_added is not None:
+            self.on_server_added(server)
         if self.running:
             for part in self._parts(server):
                 part.start()
