@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from l4router.backends.control import RuntimeState
 from l4router.backends.group import BackendGroup
+from l4router.backends.named import NamedServerGroup
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for
 from l4router.limits import Admission, LocalLimit, Unlimited
@@ -63,8 +64,9 @@ class RouterAssembly:
 
     def backend_groups(self, config):
         """Groups for `config`, with the runtime changes made so far (l4router.backends.control)."""
-        groups = {name: BackendGroup(backend, self.reactor, self.metrics,
-                                     dns_settings=config.dns)
+        groups = {name: NamedServerGroup(backend, self.reactor, self.metrics, config.dns)
+                  if backend.server_from is not None else
+                  BackendGroup(backend, self.reactor, self.metrics, dns_settings=config.dns)
                   for name, backend in config.backends.items()}
         if not self.runtime.writable:
             self.runtime.load()  # a worker: what its supervisor has recorded by now

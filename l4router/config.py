@@ -191,6 +191,9 @@ class Backend:
     proxy_protocol: str = "none"
     proxy_tlvs: tuple = ()  # PROXY v2 TLVs sent: authority, alpn, unique_id
     discovery: Discovery | None = None  # servers from DNS SRV or a watched file, not `servers`
+    server_from: ServerFrom | None = None  # the server the client names, within `allow`
+    allow: GlobSet | None = None  # the names server_from may take
+    resolve_timeout: float = 1.0  # server_from: how long a name may take to resolve
 
 
 @attrs.frozen
@@ -200,6 +203,20 @@ class Discovery:
     kind: str  # "srv" (DNS SRV records) or "file" (a JSON or YAML list, re-read on change)
     source: str  # the SRV name, or the file's absolute path
     refresh: float = 2.0  # file: how often it is looked at; srv: the shortest re-resolution
+
+
+@attrs.frozen
+class ServerFrom:
+    """`server_from: "{sni}:443"`: the detected field that names the server, and the port."""
+
+    field: str  # sni, host or authority
+    port: int
+
+    def __str__(self):
+        return f"{{{self.field}}}:{self.port}"
+
+
+SERVER_FROM_FIELDS = ("sni", "host", "authority")
 
 
 @attrs.frozen
@@ -651,6 +668,15 @@ def _bytes_to_send(value):
     return value.encode("utf-8")
 
 
+def _server_from(value):
+    match = re.fullmatch(r"\{(\w+)\}:(\d{1,5})", value) if isinstance(value, str) else None
+    if match is None or match.group(1) not in SERVER_FROM_FIELDS or \
+            not 0 < int(match.group(2)) < 65536:
+        raise _Invalid(f"must be \"{{FIELD}}:PORT\" with FIELD one of "
+                       f"{', '.join(SERVER_FROM_FIELDS)}, such as \"{{sni}}:443\", not {value!r}")
+    return ServerFrom(match.group(1), int(match.group(2)))
+
+
 def _discovery(value):
     kinds = [k for k in ("srv", "file") if k in value]
     unknown = set(value) - {"srv", "file", "refresh"}
@@ -793,12 +819,13 @@ class _Builder:
         section = self.reader.section(raw, path)
         if section is None:
             return None
-        servers = section.get("servers", lambda v: v)
+        named = self.named_server(section, path, raw if isinstance(raw, Mapping) else {})
+        servers = section.get("servers", lambda v: v, () if named else _MISSING)
         parsed = []
         discovery = None
         if isinstance(servers, Mapping):
             discovery = self.reader.convert(servers, f"{path}.servers", _discovery)
-        elif servers is not _MISSING:
+        elif servers is not _MISSING and not named:
             if not isinstance(servers, list) or not servers:
                 self.reader.problem(section.key_path("servers"), "must be a non-empty list of "
                                     "host:port, {srv: NAME} or {file: PATH}")
@@ -822,12 +849,35 @@ class _Builder:
         proxy_protocol = section.get("proxy_protocol", _proxy_protocol_out, ("none", ()))
         section.finish()
         values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol,
-                  discovery)
-        if _MISSING in parsed or not (parsed or discovery) or _MISSING in values:
+                  discovery, named)
+        if _MISSING in parsed or not (parsed or discovery or named) or _MISSING in values:
             return None
         version, tlvs = proxy_protocol
+        server_from, allow, resolve_timeout = named or (None, None, 1.0)
         return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
-                       per_server, version, tlvs, discovery)
+                       per_server, version, tlvs, discovery, server_from, allow, resolve_timeout)
+
+    def named_server(self, section, path, servers):
+        """`server_from` with its required `allow` (and `resolve_timeout`), or None."""
+        template = section.get("server_from", _server_from, None)
+        allow = section.get("allow", lambda v: GlobSet.of(_patterns(v)), None)
+        resolve_timeout = section.get("resolve_timeout", _positive_duration, 1.0)
+        if template is None:
+            if allow is not None:
+                self.reader.problem(f"{path}.allow", "is for server_from only")
+            return None
+        if _MISSING in (template, allow, resolve_timeout):
+            return _MISSING
+        if allow is None:
+            self.reader.problem(f"{path}.allow", "server_from needs the names it may take "
+                                "(a list of patterns): without it the router is an open relay")
+            return _MISSING
+        for key in ("servers", "health_check", "pool"):
+            if key in servers:
+                self.reader.problem(f"{path}.{key}", "cannot go with server_from (the client "
+                                                     "names the server)")
+                return _MISSING
+        return template, allow, resolve_timeout
 
     def health_check(self, section, path):
         health = self.settings(section, "health_check", HealthCheckSettings, {

@@ -179,6 +179,10 @@ class RouterMetrics:
             "l4router_backend_discovery_failures",
             "Discovery lookups or file reads that failed (the last good set was kept).",
             ["backend"], registry=r)
+        self.named_lookups = Counter(
+            "l4router_backend_named_lookups",
+            "server_from: names clients gave, by outcome (cached, resolved, name_not_allowed, "
+            "name_unresolved, name_missing).", ["backend", "outcome"], registry=r)
         self.server_admin_state = Gauge(
             "l4router_backend_server_admin_state",
             "1 for the state an operator set a server to (enabled, draining, disabled).",

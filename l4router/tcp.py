@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from l4router.addresses import normalise_host
 from l4router.backends.group import CONNECT_FAILED, NO_HEALTHY_SERVER
+from l4router.backends.named import CLIENT_NAMED_REFUSALS
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
@@ -283,7 +284,7 @@ class InboundConnection(Protocol):
         # The client is read on while the backend connects (bytes wait in the buffer, up to
         # max_bytes): pausing and resuming it would cost two epoll_ctl per connection.
         self.group = group
-        self._connecting = group.connect(self.source)
+        self._connecting = group.connect(self.source, self.decision.fields)
         self._connecting.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, connection):
@@ -370,9 +371,13 @@ class InboundConnection(Protocol):
                 self.factory.metrics.fallback(self.route, self.backend_name).inc()
                 self._connect(self.factory.backends[self.backend_name])
                 return None
-            log.warn("Connection {id} from {source} gets no server of backend {backend}: "
-                     "{error}", backend=self.group.name, id=self.id, source=self.source,
-                     error=failure.getErrorMessage(), reason=reason)
+            if reason in CLIENT_NAMED_REFUSALS:
+                # What a client chose: logged at a bounded rate, like the limits' refusals.
+                self.factory.refusals.event(reason, self.factory.log_refusals)
+            else:
+                log.warn("Connection {id} from {source} gets no server of backend {backend}: "
+                         "{error}", backend=self.group.name, id=self.id, source=self.source,
+                         error=failure.getErrorMessage(), reason=reason)
         else:
             log.failure("Connecting connection {id} to backend {backend} failed",
                         failure, id=self.id, backend=self.group.name)

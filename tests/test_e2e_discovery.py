@@ -3,6 +3,7 @@ the test runs, dnspython on the wire), changing while clients connect."""
 
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -10,9 +11,11 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
+import trustme
 
 from tests.support import Backend, Router, free_port, wait_until
 from tests.test_e2e_control import name_then_echo, server_of
+from tests.test_e2e_tcp import tls_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,6 +96,7 @@ class SrvServer:
         self.srv = []  # (priority, weight, port, target)
         self.addresses = {}  # target -> IPv4 address
         self.failing = False
+        self.questions = []  # every name asked, in order
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
@@ -108,6 +112,7 @@ class SrvServer:
             response = dns.message.make_response(query)
             question = query.question[0]
             name = question.name.to_text().lower()
+            self.questions.append(name)
             if self.failing:
                 response.set_rcode(dns.rcode.SERVFAIL)
             elif question.rdtype == dns.rdatatype.SRV and name == self.NAME:
@@ -152,3 +157,66 @@ def test_srv_records_give_servers_tiers_and_ports_and_follow_their_changes(tmp_p
             assert clients.latest(10) == {"b"}
             assert router.metric("l4router_backend_discovery_servers", backend="app") == 2
     assert not clients.failures(), clients.failures()[:3]
+
+
+def tls_backend(ca, name, hostnames, host, port):
+    """A real TLS server (Python ssl) on host:port: after the handshake it says its name."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*hostnames).configure_cert(context)
+
+    def handle(backend, connection):
+        with context.wrap_socket(connection, server_side=True) as tls:
+            tls.sendall(f"{backend.name} here".encode())
+            tls.recv(1)
+
+    return Backend(name, handle, host=host, port=port)
+
+
+def test_a_backend_named_by_sni_within_allow_and_never_an_open_relay(tmp_path):
+    """Two names resolve (through a real DNS server) to two local TLS servers and are routed
+    there; a name outside allow is refused before any lookup; an unresolvable one is refused
+    with its own reason; a name already resolved is not asked again."""
+    ca = trustme.CA()
+    one_port = free_port("127.0.0.2")
+    with tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", one_port) as one, \
+            tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", one_port) as two, \
+            SrvServer() as dns_server:
+        dns_server.addresses = {"one.apps.test.": "127.0.0.2", "two.apps.test.": "127.0.0.3",
+                                "outside.example.": "127.0.0.2"}
+        port = free_port()
+        config = f"""
+listeners:
+  - name: edge
+    listen: "127.0.0.1:{port}"
+    routes: [{{match: {{protocol: tls}}, backend: by_name}}]
+    default: reject
+backends:
+  by_name: {{server_from: "{{sni}}:{one_port}", allow: ["*.apps.test"], resolve_timeout: 1s}}
+dns: {{servers: ["127.0.0.1:{dns_server.port}"]}}
+"""
+        with Router(tmp_path, config) as router:
+            assert tls_client(ca, port, "one.apps.test").startswith("one ")
+            assert tls_client(ca, port, "two.apps.test").startswith("two ")
+            assert tls_client(ca, port, "one.apps.test").startswith("one ")
+            queries_before = dns_server.questions.copy()
+            for refused_name in ("outside.example", "nope.apps.test"):
+                with pytest.raises((ssl.SSLError, OSError)):
+                    tls_client(ca, port, refused_name)
+
+            def rejected(reason):
+                return router.metric("l4router_connections_rejected_total", listener="edge",
+                                     reason=reason)
+
+            wait_until(lambda: rejected("name_not_allowed") == 1 and
+                       rejected("name_unresolved") == 1, message="both refusals counted")
+            lookups = {outcome: router.metric("l4router_backend_named_lookups_total",
+                                              backend="by_name", outcome=outcome)
+                       for outcome in ("cached", "resolved", "name_not_allowed",
+                                       "name_unresolved")}
+            servers = [e["server"] for e in router.wait_access_events(5)]
+    assert lookups == {"cached": 1, "resolved": 2, "name_not_allowed": 1, "name_unresolved": 1}
+    assert queries_before.count("one.apps.test.") == 1  # the second client used the cache
+    assert "outside.example." not in dns_server.questions  # never looked up
+    assert sorted(s for s in servers if s) == sorted(
+        [f"one.apps.test:{one_port}"] * 2 + [f"two.apps.test:{one_port}"])
+    assert one.connections == 2 and two.connections == 1

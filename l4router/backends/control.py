@@ -123,6 +123,9 @@ class RuntimeState:
         backend = backends.get(change.backend)
         if backend is None:
             raise ControlError(f"no backend is called {change.backend!r}", 404)
+        if backend.server_from is not None:
+            raise ControlError(f"backend {change.backend} takes its server from the client's "
+                               "name: it has none to change", 409)
         servers = self.servers_of(backend)
         if servers is None:
             if change.action in ("add", "remove"):

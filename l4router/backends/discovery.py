@@ -96,10 +96,7 @@ class SrvDiscovery(_Discovery):
 
     def __init__(self, group, settings, reactor, dns_settings):
         super().__init__(group, settings, reactor)
-        if dns_settings.servers:
-            self.resolver = client.Resolver(servers=list(dns_settings.servers), reactor=reactor)
-        else:
-            self.resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+        self.resolver = dns_resolver(dns_settings, reactor)
         self.timeout = (dns_settings.timeout,)
 
     @defer.inlineCallbacks
@@ -176,6 +173,13 @@ class FileDiscovery(_Discovery):
             except ValueError as exc:
                 raise DiscoveryFailed(f"entry {index}: {exc}") from None
         return tuple(sorted(set(servers), key=_order)), self.settings.refresh
+
+
+def dns_resolver(dns_settings, reactor):
+    """twisted.names asking `dns.servers`, or /etc/hosts then /etc/resolv.conf's servers."""
+    if dns_settings.servers:
+        return client.Resolver(servers=list(dns_settings.servers), reactor=reactor)
+    return client.createResolver()
 
 
 def _order(server: Server):

@@ -153,10 +153,10 @@ class BackendGroup:
 
     # Connecting a client
 
-    def connect(self, source):
+    def connect(self, source, fields=None):
         """Fires with (ServerState, BackendSide) once connected; the ServerState is acquired
         (release it when the relay ends). Fails with BackendUnavailable. Cancelling it stops
-        the attempt under way."""
+        the attempt under way. (`fields`, what detection found, matter to NamedServerGroup.)"""
         return _ConnectAttempt(self, source).start()
 
     def attempt_failed(self, server, attempt, failure):

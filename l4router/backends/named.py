@@ -1,0 +1,198 @@
+"""A backend whose server the client names: `server_from: "{sni}:443"` (or `{host}`,
+`{authority}`), as sniproxy's `*` does, fenced by a required `allow` list.
+
+This must never become an open relay: a name outside `allow` is refused (reason
+`name_not_allowed`) before anything is resolved; an allowed name is resolved within
+`resolve_timeout` and cached with its TTL (failures too, briefly), the cache bounded; a name
+that does not resolve is refused (`name_unresolved`). Metrics are by backend and outcome,
+never by name (a client chooses names).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import ClientFactory
+from twisted.logger import Logger
+from twisted.names import dns
+
+from l4router.backends.discovery import dns_resolver
+from l4router.backends.group import CONNECT_FAILED
+from l4router.errors import BackendUnavailable
+from l4router.relay import BackendSide
+
+log = Logger()
+
+NAME_NOT_ALLOWED = "name_not_allowed"
+NAME_UNRESOLVED = "name_unresolved"
+NAME_MISSING = "name_missing"  # the detected protocol gave no such field
+CLIENT_NAMED_REFUSALS = (NAME_NOT_ALLOWED, NAME_UNRESOLVED, NAME_MISSING)
+CACHE_SIZE = 4096
+MIN_TTL, MAX_TTL = 1.0, 300.0
+NEGATIVE_TTL = 5.0  # a name that did not resolve is not asked again before this
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]"
+                        r"([a-z0-9_-]{0,61}[a-z0-9])?)*")
+
+
+class NamedServer:
+    """The server a client named: what a relay needs of a server (no health, no metrics)."""
+
+    def __init__(self, group, label):
+        self.group = group
+        self.label = label
+        self.backend = group.name
+
+    def acquire(self):
+        self.group.active += 1
+
+    def release(self):
+        self.group.active -= 1
+
+    def status(self):
+        return {"server": self.label}
+
+
+class NamedServerGroup:
+    """Looks like a BackendGroup to a connection: connect(source, fields)."""
+
+    def __init__(self, backend, reactor, metrics, dns_settings):
+        self.config = backend
+        self.name = backend.name
+        self.reactor = reactor
+        self.metrics = metrics
+        self.resolver = dns_resolver(dns_settings, reactor)
+        self.timeout = backend.resolve_timeout
+        self.servers = []  # none of its own: runtime control has nothing to act on
+        self.active = 0
+        self._cache = collections.OrderedDict()  # name -> (address or None, expiry)
+        self._pending = {}  # name -> the Deferreds waiting for its lookup under way
+        self._lookups = {outcome: metrics.named_lookups.labels(backend.name, outcome)
+                         for outcome in ("cached", "resolved", NAME_NOT_ALLOWED,
+                                         NAME_UNRESOLVED, NAME_MISSING)}
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def status(self):
+        return {"backend": self.name, "balance": "server_from", "using_backup": False,
+                "server_from": self.config.server_from, "active_connections": self.active,
+                "cached_names": len(self._cache), "servers": []}
+
+    def using_backup(self):
+        return False
+
+    def server(self, label):
+        return None
+
+    def passive_result(self, server, ok, why):
+        pass  # no health to keep of a name
+
+    def pick(self, source):
+        raise BackendUnavailable(self.name, NAME_MISSING, "server_from is for TCP listeners")
+
+    def connect(self, source, fields=None):
+        """Fires with (NamedServer, BackendSide), acquired; fails with BackendUnavailable."""
+        try:
+            host, port = self._name(fields or {})
+        except BackendUnavailable:
+            return defer.fail()
+        resolving = self._address(host)
+        return resolving.addCallback(self._connect, host, port)
+
+    def _name(self, fields):
+        template = self.config.server_from
+        wanted = template.field
+        value = fields.get(wanted)
+        if not isinstance(value, str) or not value:
+            self._lookups[NAME_MISSING].inc()
+            raise BackendUnavailable(self.name, NAME_MISSING, f"no {wanted} to take a server from")
+        host = value.lower().rstrip(".")
+        if ":" in host:  # a Host header's port: the template's port is the one used
+            host = host.rsplit(":", 1)[0]
+        if not _HOST_NAME.fullmatch(host) or not self.config.allow.matches(host):
+            self._lookups[NAME_NOT_ALLOWED].inc()
+            raise BackendUnavailable(self.name, NAME_NOT_ALLOWED, "a name outside allow")
+        return host, template.port
+
+    def _address(self, host):
+        now = self.reactor.seconds()
+        cached = self._cache.get(host)
+        if cached is not None and cached[1] > now:
+            self._cache.move_to_end(host)
+            self._lookups["cached"].inc()
+            return defer.maybeDeferred(self._answer, cached[0], host)
+        waiter = defer.Deferred()
+        waiters = self._pending.get(host)
+        if waiters is None:
+            waiters = self._pending[host] = []
+            self._lookup(host)
+        waiters.append(waiter)
+        return waiter.addCallback(self._answer, host)
+
+    @defer.inlineCallbacks
+    def _lookup(self, host):
+        """Resolve `host` once for every client waiting; the outcome is cached either way."""
+        address, ttl = None, NEGATIVE_TTL
+        try:
+            answers, _, _ = yield self.resolver.lookupAddress(host, timeout=(self.timeout,))
+        except Exception:
+            answers = []
+        records = [a for a in answers if a.type == dns.A]
+        if records:
+            address = records[0].payload.dottedQuad()
+            ttl = min(max(min(r.ttl for r in records), MIN_TTL), MAX_TTL)
+        self._lookups["resolved" if address else NAME_UNRESOLVED].inc()
+        self._cache[host] = (address, self.reactor.seconds() + ttl)
+        self._cache.move_to_end(host)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        for waiter in self._pending.pop(host, ()):
+            if not waiter.called:  # not cancelled by a client that left
+                waiter.callback(address)
+
+    def _answer(self, address, host):
+        if address is None:
+            raise BackendUnavailable(self.name, NAME_UNRESOLVED, f"{host} has no address")
+        return address
+
+    def _connect(self, address, host, port):
+        server = NamedServer(self, f"{host}:{port}")
+        server.acquire()
+        return _OneConnect(server).start(self.reactor, address, port, self.config.connect_timeout)
+
+
+class _OneConnect(ClientFactory):
+    """One connect to the named server; cancelling it (the client left) stops it."""
+
+    noisy = False
+
+    def __init__(self, server):
+        self.server = server
+        self.side = BackendSide()
+        self.side.on_connected = self.connected
+        self.connector = None
+        self.done = defer.Deferred(lambda _: self.connector.stopConnecting())
+
+    def start(self, reactor, address, port, timeout):
+        self.connector = reactor.connectTCP(address, port, self, timeout=timeout)
+        return self.done
+
+    def buildProtocol(self, addr):
+        return self.side
+
+    def connected(self, side):
+        side.on_connected = None
+        self.done.callback((self.server, side))
+
+    def clientConnectionFailed(self, connector, reason):
+        self.server.release()
+        if not self.done.called:
+            kind = "refused" if reason.check(error.ConnectionRefusedError) else \
+                "timeout" if reason.check(error.TimeoutError) else "error"
+            self.done.errback(BackendUnavailable(self.server.group.name, CONNECT_FAILED,
+                                                 f"{self.server.label}: {kind}"))
