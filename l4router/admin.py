@@ -229,6 +229,15 @@ def _table(headers, rows):
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _named_row(backend):
+    """A backend with no servers of its own: the one its clients name (server_from), or none
+    yet (discovery has found none)."""
+    named = backend.get("server_from")
+    return {"server": f"named by the client: {named}" if named else "(none found yet)",
+            "address": "", "weight": "", "healthy": None, "state": "",
+            "active_connections": backend.get("active_connections", 0), "pool_idle": 0}
+
+
 def render_status_page(data):
     listeners = _table(
         ["listener", "addresses", "active", "accepted", "refused", "bytes/s", "detectors"],
@@ -244,7 +253,7 @@ def render_status_page(data):
                        s["server"] + (" (backup)" if s.get("backup") else ""), s["address"],
                        s["weight"], {True: "up", False: "DOWN"}.get(s["healthy"], "unknown"),
                        s.get("state", "enabled"), s["active_connections"], s["pool_idle"])
-                      for b in data["backends"] for s in b["servers"]])
+                      for b in data["backends"] for s in b["servers"] or [_named_row(b)]])
     recent = _table(["id", "listener", "source", "protocol", "route", "server", "bytes up",
                      "bytes down", "seconds", "close reason"],
                     [(c["connection_id"], c["listener"], c["source"], c["protocol"], c["route"],

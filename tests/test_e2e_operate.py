@@ -281,7 +281,7 @@ def test_status_page_in_headless_chromium(tmp_path):
     chromium = "/usr/bin/chromium"
     assert os.path.exists(chromium), "chromium missing: apt-get install chromium"
     with Backend("app", reply_with_name) as app:
-        port = free_port()
+        port, spare_port = free_port(), free_port()
         config = f"""
 listeners:
   - name: public_edge
@@ -292,9 +292,12 @@ listeners:
         backend: app_servers
     default: reject
 backends:
-  app_servers: {{servers: ["127.0.0.1:{app.port}"]}}
+  app_servers: {{servers: ["127.0.0.1:{app.port}", "127.0.0.1:{spare_port}"]}}
+  tenants: {{server_from: "{{sni}}:443", allow: ["*.tenants.test"]}}
 """
         with Router(tmp_path, config) as router:
+            assert router.post(f"/backends/app_servers/servers/127.0.0.1:{spare_port}/drain")[0] \
+                == 200
             assert ask(port, b"GET / HTTP/1.1\r\n\r\n").startswith(b"app:")
             url = f"http://127.0.0.1:{router.admin_port}/"
             flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -308,7 +311,8 @@ backends:
             subprocess.run([chromium, *flags, f"--screenshot={screenshot}",
                             "--window-size=1280,900", url], capture_output=True, timeout=60)
     for text in ("public_edge", f"127.0.0.1:{port}", "to_app", "app_servers",
-                 f"127.0.0.1:{app.port}", "completed", ">up<", ">state<", ">enabled<"):
+                 f"127.0.0.1:{app.port}", "completed", ">up<", ">state<", ">enabled<",
+                 ">draining<", "named by the client: {sni}:443"):
         assert text in dom, text
     assert screenshot.stat().st_size > 10000
 
