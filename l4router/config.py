@@ -18,6 +18,7 @@ import attrs
 import yaml
 
 from l4router.backends.probes import PROBES
+from l4router.parsers.proxyprotocol import PP_FIELDS
 
 try:  # the regular expression parser: re._parser on 3.11, sre_parse before
     from re import _constants as _regex_constants, _parser as _regex_parser
@@ -968,7 +969,7 @@ class _Builder:
         if not udp:
             accept_proxy = section.get("accept_proxy_protocol", _trusted_senders, ())
             relay = section.get("relay", _one_of(RELAY_MODES), "splice")
-        routes = self.routes(section, backends)
+        routes = self.routes(section, backends, proxied=bool(accept_proxy))
         target = self.target(backends)
         default = section.get("default", target, None)
         on_timeout = section.get("on_timeout", target, default)
@@ -1036,7 +1037,7 @@ class _Builder:
 
         return convert
 
-    def routes(self, listener, backends):
+    def routes(self, listener, backends, proxied):
         raw = listener.get("routes", lambda v: v, [])
         if raw is _MISSING:
             return _MISSING
@@ -1046,7 +1047,7 @@ class _Builder:
         routes = []
         for index, item in enumerate(raw):
             path = listener.key_path(f"routes[{index}]")
-            route = self.route(item, path, index, backends)
+            route = self.route(item, path, index, backends, proxied)
             routes.append(route)
         if None in routes:
             return _MISSING
@@ -1058,12 +1059,12 @@ class _Builder:
                     "before it matches every connection it would")
         return tuple(routes)
 
-    def route(self, raw, path, index, backends):
+    def route(self, raw, path, index, backends, proxied):
         section = self.reader.section(raw, path)
         if section is None:
             return None
         label = section.get("name", _name, f"routes[{index}]")
-        match = self.match(section)
+        match = self.match(section, proxied)
         backend = section.get("backend", self.target(backends), None)
         reject = section.get("reject", _boolean, False)
         fallback = section.get("fallback", self.target(backends), None)
@@ -1080,7 +1081,8 @@ class _Builder:
             return None
         return Route(label, match, None if reject else backend, fallback)
 
-    def match(self, route):
+    def match(self, route, proxied):
+        """`proxied`: the listener accepts PROXY headers, whose TLVs give pp_* fields."""
         raw = route.get("match", lambda v: v, {})
         section = self.reader.section(raw, route.key_path("match"))
         if section is None:
@@ -1097,11 +1099,16 @@ class _Builder:
             if not isinstance(key, str) or not FIELD_NAME_RE.match(key):
                 self.reader.problem(field_path, "a field name is lower-case letters, digits and '_'")
                 continue
-            if self.known_fields is not None and key not in self.known_fields:
+            if key in PP_FIELDS:
+                if not proxied:
+                    self.reader.problem(field_path, f"{key} comes from a PROXY v2 header: the "
+                                        "listener needs accept_proxy_protocol")
+                    continue
+            elif self.known_fields is not None and key not in self.known_fields:
                 self.reader.problem(field_path, f"no installed detector produces field {key!r} "
                                                 f"(known: {', '.join(sorted(self.known_fields))})")
                 continue
-            never = self.never_produced(protocols, key)
+            never = key not in PP_FIELDS and self.never_produced(protocols, key)
             if never:
                 self.reader.problem(field_path, f"protocol {never} never produces field {key!r}: "
                                                 "this route could never match")

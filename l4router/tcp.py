@@ -14,7 +14,7 @@ from zope.interface import implementer
 from l4router.addresses import normalise_host
 from l4router.backends.group import CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.backends.named import CLIENT_NAMED_REFUSALS
-from l4router.detection.decision import TIMEOUT, Decision
+from l4router.detection.decision import TIMEOUT, Decision, safe_value
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
 from l4router.listener import ListenerRuntime
@@ -130,6 +130,7 @@ class InboundConnection(Protocol):
         self.refuse_proxy_header = bool(factory.listener.accept_proxy_protocol) and \
             not header_expected
         self.buffer = b""
+        self.proxy_fields = None  # the TLVs of a v2 PROXY header, as route fields
         self.elicited = b""  # bytes the router sent the client during detection
         self.elicited_by = None  # the detector that asked for them, and rewrites the replay
         self._elicit_call = None  # the elicitation waiting for the client to go quiet
@@ -209,6 +210,7 @@ class InboundConnection(Protocol):
             self._reject(PROXY_PROTOCOL)
             return False
         self.awaiting_proxy_header = False
+        self.proxy_fields = header.fields
         self.buffer = self.buffer[header.length:]
         if header.source is not None:
             self.source, self.source_port = normalise_host(header.source), header.source_port
@@ -263,6 +265,10 @@ class InboundConnection(Protocol):
 
     def _decided(self, decision):
         self._cancel_detect_timer()
+        if self.proxy_fields:  # what the balancer in front said, for routes and the log
+            decision = Decision(decision.protocol,
+                                {**decision.fields, **{k: safe_value(v) for k, v in
+                                                       self.proxy_fields.items()}})
         self.decision = decision
         metrics = self.factory.metrics
         metrics.detection_seconds.observe(self.factory.clock.seconds() - self.started)

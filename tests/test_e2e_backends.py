@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import threading
@@ -12,9 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import trustme
 
 from tests.support import (
-    Backend, Router, ask, free_port, listening, reply_with_name, wait_until)
+    Backend, Router, ask, free_port, http_reply_with_name, listening, reply_with_name,
+    wait_until)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -511,3 +514,73 @@ backends:
             assert (event["route"], event["backend"]) == ("web", "spare")
             assert router.metric("l4router_connections_fallback_total", listener="edge",
                                  route="web", backend="spare") == 1
+
+
+def test_proxy_v2_tlvs_from_haproxy_become_route_fields(tmp_path):
+    """HAProxy, the real sending peer, terminates TLS and puts the SNI, the ALPN, its unique
+    id and the SSL TLV in its v2 header: l4router routes on pp_authority and logs them all."""
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    assert os.path.exists(haproxy), "haproxy missing: apt-get install haproxy"
+    ca = trustme.CA()
+    certificate = ca.issue_cert("one.test", "two.test")
+    pem = tmp_path / "haproxy.pem"
+    pem.write_bytes(certificate.private_key_and_cert_chain_pem.bytes())
+    with Backend("one", http_reply_with_name) as one, Backend("two", http_reply_with_name) as two:
+        router_port, haproxy_port = free_port(), free_port()
+        (tmp_path / "haproxy.cfg").write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind 127.0.0.1:{haproxy_port} ssl crt {pem} alpn http/1.1
+    unique-id-format hap-%{{+X}}o%ci%cp
+    default_backend router
+backend router
+    server l4router 127.0.0.1:{router_port} send-proxy-v2 proxy-v2-options authority,unique-id,ssl,crc32c
+""")
+        peer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: listening(haproxy_port), message="haproxy listening")
+            config = f"""
+listeners:
+  - name: behind_haproxy
+    listen: "127.0.0.1:{router_port}"
+    accept_proxy_protocol: {{from: [127.0.0.1/32]}}
+    routes:
+      - {{match: {{protocol: http1, pp_authority: one.test, pp_ssl: true}}, backend: one}}
+      - {{match: {{pp_authority: two.test}}, backend: two}}
+    default: reject
+backends:
+  one: {{servers: ["127.0.0.1:{one.port}"]}}
+  two: {{servers: ["127.0.0.1:{two.port}"]}}
+"""
+            with Router(tmp_path, config) as router:
+                context = ssl.create_default_context()
+                ca.configure_trust(context)
+                context.set_alpn_protocols(["http/1.1"])
+                for name in ("one.test", "two.test"):
+                    with socket.create_connection(("127.0.0.1", haproxy_port), timeout=10) as raw, \
+                            context.wrap_socket(raw, server_hostname=name) as tls:
+                        tls.sendall(b"GET /x HTTP/1.1\r\nHost: any\r\n\r\n")
+                        assert read_all(tls).endswith(f"{name.split('.')[0]} /x".encode())
+                events = router.wait_access_events(2)
+        finally:
+            peer.terminate()
+            peer.wait(10)
+    fields = [e["fields"] for e in events]
+    assert [f["pp_authority"] for f in fields] == ["one.test", "two.test"]
+    assert all(f["pp_alpn"] == "http/1.1" and f["pp_ssl"] is True for f in fields)
+    assert all(f["pp_unique_id"].startswith("hap-") for f in fields)
+    assert fields[0]["pp_ssl_version"].startswith("TLSv1.")
+    assert [e["backend"] for e in events] == ["one", "two"]
+    assert all(e["source"] == "127.0.0.1" for e in events)
+
+
+def read_all(tls):
+    data = b""
+    while chunk := tls.recv(4096):
+        data += chunk
+    return data

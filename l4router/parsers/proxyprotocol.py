@@ -27,6 +27,7 @@ class ProxyHeader:
     destination: str | None
     destination_port: int | None
     length: int  # bytes of header to remove from the stream
+    fields: dict = attrs.field(factory=dict)  # v2 TLVs as route fields: pp_authority, ...
 
 
 def starts_with_header(data):
@@ -83,16 +84,75 @@ def _v2(data):
         return ProxyHeader(2, None, None, None, None, total)
     if family == 0x11 and length >= 12:  # TCP over IPv4
         source, destination = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
-        ports = body[8:10], body[10:12]
+        ports, tlvs = (body[8:10], body[10:12]), body[12:]
     elif family == 0x21 and length >= 36:  # TCP over IPv6
         source, destination = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])
-        ports = body[32:34], body[34:36]
+        ports, tlvs = (body[32:34], body[34:36]), body[36:]
     elif family == 0x00:  # UNSPEC
         return ProxyHeader(2, None, None, None, None, total)
     else:
         return Invalid(f"v2 address family 0x{family:02x} not supported")
+    fields = tlv_fields(tlvs)
+    if isinstance(fields, Invalid):
+        return fields
     return ProxyHeader(2, str(source), int.from_bytes(ports[0], "big"), str(destination),
-                       int.from_bytes(ports[1], "big"), total)
+                       int.from_bytes(ports[1], "big"), total, fields)
+
+
+# TLVs received (PROXY protocol 2.2.x): the ones that become route fields.
+PP2_TYPE_SSL = 0x20
+PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CN = 0x22
+PP2_TYPE_AWS = 0xEA
+PP2_SUBTYPE_AWS_VPCE_ID = 0x01
+PP2_CLIENT_SSL = 0x01
+MAX_TLVS = 16  # more is not a balancer's header
+FIELD_OF_TLV = {0x01: "pp_alpn", 0x02: "pp_authority", 0x05: "pp_unique_id"}
+PP_FIELDS = ("pp_alpn", "pp_authority", "pp_unique_id", "pp_aws_vpce_id", "pp_ssl",
+             "pp_ssl_version", "pp_ssl_cn")
+
+
+def tlv_fields(data):
+    """The route fields of a v2 header's TLVs, or Invalid when they do not add up. Values are
+    text (printable ASCII kept, anything else as hex), at most MAX_TLV_VALUE long."""
+    fields = {}
+    records = _tlv_records(data)
+    if records is None:
+        return Invalid("v2 TLVs malformed or too many")
+    for kind, value in records:
+        if kind in FIELD_OF_TLV:
+            fields[FIELD_OF_TLV[kind]] = _text(value)
+        elif kind == PP2_TYPE_AWS and value[:1] == bytes([PP2_SUBTYPE_AWS_VPCE_ID]):
+            fields["pp_aws_vpce_id"] = _text(value[1:])
+        elif kind == PP2_TYPE_SSL and len(value) >= 5:
+            fields["pp_ssl"] = bool(value[0] & PP2_CLIENT_SSL)
+            for sub, sub_value in _tlv_records(value[5:]) or ():
+                if sub == PP2_SUBTYPE_SSL_VERSION:
+                    fields["pp_ssl_version"] = _text(sub_value)
+                elif sub == PP2_SUBTYPE_SSL_CN:
+                    fields["pp_ssl_cn"] = _text(sub_value)
+    return fields
+
+
+def _tlv_records(data):
+    records, offset = [], 0
+    while offset < len(data):
+        if offset + 3 > len(data) or len(records) == MAX_TLVS:
+            return None
+        length = int.from_bytes(data[offset + 1:offset + 3], "big")
+        end = offset + 3 + length
+        if end > len(data):
+            return None
+        records.append((data[offset], data[offset + 3:end]))
+        offset = end
+    return records
+
+
+def _text(value):
+    value = value[:MAX_TLV_VALUE]
+    if all(0x20 < byte < 0x7F for byte in value):
+        return value.decode("ascii")
+    return value.hex()
 
 
 def v1_header(source, source_port, destination, destination_port):
