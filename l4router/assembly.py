@@ -14,8 +14,8 @@ from l4router.backends.group import BackendGroup
 from l4router.backends.named import NamedServerGroup
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for
-from l4router.limits import Admission, LocalLimit, Unlimited
-from l4router.shared_limits import PROCESS, listener_key
+from l4router.limits import Admission, ChoiceLimits, LocalLimit, NameLimit, Unlimited
+from l4router.shared_limits import PROCESS, backend_key, listener_key, route_key
 from l4router.metrics import RouterMetrics
 from l4router.service import ListenerService
 from l4router.tcp import ListenerFactory
@@ -48,6 +48,7 @@ class RouterAssembly:
         self.shared_limits = shared_limits
         self.process_limit = self.shared_limit(PROCESS) or LocalLimit()  # every listener's
         self.recent = collections.deque(maxlen=RECENT_CONNECTIONS)  # closed, newest last
+        self.keyed = {}  # route or backend key -> its limit, kept across reloads
 
     def shared_limit(self, key):
         """In a worker: the shared limit for `key`, or Unlimited (None when not a worker)."""
@@ -56,6 +57,25 @@ class RouterAssembly:
         if self.shared_limits.get(key) is None:
             self.shared_limits.refresh()  # a listener a reload has just added, say
         return self.shared_limits.get(key) or Unlimited()
+
+    def keyed_limit(self, key, maximum):
+        """The limit of a route or a backend, at `maximum`: shared with the other workers
+        under a supervisor (as the listener's), else this process's."""
+        limit = self.keyed.get(key)
+        if limit is None:
+            limit = self.keyed[key] = self.shared_limit(key) or LocalLimit()
+        limit.set_maximum(maximum)
+        return limit
+
+    def choice_limits(self, listener, config):
+        routes = {route.label: self.keyed_limit(route_key(listener.name, route.label),
+                                                route.max_connections)
+                  for route in listener.routes if route.max_connections is not None}
+        names = None
+        if listener.max_connections_per_name is not None:
+            workers = config.workers if self.shared_limits is not None else 1
+            names = NameLimit(listener.max_connections_per_name, workers)
+        return ChoiceLimits(routes, names)
 
     def apply_limits(self, config):
         if self.shared_limits is not None:
@@ -71,6 +91,10 @@ class RouterAssembly:
         if not self.runtime.writable:
             self.runtime.load()  # a worker: what its supervisor has recorded by now
         self.runtime.apply(groups)
+        for name, group in groups.items():
+            maximum = config.backends[name].max_connections
+            if maximum is not None:
+                group.limit = self.keyed_limit(backend_key(name), maximum)
         return groups
 
     def listener_detectors(self, listener):
@@ -92,9 +116,11 @@ class RouterAssembly:
                       listener.max_connections_per_source, listener.ipv6_source_prefix,
                       listener=self.shared_limit(listener_key(listener.name))),
             self.metrics.for_listener(listener.name), self.reactor,
-            access_log=access_log_wanted(config), recent=self.recent)
+            access_log=access_log_wanted(config), recent=self.recent,
+            choice_limits=self.choice_limits(listener, config))
 
     def reconfigure_factory(self, factory, listener, config, groups):
         """Keep a listener's sockets and connections; new connections follow `listener`."""
         factory.reconfigure(listener, self.listener_detectors(listener), groups,
-                            access_log=access_log_wanted(config))
+                            access_log=access_log_wanted(config),
+                            choice_limits=self.choice_limits(listener, config))

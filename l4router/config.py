@@ -93,6 +93,7 @@ class Route:
     match: RouteMatch
     backend: str | None  # None: reject
     fallback: str | None = None  # the backend used while `backend` has no server up
+    max_connections: int | None = None  # concurrent connections this route admits
 
 
 @attrs.frozen
@@ -127,6 +128,7 @@ class Listener:
     relay: str = "splice"  # splice (zero-copy after the replay where os.splice exists) | copy
     ipv6_source_prefix: int = DEFAULT_IPV6_SOURCE_PREFIX  # per-source limits count IPv6 by prefix
     rate_per_source: RateLimit | None = None  # new connections (sessions) a source may open
+    max_connections_per_name: int | None = None  # concurrent per detected SNI/Host/:authority
 
 
 @attrs.frozen
@@ -189,6 +191,7 @@ class Backend:
     health_check: HealthCheckSettings | None = None  # None: no active or passive checks
     pool: PoolSettings = PoolSettings()
     max_connections_per_server: int | None = None
+    max_connections: int | None = None  # concurrent connections to all its servers together
     proxy_protocol: str = "none"
     proxy_tlvs: tuple = ()  # PROXY v2 TLVs sent: authority, alpn, unique_id
     discovery: Discovery | None = None  # servers from DNS SRV or a watched file, not `servers`
@@ -847,16 +850,19 @@ class _Builder:
             self.reader.problem(f"{path}.pool.max_idle", f"must be at least min_idle ({pool.min_idle})")
             pool = _MISSING
         per_server = section.get("max_connections_per_server", _positive_int, None)
+        maximum = section.get("max_connections", _positive_int, None)
         proxy_protocol = section.get("proxy_protocol", _proxy_protocol_out, ("none", ()))
         section.finish()
         values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol,
-                  discovery, named)
+                  discovery, named, maximum)
         if _MISSING in parsed or not (parsed or discovery or named) or _MISSING in values:
             return None
         version, tlvs = proxy_protocol
         server_from, allow, resolve_timeout = named or (None, None, 1.0)
         return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
-                       per_server, version, tlvs, discovery, server_from, allow, resolve_timeout)
+                       max_connections_per_server=per_server, max_connections=maximum,
+                       proxy_protocol=version, proxy_tlvs=tlvs, discovery=discovery,
+                       server_from=server_from, allow=allow, resolve_timeout=resolve_timeout)
 
     def named_server(self, section, path, servers):
         """`server_from` with its required `allow` (and `resolve_timeout`), or None."""
@@ -966,23 +972,31 @@ class _Builder:
                                    DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
         accept_proxy = ()
         relay = "splice"
+        per_name = None
         if not udp:
             accept_proxy = section.get("accept_proxy_protocol", _trusted_senders, ())
             relay = section.get("relay", _one_of(RELAY_MODES), "splice")
+            per_name = section.get("max_connections_per_name", _positive_int, None)
         routes = self.routes(section, backends, proxied=bool(accept_proxy))
+        if udp and routes is not _MISSING:
+            for index, route in enumerate(routes):
+                if route.max_connections is not None:
+                    self.reader.problem(section.key_path(f"routes[{index}].max_connections"),
+                                        "is for tcp listeners (UDP sessions: max_sessions)")
         target = self.target(backends)
         default = section.get("default", target, None)
         on_timeout = section.get("on_timeout", target, default)
         section.finish()
         values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
-                  routes, default, on_timeout, accept_proxy, relay, ipv6_prefix, rate)
+                  routes, default, on_timeout, accept_proxy, relay, ipv6_prefix, rate, per_name)
         if _MISSING in values:
             return None
         return Listener(name=name, transport=transport, listen=listen, detect=detect,
                         max_connections=max_connections, max_connections_per_source=per_source,
                         idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
                         default=default, accept_proxy_protocol=accept_proxy, relay=relay,
-                        ipv6_source_prefix=ipv6_prefix, rate_per_source=rate)
+                        ipv6_source_prefix=ipv6_prefix, rate_per_source=rate,
+                        max_connections_per_name=per_name)
 
     @staticmethod
     def listen_list(value):
@@ -1068,6 +1082,7 @@ class _Builder:
         backend = section.get("backend", self.target(backends), None)
         reject = section.get("reject", _boolean, False)
         fallback = section.get("fallback", self.target(backends), None)
+        maximum = section.get("max_connections", _positive_int, None)
         section.finish()
         if section.has("backend") == bool(reject):
             self.reader.problem(path, "needs exactly one of backend: NAME or reject: true")
@@ -1076,10 +1091,10 @@ class _Builder:
             self.reader.problem(f"{path}.fallback", "names another backend, for a route to a "
                                                    "backend")
             return None
-        if _MISSING in (label, match, fallback) or (section.has("backend") and
-                                                    backend is _MISSING):
+        if _MISSING in (label, match, fallback, maximum) or (section.has("backend") and
+                                                             backend is _MISSING):
             return None
-        return Route(label, match, None if reject else backend, fallback)
+        return Route(label, match, None if reject else backend, fallback, maximum)
 
     def match(self, route, proxied):
         """`proxied`: the listener accepts PROXY headers, whose TLVs give pp_* fields."""

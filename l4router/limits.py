@@ -18,6 +18,9 @@ LIMIT_PROCESS = "limit_process"
 LIMIT_LISTENER = "limit_listener"
 LIMIT_SOURCE = "limit_source"
 RATE_SOURCE = "rate_source"
+LIMIT_ROUTE = "limit_route"
+LIMIT_BACKEND = "limit_backend"
+LIMIT_NAME = "limit_name"
 MAX_IDLE_BUCKETS = 10000  # past this, full buckets (equal to none) are dropped
 
 
@@ -76,6 +79,45 @@ class Unlimited(LocalLimit):
 
     def set_maximum(self, maximum: int | None) -> None:
         pass
+
+
+class NameLimit:
+    """Concurrent connections per detected name (SNI, Host, :authority) of one listener.
+
+    Names are not steered to one worker (they are known only after the accept), so with N
+    workers each admits `maximum // N` of a name (at least 1): together never more than the
+    maximum (unless it is below N), possibly fewer while one worker has more of them."""
+
+    def __init__(self, maximum: int | None, workers: int = 1):
+        self.counts = collections.Counter()
+        self.workers = workers
+        self.set_maximum(maximum)
+
+    def set_maximum(self, maximum: int | None) -> None:
+        self.maximum = None if maximum is None else max(1, maximum // self.workers)
+
+    def try_acquire(self, name: str) -> bool:
+        if self.maximum is not None and self.counts[name] >= self.maximum:
+            return False
+        self.counts[name] += 1
+        return True
+
+    def release(self, name: str) -> None:
+        remaining = self.counts[name] - 1
+        if remaining > 0:
+            self.counts[name] = remaining
+        else:
+            del self.counts[name]
+
+
+class ChoiceLimits:
+    """The limits a connection meets once its route is chosen: the route's (`routes`: route
+    label -> limit, shared with the other workers like the listener's) and its detected
+    name's (`names`). A backend's own limit is its group's (`limit`)."""
+
+    def __init__(self, routes=None, names: NameLimit | None = None):
+        self.routes = routes or {}
+        self.names = names
 
 
 class Admission:

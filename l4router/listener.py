@@ -5,6 +5,7 @@ import collections
 
 from twisted.logger import Logger
 
+from l4router.limits import ChoiceLimits
 from l4router.relay import IdleSweeper
 from l4router.routing import RouteTable
 
@@ -33,7 +34,7 @@ class RateLimitedLog:
 
 class ListenerRuntime:
     def __init__(self, listener, detectors, backends, admission, metrics, clock,
-                 access_log=True, recent=None):
+                 access_log=True, recent=None, choice_limits=None):
         self.name = listener.name
         self.admission = admission
         self.metrics = metrics
@@ -44,16 +45,17 @@ class ListenerRuntime:
         self.bytes_closed = 0  # relayed by connections or sessions that have ended, both ways
         self.idle_sweeper = None
         self.refusals = RateLimitedLog(clock, REFUSAL_LOG_INTERVAL)
-        self.reconfigure(listener, detectors, backends, access_log)
+        self.reconfigure(listener, detectors, backends, access_log, choice_limits)
 
     def log_refusals(self, reason, count):
         log.warn("Listener {listener} refused {count} connections ({reason}) in the last "
                  "{interval:.0f}s", listener=self.name, count=count, reason=reason,
                  interval=REFUSAL_LOG_INTERVAL)
 
-    def reconfigure(self, listener, detectors, backends, access_log=True):
+    def reconfigure(self, listener, detectors, backends, access_log=True, choice_limits=None):
         """New connections follow this listener config; open ones keep going as they are."""
         self.listener = listener
+        self.choice_limits = choice_limits or ChoiceLimits()
         self.detectors = detectors
         self.routes = RouteTable(listener)
         self.backends = backends

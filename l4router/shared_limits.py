@@ -42,13 +42,29 @@ def listener_key(name: str) -> str:
     return f"listener:{name}"
 
 
+def route_key(listener: str, route: str) -> str:
+    return f"route:{listener}/{route}"
+
+
+def backend_key(name: str) -> str:
+    return f"backend:{name}"
+
+
+def limit_keys(config) -> dict[str, int | None]:
+    """{key: maximum or None} of every limit `config` could have that workers share."""
+    limits = {PROCESS: config.max_connections}
+    for listener in config.listeners:
+        limits[listener_key(listener.name)] = listener.max_connections
+        for route in listener.routes:
+            limits[route_key(listener.name, route.label)] = route.max_connections
+    for name, backend in config.backends.items():
+        limits[backend_key(name)] = backend.max_connections
+    return limits
+
+
 def wanted_limits(config) -> dict[str, int]:
     """{key: maximum} of the finite limits of `config` that workers share."""
-    limits = {listener_key(listener.name): listener.max_connections
-              for listener in config.listeners if listener.max_connections is not None}
-    if config.max_connections is not None:
-        limits[PROCESS] = config.max_connections
-    return limits
+    return {key: maximum for key, maximum in limit_keys(config).items() if maximum is not None}
 
 
 class LimitTable:
@@ -79,10 +95,10 @@ class LimitTable:
     def apply(self, config) -> list[str]:
         """Create or adjust the semaphores for `config`; write the index the workers read.
         Returns the keys whose change waits for a restart: a limit added to, or removed
-        from, a listener that already runs (its open connections hold no permits, or would
-        have to give back to nothing)."""
+        from, a listener, route or backend that already runs (its open connections hold no
+        permits, or would have to give back to nothing)."""
         wanted = wanted_limits(config)
-        present = {listener_key(listener.name) for listener in config.listeners} | {PROCESS}
+        present = set(limit_keys(config))
         restart_needed = []
         for key in sorted(present):
             maximum = wanted.get(key)

@@ -17,6 +17,7 @@ from l4router.backends.named import CLIENT_NAMED_REFUSALS
 from l4router.detection.decision import TIMEOUT, Decision, safe_value
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
+from l4router.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
 from l4router.listener import ListenerRuntime
 from l4router.parsers import INCOMPLETE, proxyprotocol
 from l4router import splice
@@ -148,6 +149,8 @@ class InboundConnection(Protocol):
         self.started = factory.clock.seconds()
         self._detect_timer = None
         self._connecting = None
+        self._held = []  # how to give back the route's and the name's permits
+        self._backend_permit = None  # the backend's limit, while it holds one of it
         self._ended = False
 
     def connectionMade(self):
@@ -280,15 +283,44 @@ class InboundConnection(Protocol):
         if choice.backend is None:
             self._reject(REJECTED)
             return
+        refusal = self._hold_choice_limits(choice.route, decision.fields)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
         self.backend_name = choice.backend
         self._fallback = choice.fallback
         self._connect(self.factory.backends[choice.backend])
 
     # Connecting
 
+    def _hold_choice_limits(self, route, fields):
+        """Take the route's and the detected name's permits; the reason of a refusal."""
+        limits = self.factory.choice_limits
+        limit = limits.routes.get(route)
+        if limit is not None:
+            if not limit.try_acquire():
+                return LIMIT_ROUTE
+            self._held.append(limit.release)
+        names = limits.names
+        name = names is not None and (fields.get("sni") or fields.get("host") or
+                                      fields.get("authority"))
+        if name:
+            if not names.try_acquire(name):
+                return LIMIT_NAME
+            self._held.append(lambda: names.release(name))
+        return None
+
     def _connect(self, group):
         # The client is read on while the backend connects (bytes wait in the buffer, up to
         # max_bytes): pausing and resuming it would cost two epoll_ctl per connection.
+        if self._backend_permit is not None:  # a fallback: the first backend's goes back
+            self._backend_permit.release()
+            self._backend_permit = None
+        if group.limit is not None:
+            if not group.limit.try_acquire():
+                self._refuse(LIMIT_BACKEND)
+                return
+            self._backend_permit = group.limit
         self.group = group
         self._connecting = group.connect(self.source, self.decision.fields)
         self._connecting.addCallbacks(self._connected, self._connect_failed)
@@ -397,6 +429,11 @@ class InboundConnection(Protocol):
         self.factory.metrics.rejected(reason).inc()
         self._close(reason)
 
+    def _refuse(self, reason):
+        """A limit refused it: counted, and logged at a bounded rate."""
+        self.factory.refusals.event(reason, self.factory.log_refusals)
+        self._reject(reason)
+
     def _close(self, reason):
         self.close_reason = reason
         self.transport.loseConnection()
@@ -418,6 +455,10 @@ class InboundConnection(Protocol):
         self._ended = True
         factory = self.factory
         factory.connection_ended(self)
+        for release in self._held:
+            release()
+        if self._backend_permit is not None:
+            self._backend_permit.release()
         metrics = factory.metrics
         metrics.closed(reason).inc()
         if self.server is not None:

@@ -139,6 +139,9 @@ BAD = [
      "{probe: http, path: 'no slash'}}}", "backends.b.health_check.path", "starting with /"),
     (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nstate_file: relative.json", "state_file",
      "absolute file path"),
+    (f"listeners: [{{name: a, transport: udp, listen: ':1', routes: [{{match: {{}}, backend: b, "
+     f"max_connections: 3}}]}}]\n{BASE_BACKENDS}", "listeners[0].routes[0].max_connections",
+     "is for tcp listeners"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {pp_authority: x}, reject: true}]}]",
      "listeners[0].routes[0].match.pp_authority", "needs accept_proxy_protocol"),
     (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: x, file: /y}}}}}}",

@@ -187,3 +187,83 @@ def test_new_connections_per_source_are_rate_limited_exactly(tmp_path, workers):
                                      reason="rate_source") == 4
             finally:
                 close_all(results)
+
+
+def http_clients(port, host, sources):
+    """`open_clients` with an HTTP/1 request for `host` (routes and names see it)."""
+    clients = []
+    for source in sources:
+        client = socket.socket()
+        client.settimeout(10)
+        client.bind((source, 0))
+        client.connect(("127.0.0.1", port))
+        client.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        clients.append(client)
+    results = []
+    for client in clients:
+        try:
+            results.append((client, client.recv(10) == b"ok"))
+        except OSError:
+            results.append((client, False))
+    return results
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_route_and_backend_limits_admit_exactly_their_maximum(tmp_path, workers):
+    with HeldBackend() as backend:
+        port = free_port()
+        config = f"""
+listeners:
+  - name: front
+    listen: "127.0.0.1:{port}"
+    detect: {{timeout: 200ms}}
+    routes:
+      - {{name: capped_route, match: {{host: r.test}}, backend: held, max_connections: 3}}
+      - {{name: other, match: {{host: b.test}}, backend: capped}}
+    default: reject
+backends:
+  held: {{servers: ["127.0.0.1:{backend.port}"]}}
+  capped: {{servers: ["127.0.0.1:{backend.port}"], max_connections: 4}}
+"""
+        with Router(tmp_path, config, workers=workers) as router:
+            sources = [f"127.0.0.{i}" for i in range(10, 30)]
+            routed = http_clients(port, "r.test", sources[:10])
+            capped = http_clients(port, "b.test", sources[10:])
+            admitted = (sum(ok for _, ok in routed), sum(ok for _, ok in capped))
+
+            def refused(reason):
+                return router.metric("l4router_connections_rejected_total", listener="front",
+                                     reason=reason)
+
+            wait_until(lambda: (refused("limit_route"), refused("limit_backend")) == (7, 6),
+                       message="the refusals counted")
+            for client, _ in routed + capped:
+                client.close()
+            # Given back: as many are admitted again.
+            wait_until(lambda: router.metric("l4router_connections_active", listener="front")
+                       == 0, message="every connection ended")
+            again = http_clients(port, "r.test", sources[:3])
+            assert all(ok for _, ok in again)
+            for client, _ in again:
+                client.close()
+    assert admitted == (3, 4)
+    logged = [e for e in router.events() if e.get("reason") in ("limit_route", "limit_backend")
+              and "refused" in e.get("log_format", "")]
+    assert logged  # one rate-limited line per reason, not one per connection
+    assert len(logged) <= 2 * workers
+
+
+def test_a_name_limit_counts_each_sni_or_host_apart(tmp_path):
+    with HeldBackend() as backend:
+        port = free_port()
+        config = limits_config(port, backend, "max_connections_per_name: 2")
+        with Router(tmp_path, config) as router:
+            results = (http_clients(port, "a.test", ["127.0.0.2"] * 4)
+                       + http_clients(port, "b.test", ["127.0.0.3"] * 3))
+            admitted = [ok for _, ok in results]
+            wait_until(lambda: router.metric("l4router_connections_rejected_total",
+                                             listener="front", reason="limit_name") == 3,
+                       message="the refusals counted")
+            for client, _ in results:
+                client.close()
+    assert (sum(admitted[:4]), sum(admitted[4:])) == (2, 2)  # which ones: the order they came

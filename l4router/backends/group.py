@@ -40,6 +40,8 @@ def failure_reason(failure):
 class BackendGroup:
     """The servers of one backend and how a client is connected to one of them."""
 
+    limit = None  # its `max_connections`, held by each client connected through it
+
     def __init__(self, backend, reactor, metrics, jitter_random=None, dns_settings=None):
         self.config = backend
         self.name = backend.name

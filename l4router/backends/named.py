@@ -57,6 +57,8 @@ class NamedServer:
 class NamedServerGroup:
     """Looks like a BackendGroup to a connection: connect(source, fields)."""
 
+    limit = None  # its `max_connections`, held by each client connected through it
+
     def __init__(self, backend, reactor, metrics, dns_settings):
         self.config = backend
         self.name = backend.name
