@@ -198,6 +198,7 @@ class Backend:
     server_from: ServerFrom | None = None  # the server the client names, within `allow`
     allow: GlobSet | None = None  # the names server_from may take
     resolve_timeout: float = 1.0  # server_from: how long a name may take to resolve
+    transparent: bool = False  # connect from the client's own address (IP_TRANSPARENT)
 
 
 @attrs.frozen
@@ -851,10 +852,15 @@ class _Builder:
             pool = _MISSING
         per_server = section.get("max_connections_per_server", _positive_int, None)
         maximum = section.get("max_connections", _positive_int, None)
+        transparent = section.get("transparent", _boolean, False)
+        if transparent is True and isinstance(pool, PoolSettings) and pool.min_idle:
+            self.reader.problem(f"{path}.transparent", "cannot go with pool.min_idle: a spare "
+                                "connection is made before there is a client to send it from")
+            transparent = _MISSING
         proxy_protocol = section.get("proxy_protocol", _proxy_protocol_out, ("none", ()))
         section.finish()
         values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol,
-                  discovery, named, maximum)
+                  discovery, named, maximum, transparent)
         if _MISSING in parsed or not (parsed or discovery or named) or _MISSING in values:
             return None
         version, tlvs = proxy_protocol
@@ -862,7 +868,8 @@ class _Builder:
         return Backend(name, tuple(parsed), balance, connect_timeout, retry, health, pool,
                        max_connections_per_server=per_server, max_connections=maximum,
                        proxy_protocol=version, proxy_tlvs=tlvs, discovery=discovery,
-                       server_from=server_from, allow=allow, resolve_timeout=resolve_timeout)
+                       server_from=server_from, allow=allow, resolve_timeout=resolve_timeout,
+                       transparent=transparent)
 
     def named_server(self, section, path, servers):
         """`server_from` with its required `allow` (and `resolve_timeout`), or None."""

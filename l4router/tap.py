@@ -11,6 +11,7 @@ from twisted.python import usage
 from l4router.admin import admin_site, supervisor_site
 from l4router.assembly import RouterAssembly
 from l4router.backends.control import RuntimeState
+from l4router.backends.transparent import check_transparent_allowed
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
@@ -78,6 +79,13 @@ class Options(usage.Options):
             raise SystemExit(2)
         for warning in self.loaded.warnings:
             sys.stderr.write(f"l4router: warning: {warning}\n")
+        transparent = [name for name, b in self.loaded.backends.items() if b.transparent]
+        why = transparent and not self["check"] and check_transparent_allowed()
+        if transparent and (self.parent or {}).get("uid") is not None:
+            why = "--uid drops CAP_NET_ADMIN, which transparent mode needs while it runs"
+        if why:
+            sys.stderr.write(f"l4router: backends.{transparent[0]}.transparent: {why}\n")
+            raise SystemExit(2)
         if self["check"]:
             sys.stdout.write(f"l4router: {path} is valid: {len(self.loaded.listeners)} "
                              f"listeners, {len(self.loaded.backends)} backends\n")

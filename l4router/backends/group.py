@@ -14,6 +14,7 @@ from l4router.backends.health import HealthChecker
 from l4router.backends.pool import ServerPool
 from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
+from l4router.backends.transparent import connect_from
 from l4router.config import DnsSettings
 from l4router.errors import BackendUnavailable
 from l4router.relay import BackendSide
@@ -278,8 +279,12 @@ class _ConnectAttempt(ClientFactory):
             self.clientConnectionFailed(None, Failure(error.DNSLookupError(
                 f"{server.server.host} not resolved yet")))
             return
-        self.connector = group.reactor.connectTCP(server.address, server.server.port, self,
-                                                  timeout=group.config.connect_timeout)
+        if group.config.transparent:
+            self.connector = connect_from(group.reactor, self.source, server.address,
+                                          server.server.port, self, group.config.connect_timeout)
+        else:
+            self.connector = group.reactor.connectTCP(server.address, server.server.port, self,
+                                                      timeout=group.config.connect_timeout)
 
     def buildProtocol(self, addr):
         return self.backend_side
