@@ -256,6 +256,7 @@ class Config:
     logging: LoggingSettings
     workers: int = 1  # processes: 1 runs in this process, more run under a supervisor
     state_file: str | None = None  # where runtime changes to servers outlive a restart
+    upgrade_socket: str | None = None  # where a new process takes the listening sockets over
     dns: DnsSettings = DnsSettings()
     source: str = ""  # the file it came from, for logs
     digest: str = ""  # sha256 of the file (the admin token redacted), to tell configs apart
@@ -712,9 +713,8 @@ def _dns_servers(value):
     return tuple(servers)
 
 
-def _state_file(value):
-    """An absolute path in a directory that exists (the file itself is written at the first
-    runtime change)."""
+def _file_path(value):
+    """An absolute path in a directory that exists (the file itself is made later)."""
     if not isinstance(value, str) or not os.path.isabs(value):
         raise _Invalid(f"must be an absolute file path, not {value!r}")
     if not os.path.isdir(os.path.dirname(value)):
@@ -775,7 +775,8 @@ class _Builder:
         admin = self.admin(top)
         logging = self.logging(top)
         workers = self.workers(top, listeners)
-        state_file = top.get("state_file", _state_file, None)
+        state_file = top.get("state_file", _file_path, None)
+        upgrade_socket = top.get("upgrade_socket", _file_path, None)
         dns = self.settings(top, "dns", DnsSettings, {
             "servers": _dns_servers, "timeout": _positive_duration}, DnsSettings())
         top.finish()
@@ -783,6 +784,7 @@ class _Builder:
             listeners=listeners, backends=_FrozenDict(backends), max_connections=max_connections,
             shutdown_timeout=shutdown_timeout, admin=admin, logging=logging, workers=workers,
             state_file=state_file, dns=DnsSettings() if dns is _MISSING else dns,
+            upgrade_socket=upgrade_socket,
         )
 
     def workers(self, top, listeners):

@@ -18,7 +18,7 @@ from l4router.errors import BindFailed, ConfigError, WorkerFailed
 
 log = Logger()
 
-UNRELOADABLE = ("admin", "logging", "state_file")  # set up once, before privileges are dropped
+UNRELOADABLE = ("admin", "logging", "state_file", "upgrade_socket")  # set up once, before privileges are dropped
 
 
 class ConfigReloader:

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from l4router.errors import BindFailed
 from l4router.logs import install_log_observer
 from l4router.relay import SHUTDOWN
-from l4router.sockets import adopt
+from l4router.sockets import adopt, bind_reuseport
 from l4router.status import ThroughputMeter
 
 log = Logger()
@@ -56,6 +56,9 @@ def describe_address(address):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+HANDED_OVER = ("tcp", "tcp6", "udp")  # endpoint types a successor can adopt
+
+
 class PortsService(Service):
     """Binds a factory on endpoint descriptions before privileges are dropped, or adopts the
     sockets a supervisor handed down for them (`inherited`: description -> fd)."""
@@ -81,10 +84,21 @@ class PortsService(Service):
             raise
 
     def bind(self, description):
+        if description.split(":", 1)[0] in ("tcp", "tcp6"):
+            # Bound here and adopted: Twisted shuts down the sockets it binds itself when it
+            # stops listening, which would close them for a successor (l4router.upgrade).
+            sock = bind_reuseport(description, 1, reuse_port=False)[0]
+            return adopt(self.reactor, description, sock.detach(), self.factory)
         return bind_now(self.reactor, description, self.factory)
 
     def addresses(self):
         return [describe_address(port.getHost()) for port in self.ports]
+
+    def listening_fds(self):
+        """{description: [fd]} of the tcp and udp sockets, for a successor (l4router.upgrade)."""
+        return {description: [port.fileno()] for description, port in
+                zip(self.descriptions, self.ports)
+                if description.split(":", 1)[0] in HANDED_OVER}
 
     def stop_listening(self):
         ports, self.ports = self.ports, []
@@ -216,6 +230,13 @@ class RouterService(MultiService):
     def ready(self):
         """Accepting new connections: started and not shutting down."""
         return self.running and not self.draining
+
+    def listening_fds(self):
+        """{description: [fd]} of every listener's and the admin site's, for a successor."""
+        fds = self.admin.listening_fds()
+        for service in self.listeners:
+            fds.update(service.listening_fds())
+        return fds
 
     def setServiceParent(self, parent):
         install_log_observer(parent, self.log_observer)

@@ -36,8 +36,10 @@ def socket_spec(description):
     return family, socket.SOCK_STREAM, endpoint._interface, endpoint._port, endpoint._backlog
 
 
-def bind_reuseport(description, count):
-    """`count` listening sockets on one address, or BindFailed with a one-line reason."""
+def bind_reuseport(description, count, reuse_port=True):
+    """`count` listening sockets on one address, or BindFailed with a one-line reason.
+    `reuse_port=False` (one process): a second router on the address fails to bind instead
+    of sharing its clients."""
     family, kind, host, port, backlog = socket_spec(description)
     if not host:
         host = "::" if family == socket.AF_INET6 else "0.0.0.0"
@@ -46,7 +48,8 @@ def bind_reuseport(description, count):
         for _ in range(count):
             sock = socket.socket(family, kind)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if kind == socket.SOCK_STREAM:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))

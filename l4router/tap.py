@@ -22,6 +22,7 @@ from l4router.reactor import install_unless_chosen
 from l4router.reload import ConfigReloader, WorkersReloader
 from l4router.runtime import RouterControl, SupervisorControl
 from l4router.shared_limits import WorkerLimits
+from l4router.upgrade import UpgradeService, take_over
 from l4router.service import AdminService, BackendsService, ListenersService, RouterService
 from l4router.worker_status import WorkerStatus
 from l4router.workers import Supervisor, start_worker, worker_command
@@ -140,20 +141,46 @@ def makeService(options):
                             options["admin-socket"], observer, options["config"],
                             WorkerLimits(options["limits-index"], options["count-file"]),
                             RuntimeState(options["runtime-state"], writable=False))
+    takeover = take_over(config.upgrade_socket)  # a running predecessor's sockets, if any
+    if takeover is not None:
+        takeover.close_unused(_listen_descriptions(config))
     if config.workers > 1:
         # Forked now, before twistd begins logging or runs the reactor.
         fork_server = ForkServer.start(twistd.get("uid"), twistd.get("gid"),
                                        twistd.get("euid", False))
-        return build_supervisor(config, options.detectors, reactor,
-                                worker_command(options, config.source), fork_server, observer)
-    return build_router(config, options.detectors, reactor, log_observer=observer)
+        supervisor = build_supervisor(config, options.detectors, reactor,
+                                      worker_command(options, config.source), fork_server,
+                                      observer, takeover)
+        return with_upgrade_socket(supervisor, config, reactor, supervisor.listening_fds)
+    router = build_router(config, options.detectors, reactor, log_observer=observer,
+                          inherited_sockets=takeover and takeover.first_of_each())
+    if takeover is not None:
+        router.on_started = takeover.ready
+    return with_upgrade_socket(router, config, reactor, router.listening_fds)
 
 
-def build_supervisor(config, detectors, reactor, command, fork_server, log_observer=None):
-    """The parent of `config.workers` workers: sockets, processes, the admin site, reloads."""
-    admin = AdminService(reactor, config.admin.listen, None)
+def _listen_descriptions(config):
+    return {d for listener in config.listeners for d in listener.listen} | \
+        set(config.admin.listen)
+
+
+def with_upgrade_socket(top, config, reactor, listening_fds):
+    """With `upgrade_socket`, the top service also serves it (l4router.upgrade)."""
+    if config.upgrade_socket is not None:
+        UpgradeService(reactor, config.upgrade_socket, listening_fds,
+                       reactor.stop).setServiceParent(top)
+    return top
+
+
+def build_supervisor(config, detectors, reactor, command, fork_server, log_observer=None,
+                     takeover=None):
+    """The parent of `config.workers` workers: sockets, processes, the admin site, reloads.
+    `takeover`: a predecessor's sockets (l4router.upgrade), kept instead of bound."""
+    admin_sockets = takeover.take(config.admin.listen) if takeover is not None else None
+    admin = AdminService(reactor, config.admin.listen, None, admin_sockets)
     supervisor = Supervisor(reactor, config, command, fork_server, admin,
                             log_observer=log_observer)
+    supervisor.takeover = takeover
     metrics = ConfigMetrics(supervisor.registry)
     supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
     supervisor.control = SupervisorControl(supervisor, RuntimeState(config.state_file), metrics,
@@ -190,7 +217,7 @@ def build_router(config, detectors, reactor, registry=None, log_observer=None,
     for listener in config.listeners:
         assembly.listener_service(listener, config, groups).setServiceParent(listeners)
     admin = AdminService(reactor, config.admin.listen if admin_listen is None else admin_listen,
-                         None)
+                         None, inherited_sockets if worker is None else None)
     router = RouterService(reactor, config, assembly, admin, BackendsService(groups), listeners,
                            log_observer=log_observer)
     router.samplers.append(assembly.metrics.flush)  # bounds what waits for a scrape

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -122,6 +123,7 @@ class Supervisor(MultiService):
         super().__init__()
         self.reactor = reactor
         self.fork_server = fork_server  # l4router.forkserver: where workers come from
+        self.takeover = None  # l4router.upgrade.Takeover: a predecessor's sockets
         self.log_observer = log_observer
         self.config = config
         self.worker_command = worker_command  # index, sockets, status fd -> (argv, env)
@@ -181,8 +183,18 @@ class Supervisor(MultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self):
+        if self.takeover is not None:  # a predecessor's sockets: kept, not bound again
+            self.sockets = {description: [socket.socket(fileno=fd) for fd in fds]
+                            for description, fds in self.takeover.sockets.items()}
         self.sockets = self.sockets_for(self.config)
         super().privilegedStartService()
+
+    def listening_fds(self):
+        """{description: [fd per worker]} and the admin site's, for a successor."""
+        fds = {description: [s.fileno() for s in group]
+               for description, group in self.sockets.items()}
+        fds.update(self.admin.listening_fds())
+        return fds
 
     def sockets_for(self, config):
         """{description: one socket per worker} for `config`, keeping the sockets already
@@ -283,6 +295,9 @@ class Supervisor(MultiService):
         if self.all_accepting() and (not self.started_all or self._replacing is not None):
             self.started_all = True
             log.info("All {count} workers accepting", count=len(self.workers))
+            if self.takeover is not None:
+                self.takeover.ready()  # the predecessor stops and drains
+                self.takeover = None
             if self._replacing is not None:
                 self._replacing.callback(None)
 
