@@ -204,6 +204,10 @@ class RouterMetrics:
         self.udp_sessions_active = Gauge(
             "l4router_udp_sessions_active", "UDP sessions open now.", ["listener"], registry=r,
             multiprocess_mode="livesum")
+        self.udp_sessions_migrated = Counter(
+            "l4router_udp_sessions_migrated",
+            "QUIC sessions that followed their client to a new address (by connection ID).",
+            ["listener"], registry=r)
         self.udp_sessions_created = Counter(
             "l4router_udp_sessions_created", "UDP sessions by detected protocol.",
             ["listener", "protocol"], registry=r)
@@ -319,6 +323,7 @@ class ListenerMetrics:
         self.bytes_up = metrics.bytes.labels(listener, UPSTREAM)
         self.bytes_down = metrics.bytes.labels(listener, DOWNSTREAM)
         self.udp_sessions_active = metrics.udp_sessions_active.labels(listener)
+        self.udp_migrated = metrics.udp_sessions_migrated.labels(listener)
         self.udp_datagrams_up = metrics.udp_datagrams.labels(listener, UPSTREAM)
         self.udp_datagrams_down = metrics.udp_datagrams.labels(listener, DOWNSTREAM)
         self._rejected = {}

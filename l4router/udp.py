@@ -24,6 +24,7 @@ from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
 from l4router.listener import ListenerRuntime
+from l4router.quic_paths import ConnectionIds
 from l4router.service import ListenerService
 from l4router.sockets import MAX_DATAGRAM, parse_udp_listen
 
@@ -48,6 +49,7 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
 
     def __init__(self, *args, **kwargs):
         self.sessions = {}
+        self.quic_ids = ConnectionIds()  # QUIC sessions by their server's connection IDs
         super().__init__(*args, **kwargs)
 
     @property
@@ -60,6 +62,11 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
     def datagramReceived(self, data, addr):
         session = self.sessions.get(addr)
         if session is None:
+            session = self.quic_ids.find(data)
+            if session is not None:  # a QUIC client whose address changed: its session
+                self._move(session, addr)
+                session.from_client(data)
+                return
             refusal = self.admission.admit(normalise_host(addr[0]))
             if refusal is not None:
                 self.refused_total += 1
@@ -71,10 +78,19 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
             self.metrics.udp_sessions_active.inc()
         session.from_client(data)
 
+    def _move(self, session, addr):
+        """Replies go to the new address from now on. Limits go on counting the session
+        under the source it started from."""
+        del self.sessions[session.client]
+        session.client = addr
+        self.sessions[addr] = session
+        self.metrics.udp_migrated.inc()
+
     def reply(self, data, addr):
         self.transport.write(data, addr)
 
     def session_ended(self, session):
+        self.quic_ids.forget(session)
         del self.sessions[session.client]
         self.admission.release(session.source)
         self.metrics.udp_sessions_active.dec()
@@ -168,6 +184,8 @@ class UDPSession:
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = 0
         self.closed = False
+        self.follows_quic_ids = False  # a QUIC session: its server's IDs are learned
+        self.quic_ids = []
         self.idle = listener.idle_sweeper
         self._detect_timer = clock.callLater(listener.listener.detect.timeout, self._detect_timed_out)
 
@@ -200,6 +218,7 @@ class UDPSession:
         if self._detect_timer is not None and self._detect_timer.active():
             self._detect_timer.cancel()
         self.decision = decision
+        self.follows_quic_ids = decision.protocol == "quic"
         choice = listener.routes.choose(decision, self.source)
         self.route = choice.route
         listener.metrics.udp_created(decision.protocol).inc()
@@ -247,6 +266,8 @@ class UDPSession:
     # Backend side
 
     def from_backend(self, data):
+        if self.follows_quic_ids and data[0] & 0x80:  # a long header: the server's ID
+            self.listener.quic_ids.learn(self, data)
         self.bytes_down += len(data)
         self.datagrams_down += 1
         self.listener.metrics.udp_datagrams_down.inc()

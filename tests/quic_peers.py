@@ -2,6 +2,8 @@
 
     python -m tests.quic_peers serve NAME PORT CERT KEY       an HTTP/3 server answering NAME
     python -m tests.quic_peers get PORT SERVER_NAME CA [--big]  one HTTP/3 GET; prints the body
+    python -m tests.quic_peers twice PORT SERVER_NAME CA   two GETs on one connection: prints
+        the first body, waits for a line on stdin, prints the second
 
 With --big the client offers 30 long ALPN names besides h3, so its ClientHello needs two
 Initial packets (two datagrams).
@@ -89,9 +91,23 @@ async def run_get(port, server_name, ca, big):
     sys.stdout.write(body.decode())
 
 
+async def run_twice(port, server_name, ca):
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
+                                      server_name=server_name)
+    configuration.load_verify_locations(ca)
+    async with connect("127.0.0.1", port, configuration=configuration,
+                       create_protocol=H3Client, wait_connected=True) as client:
+        print((await client.get(server_name, "/one")).decode(), flush=True)
+        await asyncio.get_event_loop().run_in_executor(None, sys.stdin.readline)
+        client.body, client.done = b"", asyncio.get_event_loop().create_future()
+        print((await client.get(server_name, "/two")).decode(), flush=True)
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
-    if command == "serve":
+    if command == "twice":
+        asyncio.run(run_twice(int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+    elif command == "serve":
         asyncio.run(run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
     else:
         asyncio.run(run_get(int(sys.argv[2]), sys.argv[3], sys.argv[4], "--big" in sys.argv))

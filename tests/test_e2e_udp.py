@@ -2,6 +2,7 @@
 
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -270,3 +271,83 @@ backends:
                        message="the session to end on ICMP unreachable")
         assert router.metric("l4router_udp_sessions_active", listener="udp") == 0
         assert router.access_events()[0]["reason"] == "backend_unreachable"
+
+
+class RebindingForwarder:
+    """A NAT in front of the router: it relays a client's datagrams from one source port
+    and, once `rebind()` is called, from another (the client knows nothing of it)."""
+
+    def __init__(self, router_port):
+        self.router = ("127.0.0.1", router_port)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.port = self.front.getsockname()[1]
+        self.upstreams = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        for upstream in self.upstreams:
+            upstream.bind(("127.0.0.1", 0))
+        self.current = 0
+        self.client = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def rebind(self):
+        self.current = 1
+
+    def run(self):
+        sockets = [self.front, *self.upstreams]
+        while not self.stop.is_set():
+            readable, _, _ = select.select(sockets, [], [], 0.1)
+            for sock in readable:
+                data, sender = sock.recvfrom(65535)
+                if sock is self.front:
+                    self.client = sender
+                    self.upstreams[self.current].sendto(data, self.router)
+                elif self.client is not None:
+                    self.front.sendto(data, self.client)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        self.thread.join(10)
+        for sock in [self.front, *self.upstreams]:
+            sock.close()
+
+
+def test_a_quic_connection_follows_its_client_to_a_new_address(tmp_path, quic_servers):
+    """The client's address changes mid-connection (a NAT rebinding): its short-header
+    packets are known by the server's connection ID and go on to the same server."""
+    servers, ca = quic_servers
+    port = free_port()
+    config = f"""
+listeners:
+  - name: h3
+    transport: udp
+    listen: "127.0.0.1:{port}"
+    routes:
+      - {{match: {{protocol: quic, sni: alpha.quic.test}}, backend: alpha}}
+    default: reject
+backends:
+  alpha: {{servers: ["127.0.0.1:{servers['alpha']}"]}}
+"""
+    with Router(tmp_path, config) as router, RebindingForwarder(port) as nat:
+        client = subprocess.Popen(
+            [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port),
+             "alpha.quic.test", str(ca)], cwd=CHECKOUT, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        try:
+            first = client.stdout.readline().strip()
+            nat.rebind()
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            second = client.stdout.readline().strip()
+        finally:
+            client.kill()
+            client.wait(10)
+        migrated = router.metric("l4router_udp_sessions_migrated_total", listener="h3")
+        created = router.metric("l4router_udp_sessions_created_total", listener="h3",
+                                protocol="quic")
+    assert (first, second) == ("alpha /one", "alpha /two")
+    assert (migrated, created) == (1, 1)

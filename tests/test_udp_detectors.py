@@ -128,3 +128,23 @@ def test_mutated_datagrams_never_raise(parser, source, position, patch):
     first = flight[0]
     position %= len(first)
     parser([first[:position] + patch + first[position + len(patch):]] + flight[1:])
+
+
+def test_quic_server_connection_ids_find_a_session_by_a_short_header():
+    from l4router.quic_paths import ConnectionIds, server_connection_id
+
+    class Session:
+        quic_ids = []
+
+    session = Session()
+    long_header = bytes([0xC0]) + b"\x00\x00\x00\x01" + b"\x04abcd" + b"\x08SERVERID" + b"..."
+    assert server_connection_id(long_header) == b"SERVERID"
+    assert server_connection_id(b"\x40SERVERIDxyz") is None  # a short header carries no SCID
+    assert server_connection_id(bytes([0xC0]) + b"\x00\x00\x00\x01\x04ab") is None  # cut
+    ids = ConnectionIds()
+    ids.learn(session, long_header)
+    assert ids.find(b"\x41SERVERID" + b"payload") is session
+    assert ids.find(b"\x41OTHERIDX" + b"payload") is None
+    assert ids.find(bytes([0xC0]) + b"SERVERID") is None  # long headers are detected instead
+    ids.forget(session)
+    assert ids.find(b"\x41SERVERID" + b"payload") is None
