@@ -212,13 +212,20 @@ class Discovery:
 
 @attrs.frozen
 class ServerFrom:
-    """`server_from: "{sni}:443"`: the detected field that names the server, and the port."""
+    """`server_from: "{sni}:443"` or `"{tenant}.internal:443"`: a host name made of detected
+    fields (sni, host, authority) and named groups of the route's regular expressions."""
 
-    field: str  # sni, host or authority
+    host: str  # a str.format template
     port: int
+    names: tuple  # the placeholders in `host`
+
+    @property
+    def captures(self):
+        """Placeholders that are not detected fields: the route's named groups."""
+        return tuple(n for n in self.names if n not in SERVER_FROM_FIELDS)
 
     def __str__(self):
-        return f"{{{self.field}}}:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 SERVER_FROM_FIELDS = ("sni", "host", "authority")
@@ -675,12 +682,15 @@ def _bytes_to_send(value):
 
 
 def _server_from(value):
-    match = re.fullmatch(r"\{(\w+)\}:(\d{1,5})", value) if isinstance(value, str) else None
-    if match is None or match.group(1) not in SERVER_FROM_FIELDS or \
-            not 0 < int(match.group(2)) < 65536:
-        raise _Invalid(f"must be \"{{FIELD}}:PORT\" with FIELD one of "
-                       f"{', '.join(SERVER_FROM_FIELDS)}, such as \"{{sni}}:443\", not {value!r}")
-    return ServerFrom(match.group(1), int(match.group(2)))
+    match = re.fullmatch(r"((?:\{[a-z_][a-z0-9_]*\}|[a-z0-9.-])+):(\d{1,5})",
+                         value) if isinstance(value, str) else None
+    names = tuple(re.findall(r"\{([a-z_][a-z0-9_]*)\}", match.group(1))) if match else ()
+    if match is None or not names or not 0 < int(match.group(2)) < 65536:
+        raise _Invalid(f"must be \"HOST:PORT\" where HOST has {{FIELD}} placeholders ("
+                       f"{', '.join(SERVER_FROM_FIELDS)}, or a named group of the route's "
+                       f"regex), such as \"{{sni}}:443\" or \"{{tenant}}.internal:443\", "
+                       f"not {value!r}")
+    return ServerFrom(match.group(1), int(match.group(2)), names)
 
 
 def _discovery(value):

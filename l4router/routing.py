@@ -38,6 +38,11 @@ class RouteTable:
         self.hits[choice.route] += 1
         return choice
 
+    def captures(self, label, decision):
+        """The named groups of the regular expressions of the route called `label`."""
+        route = next((r for r in self.routes if r.label == label), None)
+        return {} if route is None else _captures(route, decision)
+
     def _choose(self, decision, source_host):
         if decision.protocol == TIMEOUT:
             return self.on_timeout
@@ -46,6 +51,21 @@ class RouteTable:
             if _matches(route.match, decision, source):
                 return choice
         return self.default
+
+
+def _captures(route, decision):
+    """The named groups of `route`'s regular expressions on the fields they matched (to name
+    a server: `server_from: "{tenant}.internal:443"`)."""
+    found = {}
+    for name, globs in route.match.fields:
+        value = decision.fields.get(name)
+        values = value if isinstance(value, tuple) else (value,)
+        for one in values:
+            matched = globs.regex.match(str(one)) if one is not None else None
+            if matched is not None:
+                found.update({k: v for k, v in matched.groupdict().items() if v is not None})
+                break
+    return found
 
 
 def _address(host):

@@ -322,7 +322,11 @@ class InboundConnection(Protocol):
                 return
             self._backend_permit = group.limit
         self.group = group
-        self._connecting = group.connect(self.source, self.decision.fields)
+        fields = self.decision.fields
+        server_from = group.config.server_from
+        if server_from is not None and server_from.captures:  # the route's named groups too
+            fields = {**fields, **self.factory.routes.captures(self.route, self.decision)}
+        self._connecting = group.connect(self.source, fields)
         self._connecting.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, connection):

@@ -220,3 +220,36 @@ dns: {{servers: ["127.0.0.1:{dns_server.port}"]}}
     assert sorted(s for s in servers if s) == sorted(
         [f"one.apps.test:{one_port}"] * 2 + [f"two.apps.test:{one_port}"])
     assert one.connections == 2 and two.connections == 1
+
+
+def test_a_named_group_of_the_route_names_the_server(tmp_path):
+    """`server_from: "{tenant}.internal.test:PORT"` with the route's regex capturing
+    `tenant` from the SNI: the server is the tenant's, fenced by allow on the name made."""
+    ca = trustme.CA()
+    port_of_servers = free_port("127.0.0.2")
+    with tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", port_of_servers), \
+            tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", port_of_servers), \
+            SrvServer() as dns_server:
+        dns_server.addresses = {"one.internal.test.": "127.0.0.2",
+                                "two.internal.test.": "127.0.0.3"}
+        port = free_port()
+        config = f"""
+listeners:
+  - name: edge
+    listen: "127.0.0.1:{port}"
+    routes:
+      - match: {{sni: {{regex: '(?P<tenant>[a-z]+)\\.apps\\.test'}}}}
+        backend: tenants
+    default: reject
+backends:
+  tenants: {{server_from: "{{tenant}}.internal.test:{port_of_servers}",
+             allow: ["*.internal.test"]}}
+dns: {{servers: ["127.0.0.1:{dns_server.port}"]}}
+"""
+        with Router(tmp_path, config) as router:
+            assert tls_client(ca, port, "one.apps.test").startswith("one ")
+            assert tls_client(ca, port, "two.apps.test").startswith("two ")
+            servers = [e["server"] for e in router.wait_access_events(2)]
+    assert servers == [f"one.internal.test:{port_of_servers}",
+                       f"two.internal.test:{port_of_servers}"]
+    assert "one.apps.test." not in dns_server.questions

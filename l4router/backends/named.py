@@ -107,15 +107,20 @@ class NamedServerGroup:
         return resolving.addCallback(self._connect, host, port)
 
     def _name(self, fields):
+        """The host name the template makes of `fields` (detected fields and the route's
+        named groups), if `allow` lets it through."""
         template = self.config.server_from
-        wanted = template.field
-        value = fields.get(wanted)
-        if not isinstance(value, str) or not value:
-            self._lookups[NAME_MISSING].inc()
-            raise BackendUnavailable(self.name, NAME_MISSING, f"no {wanted} to take a server from")
-        host = value.lower().rstrip(".")
-        if ":" in host:  # a Host header's port: the template's port is the one used
-            host = host.rsplit(":", 1)[0]
+        values = {}
+        for name in template.names:
+            value = fields.get(name)
+            if not isinstance(value, str) or not value:
+                self._lookups[NAME_MISSING].inc()
+                raise BackendUnavailable(self.name, NAME_MISSING, f"no {name} to name a server")
+            value = value.lower().rstrip(".")
+            if name == "host" and ":" in value:  # a Host header's port: the template's counts
+                value = value.rsplit(":", 1)[0]
+            values[name] = value
+        host = template.host.format(**values)
         if not _HOST_NAME.fullmatch(host) or not self.config.allow.matches(host):
             self._lookups[NAME_NOT_ALLOWED].inc()
             raise BackendUnavailable(self.name, NAME_NOT_ALLOWED, "a name outside allow")
