@@ -47,7 +47,9 @@ DEFAULT_MAX_SESSIONS = 4096
 DEFAULT_MAX_SESSIONS_PER_SOURCE = 256
 UNLIMITED = "unlimited"
 DEFAULT_IPV6_SOURCE_PREFIX = 64  # one IPv6 host usually holds a whole /64
-SHAREABLE_ENDPOINT_TYPES = ("tcp", "tcp6", "udp")  # what workers can each hold a socket of
+# What workers can share: their own SO_REUSEPORT sockets (tcp, udp), or the one socket
+# systemd passed (every worker accepts from it).
+SHAREABLE_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "systemd")
 MAX_WORKERS = 256
 LISTEN_BACKLOG = 1024  # the host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -798,8 +800,8 @@ class _Builder:
         )
 
     def workers(self, top, listeners):
-        """`auto` is a worker per usable core, or 1 when a listener's socket cannot be had
-        once per worker (systemd:, unix:); an explicit N > 1 then is an error."""
+        """`auto` is a worker per usable core, or 1 when a listener's socket cannot be shared
+        by workers (unix:); an explicit N > 1 then is an error."""
         workers = top.get("workers", _workers, "auto")
         unshareable = [(listener.name, description) for listener in listeners
                        for description in listener.listen
@@ -810,7 +812,8 @@ class _Builder:
             name, description = unshareable[0]
             self.reader.problem("workers", f"{workers} workers each need their own socket, which "
                                            f"listener {name!r} cannot have on {description!r} "
-                                           "(only tcp, tcp6 and udp addresses): set workers: 1")
+                                           "(only tcp, tcp6, udp and systemd addresses): set "
+                                           "workers: 1")
         return 1 if workers is _MISSING else workers
 
     def backends(self, top):

@@ -66,11 +66,28 @@ def bind_reuseport(description, count, reuse_port=True):
     return sockets
 
 
+def systemd_socket(description):
+    """The socket systemd passed for a `systemd:` description (by `index` or `name`), as
+    Twisted's own endpoint finds it (it reads systemd's LISTEN_* once, when imported)."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        fd = serverFromString(None, description).fileno
+    except (KeyError, IndexError, ValueError) as exc:
+        raise BindFailed(f"cannot listen on {description}: systemd passed no such socket "
+                         f"({exc})") from None
+    sock = socket.socket(fileno=os.dup(fd))
+    sock.setblocking(False)  # systemd passes it blocking; a worker that lost the race to
+    return sock              # accept would otherwise block in accept()
+
+
 def adopt(reactor, description, fd, factory_or_protocol):
     """Run a listener on a socket the supervisor handed down. The reactor works on a
     duplicate; the original is closed, so that when the port stops listening this worker's
     hold on the socket really ends (the supervisor keeps its own for a successor)."""
-    family, kind, *_ = socket_spec(description)
+    probe = socket.socket(fileno=fd)  # what the socket is, whatever its description
+    family, kind = probe.family, probe.type
+    probe.detach()
     try:
         if kind == socket.SOCK_DGRAM:
             return reactor.adoptDatagramPort(fd, family, factory_or_protocol,

@@ -25,7 +25,7 @@ from l4router.errors import BindFailed, WorkerFailed
 from l4router.logs import install_log_observer
 from l4router.service import exit_zero_after_orderly_stop
 from l4router.shared_limits import LimitTable
-from l4router.sockets import bind_reuseport
+from l4router.sockets import bind_reuseport, systemd_socket
 from l4router.steering import attach_source_steering
 
 log = Logger()
@@ -204,6 +204,10 @@ class Supervisor(MultiService):
             for listener in config.listeners:
                 for description in listener.listen:
                     held = self.sockets.get(description, [])
+                    if description.startswith("systemd:"):  # one socket every worker accepts on
+                        passed = held[:1] or [systemd_socket(description)]
+                        sockets[description] = passed * config.workers
+                        continue
                     missing = max(0, config.workers - len(held))
                     more = bind_reuseport(description, missing) if missing else []
                     bound.extend(more)
@@ -464,7 +468,9 @@ def worker_command(options, config_source):
                  "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
                  "--admin-socket", admin_socket, "--limits-index", limits_index,
                  "--count-file", count_file, "--runtime-state", runtime_state]
-        return argv, dict(os.environ)
+        # systemd's LISTEN_* are the supervisor's: its workers get their sockets from it.
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        return argv, environment
 
     return command
 

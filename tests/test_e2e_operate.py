@@ -1,5 +1,6 @@
 """Operating the real router: limits, ordered shutdown, hot reload, status page, --uid."""
 
+import json
 import os
 import pathlib
 import pwd
@@ -355,9 +356,11 @@ def _free(port):
             return False
 
 
-def test_systemd_socket_activation_and_log_level(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_socket_activation_and_log_level(tmp_path, workers):
     """systemd-socket-activate hands a bound socket to twistd; the `systemd:` endpoint adopts
-    it. logging.level: warn keeps the per-connection info events out of the log."""
+    it (with workers, every worker accepts from it). logging.level: warn keeps the
+    per-connection info events out of the log."""
     activate = "/usr/bin/systemd-socket-activate"
     assert os.path.exists(activate), "systemd-socket-activate missing: apt-get install systemd"
     with Backend("app", reply_with_name) as app:
@@ -373,6 +376,7 @@ backends:
   app: {{servers: ["127.0.0.1:{app.port}"]}}
 admin: {{listen: "127.0.0.1:{admin}"}}
 logging: {{level: warn}}
+workers: {workers}
 """)
         log = tmp_path / "activated.log"
         with open(log, "wb") as output:
@@ -385,12 +389,34 @@ logging: {{level: warn}}
                 # The socket is systemd's: it accepts before l4router even runs.
                 wait_until(lambda: listening(port), message="systemd-socket-activate")
                 assert ask(port, b"GET / HTTP/1.1\r\n\r\n", timeout=20).startswith(b"app:")
-                wait_until(lambda: urllib.request.urlopen(
-                    f"http://127.0.0.1:{admin}/healthz", timeout=2).status == 200,
-                           message="the admin site")
+                wait_until(lambda: _ready(admin), message="the admin site ready")
+                answers = {ask(port, b"GET / HTTP/1.1\r\n\r\n", timeout=20) for _ in range(20)}
+                held = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+                try:
+                    rows = wait_until(lambda: len(_connections(admin)) == 16 and
+                                      _connections(admin), message="16 connections held")
+                finally:
+                    for client in held:
+                        client.close()
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(30)
     text = log.read_text()
     assert process.returncode == 0, text
     assert "accepting on" not in text and "l4router.access" not in text  # info: filtered
+    assert answers == {b"app:GET / HTTP/1.1"}
+    if workers > 1:  # every worker accepts from the one socket systemd passed
+        assert {row["worker"] for row in rows} == set(range(workers)), rows
+
+
+def _ready(admin):
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2).status \
+            == 200
+    except OSError:
+        return False
+
+
+def _connections(admin):
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin}/status/connections",
+                                             timeout=5).read())
