@@ -34,7 +34,8 @@ def main():
         "# Reliability and security, measured",
         "",
         f"Produced by `python -m pytest tests/test_reliability.py && python "
-        f"bench/reliability_table.py` on {datetime.date.today()}, {platform.python_implementation()} "
+        f"bench/reliability_table.py` on {datetime.date.today()}, "
+        f"{platform.python_implementation()} "
         f"{platform.python_version()}, {os.cpu_count()} cores, RELIABILITY_SCALE="
         f"{', '.join(map(str, sorted(scale)))}. Every case runs the real `twistd -n l4router` on "
         "loopback; `fds`, `rss_mib` and `timers` are the router's own `process_open_fds`, "

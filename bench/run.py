@@ -4,7 +4,8 @@ nginx stream (ssl_preread) and sslh, on the same loopback backends, one after th
     python bench/run.py [--runs 3] [--seconds 5] [--only l4router,haproxy] [--json out.json]
 
 Every proxy listens on three ports and inspects what arrives: BULK (iperf3 -> iperf3 server),
-HTTP (wrk -> nginx, routed as HTTP) and TLS (wrk over https, a new handshake per request -> nginx TLS, routed by SNI).
+HTTP (wrk -> nginx, routed as HTTP) and TLS (wrk over https, a new handshake per request ->
+nginx TLS, routed by SNI).
 Figures are the median of --runs runs; the table gives each as a ratio to HAProxy and to
 direct. See bench/README.md.
 """
@@ -187,7 +188,8 @@ http {{
     access_log off; keepalive_timeout 300s; keepalive_requests 1000000;
     client_body_temp_path {self.folder}; proxy_temp_path {self.folder};
     fastcgi_temp_path {self.folder}; uwsgi_temp_path {self.folder}; scgi_temp_path {self.folder};
-    server {{ listen 127.0.0.1:{self.http}; location / {{ return 200 "hello from the backend\\n"; }} }}
+    server {{ listen 127.0.0.1:{self.http};
+              location / {{ return 200 "hello from the backend\\n"; }} }}
     server {{ listen 127.0.0.1:{self.tls} ssl; ssl_certificate {self.folder}/cert.pem;
              ssl_certificate_key {self.folder}/key.pem; ssl_session_cache off;
              ssl_session_tickets off; location / {{ return 200 "tls\\n"; }} }}
@@ -355,7 +357,9 @@ pid {self.folder}/nginx.pid;
 load_module {STREAM_MODULE};
 events {{ worker_connections 9000; }}
 stream {{
-    map $ssl_preread_server_name $tls_upstream {{ {SNI} 127.0.0.1:{b.tls}; default 127.0.0.1:{b.iperf}; }}
+    map $ssl_preread_server_name $tls_upstream {{
+        {SNI} 127.0.0.1:{b.tls}; default 127.0.0.1:{b.iperf};
+    }}
     server {{ listen 127.0.0.1:{self.ports[0]}; ssl_preread on; proxy_pass 127.0.0.1:{b.iperf}; }}
     server {{ listen 127.0.0.1:{self.ports[1]}; ssl_preread on; proxy_pass 127.0.0.1:{b.http}; }}
     server {{ listen 127.0.0.1:{self.ports[2]}; ssl_preread on; proxy_pass $tls_upstream; }}

@@ -241,12 +241,12 @@ def _named_row(backend):
 def render_status_page(data):
     listeners = _table(
         ["listener", "addresses", "active", "accepted", "refused", "bytes/s", "detectors"],
-        [(l["listener"], " ".join(l["addresses"]), l["active_connections"], l["accepted"],
-          l["refused"], l["bytes_per_second"], ", ".join(l["detectors"]))
-         for l in data["listeners"]])
+        [(row["listener"], " ".join(row["addresses"]), row["active_connections"],
+          row["accepted"], row["refused"], row["bytes_per_second"], ", ".join(row["detectors"]))
+         for row in data["listeners"]])
     routes = _table(["listener", "route", "backend", "hits"],
-                    [(l["listener"], r["route"], r["backend"], r["hits"])
-                     for l in data["listeners"] for r in l["routes"]])
+                    [(row["listener"], r["route"], r["backend"], r["hits"])
+                     for row in data["listeners"] for r in row["routes"]])
     servers = _table(["backend", "server", "address", "weight", "health", "state", "active",
                       "idle spares"],
                      [(b["backend"] + (" (backup tier serving)" if b.get("using_backup") else ""),

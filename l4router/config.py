@@ -21,7 +21,8 @@ from l4router.backends.probes import PROBES
 from l4router.parsers.proxyprotocol import PP_FIELDS
 
 try:  # the regular expression parser: re._parser on 3.11, sre_parse before
-    from re import _constants as _regex_constants, _parser as _regex_parser
+    from re import _constants as _regex_constants  # type: ignore[attr-defined]
+    from re import _parser as _regex_parser  # type: ignore[attr-defined]
 except ImportError:
     import sre_constants as _regex_constants
     import sre_parse as _regex_parser
@@ -51,7 +52,8 @@ DEFAULT_IPV6_SOURCE_PREFIX = 64  # one IPv6 host usually holds a whole /64
 # systemd passed (every worker accepts from it).
 SHAREABLE_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "systemd")
 MAX_WORKERS = 256
-LISTEN_BACKLOG = 1024  # the host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts
+# The host:port shorthand's accept queue; Twisted's default of 50 drops SYNs in bursts.
+LISTEN_BACKLOG = 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -473,11 +475,13 @@ def _one_of(choices):
 
 def _name(value):
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise _Invalid(f"must be a name of letters, digits, '_', '.', '-' (at most 64), not {value!r}")
+        raise _Invalid(f"must be a name of letters, digits, '_', '.', '-' (at most 64), "
+                       f"not {value!r}")
     return value
 
 
-_HOST_PORT_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-_*]*)):(?P<port>\d+)$")
+_HOST_PORT_RE = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-_*]*)):(?P<port>\d+)$")
 _ENDPOINT_TYPES_WITHOUT_PROBE = ("systemd",)  # need the process environment to construct
 
 
@@ -503,7 +507,8 @@ def _endpoint_type(value):
 
 
 def listen_description(value, default_host=""):
-    """A Twisted server endpoint string, or the `host:port` / `[v6]:port` shorthand -> endpoint string."""
+    """A Twisted server endpoint string, or the `host:port` / `[v6]:port` shorthand ->
+    endpoint string."""
     if not isinstance(value, str) or not value:
         raise _Invalid(f"must be an endpoint string or host:port, not {value!r}")
     match = _HOST_PORT_RE.match(value)
@@ -851,9 +856,11 @@ class _Builder:
                                     "host:port, {srv: NAME} or {file: PATH}")
             else:
                 for index, server in enumerate(servers):
-                    parsed.append(self.reader.convert(server, f"{path}.servers[{index}]", parse_server))
+                    parsed.append(self.reader.convert(server, f"{path}.servers[{index}]",
+                                                      parse_server))
         balance = section.get("balance", _one_of(BALANCE_POLICIES), "round_robin")
-        connect_timeout = section.get("connect_timeout", _positive_duration, DEFAULT_CONNECT_TIMEOUT)
+        connect_timeout = section.get("connect_timeout", _positive_duration,
+                                      DEFAULT_CONNECT_TIMEOUT)
         retry = self.settings(section, "retry", RetrySettings, {
             "attempts": _positive_int, "initial_backoff": parse_duration,
             "max_backoff": parse_duration, "multiplier": _number(1.0, 100.0),
@@ -863,7 +870,8 @@ class _Builder:
             "min_idle": _non_negative_int, "max_idle": _non_negative_int,
             "idle_timeout": _positive_duration, "max_lifetime": _positive_duration}, PoolSettings())
         if isinstance(pool, PoolSettings) and pool.max_idle < pool.min_idle:
-            self.reader.problem(f"{path}.pool.max_idle", f"must be at least min_idle ({pool.min_idle})")
+            self.reader.problem(f"{path}.pool.max_idle",
+                                f"must be at least min_idle ({pool.min_idle})")
             pool = _MISSING
         per_server = section.get("max_connections_per_server", _positive_int, None)
         maximum = section.get("max_connections", _positive_int, None)
@@ -1134,7 +1142,8 @@ class _Builder:
             section.used.add(key)
             field_path = section.key_path(str(key))
             if not isinstance(key, str) or not FIELD_NAME_RE.match(key):
-                self.reader.problem(field_path, "a field name is lower-case letters, digits and '_'")
+                self.reader.problem(field_path,
+                                    "a field name is lower-case letters, digits and '_'")
                 continue
             if key in PP_FIELDS:
                 if not proxied:

@@ -99,13 +99,13 @@ def _serve(control: socket.socket, uid: int | None, gid: int | None, euid: bool)
     status_pipes: dict[int, int] = {}  # worker pid -> the write end of its status pipe
     while True:
         try:
-            readable, _, _ = select.select([control, wake_read], [], [])
+            readable, _, _ = select.select([control.fileno(), wake_read], [], [])
         except InterruptedError:
             continue
         if wake_read in readable:
             os.read(wake_read, 512)
         _reap(status_pipes)
-        if control in readable:
+        if control.fileno() in readable:
             try:
                 request, fds, _, _ = socket.recv_fds(control, _MAX_REQUEST, _MAX_FDS)
             except OSError:

@@ -89,7 +89,7 @@ class NameLimit:
     maximum (unless it is below N), possibly fewer while one worker has more of them."""
 
     def __init__(self, maximum: int | None, workers: int = 1):
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
         self.workers = workers
         self.set_maximum(maximum)
 

@@ -61,6 +61,7 @@ class ListenerRuntime:
         self.backends = backends
         self.access_log = access_log
         if self.idle_sweeper is None or self.idle_sweeper.timeout != listener.idle_timeout:
-            self.idle_sweeper = IdleSweeper(self.clock, listener.idle_timeout)  # open ones keep theirs
+            # Open ones keep theirs.
+            self.idle_sweeper = IdleSweeper(self.clock, listener.idle_timeout)
         self.admission.configure(listener.max_connections, listener.max_connections_per_source,
                                  listener.ipv6_source_prefix, listener.rate_per_source)

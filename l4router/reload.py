@@ -18,7 +18,8 @@ from l4router.errors import BindFailed, ConfigError, WorkerFailed
 
 log = Logger()
 
-UNRELOADABLE = ("admin", "logging", "state_file", "upgrade_socket")  # set up once, before privileges are dropped
+# Set up once, before privileges are dropped.
+UNRELOADABLE = ("admin", "logging", "state_file", "upgrade_socket")
 
 
 class ConfigReloader:

@@ -75,7 +75,7 @@ def _accepted(change: Change, label: str, metrics) -> None:
 
 def change_path(change: Change) -> bytes:
     """The admin-site request that makes `change` (what a worker is sent)."""
-    query = {}
+    query: dict[str, object] = {}
     if change.weight is not None:
         query["weight"] = change.weight
     if change.backup:

@@ -20,6 +20,7 @@ import json
 import mmap
 import os
 import secrets
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -74,11 +75,11 @@ class LimitTable:
         self.run_dir = run_dir
         self.clock = clock
         self.prefix = f"/l4router-{os.getpid()}-{secrets.token_hex(4)}"
-        self.semaphores = {}  # key -> SemLock
-        self.maximum = {}  # key -> the value it was created or adjusted to
-        self.slots = {}  # key -> slot index in the workers' count files
-        self.debt = {}  # key -> permits still to take back after a limit was lowered
-        self.running = set()  # keys of the listeners (and process) workers have run
+        self.semaphores: dict[str, Any] = {}  # key -> _multiprocessing.SemLock
+        self.maximum: dict[str, int] = {}  # key -> the value it was created or adjusted to
+        self.slots: dict[str, int] = {}  # key -> slot index in the workers' count files
+        self.debt: dict[str, int] = {}  # key -> permits to take back after a limit was lowered
+        self.running: set[str] = set()  # keys of what workers have run
         self._retry = None
 
     @property
@@ -219,7 +220,8 @@ class WorkerLimits:
         with open(count_file, "r+b") as stream:
             self._map = mmap.mmap(stream.fileno(), MAX_LIMITS * SLOT)
         self.counts = memoryview(self._map).cast("q")
-        self.handles = {}  # key -> SharedLimit, kept across reloads (their counts go on)
+        # key -> SharedLimit, kept across reloads (their counts go on)
+        self.handles: dict[str, SharedLimit] = {}
         self.refresh()
 
     def refresh(self) -> None:

@@ -40,7 +40,8 @@ ELICIT_AFTER_QUIET = 0.02
 
 
 def set_no_delay(transport):
-    """Relayed bytes go out at once (a proxy must not add Nagle delays); not every transport is TCP."""
+    """Relayed bytes go out at once (a proxy must not add Nagle delays); not every transport
+    is TCP."""
     try:
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError):

@@ -187,7 +187,8 @@ class UDPSession:
         self.follows_quic_ids = False  # a QUIC session: its server's IDs are learned
         self.quic_ids = []
         self.idle = listener.idle_sweeper
-        self._detect_timer = clock.callLater(listener.listener.detect.timeout, self._detect_timed_out)
+        self._detect_timer = clock.callLater(listener.listener.detect.timeout,
+                                             self._detect_timed_out)
 
     # Client side
 

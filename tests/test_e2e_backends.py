@@ -447,8 +447,8 @@ backends:
             assert event["fields"]["sni"] == "router.example"
             wait_until(lambda: b"pp authority=" in (tmp_path / "haproxy.log").read_bytes(),
                        message="haproxy's log line")
-            line = [l for l in (tmp_path / "haproxy.log").read_bytes().splitlines()
-                    if l.startswith(b"pp ")][0].decode()
+            line = [row for row in (tmp_path / "haproxy.log").read_bytes().splitlines()
+                    if row.startswith(b"pp ")][0].decode()
             assert line == f"pp authority=router.example unique_id={event['unique_id']}"
         finally:
             peer.terminate()
@@ -516,6 +516,9 @@ backends:
                                  route="web", backend="spare") == 1
 
 
+TLVS_ASKED = "authority,unique-id,ssl,crc32c"  # HAProxy sends the ALPN unasked
+
+
 def test_proxy_v2_tlvs_from_haproxy_become_route_fields(tmp_path):
     """HAProxy, the real sending peer, terminates TLS and puts the SNI, the ALPN, its unique
     id and the SSL TLV in its v2 header: l4router routes on pp_authority and logs them all."""
@@ -538,7 +541,7 @@ frontend front
     unique-id-format hap-%{{+X}}o%ci%cp
     default_backend router
 backend router
-    server l4router 127.0.0.1:{router_port} send-proxy-v2 proxy-v2-options authority,unique-id,ssl,crc32c
+    server l4router 127.0.0.1:{router_port} send-proxy-v2 proxy-v2-options {TLVS_ASKED}
 """)
         peer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -157,7 +157,8 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
             time.sleep(0.3)
             router.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            readyz = wait_until(lambda: router.error_status("/readyz"), message="/readyz while draining")
+            readyz = wait_until(lambda: router.error_status("/readyz"),
+                                message="/readyz while draining")
             assert readyz == 503
             assert b"l4router_connections_active" in router.get("/metrics")
             with pytest.raises(OSError):

@@ -63,7 +63,8 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout, result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("l4router:")]
     assert lines == [f"l4router: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=1024: "
-                     "Couldn't listen on 127.0.0.1:" + f"{port}: [Errno 98] Address already in use."]
+                     "Couldn't listen on 127.0.0.1:"
+                     + f"{port}: [Errno 98] Address already in use."]
 
 
 def test_quickstart_with_no_config_routes_curl_to_its_own_metrics(tmp_path):

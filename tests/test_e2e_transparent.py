@@ -126,7 +126,8 @@ def test_transparent_needs_cap_net_admin_and_says_so(tmp_path):
 listeners: [{name: edge, listen: "127.0.0.1:1", default: app}]
 backends: {app: {servers: ["127.0.0.1:2"], transparent: true}}
 """)
-    done = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin,-net_raw", TWISTD,
+    done = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin,-net_raw",
+                           TWISTD,
                            "-n", "--pidfile=", "l4router", "-c", str(config)],
                           capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert done.returncode == 2

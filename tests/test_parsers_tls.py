@@ -119,7 +119,8 @@ def _key_share_groups(flight):
     end = pos + 2 + int.from_bytes(body[pos:pos + 2], "big")
     pos += 2
     while pos < end:
-        kind, length = int.from_bytes(body[pos:pos + 2], "big"), int.from_bytes(body[pos + 2:pos + 4], "big")
+        kind = int.from_bytes(body[pos:pos + 2], "big")
+        length = int.from_bytes(body[pos + 2:pos + 4], "big")
         if kind == 51:
             shares, groups = body[pos + 6:pos + 4 + length], []
             while shares:

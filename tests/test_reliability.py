@@ -414,16 +414,22 @@ def _client_hello(extensions):
 
 def _hostile_flights():
     huge_sni = b"a" * 65000
-    sni_ext = b"\x00\x00" + (len(huge_sni) + 5).to_bytes(2, "big") + \
-        (len(huge_sni) + 3).to_bytes(2, "big") + b"\x00" + len(huge_sni).to_bytes(2, "big") + huge_sni
+    sni_ext = (b"\x00\x00" + (len(huge_sni) + 5).to_bytes(2, "big")
+               + (len(huge_sni) + 3).to_bytes(2, "big") + b"\x00"
+               + len(huge_sni).to_bytes(2, "big") + huge_sni)
     alpn = b"".join(bytes([3]) + b"h%02d" % (i % 100) for i in range(4000))
-    alpn_ext = b"\x00\x10" + (len(alpn) + 2).to_bytes(2, "big") + len(alpn).to_bytes(2, "big") + alpn
+    alpn_ext = (b"\x00\x10" + (len(alpn) + 2).to_bytes(2, "big")
+                + len(alpn).to_bytes(2, "big") + alpn)
     padding_ext = b"\x00\x15" + (65535 - 4).to_bytes(2, "big") + bytes(65531)
     encoder = hpack.Encoder()
     bomb_block = encoder.encode([(b"x-bomb", b"A" * 4000)]) + b"\xbe" * 4000  # indexed repeats
-    frame = lambda kind, flags, stream, payload: len(payload).to_bytes(3, "big") + \
-        bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-    hpack_bomb = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 4, 1, bomb_block[:16000])
+
+    def frame(kind, flags, stream, payload):
+        return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+                + payload)
+
+    hpack_bomb = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
+                  + frame(1, 4, 1, bomb_block[:16000]))
     nested = b"{\"jsonrpc\": \"2.0\", \"method\": " + b"[" * 50000 + b"\n"
     dns_loop = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"
     quic_absurd = b"\xc3\x00\x00\x00\x01\x08" + bytes(8) + b"\x00\x00\x7f\xff\xff\xff" + bytes(64)

@@ -17,7 +17,8 @@ class Query:
 
 
 def parse_query(datagram):
-    """A standard query with one question -> Query | Invalid (a datagram is whole: no INCOMPLETE)."""
+    """A standard query with one question -> Query | Invalid (a datagram is whole: no
+    INCOMPLETE)."""
     if len(datagram) < HEADER + 5:
         return Invalid("shorter than a DNS query")
     flags = int.from_bytes(datagram[2:4], "big")

@@ -27,7 +27,9 @@ def soap_call(request):
     kind = media_type(content_type)
     if kind == "application/soap+xml":
         match = _ACTION_PARAMETER.search(content_type)
-        action = (match.group(1) if match.group(1) is not None else match.group(2)) if match else None
+        action = None
+        if match:
+            action = match.group(1) if match.group(1) is not None else match.group(2)
         return SoapCall("1.2", action)
     action = request.header("soapaction")
     if kind == "text/xml" and action is not None:

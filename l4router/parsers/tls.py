@@ -62,7 +62,8 @@ def _text(raw):
 
 
 def parse_client_hello(data):
-    """The ClientHello from the first bytes of a TLS connection -> ClientHello | INCOMPLETE | Invalid."""
+    """The ClientHello from the first bytes of a TLS connection -> ClientHello | INCOMPLETE |
+    Invalid."""
     handshake = _reassemble(data)
     if not isinstance(handshake, bytes):
         return handshake

@@ -1,4 +1,5 @@
-"""JSON-RPC 2.0: in an HTTP/1 POST, newline-delimited over TCP, or LSP-framed (asked before http1)."""
+"""JSON-RPC 2.0: in an HTTP/1 POST, newline-delimited over TCP, or LSP-framed (asked before
+http1)."""
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer

@@ -13,7 +13,8 @@ class OpenVPNDetector:
     name = "openvpn"
     transports = frozenset({"tcp", "udp"})
     priority = 170
-    first_bytes = frozenset(range(0x07)) | {0x38, 0x50}  # TCP: the length's high byte; UDP: the opcode
+    # TCP: the length's high byte; UDP: the opcode.
+    first_bytes = frozenset(range(0x07)) | {0x38, 0x50}
     fields = ("openvpn_reset",)
 
     def detect(self, peek):
