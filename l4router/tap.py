@@ -25,7 +25,8 @@ from l4router.shared_limits import WorkerLimits
 from l4router.upgrade import UpgradeService, take_over
 from l4router.service import AdminService, BackendsService, ListenersService, RouterService
 from l4router.worker_status import WorkerStatus
-from l4router.workers import Supervisor, start_worker, worker_command
+from l4router.supervisor import Supervisor, worker_command
+from l4router.worker import start_worker
 
 
 def quickstart_config_path():
