@@ -20,7 +20,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from urllib.parse import quote, urlencode
+
+from l4router.backends.control import Change
+from l4router.runtime import change_path
 
 DEFAULT_ADMIN = "http://127.0.0.1:9100"
 TIMEOUT = 30.0
@@ -55,26 +57,15 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 def request_for(arguments: argparse.Namespace) -> tuple[str, str]:
-    """(method, path and query) for a command."""
+    """(method, path and query) for a command: the admin site's, as a supervisor forwards it."""
     if arguments.command == "servers":
         return "GET", "/status/backends"
-    backend = quote(arguments.backend, safe="")
-    query: dict[str, object] = {}
-    if arguments.command == "add":
-        query["address"] = arguments.address
-        if arguments.weight is not None:
-            query["weight"] = arguments.weight
-        if arguments.backup:
-            query["backup"] = 1
-        path = f"/backends/{backend}/servers"
-    else:
-        path = f"/backends/{backend}/servers/{quote(arguments.server, safe='')}/" \
-               f"{arguments.command}"
-        if arguments.command == "weight":
-            query["weight"] = arguments.weight
-        if getattr(arguments, "abort", False):
-            query["abort"] = 1
-    return "POST", path + ("?" + urlencode(query) if query else "")
+    server = arguments.address if arguments.command == "add" else arguments.server
+    change = Change(arguments.backend, arguments.command, server,
+                    weight=getattr(arguments, "weight", None),
+                    backup=getattr(arguments, "backup", False),
+                    abort=getattr(arguments, "abort", False))
+    return "POST", change_path(change).decode()
 
 
 def server_table(backends: list[dict], only: str | None = None) -> str:

@@ -66,8 +66,8 @@ class LongRelay:
     """A relay that echoes `size` pseudo-random bytes through the router; its server is the
     first line. Opened until it lands on `wanted` (round robin: within a few tries)."""
 
-    def __init__(self, port, wanted, size=BIG, seed=11):
-        self.size, self.seed = size, seed
+    def __init__(self, port, wanted, size=BIG, seed=11, pause=0.01):
+        self.size, self.seed, self.pause = size, seed, pause
         for _ in range(20):
             client = socket.create_connection(("127.0.0.1", port), timeout=60)
             client.sendall(b"s")
@@ -97,7 +97,7 @@ class LongRelay:
         try:
             for chunk in pseudo_random_stream(self.seed, self.size):
                 self.client.sendall(chunk)
-                time.sleep(0.01)  # a relay that lasts a few seconds
+                time.sleep(self.pause)  # a relay that lasts a while
             self.client.shutdown(socket.SHUT_WR)
         except OSError:
             pass
@@ -115,7 +115,7 @@ def test_draining_moves_every_new_client_and_lets_its_relay_finish_with_two_work
     with Backend("a", name_then_echo) as a, Backend("b", name_then_echo) as b:
         port = free_port()
         with Router(tmp_path, config_for(port, a, b), workers=2) as router:
-            relay = LongRelay(port, "a")
+            relay = LongRelay(port, "a", pause=0.05)  # 3 s or more: it outlasts the drain
             relaying = threading.Thread(target=relay.run, daemon=True)
             relaying.start()
             stop, seen = threading.Event(), []
