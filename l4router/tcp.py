@@ -121,6 +121,30 @@ class InboundConnection(Protocol):
     backend transport and counts it.
     """
 
+    # What is not known yet, or rarely needed, are class defaults, set on a connection when it
+    # is: CPython keeps an object's attributes compactly only up to 30 names; past that, every
+    # connection would carry a dict of its own (about 1 KiB more per connection).
+    proxy_fields = None  # the TLVs of a v2 PROXY header, as route fields
+    elicited = b""  # bytes the router sent the client during detection
+    elicited_by = None  # the detector that asked for them, and rewrites the replay
+    _elicit_call = None  # the elicitation waiting for the client to go quiet
+    received = 0
+    read_closed = False
+    decision = None
+    route = None
+    backend_name = None
+    group = None
+    _fallback = None  # the route's fallback backend, until it has been used
+    server = None
+    relay = None
+    backend = None
+    close_reason = None
+    _detect_timer = None
+    _connecting = None
+    _held = ()  # how to give back the route's and the name's permits
+    _backend_permit = None  # the backend's limit, while it holds one of it
+    _ended = False
+
     def __init__(self, factory, source, source_port, header_expected=False):
         self.factory = factory
         self.id = next(_connection_ids)
@@ -132,27 +156,7 @@ class InboundConnection(Protocol):
         self.refuse_proxy_header = bool(factory.listener.accept_proxy_protocol) and \
             not header_expected
         self.buffer = b""
-        self.proxy_fields = None  # the TLVs of a v2 PROXY header, as route fields
-        self.elicited = b""  # bytes the router sent the client during detection
-        self.elicited_by = None  # the detector that asked for them, and rewrites the replay
-        self._elicit_call = None  # the elicitation waiting for the client to go quiet
-        self.received = 0
-        self.read_closed = False
-        self.decision = None
-        self.route = None
-        self.backend_name = None
-        self.group = None
-        self._fallback = None  # the route's fallback backend, until it has been used
-        self.server = None
-        self.relay = None
-        self.backend = None
-        self.close_reason = None
         self.started = factory.clock.seconds()
-        self._detect_timer = None
-        self._connecting = None
-        self._held = []  # how to give back the route's and the name's permits
-        self._backend_permit = None  # the backend's limit, while it holds one of it
-        self._ended = False
 
     def connectionMade(self):
         # TCP_NODELAY comes from the listening socket (service.no_delay_for_accepted).
@@ -301,14 +305,14 @@ class InboundConnection(Protocol):
         if limit is not None:
             if not limit.try_acquire():
                 return LIMIT_ROUTE
-            self._held.append(limit.release)
+            self._held = (*self._held, limit.release)
         names = limits.names
         name = names is not None and (fields.get("sni") or fields.get("host") or
                                       fields.get("authority"))
         if name:
             if not names.try_acquire(name):
                 return LIMIT_NAME
-            self._held.append(lambda: names.release(name))
+            self._held = (*self._held, lambda: names.release(name))
         return None
 
     def _connect(self, group):
