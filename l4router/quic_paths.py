@@ -64,3 +64,29 @@ class ConnectionIds:
         for cid in session.quic_ids:
             if self.sessions.get(cid) is session:
                 del self.sessions[cid]
+
+
+class QuicLbServers:
+    """The servers of a listener's backends that issue QUIC-LB connection IDs (plaintext), by
+    config rotation, ID length and server ID: where a short-header packet whose ID the router
+    never saw goes (a client that migrated on purpose to an ID its server issued encrypted)."""
+
+    def __init__(self, groups):
+        self.by_rotation = {}  # config rotation -> [(id length, {server id: (group, server)})]
+        for group in groups.values():
+            settings = getattr(group.config, "quic_lb", None)
+            if settings is None:
+                continue
+            ids = {server.server.quic_lb_id: (group, server) for server in group.servers}
+            self.by_rotation.setdefault(settings.config_rotation, []).append(
+                (settings.server_id_length, ids))
+
+    def find(self, datagram: bytes):
+        """(group, server) named by a short-header packet's destination ID, or None."""
+        if not self.by_rotation or len(datagram) < 3 or datagram[0] & 0xC0 != 0x40:
+            return None
+        for length, ids in self.by_rotation.get(datagram[1] >> 5, ()):
+            found = ids.get(bytes(datagram[2:2 + length]))
+            if found is not None and found[1].eligible and found[1].address is not None:
+                return found
+        return None

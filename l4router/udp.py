@@ -24,7 +24,7 @@ from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
 from l4router.listener import ListenerRuntime
-from l4router.quic_paths import ConnectionIds
+from l4router.quic_paths import ConnectionIds, QuicLbServers
 from l4router.service import ListenerService
 from l4router.sockets import MAX_DATAGRAM, parse_udp_listen
 
@@ -41,6 +41,8 @@ SOCKET_UNAVAILABLE = "socket_unavailable"  # no socket towards the server (out o
 REJECTED = "rejected"
 SHUTDOWN = "shutdown"
 
+QUIC_LB_ROUTE = "quic_lb"  # the route of a session that QUIC-LB sent to its server
+
 _session_ids = itertools.count(1)
 
 
@@ -56,6 +58,10 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
     def connections(self):
         return list(self.sessions.values())
 
+    def reconfigure(self, listener, detectors, backends, *args, **kwargs):
+        super().reconfigure(listener, detectors, backends, *args, **kwargs)
+        self.quic_lb = QuicLbServers(backends)
+
     def bytes_relayed(self):
         return self.bytes_closed + sum(s.bytes_up + s.bytes_down for s in self.sessions.values())
 
@@ -67,6 +73,7 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
                 self._move(session, addr)
                 session.from_client(data)
                 return
+            named = self.quic_lb.find(data)  # an ID its server issued, unseen: QUIC-LB
             refusal = self.admission.admit(normalise_host(addr[0]))
             if refusal is not None:
                 self.refused_total += 1
@@ -76,6 +83,8 @@ class UDPListener(ListenerRuntime, DatagramProtocol):
             self.accepted_total += 1
             session = self.sessions[addr] = UDPSession(self, addr)
             self.metrics.udp_sessions_active.inc()
+            if named is not None:
+                session.resume_at(*named)
         session.from_client(data)
 
     def _move(self, session, addr):
@@ -246,6 +255,21 @@ class UDPSession:
                      error=str(error), reason=error.reason)
             self.close(error.reason)
             return
+        self._open_backend_socket()
+
+    def resume_at(self, group, server):
+        """A QUIC connection that moved to an ID the router never saw, which names its server
+        (QUIC-LB): straight to that server, without detection (a short header has nothing to
+        detect)."""
+        if self._detect_timer is not None and self._detect_timer.active():
+            self._detect_timer.cancel()
+        self.decision = Decision("quic", {"quic_lb": True})
+        self.follows_quic_ids = True
+        self.route = QUIC_LB_ROUTE
+        self.backend_name = group.name
+        self.listener.metrics.udp_created("quic").inc()
+        server.acquire()
+        self.server = server
         self._open_backend_socket()
 
     def _open_backend_socket(self):

@@ -2,8 +2,10 @@
 
     python -m tests.quic_peers serve NAME PORT CERT KEY       an HTTP/3 server answering NAME
     python -m tests.quic_peers get PORT SERVER_NAME CA [--big]  one HTTP/3 GET; prints the body
-    python -m tests.quic_peers twice PORT SERVER_NAME CA   two GETs on one connection: prints
-        the first body, waits for a line on stdin, prints the second
+    python -m tests.quic_peers twice PORT SERVER_NAME CA [--new-cid]   two GETs on one
+        connection: prints the first body, waits for a line on stdin (then, with --new-cid,
+        moves to a connection ID the server issued), prints the second
+    serve ... --quic-lb-id HEX   the server's connection IDs carry HEX as a QUIC-LB server ID
 
 With --big the client offers 30 long ALPN names besides h3, so its ClientHello needs two
 Initial packets (two datagrams).
@@ -65,8 +67,30 @@ class H3Client(QuicConnectionProtocol):
         return await asyncio.wait_for(self.done, 10)
 
 
-async def run_server(name, port, cert, key):
+QUIC_LB_CID_LENGTH = 10  # no other random draw of aioquic's has this length
+
+
+def issue_quic_lb_ids(server_id):
+    """aioquic draws its connection IDs with os.urandom: those of QUIC_LB_CID_LENGTH get the
+    QUIC-LB plaintext form (config rotation 0, the server ID, a random nonce)."""
+    import os
+    import types
+
+    from aioquic.quic import connection
+
+    def urandom(size):
+        if size != QUIC_LB_CID_LENGTH:
+            return os.urandom(size)
+        return bytes([size - 1]) + server_id + os.urandom(size - 1 - len(server_id))
+
+    connection.os = types.SimpleNamespace(urandom=urandom)
+
+
+async def run_server(name, port, cert, key, quic_lb_id=None):
     configuration = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
+    if quic_lb_id is not None:
+        issue_quic_lb_ids(bytes.fromhex(quic_lb_id))
+        configuration.connection_id_length = QUIC_LB_CID_LENGTH
     configuration.load_cert_chain(cert, key)
 
     class Named(H3Server):
@@ -91,7 +115,7 @@ async def run_get(port, server_name, ca, big):
     sys.stdout.write(body.decode())
 
 
-async def run_twice(port, server_name, ca):
+async def run_twice(port, server_name, ca, new_cid=False):
     configuration = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
                                       server_name=server_name)
     configuration.load_verify_locations(ca)
@@ -99,6 +123,8 @@ async def run_twice(port, server_name, ca):
                        create_protocol=H3Client, wait_connected=True) as client:
         print((await client.get(server_name, "/one")).decode(), flush=True)
         await asyncio.get_event_loop().run_in_executor(None, sys.stdin.readline)
+        if new_cid:
+            client.change_connection_id()
         client.body, client.done = b"", asyncio.get_event_loop().create_future()
         print((await client.get(server_name, "/two")).decode(), flush=True)
 
@@ -106,8 +132,11 @@ async def run_twice(port, server_name, ca):
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "twice":
-        asyncio.run(run_twice(int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+        asyncio.run(run_twice(int(sys.argv[2]), sys.argv[3], sys.argv[4],
+                              "--new-cid" in sys.argv))
     elif command == "serve":
-        asyncio.run(run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
+        lb_id = sys.argv[sys.argv.index("--quic-lb-id") + 1] if "--quic-lb-id" in sys.argv \
+            else None
+        asyncio.run(run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], lb_id))
     else:
         asyncio.run(run_get(int(sys.argv[2]), sys.argv[3], sys.argv[4], "--big" in sys.argv))

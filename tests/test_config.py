@@ -144,6 +144,12 @@ BAD = [
      "is for tcp listeners"),
     ("listeners: [{name: a, listen: ':1', routes: [{match: {pp_authority: x}, reject: true}]}]",
      "listeners[0].routes[0].match.pp_authority", "needs accept_proxy_protocol"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], "
+     "quic_lb: {server_id_length: 2}}}", "backends.b.servers[0].quic_lb_id",
+     "an ID of 2 octets for every server"),
+    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
+     "quic_lb_id: '01'}, {address: 'h:2', quic_lb_id: '01'}], quic_lb: {}}}",
+     "backends.b.servers[1].quic_lb_id", "the same ID as servers[0]"),
     (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: x, file: /y}}}}}}",
      "backends.b.servers", "{srv: _service._tcp.NAME} or {file: PATH}"),
     (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{file: relative.yaml}}}}}}",

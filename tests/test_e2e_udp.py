@@ -351,3 +351,64 @@ backends:
                                 protocol="quic")
     assert (first, second) == ("alpha /one", "alpha /two")
     assert (migrated, created) == (1, 1)
+
+
+def test_quic_lb_sends_a_client_on_a_new_connection_id_to_its_server(tmp_path):
+    """The client moves to a connection ID its server issued encrypted (active migration)
+    from a new address: the router never saw that ID, but the server ID QUIC-LB put in it
+    names the server. Two servers: the right one must get it."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    servers, processes = {}, []
+    try:
+        for name, lb_id in (("one", "01"), ("two", "02")):
+            cert = ca.issue_cert("lb.quic.test")
+            cert.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+            cert.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
+            servers[name] = free_port()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tests.quic_peers", "serve", name, str(servers[name]),
+                 str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"),
+                 "--quic-lb-id", lb_id], cwd=CHECKOUT, stdout=subprocess.PIPE, text=True)
+            processes.append(process)
+            assert process.stdout.readline().strip() == "listening"
+        port = free_port()
+        config = f"""
+listeners:
+  - name: h3
+    transport: udp
+    listen: "127.0.0.1:{port}"
+    routes:
+      - {{match: {{protocol: quic, sni: lb.quic.test}}, backend: h3}}
+    default: reject
+backends:
+  h3:
+    servers: [{{address: "127.0.0.1:{servers['one']}", quic_lb_id: "01"}},
+              {{address: "127.0.0.1:{servers['two']}", quic_lb_id: "02"}}]
+    quic_lb: {{config_rotation: 0, server_id_length: 1}}
+"""
+        bodies = []
+        with Router(tmp_path, config) as router:
+            for _ in range(2):  # round robin: one connection lands on each server
+                with RebindingForwarder(port) as nat:
+                    client = subprocess.Popen(
+                        [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port),
+                         "lb.quic.test", str(tmp_path / "ca.pem"), "--new-cid"],
+                        cwd=CHECKOUT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    try:
+                        first = client.stdout.readline().strip()
+                        nat.rebind()
+                        client.stdin.write("go\n")
+                        client.stdin.flush()
+                        bodies.append((first, client.stdout.readline().strip()))
+                    finally:
+                        client.kill()
+                        client.wait(10)
+            created = router.metric("l4router_udp_sessions_created_total", listener="h3",
+                                    protocol="quic")
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+    assert sorted(bodies) == [("one /one", "one /two"), ("two /one", "two /two")]
+    assert created == 4  # each connection: its first session, and the one QUIC-LB resumed

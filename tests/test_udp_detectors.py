@@ -148,3 +148,29 @@ def test_quic_server_connection_ids_find_a_session_by_a_short_header():
     assert ids.find(bytes([0xC0]) + b"SERVERID") is None  # long headers are detected instead
     ids.forget(session)
     assert ids.find(b"\x41SERVERID" + b"payload") is None
+
+
+def test_quic_lb_finds_the_server_its_connection_id_names():
+    from l4router.quic_paths import QuicLbServers
+
+    class Config:
+        quic_lb = type("QuicLb", (), {"config_rotation": 1, "server_id_length": 2})()
+
+    class Server:
+        def __init__(self, lb_id, eligible=True):
+            self.server = type("S", (), {"quic_lb_id": lb_id})()
+            self.eligible = eligible
+            self.address = "10.0.0.1"
+
+    class Group:
+        config = Config()
+        servers = [Server(b"\x0a\x01"), Server(b"\x0a\x02", eligible=False)]
+
+    group = Group()
+    index = QuicLbServers({"h3": group})
+    rotation_1 = 0b001_00111  # config rotation 1, then the length bits
+    assert index.find(bytes([0x41, rotation_1]) + b"\x0a\x01" + b"nonce") == (
+        group, group.servers[0])
+    assert index.find(bytes([0x41, rotation_1]) + b"\x0a\x02nonce") is None  # drained, down
+    assert index.find(bytes([0x41, 0b010_00111]) + b"\x0a\x01nonce") is None  # rotation 2
+    assert index.find(bytes([0xC1, rotation_1]) + b"\x0a\x01nonce") is None  # long header

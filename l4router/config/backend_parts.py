@@ -14,6 +14,7 @@ from l4router.config.model import (
     GlobSet,
     HealthCheckSettings,
     PoolSettings,
+    QuicLb,
     RetrySettings,
 )
 from l4router.config.reader import _ABSENT, _MISSING
@@ -31,6 +32,7 @@ from l4router.config.values import (
     _positive_duration,
     _positive_int,
     _proxy_protocol_out,
+    _quic_lb,
     _safe_regex,
     _server_from,
     _status_classes,
@@ -102,9 +104,12 @@ class BackendParts:
                                 "connection is made before there is a client to send it from")
             transparent = _MISSING
         proxy_protocol = section.get("proxy_protocol", _proxy_protocol_out, ("none", ()))
+        quic_lb = section.get("quic_lb", _quic_lb, None)
         section.finish()
+        if isinstance(quic_lb, QuicLb) and _MISSING not in parsed:
+            quic_lb = self.quic_lb_ids(f"{path}.servers", quic_lb, parsed)
         values = (balance, connect_timeout, retry, health, pool, per_server, proxy_protocol,
-                  discovery, named, maximum, transparent)
+                  discovery, named, maximum, transparent, quic_lb)
         if _MISSING in parsed or not (parsed or discovery or named) or _MISSING in values:
             return None
         version, tlvs = proxy_protocol
@@ -113,7 +118,22 @@ class BackendParts:
                        max_connections_per_server=per_server, max_connections=maximum,
                        proxy_protocol=version, proxy_tlvs=tlvs, discovery=discovery,
                        server_from=server_from, allow=allow, resolve_timeout=resolve_timeout,
-                       transparent=transparent)
+                       transparent=transparent, quic_lb=quic_lb)
+
+    def quic_lb_ids(self, path, quic_lb, servers):
+        """With quic_lb, every server has an ID of the configured length, each its own."""
+        seen = {}
+        for index, server in enumerate(servers):
+            key = f"{path}[{index}].quic_lb_id"
+            if server.quic_lb_id is None or len(server.quic_lb_id) != quic_lb.server_id_length:
+                self.reader.problem(key, f"quic_lb needs an ID of {quic_lb.server_id_length} "
+                                         "octets for every server")
+                return _MISSING
+            if server.quic_lb_id in seen:
+                self.reader.problem(key, f"the same ID as servers[{seen[server.quic_lb_id]}]")
+                return _MISSING
+            seen[server.quic_lb_id] = index
+        return quic_lb
 
     def named_server(self, section, path, servers):
         """`server_from` with its required `allow` (and `resolve_timeout`), or None."""

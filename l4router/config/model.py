@@ -121,6 +121,7 @@ class Server:
     port: int
     weight: int = 1
     backup: bool = False  # gets clients only while no primary server of its backend is up
+    quic_lb_id: bytes | None = None  # its server ID in QUIC-LB connection IDs
 
     @property
     def label(self):
@@ -183,6 +184,17 @@ class Backend:
     allow: GlobSet | None = None  # the names server_from may take
     resolve_timeout: float = 1.0  # server_from: how long a name may take to resolve
     transparent: bool = False  # connect from the client's own address (IP_TRANSPARENT)
+    quic_lb: QuicLb | None = None  # server IDs decoded from QUIC connection IDs
+
+
+@attrs.frozen
+class QuicLb:
+    """QUIC-LB (draft-ietf-quic-load-balancers), plaintext: the servers put their server ID,
+    `server_id_length` octets, right after the first octet of the connection IDs they issue,
+    whose top three bits are `config_rotation`."""
+
+    config_rotation: int = 0
+    server_id_length: int = 1
 
 
 @attrs.frozen

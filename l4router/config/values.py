@@ -24,6 +24,7 @@ from l4router.config.model import (
     SERVER_FROM_FIELDS,
     UNLIMITED,
     Discovery,
+    QuicLb,
     RateLimit,
     Regex,
     Server,
@@ -336,20 +337,41 @@ def parse_server(value):
         host, port = split_host_port(value)
         weight = 1
     elif isinstance(value, Mapping):
-        unknown = set(value) - {"address", "weight", "backup"}
+        unknown = set(value) - {"address", "weight", "backup", "quic_lb_id"}
         if unknown:
             raise _Invalid(f"unknown key {sorted(map(str, unknown))[0]!r} "
-                           "(known: address, weight, backup)")
+                           "(known: address, weight, backup, quic_lb_id)")
         if "address" not in value:
             raise _Invalid("needs an address: host:port")
         host, port = split_host_port(value["address"])
         weight = _positive_int(value.get("weight", 1))
         backup = _boolean(value.get("backup", False))
+        quic_lb_id = _hex_id(value["quic_lb_id"]) if "quic_lb_id" in value else None
     else:
         raise _Invalid(f"must be host:port or {{address: host:port, weight: N, backup: BOOL}}, "
                        f"not {value!r}")
     if not host:
         raise _Invalid(f"needs a host: {value!r}")
-    return Server(host, port, weight, backup if isinstance(value, Mapping) else False)
+    if not isinstance(value, Mapping):
+        return Server(host, port, weight)
+    return Server(host, port, weight, backup, quic_lb_id)
+
+
+def _hex_id(value):
+    try:
+        octets = bytes.fromhex(str(value))
+    except ValueError:
+        octets = b""
+    if not 1 <= len(octets) <= 15:
+        raise _Invalid(f"quic_lb_id must be 1 to 15 octets in hex such as 0a01, not {value!r}")
+    return octets
+
+
+def _quic_lb(value):
+    if not isinstance(value, Mapping) or set(value) - {"config_rotation", "server_id_length"}:
+        raise _Invalid("must be {config_rotation: 0-6, server_id_length: 1-15}")
+    rotation = _number_in(0, 6)(value.get("config_rotation", 0))
+    length = _number_in(1, 15)(value.get("server_id_length", 1))
+    return QuicLb(int(rotation), int(length))
 
 
