@@ -8,25 +8,25 @@ import attrs
 
 from twisted.python import usage
 
-from l4router.admin import admin_site, supervisor_site
-from l4router.assembly import RouterAssembly
+from l4router.operate.admin import admin_site, supervisor_site
+from l4router.process.assembly import RouterAssembly
 from l4router.backends.control import RuntimeState
 from l4router.backends.transparent import check_transparent_allowed
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
-from l4router.forkserver import ForkServer
-from l4router.logs import make_log_observer
-from l4router.metrics import ConfigMetrics
-from l4router.reactor import install_unless_chosen
-from l4router.reload import ConfigReloader, WorkersReloader
-from l4router.runtime import RouterControl, SupervisorControl
-from l4router.shared_limits import WorkerLimits
-from l4router.upgrade import UpgradeService, take_over
-from l4router.service import AdminService, BackendsService, ListenersService, RouterService
-from l4router.worker_status import WorkerStatus
-from l4router.supervisor import Supervisor, worker_command
-from l4router.worker import start_worker
+from l4router.process.forkserver import ForkServer
+from l4router.operate.logs import make_log_observer
+from l4router.operate.metrics import ConfigMetrics
+from l4router.process.reactor import install_unless_chosen
+from l4router.process.reload import ConfigReloader, WorkersReloader
+from l4router.operate.runtime import RouterControl, SupervisorControl
+from l4router.process.shared_limits import WorkerLimits
+from l4router.process.upgrade import UpgradeService, take_over
+from l4router.process.service import AdminService, BackendsService, ListenersService, RouterService
+from l4router.operate.worker_status import WorkerStatus
+from l4router.process.supervisor import Supervisor, worker_command
+from l4router.process.worker import start_worker
 
 
 def quickstart_config_path():
@@ -166,7 +166,7 @@ def _listen_descriptions(config):
 
 
 def with_upgrade_socket(top, config, reactor, listening_fds):
-    """With `upgrade_socket`, the top service also serves it (l4router.upgrade)."""
+    """With `upgrade_socket`, the top service also serves it (l4router.process.upgrade)."""
     if config.upgrade_socket is not None:
         UpgradeService(reactor, config.upgrade_socket, listening_fds,
                        reactor.stop).setServiceParent(top)
@@ -176,7 +176,7 @@ def with_upgrade_socket(top, config, reactor, listening_fds):
 def build_supervisor(config, detectors, reactor, command, fork_server, log_observer=None,
                      takeover=None):
     """The parent of `config.workers` workers: sockets, processes, the admin site, reloads.
-    `takeover`: a predecessor's sockets (l4router.upgrade), kept instead of bound."""
+    `takeover`: a predecessor's sockets (l4router.process.upgrade), kept instead of bound."""
     admin_sockets = takeover.take(config.admin.listen) if takeover is not None else None
     admin = AdminService(reactor, config.admin.listen, None, admin_sockets)
     supervisor = Supervisor(reactor, config, command, fork_server, admin,

@@ -15,7 +15,7 @@ from l4router.backends.control import Change, ControlError, RuntimeState, apply_
 from l4router.backends.group import BackendGroup
 from l4router.config import Backend, HealthCheckSettings, PoolSettings, RetrySettings, Server
 from l4router.errors import BackendUnavailable
-from l4router.metrics import RouterMetrics
+from l4router.operate.metrics import RouterMetrics
 
 
 class Candidate:
@@ -211,10 +211,10 @@ def test_the_status_page_of_starting_workers_says_starting_and_shows_the_config(
     """Before any worker reports, the supervisor's views come from the config."""
     from types import SimpleNamespace
 
-    from l4router.admin import render_status_page
+    from l4router.operate.admin import render_status_page
     from l4router.config import parse_config
     from l4router.detection.registry import installed_detectors
-    from l4router.worker_status import WorkerStatus
+    from l4router.operate.worker_status import WorkerStatus
 
     config = parse_config("""
 listeners:

@@ -240,7 +240,7 @@ listeners:
 
 def test_regular_expressions_match_whole_values_beside_globs():
     from l4router.detection.decision import Decision
-    from l4router.routing import RouteTable
+    from l4router.connection.routing import RouteTable
 
     config = parse(r"""
 listeners:

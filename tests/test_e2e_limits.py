@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from l4router.steering import source_hash_program
+from l4router.process.steering import source_hash_program
 from tests.support import Backend, Router, free_port, wait_until
 from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
 from tests.test_e2e_workers import worker_pids
@@ -158,7 +158,7 @@ def test_the_steering_program_hashes_the_configured_ipv6_prefix():
 
 
 def test_a_token_bucket_bounds_new_connections_per_source():
-    from l4router.limits import Admission, LocalLimit, TokenBuckets
+    from l4router.connection.limits import Admission, LocalLimit, TokenBuckets
 
     now = [0.0]
     buckets = TokenBuckets(rate=2.0, burst=3, clock=lambda: now[0])

@@ -7,7 +7,7 @@ import socket
 import pytest
 from twisted.internet.protocol import Factory, Protocol
 
-from l4router.reactor import LeanEPollReactor
+from l4router.process.reactor import LeanEPollReactor
 
 
 class CountingPoller:

@@ -131,7 +131,7 @@ def test_mutated_datagrams_never_raise(parser, source, position, patch):
 
 
 def test_quic_server_connection_ids_find_a_session_by_a_short_header():
-    from l4router.quic_paths import ConnectionIds, server_connection_id
+    from l4router.connection.quic_paths import ConnectionIds, server_connection_id
 
     class Session:
         quic_ids = []
@@ -151,7 +151,7 @@ def test_quic_server_connection_ids_find_a_session_by_a_short_header():
 
 
 def test_quic_lb_finds_the_server_its_connection_id_names():
-    from l4router.quic_paths import QuicLbServers
+    from l4router.connection.quic_paths import QuicLbServers
 
     class Config:
         quic_lb = type("QuicLb", (), {"config_rotation": 1, "server_id_length": 2})()

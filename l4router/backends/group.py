@@ -17,7 +17,7 @@ from l4router.backends.server import ServerState
 from l4router.backends.transparent import connect_from
 from l4router.config import DnsSettings
 from l4router.errors import BackendUnavailable
-from l4router.relay import BackendSide
+from l4router.connection.relay import BackendSide
 
 log = Logger()
 

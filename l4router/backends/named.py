@@ -21,7 +21,7 @@ from twisted.names import dns
 from l4router.backends.discovery import dns_resolver
 from l4router.backends.group import CONNECT_FAILED
 from l4router.errors import BackendUnavailable
-from l4router.relay import BackendSide
+from l4router.connection.relay import BackendSide
 
 log = Logger()
 

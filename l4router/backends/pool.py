@@ -10,7 +10,7 @@ import collections
 from twisted.logger import Logger
 
 from l4router.backends.server import ProtocolOnce
-from l4router.relay import BackendSide
+from l4router.connection.relay import BackendSide
 
 log = Logger()
 

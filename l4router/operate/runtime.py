@@ -48,7 +48,7 @@ class SupervisorControl:
     """Changes checked and recorded here, then made by every worker."""
 
     def __init__(self, supervisor, state, metrics, workers):
-        """`workers`: l4router.worker_status.WorkerStatus, to reach the workers."""
+        """`workers`: l4router.operate.worker_status.WorkerStatus, to reach the workers."""
         self.supervisor = supervisor
         self.state = state
         self.metrics = metrics

@@ -11,17 +11,17 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router.addresses import normalise_host
+from l4router.connection.addresses import normalise_host
 from l4router.backends.group import CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.backends.named import CLIENT_NAMED_REFUSALS
 from l4router.detection.decision import TIMEOUT, Decision, safe_value
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
-from l4router.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
-from l4router.listener import ListenerRuntime
+from l4router.connection.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
+from l4router.connection.listener import ListenerRuntime
 from l4router.parsers import INCOMPLETE, proxyprotocol
-from l4router import splice
-from l4router.relay import BACKEND_RESET, CLIENT_RESET, Relay
+from l4router.connection import splice
+from l4router.connection.relay import BACKEND_RESET, CLIENT_RESET, Relay
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")

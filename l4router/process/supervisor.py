@@ -1,9 +1,9 @@
 """`workers: N`: N router processes under one supervising twistd (the worker's own side is
-l4router.worker).
+l4router.process.worker).
 
 The supervisor binds every listener's sockets (one SO_REUSEPORT socket per worker, see
-l4router.sockets) and the admin site, then starts the workers: `twistd -n l4router` processes
-that adopt their sockets and run the router. It restarts a worker that dies (on the same
+l4router.process.sockets) and the admin site, then starts the workers: `twistd -n l4router`
+processes that adopt their sockets and run the router. It restarts a worker that dies (on the same
 sockets), forwards reloads, and on SIGTERM stops the workers (each drains as a single router
 does) before it stops itself. Metrics are written by the workers into a shared directory and
 summed by the supervisor's /metrics (prometheus-client's multiprocess mode).
@@ -23,12 +23,12 @@ from twisted.internet import abstract, defer, error
 from twisted.logger import Logger
 
 from l4router.errors import BindFailed, WorkerFailed
-from l4router.logs import install_log_observer
-from l4router.service import exit_zero_after_orderly_stop
-from l4router.shared_limits import LimitTable
-from l4router.sockets import bind_reuseport, systemd_socket
-from l4router.steering import attach_source_steering
-from l4router.worker import STATUS_READY, EndWatch
+from l4router.operate.logs import install_log_observer
+from l4router.process.service import exit_zero_after_orderly_stop
+from l4router.process.shared_limits import LimitTable
+from l4router.process.sockets import bind_reuseport, systemd_socket
+from l4router.process.steering import attach_source_steering
+from l4router.process.worker import STATUS_READY, EndWatch
 
 log = Logger()
 
@@ -123,8 +123,8 @@ class Supervisor(MultiService):
     def __init__(self, reactor, config, worker_command, fork_server, admin, log_observer=None):
         super().__init__()
         self.reactor = reactor
-        self.fork_server = fork_server  # l4router.forkserver: where workers come from
-        self.takeover = None  # l4router.upgrade.Takeover: a predecessor's sockets
+        self.fork_server = fork_server  # l4router.process.forkserver: where workers come from
+        self.takeover = None  # l4router.process.upgrade.Takeover: a predecessor's sockets
         self.log_observer = log_observer
         self.config = config
         self.worker_command = worker_command  # index, sockets, status fd -> (argv, env)
@@ -150,7 +150,7 @@ class Supervisor(MultiService):
                                     ["worker"], registry=self.registry)
         ProcessCollector(registry=self.registry)  # the supervisor's own process_* metrics
         self.reloader = None
-        self.control = None  # runtime changes to servers (l4router.runtime)
+        self.control = None  # runtime changes to servers (l4router.operate.runtime)
 
     @property
     def metrics_dir(self):
@@ -223,7 +223,7 @@ class Supervisor(MultiService):
     @staticmethod
     def _steer(description, group, listener):
         """Every connection of one source to one worker: per-source limits are then exact
-        (l4router.steering). A kernel that cannot leaves the spreading to its own hash."""
+        (l4router.process.steering). A kernel that cannot leaves the spreading to its own hash."""
         try:
             attach_source_steering(group[0], len(group), listener.ipv6_source_prefix)
         except OSError as exc:
@@ -454,8 +454,8 @@ class Supervisor(MultiService):
 
 def worker_command(options, config_source):
     """How the supervisor starts worker `index`: twistd again (forked, see
-    l4router.forkserver), with what it must adopt and the validated config snapshot (named as
-    the file it came from)."""
+    l4router.process.forkserver), with what it must adopt and the validated config snapshot
+    (named as the file it came from)."""
     twistd = options.parent or {}
     logfile = twistd.get("logfile")
 

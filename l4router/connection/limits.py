@@ -2,9 +2,9 @@
 
 A limit means the same with one process or several workers:
 - the process-wide and per-listener counts are `Limit`s: a plain count in one process, a
-  semaphore shared by every worker under a supervisor (l4router.shared_limits);
+  semaphore shared by every worker under a supervisor (l4router.process.shared_limits);
 - per-source counts stay in the worker: the supervisor steers every connection of one source
-  to one worker (l4router.steering), so that worker's count is the whole count.
+  to one worker (l4router.process.steering), so that worker's count is the whole count.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import time
 
-from l4router.addresses import source_key
+from l4router.connection.addresses import source_key
 
 LIMIT_PROCESS = "limit_process"
 LIMIT_LISTENER = "limit_listener"

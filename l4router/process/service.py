@@ -16,10 +16,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l4router.errors import BindFailed
-from l4router.logs import install_log_observer
-from l4router.relay import SHUTDOWN
-from l4router.sockets import adopt, bind_reuseport
-from l4router.status import ThroughputMeter
+from l4router.operate.logs import install_log_observer
+from l4router.connection.relay import SHUTDOWN
+from l4router.process.sockets import adopt, bind_reuseport
+from l4router.operate.status import ThroughputMeter
 
 log = Logger()
 
@@ -86,7 +86,7 @@ class PortsService(Service):
     def bind(self, description):
         if description.split(":", 1)[0] in ("tcp", "tcp6"):
             # Bound here and adopted: Twisted shuts down the sockets it binds itself when it
-            # stops listening, which would close them for a successor (l4router.upgrade).
+            # stops listening, which would close them for a successor (l4router.process.upgrade).
             sock = bind_reuseport(description, 1, reuse_port=False)[0]
             return adopt(self.reactor, description, sock.detach(), self.factory)
         return bind_now(self.reactor, description, self.factory)
@@ -95,7 +95,8 @@ class PortsService(Service):
         return [describe_address(port.getHost()) for port in self.ports]
 
     def listening_fds(self):
-        """{description: [fd]} of the tcp and udp sockets, for a successor (l4router.upgrade)."""
+        """{description: [fd]} of the tcp and udp sockets, for a successor
+        (l4router.process.upgrade)."""
         return {description: [port.fileno()] for description, port in
                 zip(self.descriptions, self.ports)
                 if description.split(":", 1)[0] in HANDED_OVER}
@@ -218,8 +219,8 @@ class RouterService(MultiService):
         self.log_observer = log_observer
         self.draining = False
         self.throughput = ThroughputMeter(self)
-        self.reloader = None  # set by whoever can build new parts (l4router.reload)
-        self.control = None  # runtime changes to servers (l4router.runtime)
+        self.reloader = None  # set by whoever can build new parts (l4router.process.reload)
+        self.control = None  # runtime changes to servers (l4router.operate.runtime)
         self.samplers = []  # called every SAMPLE_INTERVAL while running (gauges, metrics flush)
         self._sampling = []
         self.on_started = None  # a worker tells its supervisor it accepts

@@ -14,9 +14,9 @@ from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from l4router import status
+from l4router.operate import status
 from l4router.backends.control import Change, ControlError
-from l4router.worker_status import WorkerStatus
+from l4router.operate.worker_status import WorkerStatus
 
 
 class MetricsResource(Resource):
@@ -154,7 +154,7 @@ class ReloadResource(Resource):
 class ServerControlResource(Resource):
     """POST /backends/B/servers/S/{drain,disable,enable,weight,remove} and
     POST /backends/B/servers?address=HOST:PORT (add): runtime control of backend servers
-    (l4router.runtime). Answers the server's status as JSON."""
+    (l4router.operate.runtime). Answers the server's status as JSON."""
 
     isLeaf = True
 

@@ -5,9 +5,9 @@ import collections
 
 from twisted.logger import Logger
 
-from l4router.limits import ChoiceLimits
-from l4router.relay import IdleSweeper
-from l4router.routing import RouteTable
+from l4router.connection.limits import ChoiceLimits
+from l4router.connection.relay import IdleSweeper
+from l4router.connection.routing import RouteTable
 
 log = Logger()
 

@@ -18,15 +18,15 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router.addresses import normalise_host
+from l4router.connection.addresses import normalise_host
 from l4router.backends.group import NO_HEALTHY_SERVER
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
-from l4router.listener import ListenerRuntime
-from l4router.quic_paths import ConnectionIds, QuicLbServers
-from l4router.service import ListenerService
-from l4router.sockets import MAX_DATAGRAM, parse_udp_listen
+from l4router.connection.listener import ListenerRuntime
+from l4router.connection.quic_paths import ConnectionIds, QuicLbServers
+from l4router.process.service import ListenerService
+from l4router.process.sockets import MAX_DATAGRAM, parse_udp_listen
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 
 from l4router.backends.control import Change
-from l4router.runtime import change_path
+from l4router.operate.runtime import change_path
 
 DEFAULT_ADMIN = "http://127.0.0.1:9100"
 TIMEOUT = 30.0

@@ -1,0 +1,1 @@
+"""The connection path: accept, detect, route, connect, relay, record (TCP and UDP)."""

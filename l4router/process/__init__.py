@@ -1,0 +1,2 @@
+"""Process life: the Service tree, supervisor and workers, sockets, reloads, upgrades, our
+reactor."""
