@@ -25,7 +25,8 @@ from l4router.process.shared_limits import WorkerLimits
 from l4router.process.upgrade import UpgradeService, take_over
 from l4router.process.service import AdminService, BackendsService, ListenersService, RouterService
 from l4router.operate.worker_status import WorkerStatus
-from l4router.process.supervisor import Supervisor, worker_command
+from l4router.process.supervisor import Supervisor
+from l4router.process.worker_handle import worker_command
 from l4router.process.worker import start_worker
 
 

@@ -14,7 +14,7 @@ from l4router.detection.registry import detectors_for, installed_detectors
 from l4router.connection.limits import Admission, LocalLimit
 from l4router.operate.metrics import RouterMetrics
 from l4router.parsers import proxyprotocol
-from l4router.connection.tcp import ListenerFactory
+from l4router.connection.tcp_listener import ListenerFactory
 
 CONFIG = """
 listeners:

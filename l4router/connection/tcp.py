@@ -1,13 +1,12 @@
-"""TCP listener: admission, peek and detect, route, connect, hand over to the relay."""
+"""One TCP client: peek and detect, route, connect, hand over to the relay, record."""
 
-import ipaddress
 import itertools
 import secrets
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -18,7 +17,7 @@ from l4router.detection.decision import TIMEOUT, Decision, safe_value
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
 from l4router.connection.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
-from l4router.connection.listener import ListenerRuntime
+from l4router.connection.proxy_out import proxy_header
 from l4router.parsers import INCOMPLETE, proxyprotocol
 from l4router.connection import splice
 from l4router.connection.relay import BACKEND_RESET, CLIENT_RESET, Relay
@@ -46,71 +45,6 @@ def set_no_delay(transport):
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError):
         pass
-
-
-class ListenerFactory(ListenerRuntime, Factory):
-    """Builds one InboundConnection per admitted client of one listener."""
-
-    noisy = False
-
-    def __init__(self, *args, **kwargs):
-        self.connections = set()
-        self._drain_waiters = []
-        super().__init__(*args, **kwargs)
-
-    def buildProtocol(self, addr):
-        peer = getattr(addr, "host", None)
-        peer = normalise_host(peer) if peer else str(addr)
-        header_expected = self._trusts(peer)
-        # Behind a trusted PROXY-protocol balancer the peer is the balancer: the per-source
-        # limit waits for the header. Anyone else is counted by their own address.
-        refusal = self.admission.admit(None if header_expected else peer)
-        if refusal is not None:
-            # Returning None makes the port close the socket at once, without reading.
-            self.metrics.rejected(refusal).inc()
-            self.refused_total += 1
-            self.refusals.event(refusal, self.log_refusals)
-            return None
-        self.accepted_total += 1
-        self.metrics.accepted.inc()
-        self.metrics.active.inc()
-        connection = InboundConnection(self, peer, getattr(addr, "port", 0), header_expected)
-        self.connections.add(connection)
-        return connection
-
-    def _trusts(self, peer):
-        """The peer may put a PROXY header in front of its stream (`accept_proxy_protocol`)."""
-        trusted = self.listener.accept_proxy_protocol
-        if not trusted:
-            return False
-        try:
-            address = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return False
-        return any(address in network for network in trusted)
-
-    def connection_ended(self, connection):
-        self.connections.discard(connection)
-        self.admission.release(connection.source if connection.source_counted else None)
-        self.metrics.active.dec()
-        if not self.connections:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def bytes_relayed(self):
-        """Both ways, ended connections and open ones: what the throughput is measured on."""
-        live = sum(c.received + c.backend.received for c in self.connections
-                   if c.relay is not None)
-        return self.bytes_closed + live
-
-    def when_drained(self):
-        """A Deferred that fires once no connection of this listener is left."""
-        if not self.connections:
-            return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._drain_waiters.append(waiter)
-        return waiter
 
 
 @implementer(IHalfCloseableProtocol)
@@ -359,34 +293,12 @@ class InboundConnection(Protocol):
 
     def _proxy_header(self):
         """PROXY protocol out: the client's real addresses, before anything else."""
-        version = self.group.config.proxy_protocol
-        if version == "none":
+        config = self.group.config
+        if config.proxy_protocol == "none":
             return b""
-        local = self.transport.getHost()
-        local_host = normalise_host(local.host)
-        if (":" in self.source) != (":" in local_host):  # a v6 client of a v4 listener, say
-            return proxyprotocol.unknown_header(version)
-        if version == "v1":
-            return proxyprotocol.v1_header(self.source, self.source_port, local_host, local.port)
-        return proxyprotocol.v2_header(self.source, self.source_port, local_host, local.port,
-                                       self._tlvs(self.group.config.proxy_tlvs))
-
-    def _tlvs(self, wanted):
-        """The v2 TLVs a backend asked for: the detected name (SNI, Host or :authority) as
-        PP2_TYPE_AUTHORITY, the client's first ALPN offer, our unique connection id."""
         fields = self.decision.fields if self.decision is not None else {}
-        records = []
-        if "authority" in wanted:
-            name = fields.get("sni") or fields.get("host") or fields.get("authority")
-            if name:
-                records.append(proxyprotocol.tlv(proxyprotocol.PP2_TYPE_AUTHORITY, name.encode()))
-        if "alpn" in wanted and fields.get("alpn"):
-            records.append(proxyprotocol.tlv(proxyprotocol.PP2_TYPE_ALPN,
-                                             fields["alpn"][0].encode()))
-        if "unique_id" in wanted:
-            records.append(proxyprotocol.tlv(proxyprotocol.PP2_TYPE_UNIQUE_ID,
-                                             self.unique_id.encode()))
-        return b"".join(records)
+        return proxy_header(config.proxy_protocol, config.proxy_tlvs, self.source,
+                            self.source_port, self.transport.getHost(), fields, self.unique_id)
 
     @property
     def unique_id(self):

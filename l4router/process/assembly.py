@@ -18,7 +18,7 @@ from l4router.connection.limits import Admission, ChoiceLimits, LocalLimit, Name
 from l4router.process.shared_limits import PROCESS, backend_key, listener_key, route_key
 from l4router.operate.metrics import RouterMetrics
 from l4router.process.service import ListenerService
-from l4router.connection.tcp import ListenerFactory
+from l4router.connection.tcp_listener import ListenerFactory
 from l4router.connection.udp import UDPListener, UDPListenerService
 
 RECENT_CONNECTIONS = 50
