@@ -124,6 +124,12 @@ async def run_twice(port, server_name, ca, new_cid=False):
         print((await client.get(server_name, "/one")).decode(), flush=True)
         await asyncio.get_event_loop().run_in_executor(None, sys.stdin.readline)
         if new_cid:
+            # Once the server has issued a spare ID (NEW_CONNECTION_ID): else aioquic keeps
+            # the one it has. A bounded wait; aioquic keeps its spares in a private list.
+            for _ in range(100):
+                if client._quic._peer_cid_available:
+                    break
+                await asyncio.sleep(0.05)
             client.change_connection_id()
         client.body, client.done = b"", asyncio.get_event_loop().create_future()
         print((await client.get(server_name, "/two")).decode(), flush=True)

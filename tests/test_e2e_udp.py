@@ -275,9 +275,14 @@ backends:
 
 class RebindingForwarder:
     """A NAT in front of the router: it relays a client's datagrams from one source port
-    and, once `rebind()` is called, from another (the client knows nothing of it)."""
+    and, once `rebind()` is called, from another (the client knows nothing of it). With
+    `on_new_id`, it moves by itself, just before the first short-header packet whose
+    destination connection ID (of `id_length` octets) differs from the earlier ones'."""
 
-    def __init__(self, router_port):
+    def __init__(self, router_port, on_new_id=False, id_length=10):
+        self.on_new_id = on_new_id
+        self.id_length = id_length
+        self.first_id = None
         self.router = ("127.0.0.1", router_port)
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
@@ -301,6 +306,11 @@ class RebindingForwarder:
                 data, sender = sock.recvfrom(65535)
                 if sock is self.front:
                     self.client = sender
+                    if self.on_new_id and data[0] & 0xC0 == 0x40:
+                        connection_id = data[1:1 + self.id_length]
+                        self.first_id = self.first_id or connection_id
+                        if connection_id != self.first_id:
+                            self.rebind()
                     self.upstreams[self.current].sendto(data, self.router)
                 elif self.client is not None:
                     self.front.sendto(data, self.client)
@@ -390,14 +400,14 @@ backends:
         bodies = []
         with Router(tmp_path, config) as router:
             for _ in range(2):  # round robin: one connection lands on each server
-                with RebindingForwarder(port) as nat:
+                # The new port comes with the new ID: the router knows neither.
+                with RebindingForwarder(port, on_new_id=True) as nat:
                     client = subprocess.Popen(
                         [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port),
                          "lb.quic.test", str(tmp_path / "ca.pem"), "--new-cid"],
                         cwd=CHECKOUT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                     try:
                         first = client.stdout.readline().strip()
-                        nat.rebind()
                         client.stdin.write("go\n")
                         client.stdin.flush()
                         bodies.append((first, client.stdout.readline().strip()))
@@ -411,4 +421,4 @@ backends:
             process.terminate()
             process.wait(10)
     assert sorted(bodies) == [("one /one", "one /two"), ("two /one", "two /two")]
-    assert created == 4  # each connection: its first session, and the one QUIC-LB resumed
+    assert created == 4  # each connection: its first session, and the one QUIC-LB started
