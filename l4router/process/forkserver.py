@@ -8,9 +8,10 @@ server never runs a reactor: it waits on a socket for requests, forks, and repor
 worker's pid and exit status on a pipe the supervisor reads.
 
 A request carries the worker's argv and environment and the fds it must see (SCM_RIGHTS):
-its stdin/stdout/stderr, its listening sockets and its status pipe. The status pipe is also
-where the fork server writes `pid N` at the fork and `exit STATUS` once it has reaped the
-worker, so that the supervisor learns everything of a worker from one pipe.
+its stdin/stdout/stderr, its listening sockets and its status pipe; the answer is its pid.
+The status pipe is also where the fork server writes `exit STATUS` once it has reaped the
+worker (after the worker's own `ready`), so that the supervisor learns a worker's life from
+one pipe.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ForkServer:
     def spawn(self, argv: list[str], environment: dict[str, str],
               fds: dict[int, int], status_fd: int) -> int:
         """Fork a worker that sees `fds` ({number in the worker: fd here}) and runs twistd
-        with `argv`; `status_fd` (one of them) gets the `pid` and `exit` lines. The pid."""
+        with `argv`; `status_fd` (one of them) gets the `exit` line. The pid."""
         numbers = list(fds)
         request = json.dumps({"argv": argv, "env": environment, "fds": numbers,
                               "status": numbers.index(status_fd)}).encode()
@@ -136,7 +137,6 @@ def _fork_worker(control: socket.socket, request: dict, fds: list[int],
         os.close(fd)
     status_pipes[pid] = status
     control.send(f"pid {pid}".encode())
-    _write(status, f"pid {pid}\n")
 
 
 def _reap(status_pipes: dict[int, int]) -> None:
