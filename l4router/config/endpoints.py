@@ -10,6 +10,7 @@ import re
 
 from l4router.config.model import LISTEN_BACKLOG, MAX_WORKERS
 from l4router.config.reader import _Invalid
+from l4router.twisted_private import builtin_endpoint_types
 
 _HOST_PORT_RE = re.compile(
     r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-_*]*)):(?P<port>\d+)$")
@@ -66,11 +67,10 @@ def listen_description(value, default_host=""):
 
 @functools.cache
 def _known_endpoint_types():
-    from twisted.internet.endpoints import _serverParsers
     from twisted.internet.interfaces import IStreamServerEndpointStringParser
     from twisted.plugin import getPlugins
 
-    names = set(_serverParsers)
+    names = set(builtin_endpoint_types())
     names.update(p.prefix for p in getPlugins(IStreamServerEndpointStringParser))
     return names
 

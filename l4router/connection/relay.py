@@ -5,12 +5,13 @@ reads, so memory stays bounded), a FIN is passed on as a half-close, an idle rel
 and the bytes each way are counted. The relay ends exactly once, with one close reason.
 """
 
-import socket
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
+
+from l4router.twisted_private import buffered, close_flushed, half_close, write_now
 
 # Close reasons (the `reason` label of l4router_connections_closed_total).
 COMPLETED = "completed"  # both sides finished sending
@@ -28,59 +29,6 @@ SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeou
 # costs four calls and a pipe.
 SPLICE_AFTER = 64 * 1024
 SPLICE_CHUNK = 16 * 1024
-
-
-def buffered(transport):
-    """Bytes a Twisted transport holds for its socket (its private write buffers)."""
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except AttributeError:  # not a FileDescriptor (an in-memory transport): nothing held
-        return 0
-
-
-def half_close(transport):
-    """Pass a FIN on: shutdown(SHUT_WR) now when nothing is buffered. Twisted's
-    loseWriteConnection would register for writability, send nothing, shut down and
-    unregister: three more system calls."""
-    sock = getattr(transport, "socket", None)
-    if sock is None or buffered(transport):
-        transport.loseWriteConnection()
-        return
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:  # the peer is gone: the transport finds out as it reads
-        pass
-    transport._writeDisconnected = True  # the state its own half-close ends in
-
-
-def close_flushed(transport):
-    """Close a transport whose peer has said all it had: when nothing is buffered, at once
-    and with close() alone. Twisted's loseConnection would first register for writability
-    and send nothing, then shutdown(2) before close() (which its own comment calls
-    unnecessary for a socket no other process holds)."""
-    if getattr(transport, "socket", None) is not None and not buffered(transport):
-        transport._writeDisconnected = True  # nothing to flush: loseConnection closes now
-        transport._shouldShutdown = False
-    transport.loseConnection()
-
-
-def write_now(transport, data):
-    """Write `data` to a Twisted TCP transport, sending at once what the socket takes.
-
-    `transport.write` only buffers: it registers for writability (an epoll_ctl), sends on the
-    next turn of the loop and unregisters (another): two system calls and a loop turn per
-    relayed chunk. When nothing is buffered (order is kept), the socket gets the bytes now;
-    only what it does not take goes through the transport, which also finds any error.
-    """
-    sock = getattr(transport, "socket", None)
-    if sock is not None and transport.connected and not transport.disconnecting and \
-            not buffered(transport):
-        try:
-            data = data[sock.send(data):]
-        except OSError:  # full (EAGAIN) or failing: the transport deals with it
-            pass
-    if data:
-        transport.write(data)
 
 
 class IdleSweeper:

@@ -19,6 +19,7 @@ from l4router.errors import BindFailed
 from l4router.operate.logs import install_log_observer
 from l4router.connection.relay import SHUTDOWN
 from l4router.process.sockets import adopt, bind_reuseport
+from l4router.twisted_private import exit_zero_after_orderly_stop
 from l4router.operate.status import ThroughputMeter
 
 log = Logger()
@@ -40,13 +41,6 @@ def bind_now(reactor, description, factory):
     if isinstance(outcome, Failure):
         raise BindFailed(f"cannot listen on {description}: {outcome.getErrorMessage()}")
     return outcome
-
-
-def exit_zero_after_orderly_stop(reactor):
-    """twistd re-raises the SIGTERM/SIGINT that stopped the reactor, so the exit status would
-    say "killed". The shutdown was orderly and complete: exit 0, as documented."""
-    if getattr(reactor, "_exitSignal", None) is not None:
-        reactor._exitSignal = None
 
 
 def describe_address(address):

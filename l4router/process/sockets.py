@@ -11,6 +11,7 @@ import os
 import socket
 
 from l4router.errors import BindFailed
+from l4router.twisted_private import endpoint_address
 
 MAX_DATAGRAM = 65535  # Twisted reads 8 KiB by default and would cut bigger datagrams
 
@@ -32,8 +33,7 @@ def socket_spec(description):
 
     endpoint = serverFromString(None, description)
     family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
-    # Twisted keeps what it parsed on the endpoint; it has no public accessor for it.
-    return family, socket.SOCK_STREAM, endpoint._interface, endpoint._port, endpoint._backlog
+    return (family, socket.SOCK_STREAM, *endpoint_address(endpoint))
 
 
 def bind_reuseport(description, count, reuse_port=True):

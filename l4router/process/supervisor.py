@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from l4router.errors import BindFailed, WorkerFailed
 from l4router.operate.logs import install_log_observer
-from l4router.process.service import exit_zero_after_orderly_stop
+from l4router.twisted_private import exit_zero_after_orderly_stop
 from l4router.process.shared_limits import LimitTable
 from l4router.process.sockets import bind_reuseport, systemd_socket
 from l4router.process.steering import attach_source_steering
