@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.names import client, dns, error
 
 from l4router.config import Server, parse_server
+from l4router.timers import cancel
 
 log = Logger()
 
@@ -41,6 +42,8 @@ class _Discovery:
         self.settings = settings
         self.reactor = reactor
         self.current = None  # the last good set, as a tuple of Servers
+        self.settled = False  # the first look is over (found or failed)
+        self._waiting = []  # clients that came before it was
         self._call = None
         self._running = False
         metrics = group.metrics
@@ -53,12 +56,28 @@ class _Discovery:
 
     def stop(self):
         self._running = False
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel(self._call)
+
+    def when_settled(self):
+        """Fires once the first look is over: a client that comes at start-up waits for the
+        servers instead of finding none."""
+        if self.settled:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._waiting.append(waiter)
+        return waiter
 
     def _look(self):
         self._call = None
-        defer.maybeDeferred(self.look).addCallbacks(self._found, self._failed)
+        defer.maybeDeferred(self.look).addCallbacks(self._found, self._failed).addBoth(
+            self._settle)
+
+    def _settle(self, _):
+        if not self.settled:
+            self.settled = True
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(None)
 
     def _found(self, found):
         servers, next_look = found

@@ -16,8 +16,9 @@ from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
 from l4router.backends.transparent import connect_from
 from l4router.config import DnsSettings
-from l4router.errors import BackendUnavailable
 from l4router.connection.relay import BackendSide
+from l4router.errors import BackendUnavailable
+from l4router.timers import cancel
 
 log = Logger()
 
@@ -159,7 +160,11 @@ class BackendGroup:
     def connect(self, source, fields=None):
         """Fires with (ServerState, BackendSide) once connected; the ServerState is acquired
         (release it when the relay ends). Fails with BackendUnavailable. Cancelling it stops
-        the attempt under way. (`fields`, what detection found, matter to NamedServerGroup.)"""
+        the attempt under way. (`fields`, what detection found, matter to NamedServerGroup.)
+        With discovery, a client that comes before its first look waits for it."""
+        if self.discovery is not None and not self.discovery.settled:
+            return self.discovery.when_settled().addCallback(
+                lambda _: _ConnectAttempt(self, source).start())
         return _ConnectAttempt(self, source).start()
 
     def attempt_failed(self, server, attempt, failure):
@@ -317,8 +322,7 @@ class _ConnectAttempt(ClientFactory):
         self.pending = group.reactor.callLater(delay, self._try)
 
     def _cancel(self, _):
-        if self.pending is not None and self.pending.active():
-            self.pending.cancel()
+        cancel(self.pending)
         if self.connector is not None:
             connector, self.connector = self.connector, None
             connector.stopConnecting()  # calls clientConnectionFailed, which releases

@@ -8,6 +8,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from l4router.backends.probes import MAX_ANSWER, probe_for
+from l4router.timers import cancel
 
 log = Logger()
 
@@ -110,8 +111,7 @@ class HealthChecker:
                 f"no answer within {timeout:g}s to the {self.probe.name} probe"))
 
             def finished(verdict):
-                if deadline.active():
-                    deadline.cancel()
+                cancel(deadline)
                 conversation.transport.abortConnection()
                 return verdict
 

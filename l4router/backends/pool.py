@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from l4router.backends.server import ProtocolOnce
 from l4router.connection.relay import BackendSide
+from l4router.timers import cancel
 
 log = Logger()
 
@@ -60,8 +61,7 @@ class ServerPool:
 
     def stop(self):
         self.running = False
-        if self._refill_call is not None and self._refill_call.active():
-            self._refill_call.cancel()
+        cancel(self._refill_call)
         self.drop_idle()
 
     def drop_idle(self):
@@ -118,8 +118,7 @@ class ServerPool:
         self.refill()
 
     def _forget(self, spare):
-        if spare.expiry is not None and spare.expiry.active():
-            spare.expiry.cancel()
+        cancel(spare.expiry)
         spare.expiry = None
         spare.pool = None
         self._metric_idle.set(len(self.spares))

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 import attrs
 
+from l4router.connection.addresses import host_port
+
 REJECT = "reject"
 BALANCE_POLICIES = ("round_robin", "random", "least_connections", "source_hash")
 PROXY_PROTOCOL_VERSIONS = ("none", "v1", "v2")
@@ -125,7 +127,7 @@ class Server:
 
     @property
     def label(self):
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @attrs.frozen

@@ -25,3 +25,8 @@ def source_key(host: str, ipv6_prefix: int) -> str:
     except ValueError:
         return host
     return str(network)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets ([2001:db8::1]:443)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

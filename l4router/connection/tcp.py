@@ -10,17 +10,18 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router.connection.addresses import normalise_host
 from l4router.backends.group import CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.backends.named import CLIENT_NAMED_REFUSALS
+from l4router.connection import splice
+from l4router.connection.addresses import normalise_host
+from l4router.connection.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
+from l4router.connection.proxy_out import proxy_header
+from l4router.connection.relay import BACKEND_RESET, CLIENT_RESET, Relay
 from l4router.detection.decision import TIMEOUT, Decision, safe_value
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
-from l4router.connection.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
-from l4router.connection.proxy_out import proxy_header
 from l4router.parsers import INCOMPLETE, proxyprotocol
-from l4router.connection import splice
-from l4router.connection.relay import BACKEND_RESET, CLIENT_RESET, Relay
+from l4router.timers import cancel
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -201,8 +202,7 @@ class InboundConnection(Protocol):
     def _cancel_detect_timer(self):
         self._cancel_elicit()
         if self._detect_timer is not None:
-            if self._detect_timer.active():
-                self._detect_timer.cancel()
+            cancel(self._detect_timer)
             self._detect_timer = None
 
     def _decided(self, decision):

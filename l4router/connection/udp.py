@@ -18,15 +18,16 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router.connection.addresses import normalise_host
 from l4router.backends.group import NO_HEALTHY_SERVER
+from l4router.connection.addresses import normalise_host
+from l4router.connection.listener import ListenerRuntime
+from l4router.connection.quic_paths import ConnectionIds, QuicLbServers
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
-from l4router.connection.listener import ListenerRuntime
-from l4router.connection.quic_paths import ConnectionIds, QuicLbServers
 from l4router.process.service import ListenerService
 from l4router.process.sockets import MAX_DATAGRAM, parse_udp_listen
+from l4router.timers import cancel
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -225,8 +226,7 @@ class UDPSession:
 
     def _decided(self, decision):
         listener = self.listener
-        if self._detect_timer is not None and self._detect_timer.active():
-            self._detect_timer.cancel()
+        cancel(self._detect_timer)
         self.decision = decision
         self.follows_quic_ids = decision.protocol == "quic"
         choice = listener.routes.choose(decision, self.source)
@@ -261,8 +261,7 @@ class UDPSession:
         """A QUIC connection that moved to an ID the router never saw, which names its server
         (QUIC-LB): straight to that server, without detection (a short header has nothing to
         detect)."""
-        if self._detect_timer is not None and self._detect_timer.active():
-            self._detect_timer.cancel()
+        cancel(self._detect_timer)
         self.decision = Decision("quic", {"quic_lb": True})
         self.follows_quic_ids = True
         self.route = QUIC_LB_ROUTE
@@ -314,8 +313,7 @@ class UDPSession:
         if self.closed:
             return
         self.closed = True
-        if self._detect_timer is not None and self._detect_timer.active():
-            self._detect_timer.cancel()
+        cancel(self._detect_timer)
         self._detect_timer = None
         self.idle.unwatch(self)
         if self.port is not None:

@@ -15,12 +15,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from l4router.connection.addresses import host_port
+from l4router.connection.relay import SHUTDOWN
 from l4router.errors import BindFailed
 from l4router.operate.logs import install_log_observer
-from l4router.connection.relay import SHUTDOWN
-from l4router.process.sockets import adopt, bind_reuseport
-from l4router.twisted_private import exit_zero_after_orderly_stop
 from l4router.operate.status import ThroughputMeter
+from l4router.process.sockets import adopt, bind_reuseport
+from l4router.timers import cancel
+from l4router.twisted_private import exit_zero_after_orderly_stop
 
 log = Logger()
 
@@ -47,7 +49,7 @@ def describe_address(address):
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None:
         return str(getattr(address, "name", address))
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 HANDED_OVER = ("tcp", "tcp6", "udp")  # endpoint types a successor can adopt
@@ -148,8 +150,7 @@ class ListenerService(PortsService):
         drained = self.factory.when_drained()
         deadline = self.reactor.callLater(self.shutdown_timeout, self._abort_remaining)
         yield drained
-        if deadline.active():
-            deadline.cancel()
+        cancel(deadline)
         log.info("Listener {listener}: all connections done", listener=self.name)
 
     def _abort_remaining(self):

@@ -24,6 +24,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from l4router.timers import cancel
+
 try:
     import _multiprocessing
 except ImportError:  # an interpreter without POSIX semaphores: workers share no limits
@@ -173,8 +175,7 @@ class LimitTable:
         os.unlink(count_file)
 
     def close(self) -> None:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        cancel(self._retry)
         for sem in self.semaphores.values():
             try:
                 _multiprocessing.sem_unlink(sem.name)

@@ -14,19 +14,19 @@ import shutil
 import socket
 import tempfile
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, multiprocess
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from l4router.errors import BindFailed, WorkerFailed
 from l4router.operate.logs import install_log_observer
-from l4router.twisted_private import exit_zero_after_orderly_stop
 from l4router.process.shared_limits import LimitTable
 from l4router.process.sockets import bind_reuseport, systemd_socket
 from l4router.process.steering import attach_source_steering
 from l4router.process.worker_handle import WorkerProcess
+from l4router.timers import cancel
+from l4router.twisted_private import exit_zero_after_orderly_stop
 
 log = Logger()
 
@@ -346,8 +346,7 @@ class Supervisor(MultiService):
         deadline = self.reactor.callLater(self.config.shutdown_timeout + KILL_GRACE,
                                           self._kill, workers)
         yield defer.DeferredList([worker.ended for worker in workers])
-        if deadline.active():
-            deadline.cancel()
+        cancel(deadline)
         log.info("All workers stopped")
         yield defer.maybeDeferred(super().stopService)
         if self.limits is not None:
