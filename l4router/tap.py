@@ -5,29 +5,28 @@ import sys
 from importlib import resources
 
 import attrs
-
 from twisted.python import usage
 
-from l4router.operate.admin import admin_site, supervisor_site
-from l4router.process.assembly import RouterAssembly
 from l4router.backends.control import RuntimeState
 from l4router.backends.transparent import check_transparent_allowed
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError, L4RouterError
-from l4router.process.forkserver import ForkServer
+from l4router.operate.admin import admin_site, supervisor_site
 from l4router.operate.logs import make_log_observer
 from l4router.operate.metrics import ConfigMetrics
+from l4router.operate.runtime import RouterControl, SupervisorControl
+from l4router.operate.worker_status import WorkerStatus
+from l4router.process.assembly import RouterAssembly
+from l4router.process.forkserver import ForkServer
 from l4router.process.reactor import install_unless_chosen
 from l4router.process.reload import ConfigReloader, WorkersReloader
-from l4router.operate.runtime import RouterControl, SupervisorControl
-from l4router.process.shared_limits import WorkerLimits
-from l4router.process.upgrade import UpgradeService, take_over
 from l4router.process.service import AdminService, BackendsService, ListenersService, RouterService
-from l4router.operate.worker_status import WorkerStatus
+from l4router.process.shared_limits import WorkerLimits
 from l4router.process.supervisor import Supervisor
-from l4router.process.worker_handle import worker_command
+from l4router.process.upgrade import UpgradeService, take_over
 from l4router.process.worker import start_worker
+from l4router.process.worker_handle import worker_command
 
 
 def quickstart_config_path():

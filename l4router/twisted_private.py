@@ -7,7 +7,6 @@ fails them, rather than silently costing system calls.
 
 import socket
 
-
 # Relaying: Twisted's transport buffers every write and toggles epoll registrations around
 # it; a proxy that sends at once when nothing is buffered saves two epoll_ctl and a loop turn
 # per chunk, and a FIN or a close without the registrations Twisted makes first.

@@ -10,7 +10,11 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from l4router.backends.balancing import (
-    LeastConnections, SmoothWeightedRoundRobin, SourceHash, WeightedRandom)
+    LeastConnections,
+    SmoothWeightedRoundRobin,
+    SourceHash,
+    WeightedRandom,
+)
 from l4router.backends.control import Change, ControlError, RuntimeState, apply_change
 from l4router.backends.group import BackendGroup
 from l4router.config import Backend, HealthCheckSettings, PoolSettings, RetrySettings, Server
@@ -211,9 +215,9 @@ def test_the_status_page_of_starting_workers_says_starting_and_shows_the_config(
     """Before any worker reports, the supervisor's views come from the config."""
     from types import SimpleNamespace
 
-    from l4router.operate.admin import render_status_page
     from l4router.config import parse_config
     from l4router.detection.registry import installed_detectors
+    from l4router.operate.admin import render_status_page
     from l4router.operate.worker_status import WorkerStatus
 
     config = parse_config("""

@@ -239,8 +239,8 @@ listeners:
 
 
 def test_regular_expressions_match_whole_values_beside_globs():
-    from l4router.detection.decision import Decision
     from l4router.connection.routing import RouteTable
+    from l4router.detection.decision import Decision
 
     config = parse(r"""
 listeners:

@@ -16,8 +16,15 @@ import pytest
 import trustme
 
 from tests.support import (
-    Backend, Router, ask, free_port, http_reply_with_name, listening, reply_with_name,
-    wait_until)
+    Backend,
+    Router,
+    ask,
+    free_port,
+    http_reply_with_name,
+    listening,
+    reply_with_name,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

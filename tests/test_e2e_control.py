@@ -13,7 +13,14 @@ import time
 import pytest
 
 from tests.support import (
-    Backend, Router, free_port, pseudo_random_stream, read_to_end, stream_digest, wait_until)
+    Backend,
+    Router,
+    free_port,
+    pseudo_random_stream,
+    read_to_end,
+    stream_digest,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 BIG = 64 << 20

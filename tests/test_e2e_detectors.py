@@ -8,12 +8,19 @@ import time
 
 import pytest
 
+from l4router.parsers.proxyprotocol import v2_header
 from tests.captures import capture
 from tests.grpc_peers import greeter_server, say_hello
 from tests.h2_peer import serve_h2c
 from tests.support import (
-    TWISTD, Backend, Router, free_port, http_reply_with_name, reply_with_name, wait_until)
-from l4router.parsers.proxyprotocol import v2_header
+    TWISTD,
+    Backend,
+    Router,
+    free_port,
+    http_reply_with_name,
+    reply_with_name,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

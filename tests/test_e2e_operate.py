@@ -13,8 +13,17 @@ import urllib.request
 import pytest
 
 from tests.support import (
-    TWISTD, Backend, Router, ask, free_port, listening, pseudo_random_stream, reply_with_name,
-    stream_digest, wait_until)
+    TWISTD,
+    Backend,
+    Router,
+    ask,
+    free_port,
+    listening,
+    pseudo_random_stream,
+    reply_with_name,
+    stream_digest,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 ARTIFACTS = pathlib.Path(__file__).parent / "artifacts"

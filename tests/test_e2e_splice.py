@@ -13,7 +13,14 @@ import pytest
 
 from l4router.connection import splice
 from tests.support import (
-    Backend, Router, free_port, pseudo_random_stream, read_to_end, stream_digest, wait_until)
+    Backend,
+    Router,
+    free_port,
+    pseudo_random_stream,
+    read_to_end,
+    stream_digest,
+    wait_until,
+)
 from tests.test_e2e_tcp import relay_config
 
 pytestmark = pytest.mark.timeout(180)

@@ -10,8 +10,17 @@ import trustme
 
 from tests.captures import capture
 from tests.support import (
-    Backend, Router, free_port, http_reply_with_name, pseudo_random_stream, read_to_end,
-    reply_with_name, send_stream, stream_digest, wait_until)
+    Backend,
+    Router,
+    free_port,
+    http_reply_with_name,
+    pseudo_random_stream,
+    read_to_end,
+    reply_with_name,
+    send_stream,
+    stream_digest,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,8 +11,17 @@ import time
 import pytest
 
 from tests.support import (
-    TWISTD, Backend, Router, free_port, pseudo_random_stream, read_to_end, reply_with_name,
-    run_twistd, stream_digest, wait_until)
+    TWISTD,
+    Backend,
+    Router,
+    free_port,
+    pseudo_random_stream,
+    read_to_end,
+    reply_with_name,
+    run_twistd,
+    stream_digest,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 STREAM = 8 << 20

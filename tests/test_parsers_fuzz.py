@@ -4,10 +4,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from l4router.parsers import INCOMPLETE, Invalid
 from l4router.parsers import (
-    http1, http2, jsonrpc, mqtt, openvpn, postgres, proxyprotocol, rdp, redis, socks, ssh, tls,
-    xmpp)
+    INCOMPLETE,
+    Invalid,
+    http1,
+    http2,
+    jsonrpc,
+    mqtt,
+    openvpn,
+    postgres,
+    proxyprotocol,
+    rdp,
+    redis,
+    socks,
+    ssh,
+    tls,
+    xmpp,
+)
 from tests.captures import capture, capture_names
 
 PARSERS = {

@@ -4,8 +4,16 @@ import pytest
 
 from l4router.parsers import INCOMPLETE, Invalid
 from l4router.parsers.proxyprotocol import (
-    PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID, V2_SIGNATURE, ProxyHeader,
-    parse_header, tlv, v1_header, v2_header)
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_UNIQUE_ID,
+    V2_SIGNATURE,
+    ProxyHeader,
+    parse_header,
+    tlv,
+    v1_header,
+    v2_header,
+)
 
 CASES = [
     (v1_header("192.0.2.7", 40000, "198.51.100.1", 443), ("192.0.2.7", 40000, "198.51.100.1", 443)),

@@ -25,8 +25,15 @@ from hypothesis import strategies as st
 
 from tests.captures import capture, capture_names
 from tests.support import (
-    Backend, Router, free_port, pseudo_random_stream, read_to_end, reply_with_name,
-    stream_digest, wait_until)
+    Backend,
+    Router,
+    free_port,
+    pseudo_random_stream,
+    read_to_end,
+    reply_with_name,
+    stream_digest,
+    wait_until,
+)
 
 SCALE = int(os.environ.get("RELIABILITY_SCALE", "1"))
 RESULTS = pathlib.Path(__file__).parent / "artifacts" / "reliability"

@@ -11,16 +11,23 @@ import time
 import dns.message
 import pytest
 
-from l4router.connection.addresses import normalise_host, source_key
 from l4router.config import parse_config
+from l4router.connection.addresses import normalise_host, source_key
+from l4router.connection.limits import Admission, LocalLimit
 from l4router.detection.decision import safe_value
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError
-from l4router.connection.limits import Admission, LocalLimit
 from l4router.parsers import Invalid, http1, http2, tls
 from l4router.parsers.proxyprotocol import v1_header
-from tests.support import (Backend, Router, ask, free_port, http_reply_with_name,
-                           reply_with_name, wait_until)
+from tests.support import (
+    Backend,
+    Router,
+    ask,
+    free_port,
+    http_reply_with_name,
+    reply_with_name,
+    wait_until,
+)
 from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
 from tests.test_e2e_workers import worker_pids
 

@@ -9,12 +9,12 @@ from twisted.python.failure import Failure
 
 from l4router.backends.group import BackendGroup
 from l4router.config import parse_config
+from l4router.connection.limits import Admission, LocalLimit
+from l4router.connection.tcp_listener import ListenerFactory
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
-from l4router.connection.limits import Admission, LocalLimit
 from l4router.operate.metrics import RouterMetrics
 from l4router.parsers import proxyprotocol
-from l4router.connection.tcp_listener import ListenerFactory
 
 CONFIG = """
 listeners:

@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 from l4router.detection import NEED_MORE, NO_MATCH, Match, Peek
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
-from l4router.parsers import INCOMPLETE, Invalid
-from l4router.parsers import dns, dtls, quic, stun, wireguard
+from l4router.parsers import INCOMPLETE, Invalid, dns, dtls, quic, stun, wireguard
 from tests.captures import DATA, capture
 from tests.data.capture_udp import read
 

@@ -16,6 +16,7 @@ import attrs
 from twisted.logger import Logger
 
 from l4router.config import Server, parse_server, split_host_port
+from l4router.connection.reasons import SERVER_DISABLED
 
 log = Logger()
 
@@ -24,7 +25,6 @@ STATES = (ENABLED, DRAINING, DISABLED)
 ACTIONS = ("drain", "disable", "enable", "weight", "add", "remove")
 _STATE_OF_ACTION = {"drain": DRAINING, "disable": DISABLED, "enable": ENABLED}
 MAX_WEIGHT = 1000
-SERVER_DISABLED = "server_disabled"  # the close reason of relays a disable aborts
 
 
 class ControlError(ValueError):

@@ -16,6 +16,7 @@ from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
 from l4router.backends.transparent import connect_from
 from l4router.config import DnsSettings
+from l4router.connection.reasons import BACKEND_FULL, CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.connection.relay import BackendSide
 from l4router.errors import BackendUnavailable
 from l4router.timers import cancel
@@ -23,9 +24,6 @@ from l4router.timers import cancel
 log = Logger()
 
 # Reasons a client gets no backend connection (close reasons and metric labels).
-NO_HEALTHY_SERVER = "no_healthy_server"
-BACKEND_FULL = "backend_full"
-CONNECT_FAILED = "connect_failed"
 
 
 def failure_reason(failure):

@@ -19,15 +19,17 @@ from twisted.logger import Logger
 from twisted.names import dns
 
 from l4router.backends.discovery import dns_resolver
-from l4router.backends.group import CONNECT_FAILED
-from l4router.errors import BackendUnavailable
+from l4router.connection.reasons import (
+    CONNECT_FAILED,
+    NAME_MISSING,
+    NAME_NOT_ALLOWED,
+    NAME_UNRESOLVED,
+)
 from l4router.connection.relay import BackendSide
+from l4router.errors import BackendUnavailable
 
 log = Logger()
 
-NAME_NOT_ALLOWED = "name_not_allowed"
-NAME_UNRESOLVED = "name_unresolved"
-NAME_MISSING = "name_missing"  # the detected protocol gave no such field
 CLIENT_NAMED_REFUSALS = (NAME_NOT_ALLOWED, NAME_UNRESOLVED, NAME_MISSING)
 CACHE_SIZE = 4096
 MIN_TTL, MAX_TTL = 1.0, 300.0

@@ -13,14 +13,13 @@ import collections
 import time
 
 from l4router.connection.addresses import source_key
+from l4router.connection.reasons import (
+    LIMIT_LISTENER,
+    LIMIT_PROCESS,
+    LIMIT_SOURCE,
+    RATE_SOURCE,
+)
 
-LIMIT_PROCESS = "limit_process"
-LIMIT_LISTENER = "limit_listener"
-LIMIT_SOURCE = "limit_source"
-RATE_SOURCE = "rate_source"
-LIMIT_ROUTE = "limit_route"
-LIMIT_BACKEND = "limit_backend"
-LIMIT_NAME = "limit_name"
 MAX_IDLE_BUCKETS = 10000  # past this, full buckets (equal to none) are dropped
 
 

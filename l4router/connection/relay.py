@@ -11,16 +11,17 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from l4router.connection.reasons import (
+    BACKEND_CLOSED,
+    BACKEND_RESET,
+    CLIENT_CLOSED,
+    CLIENT_RESET,
+    COMPLETED,
+    IDLE_TIMEOUT,
+)
 from l4router.twisted_private import buffered, close_flushed, half_close, write_now
 
 # Close reasons (the `reason` label of l4router_connections_closed_total).
-COMPLETED = "completed"  # both sides finished sending
-CLIENT_CLOSED = "client_closed"
-CLIENT_RESET = "client_reset"
-BACKEND_CLOSED = "backend_closed"
-BACKEND_RESET = "backend_reset"
-IDLE_TIMEOUT = "idle_timeout"
-SHUTDOWN = "shutdown"
 
 SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeouts
 # A relay copies until a direction shows bulk: SPLICE_AFTER bytes carried and a single read of

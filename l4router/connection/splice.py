@@ -13,7 +13,7 @@ import fcntl
 import os
 import socket
 
-from l4router.connection.relay import BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_TIMEOUT
+from l4router.connection.reasons import BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_TIMEOUT
 
 AVAILABLE = hasattr(os, "splice")
 # A pipe's default 64 KiB caps a splice at 64 KiB; with 256 KiB one stream moves 1.6x more

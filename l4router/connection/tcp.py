@@ -10,13 +10,24 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router.backends.group import CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.backends.named import CLIENT_NAMED_REFUSALS
 from l4router.connection import splice
 from l4router.connection.addresses import normalise_host
-from l4router.connection.limits import LIMIT_BACKEND, LIMIT_NAME, LIMIT_ROUTE
 from l4router.connection.proxy_out import proxy_header
-from l4router.connection.relay import BACKEND_RESET, CLIENT_RESET, Relay
+from l4router.connection.reasons import (
+    BACKEND_RESET,
+    CLIENT_CLOSED_EARLY,
+    CLIENT_RESET,
+    CONNECT_FAILED,
+    LIMIT_BACKEND,
+    LIMIT_NAME,
+    LIMIT_ROUTE,
+    NO_HEALTHY_SERVER,
+    PROXY_PROTOCOL,
+    PROXY_UNTRUSTED,
+    REJECTED,
+)
+from l4router.connection.relay import Relay
 from l4router.detection.decision import TIMEOUT, Decision, safe_value
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable
@@ -27,10 +38,6 @@ log = Logger()
 access_log = Logger(namespace="l4router.access")
 
 # Close reasons of connections that never reached a relay.
-REJECTED = "rejected"  # a route or default said reject
-CLIENT_CLOSED_EARLY = "client_closed_early"  # gone before a decision
-PROXY_PROTOCOL = "proxy_protocol"  # no valid PROXY header where one is required
-PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from a peer not trusted to send one
 
 _connection_ids = itertools.count(1)
 _PROCESS_ID = secrets.token_hex(4)  # makes connection ids unique beyond this process

@@ -18,10 +18,17 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l4router.backends.group import NO_HEALTHY_SERVER
 from l4router.connection.addresses import normalise_host
 from l4router.connection.listener import ListenerRuntime
 from l4router.connection.quic_paths import ConnectionIds, QuicLbServers
+from l4router.connection.reasons import (
+    BACKEND_UNREACHABLE,
+    IDLE_TIMEOUT,
+    NO_HEALTHY_SERVER,
+    REJECTED,
+    SHUTDOWN,
+    SOCKET_UNAVAILABLE,
+)
 from l4router.detection.decision import TIMEOUT, Decision
 from l4router.detection.peek import Peek
 from l4router.errors import BackendUnavailable, BindFailed
@@ -36,11 +43,6 @@ MAX_HELD_DATAGRAMS = 16
 READS_PER_WAKEUP = 16  # datagrams read from a session's socket before others get a turn
 
 # Session end reasons (l4router_udp_sessions_ended_total) and drop reasons.
-IDLE_TIMEOUT = "idle_timeout"
-BACKEND_UNREACHABLE = "backend_unreachable"  # the server's host answered ICMP unreachable
-SOCKET_UNAVAILABLE = "socket_unavailable"  # no socket towards the server (out of descriptors)
-REJECTED = "rejected"
-SHUTDOWN = "shutdown"
 
 QUIC_LB_ROUTE = "quic_lb"  # the route of a session that QUIC-LB sent to its server
 

@@ -14,8 +14,8 @@ from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from l4router.operate import status
 from l4router.backends.control import Change, ControlError
+from l4router.operate import status
 from l4router.operate.worker_status import WorkerStatus
 
 

@@ -3,8 +3,12 @@
 import sys
 
 from twisted.logger import (
-    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, jsonFileLogObserver,
-    textFileLogObserver)
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
 from twisted.python.logfile import LogFile
 
 

@@ -12,14 +12,14 @@ from prometheus_client import CollectorRegistry
 from l4router.backends.control import RuntimeState
 from l4router.backends.group import BackendGroup
 from l4router.backends.named import NamedServerGroup
-from l4router.detection.decision import DetectorSet
-from l4router.detection.registry import detectors_for
 from l4router.connection.limits import Admission, ChoiceLimits, LocalLimit, NameLimit, Unlimited
-from l4router.process.shared_limits import PROCESS, backend_key, listener_key, route_key
-from l4router.operate.metrics import RouterMetrics
-from l4router.process.service import ListenerService
 from l4router.connection.tcp_listener import ListenerFactory
 from l4router.connection.udp import UDPListener, UDPListenerService
+from l4router.detection.decision import DetectorSet
+from l4router.detection.registry import detectors_for
+from l4router.operate.metrics import RouterMetrics
+from l4router.process.service import ListenerService
+from l4router.process.shared_limits import PROCESS, backend_key, listener_key, route_key
 
 RECENT_CONNECTIONS = 50
 

@@ -9,7 +9,6 @@ shutdown. An invalid config changes nothing: the error is logged and exported.
 import signal
 
 import attrs
-
 from twisted.internet import defer
 from twisted.logger import Logger
 

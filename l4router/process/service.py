@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l4router.connection.addresses import host_port
-from l4router.connection.relay import SHUTDOWN
+from l4router.connection.reasons import SHUTDOWN
 from l4router.errors import BindFailed
 from l4router.operate.logs import install_log_observer
 from l4router.operate.status import ThroughputMeter
