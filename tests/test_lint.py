@@ -1,5 +1,6 @@
 """Lint and types, as part of the suite (so the README's test command and CI run them):
-ruff's pyflakes, pycodestyle and import-order rules, mypy over the package (settings in pyproject.toml)."""
+ruff's pyflakes, pycodestyle and import-order rules, mypy over the package (settings in
+pyproject.toml)."""
 
 import pathlib
 import shutil
