@@ -152,12 +152,12 @@ def makeService(options):
         supervisor = build_supervisor(config, options.detectors, reactor,
                                       worker_command(options, config.source), fork_server,
                                       observer, takeover)
-        return with_upgrade_socket(supervisor, config, reactor, supervisor.listening_fds)
+        return with_upgrade_socket(supervisor, config, reactor)
     router = build_router(config, options.detectors, reactor, log_observer=observer,
                           inherited_sockets=takeover and takeover.first_of_each())
     if takeover is not None:
         router.on_started = takeover.ready
-    return with_upgrade_socket(router, config, reactor, router.listening_fds)
+    return with_upgrade_socket(router, config, reactor)
 
 
 def _listen_descriptions(config):
@@ -165,10 +165,11 @@ def _listen_descriptions(config):
         set(config.admin.listen)
 
 
-def with_upgrade_socket(top, config, reactor, listening_fds):
-    """With `upgrade_socket`, the top service also serves it (l4router.process.upgrade)."""
+def with_upgrade_socket(top, config, reactor):
+    """With `upgrade_socket`, the top service (a router or a supervisor) also serves it
+    (l4router.process.upgrade), handing over what it listens on."""
     if config.upgrade_socket is not None:
-        UpgradeService(reactor, config.upgrade_socket, listening_fds,
+        UpgradeService(reactor, config.upgrade_socket, top.listening_fds,
                        reactor.stop).setServiceParent(top)
     return top
 

@@ -1,6 +1,8 @@
 """End-to-end test support: the real `twistd -n l4router` process and real loopback servers."""
 
+import contextlib
 import hashlib
+import os
 import random
 import resource
 import shutil
@@ -299,3 +301,39 @@ def read_to_end(connection, limit=None):
 def send_stream(connection, seed, size):
     for block in pseudo_random_stream(seed, size):
         connection.sendall(block)
+
+
+def parent_of(pid):
+    """The parent process of `pid` (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+def children_of(pid):
+    """The processes whose parent is `pid`: a supervisor's fork server, its workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if parent_of(int(entry)) == pid:
+                    found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def running_nginx(prefix, config_text, ports):
+    """A real nginx run with `config_text` (written into `prefix`, its working folder) until
+    the block ends; it has started once every port of `ports` listens."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert os.path.exists(binary), "nginx missing: apt-get install nginx"
+    (prefix / "nginx.conf").write_text(config_text)
+    process = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                               stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: all(listening(port) for port in ports), message="nginx to listen")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -23,6 +23,7 @@ from tests.support import (
     http_reply_with_name,
     listening,
     reply_with_name,
+    running_nginx,
     wait_until,
 )
 
@@ -320,21 +321,11 @@ http {{
 
 @pytest.fixture
 def nginx_with_proxy_protocol(tmp_path):
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert os.path.exists(nginx), "nginx missing: apt-get install nginx"
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     port = free_port()
-    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=port))
-    process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                               stderr=subprocess.PIPE)
-
-    try:
-        wait_until(lambda: listening(port), message="nginx to listen")
+    with running_nginx(prefix, NGINX_CONF.format(prefix=prefix, port=port), (port,)):
         yield port, prefix / "proxied.log"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_proxy_protocol_v1_and_v2_are_accepted_by_nginx(tmp_path, nginx_with_proxy_protocol):

@@ -110,12 +110,36 @@ class LongRelay:
             pass
 
 
-def steady_clients(port, stop, seen):
-    while not stop.is_set():
-        try:
-            seen.append((time.monotonic(), server_of(port)))
-        except OSError as exc:
-            seen.append((time.monotonic(), exc))
+class SteadyClients:
+    """Clients one after another in a thread, each noting when it ended and which server
+    answered (or the error): `seen`, a list of (monotonic time, name or exception)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.seen = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.seen.append((time.monotonic(), server_of(self.port)))
+            except OSError as exc:
+                self.seen.append((time.monotonic(), exc))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        self.thread.join(30)
+
+    def latest(self, count=5):
+        return {name for _, name in self.seen[-count:]}
+
+    def failures(self):
+        return [result for _, result in self.seen if not isinstance(result, str)]
 
 
 def test_draining_moves_every_new_client_and_lets_its_relay_finish_with_two_workers(tmp_path):
@@ -125,19 +149,13 @@ def test_draining_moves_every_new_client_and_lets_its_relay_finish_with_two_work
             relay = LongRelay(port, "a", pause=0.05)  # 3 s or more: it outlasts the drain
             relaying = threading.Thread(target=relay.run, daemon=True)
             relaying.start()
-            stop, seen = threading.Event(), []
-            loader = threading.Thread(target=steady_clients, args=(port, stop, seen), daemon=True)
-            loader.start()
-            try:
+            with SteadyClients(port) as clients:
                 time.sleep(0.5)
                 code, output = ctl(router, "drain", "app", f"127.0.0.1:{a.port}")
                 drained_at = time.monotonic()
                 assert code == 0 and "draining" in output, output
                 code, listing = ctl(router, "servers")
                 time.sleep(1.0)
-            finally:
-                stop.set()
-                loader.join(30)
             # The relay on the drained server is still counted while it goes on.
             assert f"127.0.0.1:{a.port}" in listing and "draining" in listing, listing
             row = next(line for line in listing.splitlines() if f":{a.port}" in line)
@@ -149,10 +167,9 @@ def test_draining_moves_every_new_client_and_lets_its_relay_finish_with_two_work
             wait_until(lambda: _server_status(router, a.port)["active_connections"] == 0,
                        message="the drained server's count to reach 0")
     assert relay.result == (stream_digest(relay.seed, BIG), BIG)
-    refused = [r for _, r in seen if not isinstance(r, str)]
-    assert not refused, refused[:3]
-    after = [r for t, r in seen if t > drained_at]
-    before = [r for t, r in seen if t < drained_at - 0.1]
+    assert not clients.failures(), clients.failures()[:3]
+    after = [r for t, r in clients.seen if t > drained_at]
+    before = [r for t, r in clients.seen if t < drained_at - 0.1]
     assert len(after) > 20 and set(after) == {"b"}, after[:5]
     assert "a" in before
     assert any(e.get("log_format", "").startswith("Runtime change:") and e["action"] == "drain"

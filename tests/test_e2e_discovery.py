@@ -2,19 +2,15 @@
 the test runs, dnspython on the wire), changing while clients connect."""
 
 import os
-import socket
 import ssl
-import threading
 import time
 
-import dns.message
-import dns.rcode
-import dns.rrset
 import pytest
 import trustme
 
+from tests.dns_peer import DNSServer
 from tests.support import Backend, Router, free_port, wait_until
-from tests.test_e2e_control import name_then_echo, server_of
+from tests.test_e2e_control import SteadyClients, name_then_echo
 from tests.test_e2e_tcp import tls_client
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,37 +19,6 @@ pytestmark = pytest.mark.timeout(120)
 def listener(port):
     return (f"listeners:\n  - name: front\n    listen: \"127.0.0.1:{port}\"\n"
             "    detect: {timeout: 100ms}\n    default: app\n")
-
-
-class Clients:
-    """Clients one after another in a thread, each noting which server answered."""
-
-    def __init__(self, port):
-        self.port = port
-        self.seen = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                self.seen.append((time.monotonic(), server_of(self.port)))
-            except OSError as exc:
-                self.seen.append((time.monotonic(), exc))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        self.thread.join(30)
-
-    def latest(self, count=5):
-        return {name for _, name in self.seen[-count:]}
-
-    def failures(self):
-        return [r for _, r in self.seen if not isinstance(r, str)]
 
 
 def replace_file(path, text):
@@ -70,7 +35,7 @@ def test_a_watched_file_changes_the_servers_and_a_broken_one_keeps_the_last_good
         port = free_port()
         config = listener(port) + (
             f"backends:\n  app: {{servers: {{file: {servers}, refresh: 100ms}}}}\n")
-        with Router(tmp_path, config) as router, Clients(port) as clients:
+        with Router(tmp_path, config) as router, SteadyClients(port) as clients:
             wait_until(lambda: clients.latest() == {"a"}, message="clients on a")
             replace_file(servers, f"- {{address: 127.0.0.1:{b.port}, weight: 2}}\n")  # YAML
             wait_until(lambda: clients.latest() == {"b"}, message="clients on b")
@@ -86,64 +51,16 @@ def test_a_watched_file_changes_the_servers_and_a_broken_one_keeps_the_last_good
     assert any(m.startswith("Backend {backend}: {source} failed") for m in messages)
 
 
-class SrvServer:
-    """A real DNS server: SRV records of `_app._tcp.test.` and A records of their targets,
-    changed by the test; `failing` answers SERVFAIL."""
-
-    NAME = "_app._tcp.test."
-
-    def __init__(self):
-        self.srv = []  # (priority, weight, port, target)
-        self.addresses = {}  # target -> IPv4 address
-        self.failing = False
-        self.questions = []  # every name asked, in order
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.port = self.socket.getsockname()[1]
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-
-    def serve(self):
-        while True:
-            try:
-                data, client = self.socket.recvfrom(4096)
-            except OSError:
-                return
-            query = dns.message.from_wire(data)
-            response = dns.message.make_response(query)
-            question = query.question[0]
-            name = question.name.to_text().lower()
-            self.questions.append(name)
-            if self.failing:
-                response.set_rcode(dns.rcode.SERVFAIL)
-            elif question.rdtype == dns.rdatatype.SRV and name == self.NAME:
-                response.answer.append(dns.rrset.from_text(
-                    question.name, 1, "IN", "SRV",
-                    *[f"{p} {w} {port} {target}" for p, w, port, target in self.srv]))
-            elif question.rdtype == dns.rdatatype.A and name in self.addresses:
-                response.answer.append(dns.rrset.from_text(question.name, 1, "IN", "A",
-                                                           self.addresses[name]))
-            else:
-                response.set_rcode(dns.rcode.NXDOMAIN)
-            self.socket.sendto(response.to_wire(), client)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.socket.close()
-
-
 def test_srv_records_give_servers_tiers_and_ports_and_follow_their_changes(tmp_path):
     with Backend("a", name_then_echo) as a, Backend("b", name_then_echo) as b, \
-            SrvServer() as dns_server:
+            DNSServer() as dns_server:
         dns_server.addresses = {"a.test.": "127.0.0.1", "b.test.": "127.0.0.1"}
         dns_server.srv = [(0, 5, a.port, "a.test.")]
         port = free_port()
         config = listener(port) + (
             "backends:\n  app: {servers: {srv: _app._tcp.test, refresh: 1s}}\n"
             f"dns: {{servers: [\"127.0.0.1:{dns_server.port}\"], timeout: 1s}}\n")
-        with Router(tmp_path, config) as router, Clients(port) as clients:
+        with Router(tmp_path, config) as router, SteadyClients(port) as clients:
             wait_until(lambda: clients.latest() == {"a"}, message="clients on a")
             # b takes priority 0; a becomes the backup tier (priority 10).
             dns_server.srv = [(0, 5, b.port, "b.test."), (10, 5, a.port, "a.test.")]
@@ -180,7 +97,7 @@ def test_a_backend_named_by_sni_within_allow_and_never_an_open_relay(tmp_path):
     one_port = free_port("127.0.0.2")
     with tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", one_port) as one, \
             tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", one_port) as two, \
-            SrvServer() as dns_server:
+            DNSServer() as dns_server:
         dns_server.addresses = {"one.apps.test.": "127.0.0.2", "two.apps.test.": "127.0.0.3",
                                 "outside.example.": "127.0.0.2"}
         port = free_port()
@@ -229,7 +146,7 @@ def test_a_named_group_of_the_route_names_the_server(tmp_path):
     port_of_servers = free_port("127.0.0.2")
     with tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", port_of_servers), \
             tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", port_of_servers), \
-            SrvServer() as dns_server:
+            DNSServer() as dns_server:
         dns_server.addresses = {"one.internal.test.": "127.0.0.2",
                                 "two.internal.test.": "127.0.0.3"}
         port = free_port()

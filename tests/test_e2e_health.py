@@ -3,15 +3,12 @@ a Redis- and a PostgreSQL-speaking test server) and against servers that accept 
 but answer something else, which must be marked down."""
 
 import json
-import os
-import shutil
 import socket
-import subprocess
 
 import pytest
 import trustme
 
-from tests.support import Backend, Router, free_port, listening, wait_until
+from tests.support import Backend, Router, free_port, running_nginx, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,25 +36,15 @@ http {{
 @pytest.fixture
 def nginx(tmp_path):
     """A real nginx: plain HTTP with /healthz (200) and /broken (503), and a TLS server."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert os.path.exists(binary), "nginx missing: apt-get install nginx"
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     certificate = trustme.CA().issue_cert("web.example")
     certificate.private_key_pem.write_to_path(str(prefix / "key.pem"))
     certificate.cert_chain_pems[0].write_to_path(str(prefix / "cert.pem"))
     http_port, tls_port = free_port(), free_port()
-    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, http_port=http_port,
-                                                         tls_port=tls_port))
-    process = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                               stderr=subprocess.PIPE)
-    try:
-        wait_until(lambda: listening(http_port) and listening(tls_port),
-                   message="nginx to listen")
+    config = NGINX_CONF.format(prefix=prefix, http_port=http_port, tls_port=tls_port)
+    with running_nginx(prefix, config, (http_port, tls_port)):
         yield http_port, tls_port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def answer_lines(answers):

@@ -9,8 +9,9 @@ import socket
 import pytest
 
 from l4router.process.steering import source_hash_program
+from tests.dns_peer import DNSServer
 from tests.support import Backend, Router, free_port, wait_until
-from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
+from tests.test_e2e_udp import dns_config, queries_answered
 from tests.test_e2e_workers import worker_pids
 
 pytestmark = pytest.mark.timeout(180)
@@ -42,15 +43,16 @@ backends:
 """
 
 
-def open_clients(port, sources):
-    """One connection from each source address, held open; (client, relayed?) for each."""
+def open_clients(port, sources, payload=b"hello"):
+    """One connection from each source address, sending `payload` and held open;
+    (client, relayed?) for each."""
     clients = []
     for source in sources:
         client = socket.socket()
         client.settimeout(10)
         client.bind((source, 0))
         client.connect(("127.0.0.1", port))
-        client.sendall(b"hello")
+        client.sendall(payload)
         clients.append(client)
     results = []
     for client in clients:
@@ -191,21 +193,7 @@ def test_new_connections_per_source_are_rate_limited_exactly(tmp_path, workers):
 
 def http_clients(port, host, sources):
     """`open_clients` with an HTTP/1 request for `host` (routes and names see it)."""
-    clients = []
-    for source in sources:
-        client = socket.socket()
-        client.settimeout(10)
-        client.bind((source, 0))
-        client.connect(("127.0.0.1", port))
-        client.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        clients.append(client)
-    results = []
-    for client in clients:
-        try:
-            results.append((client, client.recv(10) == b"ok"))
-        except OSError:
-            results.append((client, False))
-    return results
+    return open_clients(port, sources, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -237,15 +225,13 @@ backends:
 
             wait_until(lambda: (refused("limit_route"), refused("limit_backend")) == (7, 6),
                        message="the refusals counted")
-            for client, _ in routed + capped:
-                client.close()
+            close_all(routed + capped)
             # Given back: as many are admitted again.
             wait_until(lambda: router.metric("l4router_connections_active", listener="front")
                        == 0, message="every connection ended")
             again = http_clients(port, "r.test", sources[:3])
             assert all(ok for _, ok in again)
-            for client, _ in again:
-                client.close()
+            close_all(again)
     assert admitted == (3, 4)
     logged = [e for e in router.events() if e.get("reason") in ("limit_route", "limit_backend")
               and "refused" in e.get("log_format", "")]
@@ -264,6 +250,5 @@ def test_a_name_limit_counts_each_sni_or_host_apart(tmp_path):
             wait_until(lambda: router.metric("l4router_connections_rejected_total",
                                              listener="front", reason="limit_name") == 3,
                        message="the refusals counted")
-            for client, _ in results:
-                client.close()
+            close_all(results)
     assert (sum(admitted[:4]), sum(admitted[4:])) == (2, 2)  # which ones: the order they came

@@ -17,6 +17,7 @@ from tests.support import (
     Backend,
     Router,
     ask,
+    children_of,
     free_port,
     listening,
     pseudo_random_stream,
@@ -156,8 +157,8 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "20s")) as router:
             results = {}
-            readers = [threading.Thread(
-                daemon=True, target=paced_reader, args=(port, results, i, 2.0))
+            readers = [threading.Thread(daemon=True,
+                target=paced_reader, args=(port, results, i, 2.0))
                        for i in range(20)]
             for reader in readers:
                 reader.start()
@@ -193,8 +194,8 @@ def test_a_stream_longer_than_shutdown_timeout_is_aborted_at_the_timeout(tmp_pat
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "1s")) as router:
             results = {}
-            reader = threading.Thread(
-                daemon=True, target=paced_reader, args=(port, results, 0, 30.0))
+            reader = threading.Thread(daemon=True,
+                target=paced_reader, args=(port, results, 0, 30.0))
             reader.start()
             wait_until(lambda: backend.connections == 1, message="the relay")
             time.sleep(0.3)
@@ -403,7 +404,7 @@ workers: {workers}
                 # Each worker accepts from the socket systemd passed: with the others stopped,
                 # it alone answers.
                 workers_answering = []
-                pids = _children(_children(process.pid)[0]) if workers > 1 else []
+                pids = children_of(children_of(process.pid)[0]) if workers > 1 else []
                 for alone in pids:
                     others = [pid for pid in pids if pid != alone]
                     for other in others:
@@ -430,17 +431,3 @@ def _ready(admin):
             == 200
     except OSError:
         return False
-
-
-def _children(pid):
-    """The processes whose parent is `pid` (/proc): the supervisor's fork server, its workers."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError):
-                continue
-    return sorted(found)

@@ -108,8 +108,8 @@ def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(t
                 results[index] = read_to_end(client)
                 sender.join()
 
-            threads = [threading.Thread(
-                daemon=True, target=stream, args=(i, c)) for i, c in enumerate(clients)]
+            threads = [threading.Thread(daemon=True,
+                target=stream, args=(i, c)) for i, c in enumerate(clients)]
             for thread in threads:
                 thread.start()
             for thread in threads:

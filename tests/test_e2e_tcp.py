@@ -231,8 +231,8 @@ def test_256_mib_each_way_byte_exact(tmp_path, relay):
             with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
                 client.sendall(b"BULK")  # unknown protocol -> default
                 result = {}
-                reader = threading.Thread(
-                    daemon=True, target=lambda: result.update(down=read_to_end(client)))
+                reader = threading.Thread(daemon=True,
+                    target=lambda: result.update(down=read_to_end(client)))
                 reader.start()
                 send_stream(client, 1, SIZE)
                 client.shutdown(socket.SHUT_WR)

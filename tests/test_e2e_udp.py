@@ -14,43 +14,11 @@ import dns.rrset
 import pytest
 import trustme
 
+from tests.dns_peer import DNSServer
 from tests.support import Router, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class DNSServer:
-    """A real DNS server (dnspython wire format) answering every A query with `address`."""
-
-    def __init__(self, address):
-        self.address = address
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.socket.bind(("127.0.0.1", 0))
-        self.port = self.socket.getsockname()[1]
-        self.queries = 0
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-
-    def serve(self):
-        while True:
-            try:
-                data, client = self.socket.recvfrom(4096)
-            except OSError:
-                return
-            query = dns.message.from_wire(data)
-            self.queries += 1
-            response = dns.message.make_response(query)
-            question = query.question[0]
-            response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A",
-                                                       self.address))
-            self.socket.sendto(response.to_wire(), client)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.socket.close()
 
 
 def queries_answered(port, sources, settle=1.0):
@@ -326,6 +294,26 @@ class RebindingForwarder:
             sock.close()
 
 
+def two_requests_across_a_move(nat, server_name, ca, new_id=False):
+    """Two HTTP/3 requests on one aioquic connection through `nat`, which moves the client
+    to a new port between them (by itself, `on_new_id`, as the client takes a new connection
+    ID); the two bodies."""
+    client = subprocess.Popen(
+        [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port), server_name,
+         str(ca)] + (["--new-cid"] if new_id else []),
+        cwd=CHECKOUT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        first = client.stdout.readline().strip()
+        if not nat.on_new_id:
+            nat.rebind()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        return first, client.stdout.readline().strip()
+    finally:
+        client.kill()
+        client.wait(10)
+
+
 def test_a_quic_connection_follows_its_client_to_a_new_address(tmp_path, quic_servers):
     """The client's address changes mid-connection (a NAT rebinding): its short-header
     packets are known by the server's connection ID and go on to the same server."""
@@ -343,19 +331,7 @@ backends:
   alpha: {{servers: ["127.0.0.1:{servers['alpha']}"]}}
 """
     with Router(tmp_path, config) as router, RebindingForwarder(port) as nat:
-        client = subprocess.Popen(
-            [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port),
-             "alpha.quic.test", str(ca)], cwd=CHECKOUT, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True)
-        try:
-            first = client.stdout.readline().strip()
-            nat.rebind()
-            client.stdin.write("go\n")
-            client.stdin.flush()
-            second = client.stdout.readline().strip()
-        finally:
-            client.kill()
-            client.wait(10)
+        first, second = two_requests_across_a_move(nat, "alpha.quic.test", ca)
         migrated = router.metric("l4router_udp_sessions_migrated_total", listener="h3")
         created = router.metric("l4router_udp_sessions_created_total", listener="h3",
                                 protocol="quic")
@@ -402,18 +378,8 @@ backends:
             for _ in range(2):  # round robin: one connection lands on each server
                 # The new port comes with the new ID: the router knows neither.
                 with RebindingForwarder(port, on_new_id=True) as nat:
-                    client = subprocess.Popen(
-                        [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port),
-                         "lb.quic.test", str(tmp_path / "ca.pem"), "--new-cid"],
-                        cwd=CHECKOUT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                    try:
-                        first = client.stdout.readline().strip()
-                        client.stdin.write("go\n")
-                        client.stdin.flush()
-                        bodies.append((first, client.stdout.readline().strip()))
-                    finally:
-                        client.kill()
-                        client.wait(10)
+                    bodies.append(two_requests_across_a_move(
+                        nat, "lb.quic.test", tmp_path / "ca.pem", new_id=True))
             created = router.metric("l4router_udp_sessions_created_total", listener="h3",
                                     protocol="quic")
     finally:

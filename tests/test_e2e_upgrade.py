@@ -9,32 +9,9 @@ import time
 import pytest
 
 from tests.support import TWISTD, Backend, Router, free_port, stream_digest
-from tests.test_e2e_control import LongRelay, name_then_echo, server_of
+from tests.test_e2e_control import LongRelay, SteadyClients, name_then_echo
 
 pytestmark = pytest.mark.timeout(180)
-
-
-class SteadyClients:
-    def __init__(self, port):
-        self.port = port
-        self.results = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                self.results.append(server_of(self.port))
-            except OSError as exc:
-                self.results.append(exc)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        self.thread.join(30)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -64,18 +41,17 @@ upgrade_socket: {tmp_path / "upgrade.sock"}
                     [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(new.config_path)],
                     stdout=new.log_file, stderr=subprocess.STDOUT, cwd=new.tmp_path)
                 assert old.process.wait(60) == 0, old.log_text()
-                before_end = len(clients.results)
+                before_end = len(clients.seen)
                 time.sleep(0.5)
             relaying.join(60)
-            after = clients.results[before_end:]
+            after = [name for _, name in clients.seen[before_end:]]
             assert after and all(r == "app" for r in after)
             assert new.get("/readyz" if workers > 1 else "/healthz") in (b"ok\n", b"ready\n")
         finally:
             old.stop()
             code = new.stop()
-    failures = [r for r in clients.results if not isinstance(r, str)]
-    assert not failures, failures[:3]
-    assert len(clients.results) > 20
+    assert not clients.failures(), clients.failures()[:3]
+    assert len(clients.seen) > 20
     assert relay.result == (stream_digest(relay.seed, 16 << 20), 16 << 20)
     assert code == 0
     old_messages = [e.get("log_format", "") for e in old.events()]

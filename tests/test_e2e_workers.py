@@ -15,6 +15,7 @@ from tests.support import (
     Backend,
     Router,
     free_port,
+    parent_of,
     pseudo_random_stream,
     read_to_end,
     reply_with_name,
@@ -232,8 +233,8 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
                     time.sleep(1.0)  # still relaying when SIGTERM arrives
                     results[index] = read_to_end(client)
 
-            readers = [threading.Thread(
-                daemon=True, target=slow_reader, args=(i,)) for i in range(8)]
+            readers = [threading.Thread(daemon=True,
+                target=slow_reader, args=(i,)) for i in range(8)]
             for reader in readers:
                 reader.start()
             wait_until(lambda: backend.connections == 8, message="8 relays")
@@ -439,11 +440,6 @@ def test_a_worker_killed_while_it_starts_is_restarted(tmp_path):
             assert router.stop() == 0, router.log_text()
 
 
-def _parent(pid):
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])
-
-
 def _memory(pid, field):
     """A field of /proc/PID/smaps_rollup, in KiB."""
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
@@ -483,9 +479,9 @@ def test_workers_are_forked_sharing_the_supervisors_pages_and_none_of_its_socket
         with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
             assert ask_many(port, 10) == {b"app:ping"}
             workers = list(worker_pids(router).values())
-            fork_server = _parent(workers[0])
-            assert _parent(workers[1]) == fork_server
-            assert _parent(fork_server) == router.process.pid
+            fork_server = parent_of(workers[0])
+            assert parent_of(workers[1]) == fork_server
+            assert parent_of(fork_server) == router.process.pid
             admin = _listening_inode(router.admin_port)
             assert admin in _socket_inodes(router.process.pid)
             for pid in workers + [fork_server]:
@@ -503,7 +499,7 @@ def test_a_supervisor_whose_fork_server_is_gone_stops_in_order(tmp_path):
         router = Router(tmp_path, stream_config(port, backend.port), workers=2).start()
         try:
             workers = list(worker_pids(router).values())
-            os.kill(_parent(workers[0]), signal.SIGKILL)
+            os.kill(parent_of(workers[0]), signal.SIGKILL)
             assert router.process.wait(30) == 0
             wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15,
                        message="the workers to stop")

@@ -75,8 +75,8 @@ def duplex_backend(backend, connection):
     while not header.endswith(b"\n"):
         header += connection.recv(1)
     seed, up, down, half = (int(x) for x in header.split())
-    sender = threading.Thread(
-        daemon=True, target=_send_chunked, args=(connection, seed + 1, down, seed))
+    sender = threading.Thread(daemon=True,
+        target=_send_chunked, args=(connection, seed + 1, down, seed))
     sender.start()
     digest, count = hashlib.sha256(), 0
     while count < up:
@@ -110,8 +110,8 @@ def duplex_client(port, seed, up, down, half, results):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
             client.sendall(b"%d %d %d %d\n" % (seed, up, down, int(half)))
             received = {}
-            reader = threading.Thread(
-                daemon=True, target=lambda: received.update(down=read_to_end(client)))
+            reader = threading.Thread(daemon=True,
+                target=lambda: received.update(down=read_to_end(client)))
             reader.start()
             _send_chunked(client, seed, up, seed + 7)
             if half:
@@ -137,8 +137,8 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
         with Router(tmp_path, config) as router:
             results = {}
             started = time.monotonic()
-            threads = [threading.Thread(
-                daemon=True, target=duplex_client, args=(port, seed, up, down, half,
+            threads = [threading.Thread(daemon=True,
+                target=duplex_client, args=(port, seed, up, down, half,
                                                                     results))
                        for seed, (up, down, half) in sizes.items()]
             for thread in threads:
@@ -235,8 +235,8 @@ backends:
                     except OSError as exc:
                         outcomes[name] = type(exc).__name__
 
-            clients = [threading.Thread(
-                daemon=True, target=fault_client, args=(n,)) for n in faults]
+            clients = [threading.Thread(daemon=True,
+                target=fault_client, args=(n,)) for n in faults]
             for client in clients:
                 client.start()
             for client in clients + [good]:
@@ -381,8 +381,8 @@ def test_churn_leaves_no_fd_timer_or_memory_behind(tmp_path):
                     except OSError:
                         errors += 1
 
-            workers = [threading.Thread(
-                daemon=True, target=worker, args=(count // 8,)) for _ in range(8)]
+            workers = [threading.Thread(daemon=True,
+                target=worker, args=(count // 8,)) for _ in range(8)]
             for thread in workers:
                 thread.start()
             for thread in workers:

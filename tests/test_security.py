@@ -19,6 +19,7 @@ from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError
 from l4router.parsers import Invalid, http1, http2, tls
 from l4router.parsers.proxyprotocol import v1_header
+from tests.dns_peer import DNSServer
 from tests.support import (
     Backend,
     Router,
@@ -28,7 +29,7 @@ from tests.support import (
     reply_with_name,
     wait_until,
 )
-from tests.test_e2e_udp import DNSServer, dns_config, queries_answered
+from tests.test_e2e_udp import dns_config, queries_answered
 from tests.test_e2e_workers import worker_pids
 
 pytestmark = pytest.mark.timeout(180)

@@ -99,9 +99,11 @@ class _Discovery:
         log.warn("Backend {backend}: {source} failed ({error}); keeping the {count} servers "
                  "found before", backend=self.group.name, source=self.describe(),
                  error=failure.getErrorMessage(), count=len(self.current or ()))
-        self._call = self.reactor.callLater(max(self.settings.refresh, RETRY_AFTER_FAILURE)
-                                            if self.kind == "srv" else self.settings.refresh,
-                                            self._look)
+        self._call = self.reactor.callLater(self.retry_after(), self._look)
+
+    def retry_after(self):
+        """How long after a failed look the next one comes."""
+        return self.settings.refresh
 
     def describe(self):
         return f"{self.kind} {self.settings.source}"
@@ -112,6 +114,9 @@ class SrvDiscovery(_Discovery):
     model has two); weight 0 counts as 1; targets resolved through the same DNS servers."""
 
     kind = "srv"
+
+    def retry_after(self):
+        return max(self.settings.refresh, RETRY_AFTER_FAILURE)  # a DNS server under strain
 
     def __init__(self, group, settings, reactor, dns_settings):
         super().__init__(group, settings, reactor)

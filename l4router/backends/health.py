@@ -3,11 +3,12 @@ speaks the server's protocol, with rise/fall thresholds) and the passive signal 
 failures and resets seen by real clients."""
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from l4router.backends.probes import MAX_ANSWER, probe_for
+from l4router.backends.server import ProtocolOnce
 from l4router.timers import cancel
 
 log = Logger()
@@ -49,16 +50,6 @@ class _Conversation(Protocol):
             self.verdict.callback((passed, why))
 
 
-class _OneProtocol(Factory):
-    noisy = False
-
-    def __init__(self, protocol):
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr):
-        return self.protocol_instance
-
-
 class HealthChecker:
     """Counts consecutive results for one server and flips its health at rise/fall."""
 
@@ -92,7 +83,7 @@ class HealthChecker:
             self.record(False, "address not resolved")
             return
         if self.probe is None:
-            self._checking = endpoint.connect(_OneProtocol(_Connected()))
+            self._checking = endpoint.connect(ProtocolOnce(_Connected()))
             self._checking.addCallback(lambda _: (True, "check passed"))
         else:
             self._checking = self._converse(endpoint)
@@ -117,7 +108,7 @@ class HealthChecker:
 
             return conversation.verdict.addBoth(finished)
 
-        return endpoint.connect(_OneProtocol(conversation)).addCallback(connected)
+        return endpoint.connect(ProtocolOnce(conversation)).addCallback(connected)
 
     def _done(self, _):
         self._checking = None

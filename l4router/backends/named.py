@@ -52,9 +52,6 @@ class NamedServer:
     def release(self):
         self.group.active -= 1
 
-    def status(self):
-        return {"server": self.label}
-
 
 class NamedServerGroup:
     """Looks like a BackendGroup to a connection: connect(source, fields)."""
@@ -86,12 +83,6 @@ class NamedServerGroup:
         return {"backend": self.name, "balance": "server_from", "using_backup": False,
                 "server_from": self.config.server_from, "active_connections": self.active,
                 "cached_names": len(self._cache), "servers": []}
-
-    def using_backup(self):
-        return False
-
-    def server(self, label):
-        return None
 
     def passive_result(self, server, ok, why):
         pass  # no health to keep of a name

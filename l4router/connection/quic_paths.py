@@ -74,7 +74,7 @@ class QuicLbServers:
     def __init__(self, groups):
         self.by_rotation = {}  # config rotation -> [(id length, {server id: (group, server)})]
         for group in groups.values():
-            settings = getattr(group.config, "quic_lb", None)
+            settings = group.config.quic_lb
             if settings is None:
                 continue
             ids = {server.server.quic_lb_id: (group, server) for server in group.servers}

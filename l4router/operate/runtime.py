@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from l4router.backends.control import Change, ControlError, apply_change
+from l4router.operate.worker_status import add_server
 
 log = Logger()
 
@@ -97,7 +98,5 @@ def merge_server_statuses(statuses: list[dict]) -> dict:
         raise ControlError("no worker answered", 503)
     merged = dict(statuses[0])
     for other in statuses[1:]:
-        merged["active_connections"] += other.get("active_connections", 0)
-        merged["pool_idle"] += other.get("pool_idle", 0)
-        merged["healthy"] = merged.get("healthy") and other.get("healthy")
+        add_server(merged, other)
     return merged

@@ -139,6 +139,11 @@ def _add_backend(into, backend):
     for server in into["servers"]:
         other = servers.get(server["server"])
         if other is not None:
-            server["healthy"] = server["healthy"] and other["healthy"]
-            server["active_connections"] += other["active_connections"]
-            server["pool_idle"] += other["pool_idle"]
+            add_server(server, other)
+
+
+def add_server(into, other):
+    """One server as two workers see it: connections summed, up only if up in both."""
+    into["healthy"] = into["healthy"] and other["healthy"]
+    into["active_connections"] += other["active_connections"]
+    into["pool_idle"] += other["pool_idle"]
