@@ -105,7 +105,7 @@ def describe_detectors(detectors):
     """A table of the installed detectors, in the order the decision loop asks them."""
     rows = [("NAME", "TRANSPORTS", "PRIORITY", "FIELDS")]
     for detector in sorted(detectors, key=lambda d: (d.priority, d.name)):
-        fields = getattr(detector, "fields", None)
+        fields = detector.fields
         rows.append((detector.name, ",".join(sorted(detector.transports)), str(detector.priority),
                      ", ".join(fields) if fields is not None else "(not declared)"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

@@ -34,6 +34,7 @@ from l4router.config.values import (
     _token,
     parse_duration,
 )
+from l4router.detection.registry import complete
 from l4router.errors import ConfigError
 
 
@@ -44,8 +45,9 @@ class _Builder(BackendParts, ListenerParts):
     def __init__(self, reader, detectors):
         self.reader = reader
         self.warnings = []  # what is valid but surely not meant (a route never reached)
+        detectors = [complete(d) for d in detectors]
         self.detectors = {d.name: d for d in detectors}
-        declared = [getattr(d, "fields", None) for d in detectors]
+        declared = [d.fields for d in detectors]
         # A plugin that does not declare its fields may produce any; then field names go unchecked.
         self.known_fields = None
         if declared and all(f is not None for f in declared):

@@ -267,7 +267,7 @@ class ListenerParts:
         if not protocols or protocols is _MISSING:
             return ""
         producers = [self.detectors.get(name) for name in protocols]
-        declared = [getattr(d, "fields", None) if d is not None else () for d in producers]
+        declared = [d.fields if d is not None else () for d in producers]
         if any(fields is None or field in fields for fields in declared):
             return ""
         return " or ".join(sorted(protocols))

@@ -1,10 +1,17 @@
 """The decision loop: detectors in priority order; the first MATCH wins once every detector
 before it has said NO_MATCH."""
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import attrs
 from twisted.logger import Logger
 
-from l4router.detection.interface import NEED_MORE, NO_MATCH, Match
+from l4router.detection.interface import NEED_MORE, NO_MATCH, Match, Verdict
+from l4router.detection.peek import Peek
+from l4router.detection.registry import complete
 
 log = Logger()
 
@@ -17,7 +24,7 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
-def safe_value(value):
+def safe_value(value: Any) -> Any:
     """A field value fit for logs and metrics: control characters (newlines, ANSI escapes,
     C1 controls, Unicode line separators) escaped, length bounded; tuples of strings likewise."""
     if isinstance(value, str):
@@ -32,30 +39,30 @@ def safe_value(value):
 @attrs.frozen
 class Decision:
     protocol: str
-    fields: dict = attrs.field(factory=dict)
+    fields: dict[str, Any] = attrs.field(factory=dict)
 
 
 class DetectorSet:
     """The detectors of one listener, ordered; a misbehaving plugin is logged once and ignored.
 
-    A detector may declare `first_bytes`, the values the first byte of its protocol can take;
-    the others cannot match and are not asked (they count as NO_MATCH), which spares a TLS
-    ClientHello a dozen calls. A detector without it is always asked.
+    A detector whose `first_bytes` (the values the first byte of its protocol can take) leave
+    out a flight's first byte cannot match it and is not asked (it counts as NO_MATCH), which
+    spares a TLS ClientHello a dozen calls. A detector with first_bytes None is always asked.
     """
 
-    def __init__(self, detectors):
-        self.detectors = tuple(sorted(detectors, key=lambda d: (d.priority, d.name)))
-        self._failed = set()
+    def __init__(self, detectors: Iterable[Any]) -> None:
+        self.detectors = tuple(sorted(map(complete, detectors),
+                                      key=lambda d: (d.priority, d.name)))
+        self._failed: set[str] = set()
         self._by_first_byte = [
-            tuple(d for d in self.detectors
-                  if getattr(d, "first_bytes", None) is None or byte in d.first_bytes)
+            tuple(d for d in self.detectors if d.first_bytes is None or byte in d.first_bytes)
             for byte in range(256)]
 
     @property
-    def names(self):
+    def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.detectors)
 
-    def decide(self, peek, final=False):
+    def decide(self, peek: Peek, final: bool = False) -> Decision | None:
         """A Decision, or None while a detector that could still win needs more bytes.
 
         `final`: no more bytes will be considered (max_bytes reached or the client closed), so
@@ -76,15 +83,14 @@ class DetectorSet:
                 return Decision(detector.name, fields)
         return Decision(UNKNOWN)
 
-    def elicit(self, peek):
+    def elicit(self, peek: Peek) -> tuple[Any, bytes] | None:
         """(detector, bytes) from the first detector that wants to draw more bytes out of a
         client that waits for the server (grpcio waits for the server's SETTINGS), or None."""
         for detector in self.detectors:
-            method = getattr(detector, "elicit", None)
-            if method is None or detector.name in self._failed:
+            if detector.name in self._failed:
                 continue
             try:
-                answer = method(peek)
+                answer = detector.elicit(peek)
             except Exception:
                 self._failed.add(detector.name)
                 log.failure("Detector {detector}'s elicit raised; it is skipped from now on",
@@ -94,15 +100,14 @@ class DetectorSet:
                 return detector, bytes(answer)
         return None
 
-    def _ask_truncated(self, detector, peek):
+    def _ask_truncated(self, detector: Any, peek: Peek) -> Match | Verdict:
         """No more bytes will come and `detector` still needs some: a detector whose first
         bytes already prove its protocol says so (`detect_truncated`), instead of the flight
         counting as not its protocol."""
-        if getattr(detector, "detect_truncated", None) is None:
-            return NO_MATCH
         return self._ask(detector, peek, detector.detect_truncated)
 
-    def _ask(self, detector, peek, method=None):
+    def _ask(self, detector: Any, peek: Peek,
+             method: Callable[[Peek], Any] | None = None) -> Match | Verdict:
         try:
             verdict = (method or detector.detect)(peek)
         except Exception:

@@ -1,32 +1,48 @@
 """The detector contract: the stable, public plugin API."""
 
+from __future__ import annotations
+
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
 
-class IProtocolDetector(Interface):
-    """Recognises one protocol from the first bytes a client sends."""
+class IProtocolDetector(Interface):  # type: ignore[misc]  # zope's Interface is untyped
+    """Recognises one protocol from the first bytes a client sends.
+
+    `name`, `transports`, `priority` and `detect` are required. The other members are
+    optional: a plugin that leaves one out gets its default (registry.DeclaredDetector says
+    which), so older plugins keep working unchanged.
+    """
 
     name = Attribute("protocol name used in config and metrics, e.g. 'tls'")
     transports = Attribute("frozenset of 'tcp' and/or 'udp'")
     priority = Attribute("int; lower is asked first (more specific before more general)")
+    first_bytes = Attribute(
+        "optional frozenset of the values the protocol's first byte can take: the detector is "
+        "not asked about flights that start otherwise (default None: asked about every one)")
+    fields = Attribute(
+        "optional tuple of the field names it can produce; the config checks routes against "
+        "them (default None: not declared, any field name is accepted)")
 
-    def detect(peek):
+    def detect(peek):  # type: ignore[no-untyped-def]  # zope's interface method style
         """Return Match(fields), NEED_MORE or NO_MATCH. Never raises on any input."""
 
-    # Optional, asked only when present:
-    #   first_bytes: frozenset of the values the protocol's first byte can take
-    #   fields: tuple of the field names it can produce (config checks routes against them)
-    #   elicit(peek) -> bytes | None: what to send a client that waits for the server
-    #   rewriter() -> object with feed(data) -> data and `done`: removes the client's answer
-    #       to what was elicited from its stream
-    #   detect_truncated(peek) -> Match | NO_MATCH: asked when no more bytes will come
-    #       (detect.max_bytes reached, or the client closed) and detect still says NEED_MORE;
-    #       a Match says the bytes so far already prove the protocol (fields with
-    #       truncated=True), instead of the flight counting as not this protocol
+    def detect_truncated(peek):  # type: ignore[no-untyped-def]
+        """Optional. Asked when no more bytes will come (detect.max_bytes reached, or the
+        client closed) and detect still says NEED_MORE: a Match (fields with truncated=True)
+        says the bytes so far already prove the protocol; NO_MATCH that they do not."""
+
+    def elicit(peek):  # type: ignore[no-untyped-def]
+        """Optional. Bytes to send a client that waits for the server before it says enough
+        (grpcio waits for the server's SETTINGS), or None."""
+
+    def rewriter():  # type: ignore[no-untyped-def,misc]
+        """Optional, with elicit. An object with feed(data) -> data that removes the client's
+        answer to what was elicited from its stream (the backend never asked for it)."""
 
 
 class Verdict(enum.Enum):
@@ -40,23 +56,46 @@ NEED_MORE = Verdict.NEED_MORE
 NO_MATCH = Verdict.NO_MATCH
 
 
+class ProtocolDetector:
+    """A base for detector plugins that gives the optional members of IProtocolDetector their
+    defaults; a subclass sets name, transports and priority and writes detect."""
+
+    name: str
+    transports: frozenset[str]
+    priority: int
+    first_bytes: frozenset[int] | None = None
+    fields: tuple[str, ...] | None = None
+
+    def detect(self, peek: Any) -> Match | Verdict:
+        raise NotImplementedError
+
+    def detect_truncated(self, peek: Any) -> Match | Verdict:
+        return NO_MATCH
+
+    def elicit(self, peek: Any) -> bytes | None:
+        return None
+
+    def rewriter(self) -> Any:
+        return None
+
+
 class Match:
     """A positive verdict with the flat mapping of what was learnt (sni, alpn, host, ...)."""
 
     __slots__ = ("fields",)
 
-    def __init__(self, fields=None):
+    def __init__(self, fields: Mapping[str, Any] | None = None) -> None:
         if fields is None:
             fields = {}
         if not isinstance(fields, Mapping):
             raise TypeError(f"Match takes a mapping of fields, not {type(fields).__name__}")
         self.fields = MappingProxyType(dict(fields))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Match) and dict(self.fields) == dict(other.fields)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(tuple(sorted(self.fields)))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Match({dict(self.fields)!r})"

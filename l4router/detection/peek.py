@@ -1,8 +1,14 @@
 """The bytes a client sent so far, with parses cached so ten detectors parse them once."""
 
-from functools import cached_property
+from __future__ import annotations
 
-from l4router.parsers import http1, http2, tls
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any, TypeVar
+
+from l4router.parsers import Incomplete, Invalid, http1, http2, tls
+
+Parsed = TypeVar("Parsed")
 
 
 class Peek:
@@ -14,7 +20,8 @@ class Peek:
 
     __slots__ = ("data", "transport", "elicited", "datagrams", "__dict__")
 
-    def __init__(self, data, transport="tcp", elicited=b"", datagrams=()):
+    def __init__(self, data: bytes, transport: str = "tcp", elicited: bytes = b"",
+                 datagrams: Sequence[bytes] = ()) -> None:
         self.data = bytes(data)
         self.transport = transport
         self.elicited = elicited  # what the router sent the client to draw out more bytes
@@ -22,26 +29,27 @@ class Peek:
         self.datagrams = tuple(datagrams) or (self.data,)
 
     @classmethod
-    def of_datagrams(cls, datagrams):
+    def of_datagrams(cls, datagrams: Sequence[bytes]) -> Peek:
         return cls(b"".join(datagrams), transport="udp", datagrams=datagrams)
 
-    def parsed(self, parser):
+    def parsed(self, parser: Callable[[bytes], Parsed]) -> Parsed:
         """`parser(self.data)`, computed once per snapshot."""
-        cache = self.__dict__.setdefault("_parsed", {})
+        cache: dict[Callable[[bytes], Any], Any] = self.__dict__.setdefault("_parsed", {})
+        result: Parsed
         try:
-            return cache[parser]
+            result = cache[parser]
         except KeyError:
             result = cache[parser] = parser(self.data)
-            return result
+        return result
 
     @cached_property
-    def tls_client_hello(self):
+    def tls_client_hello(self) -> tls.ClientHello | Incomplete | Invalid:
         return tls.parse_client_hello(self.data)
 
     @cached_property
-    def http1_request(self):
+    def http1_request(self) -> http1.Request | Incomplete | Invalid:
         return http1.parse_request(self.data)
 
     @cached_property
-    def h2_first_headers(self):
+    def h2_first_headers(self) -> http2.Request | Incomplete | Invalid:
         return http2.parse_first_request(self.data)

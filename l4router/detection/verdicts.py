@@ -1,10 +1,16 @@
 """Turning a sans-IO parser's answer into a detector's verdict."""
 
-from l4router.detection.interface import NEED_MORE, NO_MATCH, Match
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from l4router.detection.interface import NEED_MORE, NO_MATCH, Match, Verdict
 from l4router.parsers import INCOMPLETE
 
+Parsed = TypeVar("Parsed")
 
-def verdict(parsed, fields, accept=None):
+
+def verdict(parsed: Parsed, fields: Callable[[Parsed], Mapping[str, Any]],
+            accept: Callable[[Parsed], bool] | None = None) -> Match | Verdict:
     """INCOMPLETE -> NEED_MORE; Invalid or not accepted -> NO_MATCH; else Match(fields(parsed)).
 
     `fields` maps the parse to the Match fields; None values are left out, so a route on an

@@ -4,20 +4,26 @@ Each parser returns a typed result, INCOMPLETE when the bytes so far are a valid
 Invalid carrying the reason the bytes cannot be this protocol.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 import attrs
 
 
-class _Incomplete:
+class Incomplete:
+    """The type of INCOMPLETE: the bytes so far are a valid prefix (falsy)."""
+
     __slots__ = ()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "INCOMPLETE"
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return False
 
 
-INCOMPLETE = _Incomplete()
+INCOMPLETE = Incomplete()
 
 
 @attrs.frozen
@@ -26,11 +32,11 @@ class Invalid:
 
     reason: str
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return False
 
 
-def first_header(headers, name):
+def first_header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
     """The first value of header `name` in (name, value) pairs, or None."""
     for key, value in headers:
         if key == name:
@@ -47,30 +53,30 @@ class Reader:
 
     __slots__ = ("data", "pos", "end")
 
-    def __init__(self, data, pos=0, end=None):
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
         self.data = data
         self.pos = pos
         self.end = len(data) if end is None else end
 
     @property
-    def remaining(self):
+    def remaining(self) -> int:
         return self.end - self.pos
 
-    def take(self, count):
+    def take(self, count: int) -> bytes:
         if count < 0 or self.pos + count > self.end:
             raise Truncated(f"needs {count} bytes at offset {self.pos}, has {self.remaining}")
         start = self.pos
         self.pos += count
         return self.data[start:self.pos]
 
-    def uint(self, size):
+    def uint(self, size: int) -> int:
         return int.from_bytes(self.take(size), "big")
 
-    def vector(self, length_size):
+    def vector(self, length_size: int) -> bytes:
         """A length-prefixed byte string (TLS `opaque x<0..2^(8*length_size)-1>`)."""
         return self.take(self.uint(length_size))
 
-    def sub(self, length_size):
+    def sub(self, length_size: int) -> Reader:
         """A Reader over a length-prefixed block, advancing past it."""
         length = self.uint(length_size)
         if self.pos + length > self.end:

@@ -16,7 +16,7 @@ class Query:
     type: str  # A, AAAA, MX, ... or TYPE123
 
 
-def parse_query(datagram):
+def parse_query(datagram: bytes) -> Query | Invalid:
     """A standard query with one question -> Query | Invalid (a datagram is whole: no
     INCOMPLETE)."""
     if len(datagram) < HEADER + 5:

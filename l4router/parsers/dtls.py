@@ -3,20 +3,22 @@ fragments, the body like TLS's plus the cookie."""
 
 from __future__ import annotations
 
-from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
-from l4router.parsers.tls import MAX_CLIENT_HELLO, _parse_body
+from collections.abc import Sequence
+
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid, Reader, Truncated
+from l4router.parsers.tls import MAX_CLIENT_HELLO, ClientHello, _parse_body
 
 RECORD_HANDSHAKE = 22
 RECORD_HEADER = 13
 HANDSHAKE_HEADER = 12
 
 
-def parse_client_hello(datagrams):
+def parse_client_hello(datagrams: Sequence[bytes]) -> ClientHello | Incomplete | Invalid:
     """The first ClientHello in a client's first datagrams -> ClientHello | INCOMPLETE | Invalid."""
     if not datagrams:
         return INCOMPLETE
-    fragments = {}
-    total = None
+    fragments: dict[int, bytes] = {}
+    total: int | None = None
     try:
         for index, datagram in enumerate(datagrams):
             reader = Reader(datagram)

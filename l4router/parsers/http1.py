@@ -10,7 +10,7 @@ import re
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid, first_header
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid, first_header
 
 MAX_METHOD = 32
 _METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
@@ -25,14 +25,14 @@ class Request:
     method: str
     target: str
     version: str  # "1.0" or "1.1"
-    headers: tuple  # (lower-case name, value) in order, as str
+    headers: tuple[tuple[str, str], ...]  # (lower-case name, value) in order, as str
     head_length: int  # bytes up to and including the blank line
 
-    def header(self, name):
+    def header(self, name: str) -> str | None:
         return first_header(self.headers, name)
 
     @property
-    def host(self):
+    def host(self) -> str | None:
         """Host from the absolute-form target or the Host field: lower-case, port stripped."""
         authority = _authority(self.target)
         if authority is None:
@@ -40,7 +40,7 @@ class Request:
         return strip_port(authority) if authority else None
 
     @property
-    def path(self):
+    def path(self) -> str:
         """The path of the target without the query, normalised (see `normalise_path`);
         '*' for OPTIONS *."""
         target = self.target
@@ -51,7 +51,7 @@ class Request:
         return normalise_path(target.split("?", 1)[0].split("#", 1)[0])
 
 
-def _authority(target):
+def _authority(target: str) -> str | None:
     lowered = target[:8].lower()
     if lowered.startswith("http://") or lowered.startswith("https://"):
         rest = target.split("://", 1)[1]
@@ -59,7 +59,7 @@ def _authority(target):
     return None
 
 
-def strip_port(authority):
+def strip_port(authority: str) -> str:
     """'Example.COM.:8080' -> 'example.com'; '[::1]:80' -> '::1'. Lower case and without the
     trailing dot of a fully qualified name, so that a rule on a name sees every spelling."""
     authority = authority.strip().lower()
@@ -74,12 +74,12 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _PERCENT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 
 
-def _decode_unreserved(match):
+def _decode_unreserved(match: re.Match[str]) -> str:
     char = chr(int(match.group(1), 16))
     return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
-def normalise_path(path):
+def normalise_path(path: str) -> str:
     """RFC 3986 6.2.2: percent-encoded unreserved characters decoded (`/%72eload` is
     `/reload`), other escapes in upper case, and dot segments removed (`/a/../reload`)."""
     if not path.startswith("/"):  # '*', or CONNECT's host:port
@@ -88,7 +88,7 @@ def normalise_path(path):
         path = _PERCENT_RE.sub(_decode_unreserved, path)
     if "/." not in path:
         return path
-    output = []
+    output: list[str] = []
     for segment in path.split("/")[1:]:
         if segment == "..":
             if output:
@@ -101,7 +101,7 @@ def normalise_path(path):
     return normalised
 
 
-def normalise_authority(authority):
+def normalise_authority(authority: str) -> str:
     """Lower case, the host without the trailing dot of a fully qualified name, port kept."""
     authority = authority.strip().lower()
     host, colon, port = authority.rpartition(":") if authority.count(":") == 1 else \
@@ -109,7 +109,7 @@ def normalise_authority(authority):
     return host.rstrip(".") + colon + port
 
 
-def parse_request(data):
+def parse_request(data: bytes) -> Request | Incomplete | Invalid:
     """An HTTP/1 request head -> Request | INCOMPLETE | Invalid."""
     space = data.find(b" ", 0, MAX_METHOD + 1)
     method_end = space if space >= 0 else min(len(data), MAX_METHOD + 1)
@@ -130,12 +130,12 @@ def parse_request(data):
     request_line = _REQUEST_LINE_RE.match(lines[0])
     if request_line is None:
         return Invalid("not an HTTP/1 request line")
-    headers = []
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         line = line[:-1] if line.endswith(b"\r") else line
         if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
-            name, value = headers[-1]
-            headers[-1] = (name, f"{value} {line.strip().decode('latin-1')}")
+            folded, earlier = headers[-1]
+            headers[-1] = (folded, f"{earlier} {line.strip().decode('latin-1')}")
             continue
         name, colon, value = line.partition(b":")
         if not colon or not _FIELD_NAME_RE.match(name):

@@ -7,11 +7,13 @@ may follow it. The decoded header list is bounded, so an HPACK bomb is Invalid, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import attrs
 import hpack
 from hpack.exceptions import HPACKError
 
-from l4router.parsers import INCOMPLETE, Invalid, first_header
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid, first_header
 from l4router.parsers.http1 import normalise_authority, normalise_path
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -34,18 +36,18 @@ SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
 
 @attrs.frozen
 class Request:
-    headers: tuple  # (name, value) pairs as str, pseudo-headers included
+    headers: tuple[tuple[str, str], ...]  # (name, value) pairs as str, pseudo-headers included
 
-    def header(self, name):
+    def header(self, name: str) -> str | None:
         return first_header(self.headers, name)
 
     @property
-    def authority(self):
+    def authority(self) -> str | None:
         value = self.header(":authority") or self.header("host")
         return normalise_authority(value) if value else None
 
     @property
-    def path(self):
+    def path(self) -> str | None:
         """:path with its path part normalised as HTTP/1's is; the query kept."""
         value = self.header(":path")
         if value is None:
@@ -54,7 +56,8 @@ class Request:
         return normalise_path(path) + question + query
 
 
-def _frames(data, start=len(PREFACE)):
+def _frames(data: bytes,
+            start: int = len(PREFACE)) -> Iterator[tuple[int, int, int, int, bytes]]:
     """(offset, type, flags, stream id, payload) of each complete frame; stops at a partial one."""
     pos = start
     while len(data) - pos >= FRAME_HEADER:
@@ -69,7 +72,7 @@ def _frames(data, start=len(PREFACE)):
         pos = end
 
 
-def preface_complete(data):
+def preface_complete(data: bytes) -> bool:
     """The magic and the client's first SETTINGS frame are all here."""
     if not data.startswith(PREFACE):
         return False
@@ -79,15 +82,15 @@ def preface_complete(data):
         return False
 
 
-def parse_first_request(data):
+def parse_first_request(data: bytes) -> Request | Incomplete | Invalid:
     """The first request's header list -> Request | INCOMPLETE | Invalid."""
     head = data[:len(PREFACE)]
     if head != PREFACE[:len(head)]:
         return Invalid("not the HTTP/2 client preface")
     if len(data) < len(PREFACE):
         return INCOMPLETE
-    block = []
-    stream_of_block = None
+    block: list[bytes] = []
+    stream_of_block: int | None = None
     try:
         for index, (offset, kind, flags, stream, payload) in enumerate(_frames(data)):
             if index == MAX_FIRST_FRAMES:
@@ -114,7 +117,7 @@ def parse_first_request(data):
     return INCOMPLETE
 
 
-def _header_block_fragment(flags, payload):
+def _header_block_fragment(flags: int, payload: bytes) -> bytes:
     start, end = 0, len(payload)
     if flags & FLAG_PADDED:
         if not payload:
@@ -127,7 +130,7 @@ def _header_block_fragment(flags, payload):
     return payload[start:end]
 
 
-def _decode(block):
+def _decode(block: bytes) -> tuple[tuple[str, str], ...]:
     decoder = hpack.Decoder()
     decoder.max_header_list_size = MAX_HEADER_LIST
     try:
@@ -146,16 +149,16 @@ class SettingsAckStripper:
 
     MAX_SCANNED_FRAMES = 256
 
-    def __init__(self, start=len(PREFACE)):
+    def __init__(self, start: int = len(PREFACE)) -> None:
         self.skip = start  # bytes to pass on before the next frame header
         self.header = b""  # a frame header split between two pieces
         self.frames = 0
         self.done = False
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> bytes:
         if self.done:
             return data
-        out = []
+        out: list[bytes] = []
         pos, size = 0, len(data)
         while pos < size and not self.done:
             if self.skip:

@@ -8,7 +8,7 @@ import re
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 MAX_BODY = 1 << 20
 _LSP_HEADER = re.compile(rb"^((?:[A-Za-z-]+: [^\r\n]*\r\n){1,8})\r\n")
@@ -23,7 +23,7 @@ class Call:
     batch: bool = False
 
 
-def decode_call(body, framing):
+def decode_call(body: bytes, framing: str) -> Call | Invalid:
     """The first JSON-RPC 2.0 object of a complete JSON text -> Call | Invalid."""
     try:
         document = json.loads(body)
@@ -39,7 +39,7 @@ def decode_call(body, framing):
     return Call(method, framing, batch)
 
 
-def parse_raw(data):
+def parse_raw(data: bytes) -> Call | Incomplete | Invalid:
     """JSON-RPC over raw TCP, newline-delimited or Content-Length-framed."""
     stripped = data.lstrip(b" \t\r\n")
     if not stripped:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid, Reader, Truncated
 
 CONNECT = 0x10
 PROTOCOL_NAMES = {(b"MQTT", 4): "3.1.1", (b"MQTT", 5): "5.0", (b"MQIsdp", 3): "3.1"}
@@ -18,7 +18,7 @@ class Connect:
     username: str | None
 
 
-def _remaining_length(data):
+def _remaining_length(data: bytes) -> tuple[int, int] | Incomplete | Invalid:
     """(value, bytes used) of the variable-length integer at data[1:], or INCOMPLETE/Invalid."""
     value = 0
     for index in range(4):
@@ -31,7 +31,7 @@ def _remaining_length(data):
     return Invalid("remaining length longer than 4 bytes")
 
 
-def _varint(reader):
+def _varint(reader: Reader) -> int:
     value = 0
     for index in range(4):
         byte = reader.uint(1)
@@ -41,7 +41,7 @@ def _varint(reader):
     raise Truncated("variable integer longer than 4 bytes")
 
 
-def parse_connect(data):
+def parse_connect(data: bytes) -> Connect | Incomplete | Invalid:
     if data[:1] not in (b"", bytes([CONNECT])):
         return Invalid("not a CONNECT packet")
     if not data:
@@ -66,7 +66,7 @@ def parse_connect(data):
         return Invalid(f"malformed CONNECT: {exc}")
 
 
-def _parse_body(reader):
+def _parse_body(reader: Reader) -> Connect:
     name = reader.vector(2)
     level = reader.uint(1)
     version = PROTOCOL_NAMES.get((name, level))

@@ -3,7 +3,7 @@ the 2-byte packet length of the TCP framing."""
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 HARD_RESET_CLIENT = {7: "v2", 10: "v3"}
 MIN_LENGTH = 14  # opcode, session id, ack array length, packet id
@@ -15,7 +15,7 @@ class HardReset:
     kind: str  # v2 or v3 (tls-crypt-v2)
 
 
-def parse_hard_reset(data):
+def parse_hard_reset(data: bytes) -> HardReset | Incomplete | Invalid:
     if len(data) >= 2:
         length = int.from_bytes(data[:2], "big")
         if not MIN_LENGTH <= length <= MAX_LENGTH:
@@ -32,7 +32,7 @@ def parse_hard_reset(data):
     return HardReset(HARD_RESET_CLIENT[opcode])
 
 
-def parse_udp_hard_reset(datagram):
+def parse_udp_hard_reset(datagram: bytes) -> HardReset | Incomplete | Invalid:
     """Over UDP there is no length prefix: the datagram starts with the opcode."""
     if not MIN_LENGTH <= len(datagram) <= MAX_LENGTH:
         return Invalid("datagram size out of range")

@@ -3,7 +3,7 @@ StartupMessage with its parameters (user, database, application_name, ...)."""
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -16,13 +16,13 @@ REQUEST_CODES = {SSL_REQUEST: "ssl", GSSENC_REQUEST: "gssenc", CANCEL_REQUEST: "
 @attrs.frozen
 class FirstMessage:
     kind: str  # startup, ssl, gssenc, cancel
-    parameters: tuple = ()  # (name, value) of a StartupMessage
+    parameters: tuple[tuple[str, str], ...] = ()  # (name, value) of a StartupMessage
 
-    def parameter(self, name):
+    def parameter(self, name: str) -> str | None:
         return dict(self.parameters).get(name)
 
 
-def parse_first_message(data):
+def parse_first_message(data: bytes) -> FirstMessage | Incomplete | Invalid:
     if len(data) >= 1 and data[0] != 0:
         return Invalid("length too large for a first message")
     if len(data) < 8:

@@ -7,10 +7,11 @@ parsed, removed, and the addresses it carries replace the TCP peer's.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CR LF included
@@ -27,15 +28,15 @@ class ProxyHeader:
     destination: str | None
     destination_port: int | None
     length: int  # bytes of header to remove from the stream
-    fields: dict = attrs.field(factory=dict)  # v2 TLVs as route fields: pp_authority, ...
+    fields: dict[str, Any] = attrs.field(factory=dict)  # v2 TLVs as route fields: pp_authority, ...
 
 
-def starts_with_header(data):
+def starts_with_header(data: bytes) -> bool:
     """The bytes begin with a whole v1 or v2 signature."""
     return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE)
 
 
-def parse_header(data):
+def parse_header(data: bytes) -> ProxyHeader | Incomplete | Invalid:
     if data[:1] == b"P" or (data and not data.startswith(V2_SIGNATURE[:len(data)])):
         return _v1(data)
     if len(data) < V2_HEADER:
@@ -43,7 +44,7 @@ def parse_header(data):
     return _v2(data)
 
 
-def _v1(data):
+def _v1(data: bytes) -> ProxyHeader | Incomplete | Invalid:
     if data[:len(V1_PREFIX)] != V1_PREFIX[:len(data)]:
         return Invalid("no PROXY header")
     end = data.find(b"\r\n", 0, V1_MAX)
@@ -66,7 +67,7 @@ def _v1(data):
     return ProxyHeader(1, str(source), ports[0], str(destination), ports[1], end + 2)
 
 
-def _v2(data):
+def _v2(data: bytes) -> ProxyHeader | Incomplete | Invalid:
     if data[:12] != V2_SIGNATURE:
         return Invalid("bad v2 signature")
     version, command = data[12] >> 4, data[12] & 0x0F
@@ -82,6 +83,8 @@ def _v2(data):
     body = data[V2_HEADER:total]
     if command == 0:  # LOCAL: health checks of the balancer itself
         return ProxyHeader(2, None, None, None, None, total)
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address
+    destination: ipaddress.IPv4Address | ipaddress.IPv6Address
     if family == 0x11 and length >= 12:  # TCP over IPv4
         source, destination = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
         ports, tlvs = (body[8:10], body[10:12]), body[12:]
@@ -112,10 +115,10 @@ PP_FIELDS = ("pp_alpn", "pp_authority", "pp_unique_id", "pp_aws_vpce_id", "pp_ss
              "pp_ssl_version", "pp_ssl_cn")
 
 
-def tlv_fields(data):
+def tlv_fields(data: bytes) -> dict[str, Any] | Invalid:
     """The route fields of a v2 header's TLVs, or Invalid when they do not add up. Values are
     text (printable ASCII kept, anything else as hex), at most MAX_TLV_VALUE long."""
-    fields = {}
+    fields: dict[str, Any] = {}
     records = _tlv_records(data)
     if records is None:
         return Invalid("v2 TLVs malformed or too many")
@@ -134,8 +137,9 @@ def tlv_fields(data):
     return fields
 
 
-def _tlv_records(data):
-    records, offset = [], 0
+def _tlv_records(data: bytes) -> list[tuple[int, bytes]] | None:
+    records: list[tuple[int, bytes]] = []
+    offset = 0
     while offset < len(data):
         if offset + 3 > len(data) or len(records) == MAX_TLVS:
             return None
@@ -148,14 +152,14 @@ def _tlv_records(data):
     return records
 
 
-def _text(value):
+def _text(value: bytes) -> str:
     value = value[:MAX_TLV_VALUE]
     if all(0x20 < byte < 0x7F for byte in value):
         return value.decode("ascii")
     return value.hex()
 
 
-def v1_header(source, source_port, destination, destination_port):
+def v1_header(source: str, source_port: int, destination: str, destination_port: int) -> bytes:
     """A v1 header line, for PROXY protocol out."""
     family = "TCP6" if ":" in source else "TCP4"
     return f"PROXY {family} {source} {destination} {source_port} {destination_port}\r\n".encode()
@@ -167,13 +171,14 @@ PP2_TYPE_UNIQUE_ID = 0x05
 MAX_TLV_VALUE = 255  # what we send: a name, a protocol, an id (UNIQUE_ID allows 128 at most)
 
 
-def tlv(kind, value):
+def tlv(kind: int, value: bytes) -> bytes:
     """One type-length-value record of a v2 header."""
     value = value[:MAX_TLV_VALUE]
     return bytes([kind]) + len(value).to_bytes(2, "big") + value
 
 
-def v2_header(source, source_port, destination, destination_port, tlvs=b""):
+def v2_header(source: str, source_port: int, destination: str, destination_port: int,
+              tlvs: bytes = b"") -> bytes:
     """A v2 header, for PROXY protocol out; `tlvs`: encoded TLV records to carry."""
     src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
     family = 0x21 if src.version == 6 else 0x11
@@ -182,7 +187,7 @@ def v2_header(source, source_port, destination, destination_port, tlvs=b""):
     return V2_SIGNATURE + bytes([0x21, family]) + len(body).to_bytes(2, "big") + body
 
 
-def unknown_header(version):
+def unknown_header(version: str) -> bytes:
     """A header that says the addresses are not known (mixed address families)."""
     if version == "v1":
         return b"PROXY UNKNOWN\r\n"

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid, Reader, Truncated
 from l4router.parsers.tls import ClientHello, parse_client_hello_message
 
 VERSION_1 = 0x00000001
@@ -41,7 +42,7 @@ class QuicHello:
     hello: ClientHello
 
 
-def hkdf_expand_label(secret, label, length):
+def hkdf_expand_label(secret: bytes, label: bytes, length: int) -> bytes:
     from cryptography.hazmat.primitives import hashes  # imported late: see _decrypt
     from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
@@ -50,7 +51,7 @@ def hkdf_expand_label(secret, label, length):
     return HKDFExpand(hashes.SHA256(), length, info).derive(secret)
 
 
-def client_initial_keys(version, dcid):
+def client_initial_keys(version: int, dcid: bytes) -> InitialKeys:
     """RFC 9001 5.2 (and RFC 9369 3.3.1 for v2): the keys protecting client Initials."""
     initial_secret = hmac.new(INITIAL_SALTS[version], dcid, hashlib.sha256).digest()
     client_secret = hkdf_expand_label(initial_secret, b"client in", 32)
@@ -60,7 +61,7 @@ def client_initial_keys(version, dcid):
                        hkdf_expand_label(client_secret, prefix + b"hp", 16))
 
 
-def varint(reader):
+def varint(reader: Reader) -> int:
     first = reader.uint(1)
     length = 1 << (first >> 6)
     value = first & 0x3F
@@ -78,7 +79,7 @@ class InitialPacket:
     size: int  # bytes of the datagram this packet used
 
 
-def decrypt_initial(datagram, offset=0):
+def decrypt_initial(datagram: bytes, offset: int = 0) -> InitialPacket | Invalid:
     """The client Initial packet at `offset` -> InitialPacket, or Invalid."""
     try:
         return _decrypt(datagram, offset)
@@ -86,7 +87,7 @@ def decrypt_initial(datagram, offset=0):
         return Invalid(f"truncated packet: {exc}")
 
 
-def _decrypt(datagram, offset):
+def _decrypt(datagram: bytes, offset: int) -> InitialPacket | Invalid:
     reader = Reader(datagram, offset)
     first = reader.uint(1)
     if first & 0xC0 != 0xC0:
@@ -129,10 +130,10 @@ def _decrypt(datagram, offset):
     return InitialPacket(version, dcid, packet_number, payload, end - offset)
 
 
-def crypto_frames(payload):
+def crypto_frames(payload: bytes) -> list[tuple[int, bytes]]:
     """(offset, data) of every CRYPTO frame in a decrypted Initial payload."""
     reader = Reader(payload)
-    found = []
+    found: list[tuple[int, bytes]] = []
     while reader.remaining:
         kind = varint(reader)
         if kind == FRAME_PADDING or kind == FRAME_PING:
@@ -159,7 +160,7 @@ def crypto_frames(payload):
     return found
 
 
-def parse_client_initials(datagrams):
+def parse_client_initials(datagrams: Sequence[bytes]) -> QuicHello | Incomplete | Invalid:
     """The ClientHello carried by a client's first datagrams -> QuicHello | INCOMPLETE | Invalid.
 
     Every Initial packet (coalesced ones too) of the first connection id is decrypted and
@@ -168,8 +169,9 @@ def parse_client_initials(datagrams):
     """
     if not datagrams:
         return INCOMPLETE
-    pieces = {}
-    version = dcid = None
+    pieces: dict[int, bytes] = {}
+    version = 0
+    dcid: bytes | None = None
     for index, datagram in enumerate(datagrams):
         offset = 0
         while offset < len(datagram):
@@ -195,7 +197,7 @@ def parse_client_initials(datagrams):
     return QuicHello(VERSION_NAMES[version], hello)
 
 
-def _contiguous(pieces):
+def _contiguous(pieces: dict[int, bytes]) -> bytes:
     stream = bytearray()
     for start in sorted(pieces):
         data = pieces[start]

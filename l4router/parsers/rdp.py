@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 COOKIE = b"Cookie: mstshash="
 NEGOTIATION_REQUEST = 0x01
@@ -15,10 +15,10 @@ PROTOCOLS = {0x1: "ssl", 0x2: "hybrid", 0x8: "hybrid_ex", 0x10: "rdstls"}
 @attrs.frozen
 class ConnectionRequest:
     cookie: str | None
-    protocols: tuple  # requested security protocols by name; () for standard RDP security
+    protocols: tuple[str, ...]  # requested security protocols by name; () for standard RDP security
 
 
-def parse_connection_request(data):
+def parse_connection_request(data: bytes) -> ConnectionRequest | Incomplete | Invalid:
     head = data[:2]
     if head != b"\x03\x00"[:len(head)]:
         return Invalid("not TPKT version 3")
@@ -40,14 +40,14 @@ def parse_connection_request(data):
     elif body.startswith(b"Cookie: msts="):  # a load-balancer routing token
         end = body.find(b"\r\n")
         body = body[end + 2:] if end >= 0 else b""
-    protocols = ()
+    protocols: tuple[str, ...] = ()
     if len(body) >= 8 and body[0] == NEGOTIATION_REQUEST:
         requested = int.from_bytes(body[4:8], "little")
         protocols = tuple(name for bit, name in PROTOCOLS.items() if requested & bit)
     return ConnectionRequest(cookie, protocols)
 
 
-def _early_checks(data):
+def _early_checks(data: bytes) -> Incomplete | Invalid:
     if len(data) >= 4 and not 11 <= int.from_bytes(data[2:4], "big") <= 1024:
         return Invalid("TPKT length out of range")
     if len(data) >= 6 and data[5] != 0xE0:

@@ -4,7 +4,7 @@ import re
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 MAX_ARGS = 1024
 _NUMBER = re.compile(rb"[0-9]{1,10}\r?$")
@@ -16,7 +16,7 @@ class Command:
     arguments: int
 
 
-def parse_command(data):
+def parse_command(data: bytes) -> Command | Incomplete | Invalid:
     if data[:1] not in (b"", b"*"):
         return Invalid("not a RESP array")
     head_end = data.find(b"\r\n", 1, 14)

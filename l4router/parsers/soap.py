@@ -6,6 +6,8 @@ import re
 
 import attrs
 
+from l4router.parsers.http1 import Request
+
 _ACTION_PARAMETER = re.compile(r';\s*action\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
 
 
@@ -15,18 +17,18 @@ class SoapCall:
     action: str | None
 
 
-def media_type(content_type):
+def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def soap_call(request):
+def soap_call(request: Request) -> SoapCall | None:
     """The SOAP version and action of an HTTP/1 Request, or None if it is not SOAP."""
     if request.method != "POST":
         return None
     content_type = request.header("content-type")
     kind = media_type(content_type)
     if kind == "application/soap+xml":
-        match = _ACTION_PARAMETER.search(content_type)
+        match = _ACTION_PARAMETER.search(content_type or "")
         action = None
         if match:
             action = match.group(1) if match.group(1) is not None else match.group(2)

@@ -6,7 +6,7 @@ import ipaddress
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 MAX_METHODS = 16
 MAX_USERID = 255
@@ -15,16 +15,16 @@ MAX_USERID = 255
 @attrs.frozen
 class Greeting:
     version: str  # "5", "4", "4a"
-    methods: tuple = ()  # SOCKS5 authentication methods offered
+    methods: tuple[int, ...] = ()  # SOCKS5 authentication methods offered
     host: str | None = None  # SOCKS4/4a destination
     port: int | None = None
 
 
-def _known_method(method):
+def _known_method(method: int) -> bool:
     return method <= 0x09 or 0x80 <= method <= 0xFE
 
 
-def parse_greeting(data):
+def parse_greeting(data: bytes) -> Greeting | Incomplete | Invalid:
     if not data:
         return INCOMPLETE
     if data[0] == 5:
@@ -34,7 +34,7 @@ def parse_greeting(data):
     return Invalid("not SOCKS 4 or 5")
 
 
-def _socks5(data):
+def _socks5(data: bytes) -> Greeting | Incomplete | Invalid:
     if len(data) < 2:
         return INCOMPLETE
     count = data[1]
@@ -50,7 +50,7 @@ def _socks5(data):
     return Greeting("5", tuple(methods))
 
 
-def _socks4(data):
+def _socks4(data: bytes) -> Greeting | Incomplete | Invalid:
     if len(data) >= 2 and data[1] not in (1, 2):
         return Invalid("SOCKS4 command is neither CONNECT nor BIND")
     end_of_user = data.find(b"\x00", 8, 8 + MAX_USERID + 1)

@@ -2,7 +2,7 @@
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 PREFIX = b"SSH-"
 MAX_LINE = 255  # RFC 4253: at most 255 characters, CR LF included
@@ -16,7 +16,7 @@ class Identification:
     banner: str
 
 
-def parse_identification(data):
+def parse_identification(data: bytes) -> Identification | Incomplete | Invalid:
     head = data[:len(PREFIX)]
     if head != PREFIX[:len(head)]:
         return Invalid("no SSH- prefix")

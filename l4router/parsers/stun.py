@@ -21,7 +21,7 @@ class Message:
     username: str | None
 
 
-def parse_message(datagram):
+def parse_message(datagram: bytes) -> Message | Invalid:
     if len(datagram) < HEADER or datagram[0] & 0xC0 or datagram[4:8] != MAGIC_COOKIE:
         return Invalid("not a STUN message")
     message_type = int.from_bytes(datagram[0:2], "big")

@@ -6,9 +6,11 @@ is run on the bytes so far and answers INCOMPLETE until the whole handshake mess
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid, Reader, Truncated
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid, Reader, Truncated
 
 RECORD_HANDSHAKE = 22
 HANDSHAKE_CLIENT_HELLO = 1
@@ -28,7 +30,7 @@ VERSION_NAMES = {0x0300: "ssl3", 0x0301: "1.0", 0x0302: "1.1", 0x0303: "1.2", 0x
                  0xFEFF: "dtls1.0", 0xFEFD: "dtls1.2", 0xFEFC: "dtls1.3"}
 
 
-def is_grease(value):
+def is_grease(value: int) -> bool:
     """RFC 8701 GREASE values (0x0A0A, 0x1A1A, ...) are noise a client adds on purpose."""
     return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
 
@@ -37,31 +39,31 @@ def is_grease(value):
 class ClientHello:
     legacy_version: int
     sni: str | None
-    alpn: tuple
-    supported_versions: tuple  # offered versions, GREASE removed, client's order
+    alpn: tuple[str, ...]
+    supported_versions: tuple[int, ...]  # offered versions, GREASE removed, client's order
     ech: bool
-    extensions: tuple  # extension type numbers in order, GREASE removed
+    extensions: tuple[int, ...]  # extension type numbers in order, GREASE removed
 
     @property
-    def versions(self):
+    def versions(self) -> tuple[int, ...]:
         """Every version offered: supported_versions when sent, else the legacy one."""
         return self.supported_versions or (self.legacy_version,)
 
     @property
-    def version(self):
+    def version(self) -> str:
         """The highest version offered, by name ('1.3')."""
         return version_name(max(self.versions))
 
 
-def version_name(number):
+def version_name(number: int) -> str:
     return VERSION_NAMES.get(number, f"0x{number:04x}")
 
 
-def _text(raw):
+def _text(raw: bytes) -> str:
     return raw.decode("ascii", "backslashreplace")
 
 
-def parse_client_hello(data):
+def parse_client_hello(data: bytes) -> ClientHello | Incomplete | Invalid:
     """The ClientHello from the first bytes of a TLS connection -> ClientHello | INCOMPLETE |
     Invalid."""
     handshake = _reassemble(data)
@@ -73,7 +75,7 @@ def parse_client_hello(data):
         return Invalid(f"malformed ClientHello: {exc}")
 
 
-def parse_client_hello_message(data):
+def parse_client_hello_message(data: bytes) -> ClientHello | Incomplete | Invalid:
     """A ClientHello handshake message without the record layer (QUIC carries it in CRYPTO
     frames) -> ClientHello | INCOMPLETE | Invalid."""
     if data[:1] not in (b"", bytes([HANDSHAKE_CLIENT_HELLO])):
@@ -91,11 +93,11 @@ def parse_client_hello_message(data):
         return Invalid(f"malformed ClientHello: {exc}")
 
 
-def _reassemble(data):
+def _reassemble(data: bytes) -> bytes | Incomplete | Invalid:
     """The whole ClientHello handshake body (after its 4-byte header) gathered from records."""
-    fragments = []
+    fragments: list[bytes] = []
     gathered = 0
-    needed = None
+    needed: int | None = None
     pos = 0
     size = len(data)
     while True:
@@ -127,7 +129,7 @@ def _reassemble(data):
         pos += RECORD_HEADER + length
 
 
-def _check_partial_header(head):
+def _check_partial_header(head: bytes) -> Incomplete | Invalid:
     if head and head[0] != RECORD_HANDSHAKE:
         return Invalid(f"record type {head[0]} is not handshake")
     if len(head) > 1 and head[1] != 3:
@@ -137,7 +139,8 @@ def _check_partial_header(head):
     return INCOMPLETE
 
 
-def _parse_body(reader, dtls=False, partial=None):
+def _parse_body(reader: Reader, dtls: bool = False,
+                partial: dict[str, Any] | None = None) -> ClientHello:
     legacy_version = reader.uint(2)
     if legacy_version >> 8 != (0xFE if dtls else 3):
         raise Truncated(f"client version 0x{legacy_version:04x} is not {'DTLS' if dtls else 'TLS'}")
@@ -151,7 +154,7 @@ def _parse_body(reader, dtls=False, partial=None):
         raise Truncated("cipher suites list empty or odd")
     if not reader.vector(1):
         raise Truncated("no compression methods")
-    found = {"legacy_version": legacy_version, "sni": None, "alpn": (),
+    found: dict[str, Any] = {"legacy_version": legacy_version, "sni": None, "alpn": (),
              "supported_versions": (), "ech": False, "extensions": ()}
     if partial is not None:
         partial.update(found)
@@ -177,7 +180,7 @@ def _parse_body(reader, dtls=False, partial=None):
     return ClientHello(**found)
 
 
-def _rest_of_block(reader):
+def _rest_of_block(reader: Reader) -> Reader:
     """The extensions block of a ClientHello cut short: what of it is there."""
     length = reader.uint(2)
     end = min(reader.end, reader.pos + length)
@@ -186,14 +189,14 @@ def _rest_of_block(reader):
     return block
 
 
-def parse_truncated_client_hello(data):
+def parse_truncated_client_hello(data: bytes) -> ClientHello | None:
     """What a ClientHello cut short (by `detect.max_bytes`, or the client closing) says so far:
     a ClientHello with the fields parsed before the cut, once the bytes prove one (a handshake
     record whose message is a ClientHello); None when they do not."""
     handshake = _gathered(data)
     if len(handshake) < 6 or handshake[0] != HANDSHAKE_CLIENT_HELLO or handshake[4] != 3:
         return None
-    partial = {}
+    partial: dict[str, Any] = {}
     try:
         return _parse_body(Reader(handshake[4:]), partial=partial)
     except Truncated:
@@ -203,9 +206,9 @@ def parse_truncated_client_hello(data):
         return ClientHello(**partial)
 
 
-def _gathered(data):
+def _gathered(data: bytes) -> bytes:
     """The handshake bytes of the records so far, the last one possibly cut."""
-    fragments = []
+    fragments: list[bytes] = []
     pos = 0
     while len(data) - pos >= RECORD_HEADER and len(fragments) < MAX_RECORDS:
         if data[pos] != RECORD_HANDSHAKE or data[pos + 1] != 3 or data[pos + 2] > 4:
@@ -216,7 +219,7 @@ def _gathered(data):
     return b"".join(fragments)
 
 
-def _server_name(body):
+def _server_name(body: Reader) -> str | None:
     names = body.sub(2)
     while names.remaining:
         kind = names.uint(1)
@@ -226,9 +229,9 @@ def _server_name(body):
     return None
 
 
-def _alpn(body):
+def _alpn(body: Reader) -> tuple[str, ...]:
     protocols = body.sub(2)
-    offered = []
+    offered: list[str] = []
     while protocols.remaining:
         name = protocols.vector(1)
         if not name:
@@ -237,9 +240,9 @@ def _alpn(body):
     return tuple(offered)
 
 
-def _supported_versions(body):
+def _supported_versions(body: Reader) -> tuple[int, ...]:
     versions = body.sub(1)
-    offered = []
+    offered: list[int] = []
     while versions.remaining:
         version = versions.uint(2)
         if not is_grease(version):

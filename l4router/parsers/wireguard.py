@@ -13,7 +13,7 @@ class Initiation:
     sender_index: int
 
 
-def parse_initiation(datagram):
+def parse_initiation(datagram: bytes) -> Initiation | Invalid:
     if len(datagram) != INITIATION_SIZE or datagram[:4] != bytes([INITIATION, 0, 0, 0]):
         return Invalid("not a WireGuard handshake initiation")
     return Initiation(int.from_bytes(datagram[4:8], "little"))

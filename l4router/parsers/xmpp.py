@@ -6,7 +6,7 @@ import re
 
 import attrs
 
-from l4router.parsers import INCOMPLETE, Invalid
+from l4router.parsers import INCOMPLETE, Incomplete, Invalid
 
 MAX_HEADER = 4096
 _DECLARATION = re.compile(rb"^\s*(<\?xml[^>]{0,200}\?>\s*)?")
@@ -20,8 +20,9 @@ class StreamHeader:
     namespace: str | None
 
 
-def parse_stream_header(data):
-    start = _DECLARATION.match(data).end()
+def parse_stream_header(data: bytes) -> StreamHeader | Incomplete | Invalid:
+    declaration = _DECLARATION.match(data)  # all of it optional: it always matches
+    start = declaration.end() if declaration else 0
     rest = data[start:]
     if rest[:len(_OPEN)] != _OPEN[:len(rest)]:
         if rest == b"" or (data.lstrip()[:5] == b"<?xml"[:len(data.lstrip()[:5])]

@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.dns import parse_query
 
 
 @implementer(IPlugin, IProtocolDetector)
-class DNSDetector:
+class DNSDetector(ProtocolDetector):
     name = "dns"
     transports = frozenset({"udp"})
     priority = 150

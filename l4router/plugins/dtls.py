@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.dtls import parse_client_hello
 
 
 @implementer(IPlugin, IProtocolDetector)
-class DTLSDetector:
+class DTLSDetector(ProtocolDetector):
     name = "dtls"
     transports = frozenset({"udp"})
     priority = 110

@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match
+from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, ProtocolDetector
 from l4router.parsers import INCOMPLETE
 from l4router.parsers.http1 import Request
 
 
 @implementer(IPlugin, IProtocolDetector)
-class HTTP1Detector:
+class HTTP1Detector(ProtocolDetector):
     name = "http1"
     transports = frozenset({"tcp"})
     priority = 500  # general: more specific HTTP-based detectors (soap, jsonrpc) go first

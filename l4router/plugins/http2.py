@@ -10,7 +10,7 @@ from what reaches the backend (`rewriter`), so the backend sees an ordinary conn
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import NEED_MORE, IProtocolDetector
+from l4router.detection import NEED_MORE, IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers import INCOMPLETE
 from l4router.parsers.http2 import EMPTY_SETTINGS, SettingsAckStripper, preface_complete
@@ -37,7 +37,7 @@ def grpc_fields(request):
     return fields
 
 
-class HTTP2Detector:
+class HTTP2Detector(ProtocolDetector):
     """What grpc and h2c share: the parse, the elicitation and the replay rewrite."""
 
     transports = frozenset({"tcp"})

@@ -4,7 +4,7 @@ http1)."""
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector
+from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers import INCOMPLETE
 from l4router.parsers.http1 import Request
@@ -17,7 +17,7 @@ def call_fields(call):
 
 
 @implementer(IPlugin, IProtocolDetector)
-class JSONRPCDetector:
+class JSONRPCDetector(ProtocolDetector):
     name = "jsonrpc"
     transports = frozenset({"tcp"})
     priority = 310

@@ -3,7 +3,7 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.mqtt import parse_connect
 
@@ -14,7 +14,7 @@ def connect_fields(connect):
 
 
 @implementer(IPlugin, IProtocolDetector)
-class MQTTDetector:
+class MQTTDetector(ProtocolDetector):
     name = "mqtt"
     transports = frozenset({"tcp"})
     priority = 140

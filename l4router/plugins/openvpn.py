@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.openvpn import parse_hard_reset, parse_udp_hard_reset
 
 
 @implementer(IPlugin, IProtocolDetector)
-class OpenVPNDetector:
+class OpenVPNDetector(ProtocolDetector):
     name = "openvpn"
     transports = frozenset({"tcp", "udp"})
     priority = 170

@@ -4,7 +4,7 @@ database. (PostgreSQL 17's direct TLS is TLS with ALPN `postgresql`: route it wi
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.postgres import parse_first_message
 
@@ -17,7 +17,7 @@ def message_fields(message):
 
 
 @implementer(IPlugin, IProtocolDetector)
-class PostgresDetector:
+class PostgresDetector(ProtocolDetector):
     name = "postgres"
     transports = frozenset({"tcp"})
     priority = 120

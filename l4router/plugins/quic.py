@@ -3,7 +3,7 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.quic import parse_client_initials
 from l4router.parsers.tls import version_name
@@ -16,7 +16,7 @@ def hello_fields(quic):
 
 
 @implementer(IPlugin, IProtocolDetector)
-class QUICDetector:
+class QUICDetector(ProtocolDetector):
     name = "quic"
     transports = frozenset({"udp"})
     priority = 100

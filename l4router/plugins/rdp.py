@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.rdp import parse_connection_request
 
 
 @implementer(IPlugin, IProtocolDetector)
-class RDPDetector:
+class RDPDetector(ProtocolDetector):
     name = "rdp"
     transports = frozenset({"tcp"})
     priority = 160

@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.redis import parse_command
 
 
 @implementer(IPlugin, IProtocolDetector)
-class RedisDetector:
+class RedisDetector(ProtocolDetector):
     name = "redis"
     transports = frozenset({"tcp"})
     priority = 130

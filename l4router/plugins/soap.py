@@ -3,14 +3,14 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match
+from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, ProtocolDetector
 from l4router.parsers import INCOMPLETE
 from l4router.parsers.http1 import Request
 from l4router.parsers.soap import soap_call
 
 
 @implementer(IPlugin, IProtocolDetector)
-class SOAPDetector:
+class SOAPDetector(ProtocolDetector):
     name = "soap"
     transports = frozenset({"tcp"})
     priority = 300

@@ -3,7 +3,7 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.socks import parse_greeting
 
@@ -17,7 +17,7 @@ def greeting_fields(greeting):
 
 
 @implementer(IPlugin, IProtocolDetector)
-class SOCKSDetector:
+class SOCKSDetector(ProtocolDetector):
     name = "socks"
     transports = frozenset({"tcp"})
     priority = 150

@@ -3,7 +3,7 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.ssh import parse_identification
 
@@ -14,7 +14,7 @@ def ident_fields(ident):
 
 
 @implementer(IPlugin, IProtocolDetector)
-class SSHDetector:
+class SSHDetector(ProtocolDetector):
     name = "ssh"
     transports = frozenset({"tcp"})
     priority = 110

@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.stun import parse_message
 
 
 @implementer(IPlugin, IProtocolDetector)
-class STUNDetector:
+class STUNDetector(ProtocolDetector):
     name = "stun"
     transports = frozenset({"udp"})
     priority = 130

@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match
+from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, ProtocolDetector
 from l4router.parsers import INCOMPLETE
 from l4router.parsers.tls import ClientHello, parse_truncated_client_hello, version_name
 
 
 @implementer(IPlugin, IProtocolDetector)
-class TLSDetector:
+class TLSDetector(ProtocolDetector):
     name = "tls"
     transports = frozenset({"tcp"})
     priority = 100

@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.wireguard import parse_initiation
 
 
 @implementer(IPlugin, IProtocolDetector)
-class WireGuardDetector:
+class WireGuardDetector(ProtocolDetector):
     name = "wireguard"
     transports = frozenset({"udp"})
     priority = 120

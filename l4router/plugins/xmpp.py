@@ -3,13 +3,13 @@
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l4router.detection import IProtocolDetector
+from l4router.detection import IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers.xmpp import parse_stream_header
 
 
 @implementer(IPlugin, IProtocolDetector)
-class XMPPDetector:
+class XMPPDetector(ProtocolDetector):
     name = "xmpp"
     transports = frozenset({"tcp"})
     priority = 180
