@@ -115,4 +115,17 @@ def test_a_dropped_in_plugin_is_found(tmp_path, monkeypatch):
     assert "echo_proto" in found and "tls" in found
     decision = DetectorSet(found.values()).decide(Peek(b"ECHO hi"))
     assert decision.protocol == "echo_proto"
+    # Written without the optional members: it has their defaults, so it is not asked about
+    # elicitation and a cut flight is not its protocol.
+    echo = found["echo_proto"]
+    assert echo.first_bytes is None and echo.fields is None
+    assert echo.elicit(Peek(b"ECH")) is None and echo.rewriter() is None
+    assert echo.detect_truncated(Peek(b"ECH")) is NO_MATCH
+    assert DetectorSet([echo]).decide(Peek(b"ECH"), final=True).protocol == "unknown"
     sys.modules.pop("l4router.plugins.third_party_echo", None)
+
+
+def test_every_installed_detector_provides_the_whole_contract():
+    """Ours derive from ProtocolDetector: every member IProtocolDetector declares is there."""
+    for detector in installed_detectors():
+        assert verifyObject(IProtocolDetector, detector), detector.name
