@@ -5,6 +5,7 @@ import textwrap
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, Peek
 from l4router.detection.decision import DetectorSet
@@ -115,6 +116,13 @@ def test_a_dropped_in_plugin_is_found(tmp_path, monkeypatch):
     assert "echo_proto" in found and "tls" in found
     decision = DetectorSet(found.values()).decide(Peek(b"ECHO hi"))
     assert decision.protocol == "echo_proto"
+    # Written without the optional members: it has their defaults, so it is not asked about
+    # elicitation and a cut flight is not its protocol.
+    echo = found["echo_proto"]
+    assert echo.first_bytes is None and echo.fields is None
+    assert echo.elicit(Peek(b"ECH")) is None and echo.rewriter() is None
+    assert echo.detect_truncated(Peek(b"ECH")) is NO_MATCH
+    assert DetectorSet([echo]).decide(Peek(b"ECH"), final=True).protocol == "unknown"
     # Written without the optional members: it has their defaults, so it is not asked about
     # elicitation and a cut flight is not its protocol.
     echo = found["echo_proto"]
