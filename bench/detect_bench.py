@@ -41,14 +41,25 @@ def main():
         detector = detectors[protocol]
         own = per_call_us(lambda: detector.detect(Peek(data, elicited=elicited)), args.number)
         whole = per_call_us(lambda: everything.decide(Peek(data, elicited=elicited)), args.number)
-        rows.append({"capture": name, "protocol": protocol, "bytes": len(data),
-                     "detector_us": round(own, 2), "decision_us": round(whole, 2)})
-    print(f"# detection cost, {platform.python_implementation()} {platform.python_version()}, "
-          f"{len(everything.detectors)} TCP detectors, {os.cpu_count()} cores")
+        rows.append(
+            {
+                "capture": name,
+                "protocol": protocol,
+                "bytes": len(data),
+                "detector_us": round(own, 2),
+                "decision_us": round(whole, 2),
+            }
+        )
+    print(
+        f"# detection cost, {platform.python_implementation()} {platform.python_version()}, "
+        f"{len(everything.detectors)} TCP detectors, {os.cpu_count()} cores"
+    )
     print(f"{'capture':34} {'protocol':9} {'bytes':>5} {'detector µs':>12} {'decision µs':>12}")
     for row in rows:
-        print(f"{row['capture']:34} {row['protocol']:9} {row['bytes']:>5} "
-              f"{row['detector_us']:>12.2f} {row['decision_us']:>12.2f}")
+        print(
+            f"{row['capture']:34} {row['protocol']:9} {row['bytes']:>5} "
+            f"{row['detector_us']:>12.2f} {row['decision_us']:>12.2f}"
+        )
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"python": platform.python_version(), "rows": rows}, out, indent=2)

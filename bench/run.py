@@ -30,8 +30,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
 SNI = "localhost"  # resolves to 127.0.0.1 for the TLS client without touching /etc/hosts
 IDLE_CONNECTIONS = 5000
-TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "sslh-select": "sslh", "iperf3": "iperf3",
-         "wrk": "wrk", "openssl": "openssl", "strace": "strace"}
+TOOLS = {
+    "haproxy": "haproxy",
+    "nginx": "nginx",
+    "sslh-select": "sslh",
+    "iperf3": "iperf3",
+    "wrk": "wrk",
+    "openssl": "openssl",
+    "strace": "strace",
+}
 
 
 def free_port():
@@ -57,8 +64,11 @@ PYPY_CONSTRAINTS = "cryptography==43.0.3\n"
 
 
 def install_peers():
-    missing = [package for tool, package in TOOLS.items() if not shutil.which(tool) and
-               not os.path.exists(f"/usr/sbin/{tool}")]
+    missing = [
+        package
+        for tool, package in TOOLS.items()
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}")
+    ]
     if not os.path.exists(STREAM_MODULE):
         missing.append("libnginx-mod-stream")
     if not shutil.which("pypy3") or not os.path.exists("/usr/lib/pypy3.9/venv"):
@@ -76,8 +86,20 @@ def install_pypy_env():
     constraints = os.path.join(PYPY_ENV, "constraints.txt")
     with open(constraints, "w") as out:
         out.write(PYPY_CONSTRAINTS)
-    subprocess.run([pip, "install", "-q", "-c", constraints, "--config-settings",
-                    "editable_mode=compat", "-e", CHECKOUT], check=True)
+    subprocess.run(
+        [
+            pip,
+            "install",
+            "-q",
+            "-c",
+            constraints,
+            "--config-settings",
+            "editable_mode=compat",
+            "-e",
+            CHECKOUT,
+        ],
+        check=True,
+    )
 
 
 def process_tree(pid):
@@ -98,8 +120,9 @@ def _summed_kib(pid, name, field):
     for child in process_tree(pid):
         try:
             with open(f"/proc/{child}/{name}") as stream:
-                total += next(int(line.split()[1]) * 1024 for line in stream
-                              if line.startswith(field))
+                total += next(
+                    int(line.split()[1]) * 1024 for line in stream if line.startswith(field)
+                )
         except (OSError, StopIteration):
             pass
     return total
@@ -147,9 +170,10 @@ def syscalls_per_connection(port, pid, count=STRACED_REQUESTS):
     close_requests(port, 50)  # warm: first imports, pools, caches
     pids = [str(p) for p in process_tree(pid)]
     summary = f"{tempfile.mkdtemp(prefix='strace-')}/summary"
-    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", summary,
-                               *[arg for p in pids for arg in ("-p", p)]],
-                              stderr=subprocess.DEVNULL)
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-o", summary, *[arg for p in pids for arg in ("-p", p)]],
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.0)  # attached
     close_requests(port, count)
     tracer.send_signal(signal.SIGINT)
@@ -158,8 +182,7 @@ def syscalls_per_connection(port, pid, count=STRACED_REQUESTS):
     with open(summary) as table:
         for line in table:
             fields = line.split()
-            if len(fields) >= 5 and fields[-1] not in ("syscall", "total") and \
-                    fields[3].isdigit():
+            if len(fields) >= 5 and fields[-1] not in ("syscall", "total") and fields[3].isdigit():
                 calls += int(fields[3])
                 if fields[-1] == "epoll_ctl":
                     epoll_ctl += int(fields[3])
@@ -177,9 +200,26 @@ class Backends:
         self.processes = []
 
     def start(self):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-subj", f"/CN={SNI}", "-keyout", f"{self.folder}/key.pem",
-                        "-out", f"{self.folder}/cert.pem"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                f"/CN={SNI}",
+                "-keyout",
+                f"{self.folder}/key.pem",
+                "-out",
+                f"{self.folder}/cert.pem",
+            ],
+            check=True,
+            capture_output=True,
+        )
         conf = f"""
 daemon off; worker_processes 1; error_log {self.folder}/backend-error.log;
 pid {self.folder}/backend.pid;
@@ -197,11 +237,17 @@ http {{
 """
         with open(f"{self.folder}/backend-nginx.conf", "w") as out:
             out.write(conf)
-        self.processes.append(subprocess.Popen(
-            ["nginx", "-p", self.folder, "-c", f"{self.folder}/backend-nginx.conf"]))
-        self.processes.append(subprocess.Popen(
-            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf)],
-            stdout=subprocess.DEVNULL))
+        self.processes.append(
+            subprocess.Popen(
+                ["nginx", "-p", self.folder, "-c", f"{self.folder}/backend-nginx.conf"]
+            )
+        )
+        self.processes.append(
+            subprocess.Popen(
+                ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(self.iperf)],
+                stdout=subprocess.DEVNULL,
+            )
+        )
         for port in (self.iperf, self.http, self.tls):
             wait_listening(port)
 
@@ -226,8 +272,9 @@ class Target:
         raise NotImplementedError
 
     def start(self):
-        self.process = subprocess.Popen(self.command(), cwd=self.folder,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         for port in self.ports:
             wait_listening(port)
 
@@ -376,19 +423,52 @@ class SSLH(Target):
     def command(self):
         b = self.backends
         listen = [arg for port in self.ports for arg in ("-p", f"127.0.0.1:{port}")]
-        return ["sslh-select", "-f", "-n", *listen, "--tls", f"127.0.0.1:{b.tls}",
-                "--http", f"127.0.0.1:{b.http}", "--anyprot", f"127.0.0.1:{b.iperf}",
-                "--on-timeout", f"127.0.0.1:{b.iperf}"]
+        return [
+            "sslh-select",
+            "-f",
+            "-n",
+            *listen,
+            "--tls",
+            f"127.0.0.1:{b.tls}",
+            "--http",
+            f"127.0.0.1:{b.http}",
+            "--anyprot",
+            f"127.0.0.1:{b.iperf}",
+            "--on-timeout",
+            f"127.0.0.1:{b.iperf}",
+        ]
 
 
-TARGETS = [Direct, L4Router, L4RouterOneProcess, L4RouterCopy, L4RouterPyPy, HAProxy,
-           NginxStream, SSLH]
+TARGETS = [
+    Direct,
+    L4Router,
+    L4RouterOneProcess,
+    L4RouterCopy,
+    L4RouterPyPy,
+    HAProxy,
+    NginxStream,
+    SSLH,
+]
 
 
 def iperf(port, streams, seconds):
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                          "-P", str(streams), "-J"], capture_output=True, text=True,
-                         timeout=seconds + 30)
+    out = subprocess.run(
+        [
+            "iperf3",
+            "-c",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-t",
+            str(seconds),
+            "-P",
+            str(streams),
+            "-J",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
     result = json.loads(out.stdout)
     end = result["end"]
     return end["sum_received"]["bits_per_second"] / 1e9, end["sum_received"]["bytes"]
@@ -403,8 +483,12 @@ def wrk_url(url, seconds, close, pid=None):
     request."""
     headers = ["-H", "Connection: close"] if close else []
     cpu_before = cpu_seconds(pid) if pid else 0
-    out = subprocess.run(["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", *headers, url],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", *headers, url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
     cpu = cpu_seconds(pid) - cpu_before if pid else 0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -455,15 +539,20 @@ def measure(target, seconds):
     if pid:
         figures["cpu_seconds_per_gib"] = (cpu_seconds(pid) - cpu_before) / (relayed / 2**30)
     figures["bulk_8_gbps"], _ = iperf(bulk_port, 8, seconds)
-    (figures["close_rps"], figures["close_p50_ms"], figures["close_p99_ms"],
-     figures["cpu_us_per_connection"]) = wrk(http_port, seconds, close=True, pid=pid)
+    (
+        figures["close_rps"],
+        figures["close_p50_ms"],
+        figures["close_p99_ms"],
+        figures["cpu_us_per_connection"],
+    ) = wrk(http_port, seconds, close=True, pid=pid)
     figures["keepalive_rps"], _, figures["keepalive_p99_ms"], _ = wrk(http_port, seconds, False)
     figures["tls_cps"] = tls_connections(tls_port, seconds)
     if pid:
         figures["rss_idle_mib"] = rss_bytes(pid) / 2**20
         figures["pss_idle_mib"] = pss_bytes(pid) / 2**20
-        figures["syscalls_per_connection"], figures["epoll_ctl_per_connection"] = \
+        figures["syscalls_per_connection"], figures["epoll_ctl_per_connection"] = (
             syscalls_per_connection(http_port, pid)
+        )
         try:
             idle, loaded = idle_connections(http_port, pid)
             figures["rss_bytes_per_connection"] = (loaded - idle) / IDLE_CONNECTIONS
@@ -473,9 +562,18 @@ def measure(target, seconds):
     return figures
 
 
-LOWER_IS_BETTER = {"close_p50_ms", "close_p99_ms", "keepalive_p99_ms", "cpu_seconds_per_gib",
-                   "rss_idle_mib", "rss_bytes_per_connection", "cpu_us_per_connection",
-                   "pss_idle_mib", "syscalls_per_connection", "epoll_ctl_per_connection"}
+LOWER_IS_BETTER = {
+    "close_p50_ms",
+    "close_p99_ms",
+    "keepalive_p99_ms",
+    "cpu_seconds_per_gib",
+    "rss_idle_mib",
+    "rss_bytes_per_connection",
+    "cpu_us_per_connection",
+    "pss_idle_mib",
+    "syscalls_per_connection",
+    "epoll_ctl_per_connection",
+}
 
 
 def table(results):
@@ -533,20 +631,26 @@ def main():
                 time.sleep(1)
     finally:
         backends.stop()
-    medians = {name: {metric: statistics.median(r[metric] for r in results
-                                                if r.get(metric) is not None)
-                      if any(r.get(metric) is not None for r in results) else None
-                      for metric in results[0]}
-               for name, results in runs.items()}
+    medians = {
+        name: {
+            metric: statistics.median(r[metric] for r in results if r.get(metric) is not None)
+            if any(r.get(metric) is not None for r in results)
+            else None
+            for metric in results[0]
+        }
+        for name, results in runs.items()
+    }
     args.runs_data = runs
     report(medians, args)
 
 
 def report(medians, args):
-    header = (f"{datetime.date.today()}, {platform.python_implementation()} "
-              f"{platform.python_version()}, {os.cpu_count()} cores, median of {args.runs} runs "
-              f"of {args.seconds} s; `python bench/run.py --runs {args.runs} "
-              f"--seconds {args.seconds}`")
+    header = (
+        f"{datetime.date.today()}, {platform.python_implementation()} "
+        f"{platform.python_version()}, {os.cpu_count()} cores, median of {args.runs} runs "
+        f"of {args.seconds} s; `python bench/run.py --runs {args.runs} "
+        f"--seconds {args.seconds}`"
+    )
     print(header + "\n\n" + table(medians))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as out:

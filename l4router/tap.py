@@ -56,10 +56,18 @@ class Options(usage.Options):
         ["runtime-state", None, None, "(internal) The supervisor's runtime changes to servers."],
     ]
     optFlags = [
-        ["check", None, "Validate the config, print every error with its key path, and exit "
-                        "(0: valid, 2: invalid) without binding anything."],
-        ["list-detectors", None, "List the installed detectors (name, transports, priority, "
-                                 "fields) in the order they are asked, and exit."],
+        [
+            "check",
+            None,
+            "Validate the config, print every error with its key path, and exit "
+            "(0: valid, 2: invalid) without binding anything.",
+        ],
+        [
+            "list-detectors",
+            None,
+            "List the installed detectors (name, transports, priority, "
+            "fields) in the order they are asked, and exit.",
+        ],
     ]
 
     def postOptions(self):
@@ -89,8 +97,10 @@ class Options(usage.Options):
             sys.stderr.write(f"l4router: backends.{transparent[0]}.transparent: {why}\n")
             raise SystemExit(2)
         if self["check"]:
-            sys.stdout.write(f"l4router: {path} is valid: {len(self.loaded.listeners)} "
-                             f"listeners, {len(self.loaded.backends)} backends\n")
+            sys.stdout.write(
+                f"l4router: {path} is valid: {len(self.loaded.listeners)} "
+                f"listeners, {len(self.loaded.backends)} backends\n"
+            )
             raise SystemExit(0)
 
 
@@ -106,11 +116,18 @@ def describe_detectors(detectors):
     rows = [("NAME", "TRANSPORTS", "PRIORITY", "FIELDS")]
     for detector in sorted(detectors, key=lambda d: (d.priority, d.name)):
         fields = detector.fields
-        rows.append((detector.name, ",".join(sorted(detector.transports)), str(detector.priority),
-                     ", ".join(fields) if fields is not None else "(not declared)"))
+        rows.append(
+            (
+                detector.name,
+                ",".join(sorted(detector.transports)),
+                str(detector.priority),
+                ", ".join(fields) if fields is not None else "(not declared)",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}\n"
-                   for r in rows)
+    return "".join(
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}\n" for r in rows
+    )
 
 
 def _print_l4router_errors_in_one_line():
@@ -134,99 +151,168 @@ def makeService(options):
     twistd = options.parent or {}
     config = options.loaded
     worker = options["worker"]
-    observer = make_log_observer(config.logging, twistd.get("logfile"),
-                                 twistd.get("nodaemon", True), worker=worker)
+    observer = make_log_observer(
+        config.logging, twistd.get("logfile"), twistd.get("nodaemon", True), worker=worker
+    )
     if worker is not None:
-        return build_worker(config, options.detectors, reactor, worker,
-                            json.loads(options["sockets"]), options["status-fd"],
-                            options["admin-socket"], observer, options["config"],
-                            WorkerLimits(options["limits-index"], options["count-file"]),
-                            RuntimeState(options["runtime-state"], writable=False))
+        return build_worker(
+            config,
+            options.detectors,
+            reactor,
+            worker,
+            json.loads(options["sockets"]),
+            options["status-fd"],
+            options["admin-socket"],
+            observer,
+            options["config"],
+            WorkerLimits(options["limits-index"], options["count-file"]),
+            RuntimeState(options["runtime-state"], writable=False),
+        )
     takeover = take_over(config.upgrade_socket)  # a running predecessor's sockets, if any
     if takeover is not None:
         takeover.close_unused(_listen_descriptions(config))
     if config.workers > 1:
         # Forked now, before twistd begins logging or runs the reactor.
-        fork_server = ForkServer.start(twistd.get("uid"), twistd.get("gid"),
-                                       twistd.get("euid", False))
-        supervisor = build_supervisor(config, options.detectors, reactor,
-                                      worker_command(options, config.source), fork_server,
-                                      observer, takeover)
+        fork_server = ForkServer.start(
+            twistd.get("uid"), twistd.get("gid"), twistd.get("euid", False)
+        )
+        supervisor = build_supervisor(
+            config,
+            options.detectors,
+            reactor,
+            worker_command(options, config.source),
+            fork_server,
+            observer,
+            takeover,
+        )
         return with_upgrade_socket(supervisor, config, reactor)
-    router = build_router(config, options.detectors, reactor, log_observer=observer,
-                          inherited_sockets=takeover and takeover.first_of_each())
+    router = build_router(
+        config,
+        options.detectors,
+        reactor,
+        log_observer=observer,
+        inherited_sockets=takeover and takeover.first_of_each(),
+    )
     if takeover is not None:
         router.on_started = takeover.ready
     return with_upgrade_socket(router, config, reactor)
 
 
 def _listen_descriptions(config):
-    return {d for listener in config.listeners for d in listener.listen} | \
-        set(config.admin.listen)
+    return {d for listener in config.listeners for d in listener.listen} | set(config.admin.listen)
 
 
 def with_upgrade_socket(top, config, reactor):
     """With `upgrade_socket`, the top service (a router or a supervisor) also serves it
     (l4router.process.upgrade), handing over what it listens on."""
     if config.upgrade_socket is not None:
-        UpgradeService(reactor, config.upgrade_socket, top.listening_fds,
-                       reactor.stop).setServiceParent(top)
+        UpgradeService(
+            reactor, config.upgrade_socket, top.listening_fds, reactor.stop
+        ).setServiceParent(top)
     return top
 
 
-def build_supervisor(config, detectors, reactor, command, fork_server, log_observer=None,
-                     takeover=None):
+def build_supervisor(
+    config, detectors, reactor, command, fork_server, log_observer=None, takeover=None
+):
     """The parent of `config.workers` workers: sockets, processes, the admin site, reloads.
     `takeover`: a predecessor's sockets (l4router.process.upgrade), kept instead of bound."""
     admin_sockets = takeover.take(config.admin.listen) if takeover is not None else None
     admin = AdminService(reactor, config.admin.listen, None, admin_sockets)
-    supervisor = Supervisor(reactor, config, command, fork_server, admin,
-                            log_observer=log_observer)
+    supervisor = Supervisor(reactor, config, command, fork_server, admin, log_observer=log_observer)
     supervisor.takeover = takeover
     metrics = ConfigMetrics(supervisor.registry)
     supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
-    supervisor.control = SupervisorControl(supervisor, RuntimeState(config.state_file), metrics,
-                                           WorkerStatus(reactor, supervisor))
+    supervisor.control = SupervisorControl(
+        supervisor, RuntimeState(config.state_file), metrics, WorkerStatus(reactor, supervisor)
+    )
     admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin)
     return supervisor
 
 
-def build_worker(config, detectors, reactor, index, sockets, status_fd, admin_socket,
-                 log_observer, config_path=None, shared_limits=None, runtime=None):
+def build_worker(
+    config,
+    detectors,
+    reactor,
+    index,
+    sockets,
+    status_fd,
+    admin_socket,
+    log_observer,
+    config_path=None,
+    shared_limits=None,
+    runtime=None,
+):
     """Worker `index`: the router on the sockets its supervisor handed down, its status site
     on a UNIX socket only the supervisor asks."""
-    router = build_router(config, detectors, reactor, log_observer=log_observer,
-                          inherited_sockets=sockets, worker=index,
-                          admin_listen=(f"unix:{admin_socket}",), config_path=config_path,
-                          shared_limits=shared_limits, runtime=runtime)
+    router = build_router(
+        config,
+        detectors,
+        reactor,
+        log_observer=log_observer,
+        inherited_sockets=sockets,
+        worker=index,
+        admin_listen=(f"unix:{admin_socket}",),
+        config_path=config_path,
+        shared_limits=shared_limits,
+        runtime=runtime,
+    )
     router.on_started = lambda: start_worker(reactor, status_fd)
     return router
 
 
-def build_router(config, detectors, reactor, registry=None, log_observer=None,
-                 inherited_sockets=None, worker=None, admin_listen=None, config_path=None,
-                 shared_limits=None, runtime=None):
+def build_router(
+    config,
+    detectors,
+    reactor,
+    registry=None,
+    log_observer=None,
+    inherited_sockets=None,
+    worker=None,
+    admin_listen=None,
+    config_path=None,
+    shared_limits=None,
+    runtime=None,
+):
     """Build (not start) the whole Service tree for `config`; in a worker, on inherited
     sockets, without the config metrics (the supervisor's), the admin site on `admin_listen`."""
     if runtime is None:
         runtime = RuntimeState(config.state_file)
-    assembly = RouterAssembly(reactor, detectors, registry, inherited_sockets,
-                              standalone=worker is None, shared_limits=shared_limits,
-                              runtime=runtime)
+    assembly = RouterAssembly(
+        reactor,
+        detectors,
+        registry,
+        inherited_sockets,
+        standalone=worker is None,
+        shared_limits=shared_limits,
+        runtime=runtime,
+    )
     assembly.apply_limits(config)
     groups = assembly.backend_groups(config)
     listeners = ListenersService()
     for listener in config.listeners:
         assembly.listener_service(listener, config, groups).setServiceParent(listeners)
-    admin = AdminService(reactor, config.admin.listen if admin_listen is None else admin_listen,
-                         None, inherited_sockets if worker is None else None)
-    router = RouterService(reactor, config, assembly, admin, BackendsService(groups), listeners,
-                           log_observer=log_observer)
+    admin = AdminService(
+        reactor,
+        config.admin.listen if admin_listen is None else admin_listen,
+        None,
+        inherited_sockets if worker is None else None,
+    )
+    router = RouterService(
+        reactor,
+        config,
+        assembly,
+        admin,
+        BackendsService(groups),
+        listeners,
+        log_observer=log_observer,
+    )
     router.samplers.append(assembly.metrics.flush)  # bounds what waits for a scrape
     if worker is not None:
         router.samplers.append(assembly.metrics.watch_worker(reactor, worker).sample)
     router.reloader = ConfigReloader(router, assembly.metrics.config, detectors, config_path)
     router.control = RouterControl(router, runtime, assembly.metrics.config)
-    admin.factory = admin_site(router, router.reloader, assembly.metrics, config.admin,
-                               worker=worker is not None)
+    admin.factory = admin_site(
+        router, router.reloader, assembly.metrics, config.admin, worker=worker is not None
+    )
     return router

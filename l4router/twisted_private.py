@@ -11,6 +11,7 @@ import socket
 # it; a proxy that sends at once when nothing is buffered saves two epoll_ctl and a loop turn
 # per chunk, and a FIN or a close without the registrations Twisted makes first.
 
+
 def buffered(transport):
     """Bytes a Twisted transport holds for its socket (its private write buffers)."""
     try:
@@ -54,10 +55,14 @@ def write_now(transport, data):
     only what it does not take goes through the transport, which also finds any error.
     """
     sock = getattr(transport, "socket", None)
-    if sock is not None and transport.connected and not transport.disconnecting and \
-            not buffered(transport):
+    if (
+        sock is not None
+        and transport.connected
+        and not transport.disconnecting
+        and not buffered(transport)
+    ):
         try:
-            data = data[sock.send(data):]
+            data = data[sock.send(data) :]
         except OSError:  # full (EAGAIN) or failing: the transport deals with it
             pass
     if data:
@@ -65,6 +70,7 @@ def write_now(transport, data):
 
 
 # Stopping: twistd re-raises the signal that stopped the reactor, from a private attribute.
+
 
 def exit_zero_after_orderly_stop(reactor):
     """twistd re-raises the SIGTERM/SIGINT that stopped the reactor, so the exit status would
@@ -75,6 +81,7 @@ def exit_zero_after_orderly_stop(reactor):
 
 # Endpoint strings: the parsed address of a TCP server endpoint, and the built-in endpoint
 # types, which Twisted keeps without a public accessor.
+
 
 def endpoint_address(endpoint):
     """(interface, port, backlog) of a TCP server endpoint made by serverFromString."""

@@ -31,23 +31,31 @@ SBIN = ("/usr/sbin", "/sbin")
 def _missing_packages():
     missing = []
     for program, package in SYSTEM_TOOLS.items():
-        found = shutil.which(program) or any(os.path.exists(os.path.join(d, program))
-                                             for d in SBIN)
+        found = shutil.which(program) or any(os.path.exists(os.path.join(d, program)) for d in SBIN)
         if not found:
             missing.append(package)
     return sorted(set(missing))
 
 
-PURE = {"test_config", "test_detection", "test_detectors", "test_parsers_fuzz",
-        "test_parsers_http1", "test_parsers_proxyprotocol", "test_parsers_tls",
-        "test_udp_detectors"}
+PURE = {
+    "test_config",
+    "test_detection",
+    "test_detectors",
+    "test_parsers_fuzz",
+    "test_parsers_http1",
+    "test_parsers_proxyprotocol",
+    "test_parsers_tls",
+    "test_udp_detectors",
+}
 MEMORY = {"test_backends", "test_tcp", "test_reactor"}
 TIERS = ("pure", "memory", "process")
 
 
 def pytest_configure(config):
-    for tier, meaning in zip(TIERS, ("bytes in, values out", "an in-memory or hand-turned "
-                                     "reactor", "the real router process")):
+    for tier, meaning in zip(
+        TIERS,
+        ("bytes in, values out", "an in-memory or hand-turned reactor", "the real router process"),
+    ):
         config.addinivalue_line("markers", f"{tier}: {meaning}")
 
 
@@ -63,8 +71,10 @@ def pytest_sessionstart(session):
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.exit("the end-to-end tests need these Debian packages: "
-                    f"apt-get install {' '.join(missing)}", returncode=3)
+        pytest.exit(
+            f"the end-to-end tests need these Debian packages: apt-get install {' '.join(missing)}",
+            returncode=3,
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
@@ -80,19 +90,25 @@ def sshd(tmp_path):
     assert os.path.exists(sshd_path), "sshd missing: apt-get install openssh-server"
     folder = tmp_path / "sshd"
     folder.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")],
-                   check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "user")],
-                   check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")], check=True
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "user")], check=True
+    )
     (folder / "authorized_keys").write_bytes((folder / "user.pub").read_bytes())
     os.makedirs("/run/sshd", exist_ok=True)
     port = free_port()
     (folder / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\n"
         f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
-        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nPidFile none\n")
-    process = subprocess.Popen([sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nPidFile none\n"
+    )
+    process = subprocess.Popen(
+        [sshd_path, "-D", "-e", "-f", str(folder / "sshd_config")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     try:
         wait_until(lambda: listening(port), message="sshd to listen")

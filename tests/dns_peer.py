@@ -47,15 +47,23 @@ class DNSServer:
         if self.failing:
             response.set_rcode(dns.rcode.SERVFAIL)
         elif question.rdtype == dns.rdatatype.SRV and name == self.SRV_NAME:
-            response.answer.append(dns.rrset.from_text(
-                question.name, 1, "IN", "SRV",
-                *[f"{p} {w} {port} {target}" for p, w, port, target in self.srv]))
+            response.answer.append(
+                dns.rrset.from_text(
+                    question.name,
+                    1,
+                    "IN",
+                    "SRV",
+                    *[f"{p} {w} {port} {target}" for p, w, port, target in self.srv],
+                )
+            )
         elif question.rdtype == dns.rdatatype.A and name in self.addresses:
-            response.answer.append(dns.rrset.from_text(question.name, 1, "IN", "A",
-                                                       self.addresses[name]))
+            response.answer.append(
+                dns.rrset.from_text(question.name, 1, "IN", "A", self.addresses[name])
+            )
         elif self.default_address is not None:
-            response.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A",
-                                                       self.default_address))
+            response.answer.append(
+                dns.rrset.from_text(question.name, 60, "IN", "A", self.default_address)
+            )
         else:
             response.set_rcode(dns.rcode.NXDOMAIN)
         return response

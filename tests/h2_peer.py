@@ -19,10 +19,14 @@ def serve_h2c(backend, connection):
             if isinstance(event, h2.events.RequestReceived):
                 headers = dict(event.headers)
                 backend.record(headers)
-                body = b"%s %s %s" % (backend.name.encode(), headers.get(b":authority", b""),
-                                      headers.get(b":path", b""))
-                h2_connection.send_headers(event.stream_id, [
-                    (":status", "200"), ("content-length", str(len(body)))])
+                body = b"%s %s %s" % (
+                    backend.name.encode(),
+                    headers.get(b":authority", b""),
+                    headers.get(b":path", b""),
+                )
+                h2_connection.send_headers(
+                    event.stream_id, [(":status", "200"), ("content-length", str(len(body)))]
+                )
                 h2_connection.send_data(event.stream_id, body, end_stream=True)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 connection.sendall(h2_connection.data_to_send())

@@ -38,8 +38,10 @@ class H3Server(QuicConnectionProtocol):
             if isinstance(h3_event, HeadersReceived):
                 path = dict(h3_event.headers).get(b":path", b"")
                 body = self.name + b" " + path
-                self.h3.send_headers(h3_event.stream_id, [
-                    (b":status", b"200"), (b"content-length", str(len(body)).encode())])
+                self.h3.send_headers(
+                    h3_event.stream_id,
+                    [(b":status", b"200"), (b"content-length", str(len(body)).encode())],
+                )
                 self.h3.send_data(h3_event.stream_id, body, end_stream=True)
                 self.transmit()
 
@@ -60,9 +62,16 @@ class H3Client(QuicConnectionProtocol):
 
     async def get(self, authority, path):
         stream_id = self._quic.get_next_available_stream_id()
-        self.h3.send_headers(stream_id, [
-            (b":method", b"GET"), (b":scheme", b"https"), (b":authority", authority.encode()),
-            (b":path", path.encode())], end_stream=True)
+        self.h3.send_headers(
+            stream_id,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", authority.encode()),
+                (b":path", path.encode()),
+            ],
+            end_stream=True,
+        )
         self.transmit()
         return await asyncio.wait_for(self.done, 10)
 
@@ -106,21 +115,31 @@ async def run_get(port, server_name, ca, big):
     alpn = list(H3_ALPN)
     if big:
         alpn += [f"x-padding-protocol-{i:03d}-" + "p" * 20 for i in range(30)]
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=alpn,
-                                      server_name=server_name)
+    configuration = QuicConfiguration(is_client=True, alpn_protocols=alpn, server_name=server_name)
     configuration.load_verify_locations(ca)
-    async with connect("127.0.0.1", port, configuration=configuration,
-                       create_protocol=H3Client, wait_connected=True) as client:
+    async with connect(
+        "127.0.0.1",
+        port,
+        configuration=configuration,
+        create_protocol=H3Client,
+        wait_connected=True,
+    ) as client:
         body = await client.get(server_name, "/hello")
     sys.stdout.write(body.decode())
 
 
 async def run_twice(port, server_name, ca, new_cid=False):
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
-                                      server_name=server_name)
+    configuration = QuicConfiguration(
+        is_client=True, alpn_protocols=H3_ALPN, server_name=server_name
+    )
     configuration.load_verify_locations(ca)
-    async with connect("127.0.0.1", port, configuration=configuration,
-                       create_protocol=H3Client, wait_connected=True) as client:
+    async with connect(
+        "127.0.0.1",
+        port,
+        configuration=configuration,
+        create_protocol=H3Client,
+        wait_connected=True,
+    ) as client:
         print((await client.get(server_name, "/one")).decode(), flush=True)
         await asyncio.get_event_loop().run_in_executor(None, sys.stdin.readline)
         if new_cid:
@@ -138,11 +157,9 @@ async def run_twice(port, server_name, ca, new_cid=False):
 if __name__ == "__main__":
     command = sys.argv[1]
     if command == "twice":
-        asyncio.run(run_twice(int(sys.argv[2]), sys.argv[3], sys.argv[4],
-                              "--new-cid" in sys.argv))
+        asyncio.run(run_twice(int(sys.argv[2]), sys.argv[3], sys.argv[4], "--new-cid" in sys.argv))
     elif command == "serve":
-        lb_id = sys.argv[sys.argv.index("--quic-lb-id") + 1] if "--quic-lb-id" in sys.argv \
-            else None
+        lb_id = sys.argv[sys.argv.index("--quic-lb-id") + 1] if "--quic-lb-id" in sys.argv else None
         asyncio.run(run_server(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], lb_id))
     else:
         asyncio.run(run_get(int(sys.argv[2]), sys.argv[3], sys.argv[4], "--big" in sys.argv))

@@ -50,8 +50,16 @@ class Router:
 
     TOKEN = "admin-token-for-the-tests"
 
-    def __init__(self, tmp_path, config_text, admin_port=None, env=None, workers=1,
-                 admin_extra="", max_open_files=None):
+    def __init__(
+        self,
+        tmp_path,
+        config_text,
+        admin_port=None,
+        env=None,
+        workers=1,
+        admin_extra="",
+        max_open_files=None,
+    ):
         """`admin_extra`: more keys of the admin section; `max_open_files`: RLIMIT_NOFILE."""
         assert TWISTD, "twistd is not on PATH: install l4router (see README)"
         self.tmp_path = tmp_path
@@ -60,7 +68,8 @@ class Router:
         self.config_path.write_text(
             config_text + f"\nadmin: {{listen: '127.0.0.1:{self.admin_port}', "
             f"token: {self.TOKEN}{admin_extra}}}\n"
-            f"logging: {{format: json, access_log: true}}\nworkers: {workers}\n")
+            f"logging: {{format: json, access_log: true}}\nworkers: {workers}\n"
+        )
         self.log_path = tmp_path / "router.log"
         self.env = env
         self.max_open_files = max_open_files
@@ -75,8 +84,12 @@ class Router:
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(self.config_path)],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.tmp_path, env=self.env,
-            preexec_fn=self._limits)
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp_path,
+            env=self.env,
+            preexec_fn=self._limits,
+        )
         try:
             wait_until(self._ready, timeout=20, message="the router's /healthz")
         except BaseException:
@@ -90,8 +103,7 @@ class Router:
         try:
             # With workers, /readyz: every worker accepts (one killed while it still starts
             # would stop everything, as a broken install does).
-            return self.get("/readyz" if self.workers > 1 else "/healthz") in (b"ok\n",
-                                                                                b"ready\n")
+            return self.get("/readyz" if self.workers > 1 else "/healthz") in (b"ok\n", b"ready\n")
         except OSError:
             return False
 
@@ -106,8 +118,9 @@ class Router:
         headers = dict(headers or {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(f"http://{LOOPBACK}:{self.admin_port}{path}",
-                                         method="POST", headers=headers)
+        request = urllib.request.Request(
+            f"http://{LOOPBACK}:{self.admin_port}{path}", method="POST", headers=headers
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.read()
@@ -146,8 +159,11 @@ class Router:
         return [e for e in self.events() if e.get("log_namespace") == "l4router.access"]
 
     def wait_access_events(self, count, timeout=10):
-        return wait_until(lambda: len(self.access_events()) >= count and self.access_events(),
-                          timeout=timeout, message=f"{count} access-log events")
+        return wait_until(
+            lambda: len(self.access_events()) >= count and self.access_events(),
+            timeout=timeout,
+            message=f"{count} access-log events",
+        )
 
     def rss_bytes(self):
         with open(f"/proc/{self.process.pid}/status") as status:
@@ -183,8 +199,14 @@ class Router:
 
 
 def run_twistd(*args, cwd=None, timeout=30, env=None):
-    return subprocess.run([TWISTD, "-n", "--pidfile=", "l4router", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "l4router", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 class Backend(socketserver.ThreadingTCPServer):
@@ -263,8 +285,9 @@ def http_reply_with_name(backend, connection):
     backend.record(data)
     path = data.split(b" ", 2)[1]
     body = backend.name.encode() + b" " + path
-    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                       % (len(body), body))
+    connection.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
 
 
 def pseudo_random_stream(seed, size, chunk=1 << 20):
@@ -329,8 +352,9 @@ def running_nginx(prefix, config_text, ports):
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     assert os.path.exists(binary), "nginx missing: apt-get install nginx"
     (prefix / "nginx.conf").write_text(config_text)
-    process = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], stderr=subprocess.PIPE
+    )
     try:
         wait_until(lambda: all(listening(port) for port in ports), message="nginx to listen")
         yield process

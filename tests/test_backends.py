@@ -28,8 +28,7 @@ class Candidate:
 
 
 def shares(policy, candidates, rounds, source=lambda i: None):
-    counts = collections.Counter(policy.choose(candidates, source(i)).label
-                                 for i in range(rounds))
+    counts = collections.Counter(policy.choose(candidates, source(i)).label for i in range(rounds))
     return {c.label: counts[c.label] / rounds for c in candidates}
 
 
@@ -42,6 +41,7 @@ def test_smooth_round_robin_is_exact_and_interleaved():
 
 def test_weighted_random_follows_weights():
     import random
+
     result = shares(WeightedRandom(random.Random(7)), [Candidate("a"), Candidate("b", 3)], 20000)
     assert abs(result["b"] - 0.75) < 0.02
 
@@ -73,8 +73,9 @@ class Harness:
         self.reactor = MemoryReactorClock()
         self.registry = CollectorRegistry()
         servers = settings.pop("servers", (Server("10.0.0.1", 80), Server("10.0.0.2", 80)))
-        self.group = BackendGroup(Backend("web", servers, **settings), self.reactor,
-                                  RouterMetrics(self.registry))
+        self.group = BackendGroup(
+            Backend("web", servers, **settings), self.reactor, RouterMetrics(self.registry)
+        )
 
     def attempt(self, index=-1):
         host, port, factory, timeout, _ = self.reactor.tcpClients[index]
@@ -123,8 +124,15 @@ def test_health_checks_take_a_server_out_after_fall_and_back_after_rise():
         harness.reactor.advance(1)
         answer_checks(refuse_second=False)
     assert down.healthy
-    assert harness.metric("l4router_backend_health_checks_total", backend="web",
-                          server="10.0.0.2:80", result="failed") >= 3
+    assert (
+        harness.metric(
+            "l4router_backend_health_checks_total",
+            backend="web",
+            server="10.0.0.2:80",
+            result="failed",
+        )
+        >= 3
+    )
     group.stop()
 
 
@@ -155,8 +163,10 @@ def test_full_servers_are_skipped_and_all_full_is_backend_full():
 
 
 def test_pool_keeps_min_idle_spares_and_never_hands_out_a_spoiled_one():
-    harness = Harness(servers=(Server("10.0.0.1", 80),),
-                      pool=PoolSettings(min_idle=2, max_idle=4, idle_timeout=10, max_lifetime=30))
+    harness = Harness(
+        servers=(Server("10.0.0.1", 80),),
+        pool=PoolSettings(min_idle=2, max_idle=4, idle_timeout=10, max_lifetime=30),
+    )
     harness.group.start()
     assert len(harness.reactor.tcpClients) == 2
     spares = [harness.accept(harness.attempt(i)[1]) for i in range(2)]
@@ -170,14 +180,15 @@ def test_pool_keeps_min_idle_spares_and_never_hands_out_a_spoiled_one():
     harness.group.connect("192.0.2.1").addCallback(handed.append)
     server, backend_side = handed[0]
     assert backend_side is spares[1][0]._wrappedProtocol  # the endpoint wraps it
-    assert harness.metric("l4router_backend_pool_requests_total", backend="web",
-                          result="hit") == 1
+    assert harness.metric("l4router_backend_pool_requests_total", backend="web", result="hit") == 1
     assert len(harness.reactor.tcpClients) == 4  # and refilling again
 
 
 def test_pool_spares_expire_and_failed_refills_back_off():
-    harness = Harness(servers=(Server("10.0.0.1", 80),),
-                      pool=PoolSettings(min_idle=1, max_idle=1, idle_timeout=5, max_lifetime=30))
+    harness = Harness(
+        servers=(Server("10.0.0.1", 80),),
+        pool=PoolSettings(min_idle=1, max_idle=1, idle_timeout=5, max_lifetime=30),
+    )
     harness.group.start()
     spare, transport = harness.accept(harness.attempt()[1])
     harness.reactor.advance(5)
@@ -196,8 +207,7 @@ def test_retry_backoff_grows_and_is_capped():
     assert [retry.backoff(n) for n in range(1, 6)] == [0.1, 0.2, 0.4, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "random", "least_connections",
-                                    "source_hash"])
+@pytest.mark.parametrize("policy", ["round_robin", "random", "least_connections", "source_hash"])
 def test_every_policy_fails_over_to_the_other_server(policy):
     harness = Harness(balance=policy, retry=RetrySettings(attempts=2, jitter=0))
     connected = []
@@ -220,7 +230,8 @@ def test_the_status_page_of_starting_workers_says_starting_and_shows_the_config(
     from l4router.operate.admin import render_status_page
     from l4router.operate.worker_status import WorkerStatus
 
-    config = parse_config("""
+    config = parse_config(
+        """
 listeners:
   - name: front
     listen: "127.0.0.1:8443"
@@ -229,7 +240,9 @@ listeners:
     default: reject
 backends:
   web: {servers: ["127.0.0.1:9443", {address: "127.0.0.1:9444", backup: true}]}
-""", installed_detectors())
+""",
+        installed_detectors(),
+    )
     supervisor = SimpleNamespace(workers={}, config=config, ready=False, draining=False)
     views = []
     WorkerStatus(MemoryReactorClock(), supervisor).overview().addCallback(views.append)
@@ -242,9 +255,9 @@ backends:
 
 # Runtime control (l4router.backends.control)
 
+
 def _runtime_change(state, groups, backend, action, server, **query):
-    change = Change.from_query(backend, action, server,
-                               {k: [str(v)] for k, v in query.items()})
+    change = Change.from_query(backend, action, server, {k: [str(v)] for k, v in query.items()})
     state.check(change, {name: group.config for name, group in groups.items()})
     state.record(change)
     return apply_change(change, groups, connections=[])
@@ -262,10 +275,24 @@ def test_drained_and_disabled_servers_get_no_new_client_and_the_backup_tier_foll
     assert harness.group.using_backup()  # no primary takes clients: the backup tier serves
     assert harness.group.choose("c", {}).label == "10.0.0.3:80"
     assert harness.metric("l4router_backend_backup_serving", backend="web") == 1
-    assert harness.metric("l4router_backend_server_admin_state", backend="web",
-                          server="10.0.0.2:80", state="disabled") == 1
-    assert harness.metric("l4router_backend_server_admin_state", backend="web",
-                          server="10.0.0.2:80", state="enabled") == 0
+    assert (
+        harness.metric(
+            "l4router_backend_server_admin_state",
+            backend="web",
+            server="10.0.0.2:80",
+            state="disabled",
+        )
+        == 1
+    )
+    assert (
+        harness.metric(
+            "l4router_backend_server_admin_state",
+            backend="web",
+            server="10.0.0.2:80",
+            state="enabled",
+        )
+        == 0
+    )
     _runtime_change(state, groups, "web", "enable", "10.0.0.2:80")
     assert harness.group.choose("c", {}).label == "10.0.0.2:80"
 
@@ -280,17 +307,21 @@ def test_runtime_changes_are_checked_and_applied_again_to_groups_built_later(tmp
     _runtime_change(state, groups, "web", "remove", "10.0.0.2:80")
     _runtime_change(state, groups, "web", "drain", "10.0.0.9:8080")
     for backend, action, server, status in (
-            ("nope", "drain", "10.0.0.1:80", 404),
-            ("web", "drain", "10.0.0.2:80", 404),  # removed
-            ("web", "add", "10.0.0.1:80", 409),
-            ("web", "add", "no-port", 400)):
+        ("nope", "drain", "10.0.0.1:80", 404),
+        ("web", "drain", "10.0.0.2:80", 404),  # removed
+        ("web", "add", "10.0.0.1:80", 409),
+        ("web", "add", "no-port", 400),
+    ):
         with pytest.raises(ControlError) as raised:
-            state.check(Change.from_query(backend, action, server, {}),
-                        {"web": harness.group.config})
+            state.check(
+                Change.from_query(backend, action, server, {}), {"web": harness.group.config}
+            )
         assert raised.value.status == status, (action, server)
     with pytest.raises(ControlError, match="keeps at least one server") as raised:
-        RuntimeState().check(Change.from_query("web", "remove", "10.0.0.1:80", {}),
-                             {"web": Backend("web", (Server("10.0.0.1", 80),))})
+        RuntimeState().check(
+            Change.from_query("web", "remove", "10.0.0.1:80", {}),
+            {"web": Backend("web", (Server("10.0.0.1", 80),))},
+        )
     with pytest.raises(ControlError, match="weight must be 1..1000"):
         Change.from_query("web", "weight", "10.0.0.1:80", {"weight": ["0"]})
     with pytest.raises(ControlError, match="unknown action"):
@@ -299,7 +330,9 @@ def test_runtime_changes_are_checked_and_applied_again_to_groups_built_later(tmp
     rebuilt = Harness().group
     RuntimeState(path, writable=False).apply({"web": rebuilt})
     assert [(s.label, s.weight, s.backup, s.admin_state) for s in rebuilt.servers] == [
-        ("10.0.0.1:80", 5, False, "enabled"), ("10.0.0.9:8080", 2, True, "draining")]
+        ("10.0.0.1:80", 5, False, "enabled"),
+        ("10.0.0.9:8080", 2, True, "draining"),
+    ]
     # A config without 10.0.0.1 drops what was recorded of it; a server added at run time
     # stays while its backend does.
     state.forget_missing({"web": Backend("web", (Server("10.0.0.7", 80),))})

@@ -45,9 +45,11 @@ def parse(text):
 def test_good_config_is_fully_parsed():
     config = parse(GOOD)
     listener = config.listeners[0]
-    assert listener.listen == ("tcp:8443:interface=127.0.0.1:backlog=1024",
-                               "tcp6:8443:interface=\\:\\:1:backlog=1024",
-                               "tcp:9443:interface=127.0.0.1")
+    assert listener.listen == (
+        "tcp:8443:interface=127.0.0.1:backlog=1024",
+        "tcp6:8443:interface=\\:\\:1:backlog=1024",
+        "tcp:9443:interface=127.0.0.1",
+    )
     assert listener.detect.timeout == 0.15 and listener.detect.max_bytes == 4096
     assert listener.detect.protocols == ("tls", "http1")
     assert listener.idle_timeout == 120.0
@@ -58,8 +60,10 @@ def test_good_config_is_fully_parsed():
     assert sni.matches("WWW.Example.COM") and sni.matches("example.com")
     assert not sni.matches("example.com.evil.net")
     web = config.backends["web"]
-    assert [(s.host, s.port, s.weight) for s in web.servers] == [("127.0.0.1", 9443, 1),
-                                                                   ("::1", 9444, 2)]
+    assert [(s.host, s.port, s.weight) for s in web.servers] == [
+        ("127.0.0.1", 9443, 1),
+        ("::1", 9444, 2),
+    ]
     assert web.connect_timeout == 1.5
     assert config.max_connections == 100 and config.shutdown_timeout == 3600.0
     assert config.admin.listen == ("tcp:9100:interface=127.0.0.1:backlog=1024",)
@@ -76,13 +80,17 @@ def test_config_is_frozen():
 
 
 def test_on_timeout_defaults_to_default():
-    config = parse("listeners: [{name: a, listen: ':1', default: b}]\n"
-                   "backends: {b: {servers: ['127.0.0.1:2']}}")
+    config = parse(
+        "listeners: [{name: a, listen: ':1', default: b}]\n"
+        "backends: {b: {servers: ['127.0.0.1:2']}}"
+    )
     assert config.listeners[0].on_timeout == "b"
 
 
-@pytest.mark.parametrize("value, seconds", [
-    ("150ms", 0.15), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0), ("0.5", 0.5)])
+@pytest.mark.parametrize(
+    "value, seconds",
+    [("150ms", 0.15), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0), ("0.5", 0.5)],
+)
 def test_durations(value, seconds):
     assert parse_duration(value) == seconds
 
@@ -94,110 +102,258 @@ BAD = [
     ("listeners: [", "line 1, column 13", "not valid YAML"),
     (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nfoo: 1", "foo", "unknown key"),
     ("listeners: [{name: a, listen: ':1', bogus: 1}]", "listeners[0].bogus", "unknown key"),
-    ("listeners: [{name: a, listen: ':1', idle_timeout: 5 parsecs}]",
-     "listeners[0].idle_timeout", "duration"),
-    ("listeners: [{name: a, listen: ':1', detect: {timeout: -1s}}]",
-     "listeners[0].detect.timeout", "duration"),
-    (f"listeners: [{{name: a, listen: ':1', default: nope}}]\n{BASE_BACKENDS}",
-     "listeners[0].default", "no backend is called 'nope'"),
-    (f"listeners: [{BASE_LISTENER}, {BASE_LISTENER}]\n{BASE_BACKENDS}",
-     "listeners[1].name", "duplicate listener name"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {source: 10.0.0.0/33}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.source", "CIDR"),
-    ("listeners: [{name: a, listen: ':1', routes: [{reject: true}, {match: "
-     "{protocol: tls, sni: [1.5, {}]}, reject: true}]}]",
-     "listeners[0].routes[1].match.sni", "non-empty strings"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {hots: x}, reject: true}]}]",
-     "listeners[0].routes[0].match.hots", "no installed detector produces field 'hots'"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: ssh, sni: x}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.sni",
-     "protocol ssh never produces field 'sni'"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [unknown, ssh], "
-     "host: x}, reject: true}]}]", "listeners[0].routes[0].match.host",
-     "protocol ssh or unknown never produces field 'host'"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
-     "{version: v1, tlvs: [authority]}}}", "backends.b.proxy_protocol", "TLVs need version: v2"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
-     "{version: v2, tlvs: [sni]}}}", "backends.b.proxy_protocol", "no TLV is called 'sni'"),
-    (f"listeners: [{{name: a, listen: ':1', routes: [{{reject: true, fallback: b}}]}}]\n"
-     f"{BASE_BACKENDS}", "listeners[0].routes[0].fallback", "names another backend"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
-     "backup: maybe}]}}", "backends.b.servers[0]", "true or false"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
-     "{probe: smtp}}}", "backends.b.health_check.probe", "must be one of"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
-     "{probe: content}}}", "backends.b.health_check.expect", "needs a regular expression"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
-     "{probe: http, send: x}}}", "backends.b.health_check.send", "for probe: content only"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
-     "{probe: content, expect: '(a+)+'}}}", "backends.b.health_check.expect",
-     "exponential time"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
-     "{probe: http, expect_status: [2xx, 600]}}}", "backends.b.health_check.expect_status",
-     "status classes"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
-     "{probe: http, path: 'no slash'}}}", "backends.b.health_check.path", "starting with /"),
-    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nstate_file: relative.json", "state_file",
-     "absolute file path"),
-    (f"listeners: [{{name: a, transport: udp, listen: ':1', routes: [{{match: {{}}, backend: b, "
-     f"max_connections: 3}}]}}]\n{BASE_BACKENDS}", "listeners[0].routes[0].max_connections",
-     "is for tcp listeners"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {pp_authority: x}, reject: true}]}]",
-     "listeners[0].routes[0].match.pp_authority", "needs accept_proxy_protocol"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], "
-     "quic_lb: {server_id_length: 2}}}", "backends.b.servers[0].quic_lb_id",
-     "an ID of 2 octets for every server"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
-     "quic_lb_id: '01'}, {address: 'h:2', quic_lb_id: '01'}], quic_lb: {}}}",
-     "backends.b.servers[1].quic_lb_id", "the same ID as servers[0]"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: x, file: /y}}}}}}",
-     "backends.b.servers", "{srv: _service._tcp.NAME} or {file: PATH}"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{file: relative.yaml}}}}}}",
-     "backends.b.servers", "absolute path"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: 'bad name!'}}}}}}",
-     "backends.b.servers", "a DNS name"),
-    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\ndns: {{servers: ['10.0.0.1:99999']}}",
-     "dns.servers", "1-65535"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(a+)+$'}}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.sni", "exponential time"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(x|xx)*'}}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.sni", "exponential time"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(unclosed'}}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.sni", "not a regular expression"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regexp: x}}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.sni", "{regex: '...'}"),
-    ("listeners: [{name: a, listen: ':1', rate_per_source: 5}]",
-     "listeners[0].rate_per_source", "{rate: N, burst: N}"),
-    ("listeners: [{name: a, listen: ':1', rate_per_source: {rate: 0}}]",
-     "listeners[0].rate_per_source", "a number from"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, "
-     "reject: true}]}]", "listeners[0].routes[0].match.protocol", "no installed tcp detector"),
-    ("listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",
-     "listeners[0].routes[0]", "exactly one of backend"),
-    ("listeners: [{name: a, listen: ':1', detect: {protocols: [tls, smtp]}}]",
-     "listeners[0].detect.protocols", "'smtp'"),
-    ("listeners: [{name: a, listen: 'tcp:notaport'}]", "listeners[0].listen",
-     "bad endpoint"),
-    ("listeners: [{name: a, listen: '127.0.0.1:70000'}]", "listeners[0].listen",
-     "1-65535"),
-    ("listeners: [{name: a, listen: ':1', transport: sctp}]", "listeners[0].transport",
-     "must be one of"),
-    ("listeners: [{name: a, listen: ':1', relay: turbo}]", "listeners[0].relay",
-     "must be one of copy, splice"),
-    ("listeners: [{name: a, transport: udp, listen: ':1', relay: splice}]",
-     "listeners[0].relay", "unknown key"),
-    ("listeners: [{name: a, transport: udp, listen: ':1', max_connections: 5}]",
-     "listeners[0].max_connections", "is for tcp listeners"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: []}}}}", "backends.b.servers",
-     "non-empty list"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['nohost']}}}}",
-     "backends.b.servers[0]", "host:port"),
-    (f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], balance: fastest}}}}",
-     "backends.b.balance", "round_robin"),
-    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nlimits: {{max_connections: 0}}",
-     "limits.max_connections", "at least 1"),
-    (f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nlogging: {{format: xml}}",
-     "logging.format", "text, json"),
+    (
+        "listeners: [{name: a, listen: ':1', idle_timeout: 5 parsecs}]",
+        "listeners[0].idle_timeout",
+        "duration",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', detect: {timeout: -1s}}]",
+        "listeners[0].detect.timeout",
+        "duration",
+    ),
+    (
+        f"listeners: [{{name: a, listen: ':1', default: nope}}]\n{BASE_BACKENDS}",
+        "listeners[0].default",
+        "no backend is called 'nope'",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}, {BASE_LISTENER}]\n{BASE_BACKENDS}",
+        "listeners[1].name",
+        "duplicate listener name",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {source: 10.0.0.0/33}, "
+        "reject: true}]}]",
+        "listeners[0].routes[0].match.source",
+        "CIDR",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{reject: true}, {match: "
+        "{protocol: tls, sni: [1.5, {}]}, reject: true}]}]",
+        "listeners[0].routes[1].match.sni",
+        "non-empty strings",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {hots: x}, reject: true}]}]",
+        "listeners[0].routes[0].match.hots",
+        "no installed detector produces field 'hots'",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {protocol: ssh, sni: x}, "
+        "reject: true}]}]",
+        "listeners[0].routes[0].match.sni",
+        "protocol ssh never produces field 'sni'",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [unknown, ssh], "
+        "host: x}, reject: true}]}]",
+        "listeners[0].routes[0].match.host",
+        "protocol ssh or unknown never produces field 'host'",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
+        "{version: v1, tlvs: [authority]}}}",
+        "backends.b.proxy_protocol",
+        "TLVs need version: v2",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], proxy_protocol: "
+        "{version: v2, tlvs: [sni]}}}",
+        "backends.b.proxy_protocol",
+        "no TLV is called 'sni'",
+    ),
+    (
+        f"listeners: [{{name: a, listen: ':1', routes: [{{reject: true, fallback: b}}]}}]\n"
+        f"{BASE_BACKENDS}",
+        "listeners[0].routes[0].fallback",
+        "names another backend",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
+        "backup: maybe}]}}",
+        "backends.b.servers[0]",
+        "true or false",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+        "{probe: smtp}}}",
+        "backends.b.health_check.probe",
+        "must be one of",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+        "{probe: content}}}",
+        "backends.b.health_check.expect",
+        "needs a regular expression",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+        "{probe: http, send: x}}}",
+        "backends.b.health_check.send",
+        "for probe: content only",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+        "{probe: content, expect: '(a+)+'}}}",
+        "backends.b.health_check.expect",
+        "exponential time",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+        "{probe: http, expect_status: [2xx, 600]}}}",
+        "backends.b.health_check.expect_status",
+        "status classes",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], health_check: "
+        "{probe: http, path: 'no slash'}}}",
+        "backends.b.health_check.path",
+        "starting with /",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nstate_file: relative.json",
+        "state_file",
+        "absolute file path",
+    ),
+    (
+        f"listeners: [{{name: a, transport: udp, listen: ':1', routes: [{{match: {{}}, backend: b, "
+        f"max_connections: 3}}]}}]\n{BASE_BACKENDS}",
+        "listeners[0].routes[0].max_connections",
+        "is for tcp listeners",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {pp_authority: x}, reject: true}]}]",
+        "listeners[0].routes[0].match.pp_authority",
+        "needs accept_proxy_protocol",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], "
+        "quic_lb: {server_id_length: 2}}}",
+        "backends.b.servers[0].quic_lb_id",
+        "an ID of 2 octets for every server",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: [{{address: 'h:1', "
+        "quic_lb_id: '01'}, {address: 'h:2', quic_lb_id: '01'}], quic_lb: {}}}",
+        "backends.b.servers[1].quic_lb_id",
+        "the same ID as servers[0]",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: x, file: /y}}}}}}",
+        "backends.b.servers",
+        "{srv: _service._tcp.NAME} or {file: PATH}",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{file: relative.yaml}}}}}}",
+        "backends.b.servers",
+        "absolute path",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: {{srv: 'bad name!'}}}}}}",
+        "backends.b.servers",
+        "a DNS name",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\ndns: {{servers: ['10.0.0.1:99999']}}",
+        "dns.servers",
+        "1-65535",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(a+)+$'}}, "
+        "reject: true}]}]",
+        "listeners[0].routes[0].match.sni",
+        "exponential time",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(x|xx)*'}}, "
+        "reject: true}]}]",
+        "listeners[0].routes[0].match.sni",
+        "exponential time",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regex: '(unclosed'}}, "
+        "reject: true}]}]",
+        "listeners[0].routes[0].match.sni",
+        "not a regular expression",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {sni: {regexp: x}}, reject: true}]}]",
+        "listeners[0].routes[0].match.sni",
+        "{regex: '...'}",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', rate_per_source: 5}]",
+        "listeners[0].rate_per_source",
+        "{rate: N, burst: N}",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', rate_per_source: {rate: 0}}]",
+        "listeners[0].rate_per_source",
+        "a number from",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {protocol: htp1}, reject: true}]}]",
+        "listeners[0].routes[0].match.protocol",
+        "no installed tcp detector",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', routes: [{match: {}}]}]",
+        "listeners[0].routes[0]",
+        "exactly one of backend",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', detect: {protocols: [tls, smtp]}}]",
+        "listeners[0].detect.protocols",
+        "'smtp'",
+    ),
+    ("listeners: [{name: a, listen: 'tcp:notaport'}]", "listeners[0].listen", "bad endpoint"),
+    ("listeners: [{name: a, listen: '127.0.0.1:70000'}]", "listeners[0].listen", "1-65535"),
+    (
+        "listeners: [{name: a, listen: ':1', transport: sctp}]",
+        "listeners[0].transport",
+        "must be one of",
+    ),
+    (
+        "listeners: [{name: a, listen: ':1', relay: turbo}]",
+        "listeners[0].relay",
+        "must be one of copy, splice",
+    ),
+    (
+        "listeners: [{name: a, transport: udp, listen: ':1', relay: splice}]",
+        "listeners[0].relay",
+        "unknown key",
+    ),
+    (
+        "listeners: [{name: a, transport: udp, listen: ':1', max_connections: 5}]",
+        "listeners[0].max_connections",
+        "is for tcp listeners",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: []}}}}",
+        "backends.b.servers",
+        "non-empty list",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['nohost']}}}}",
+        "backends.b.servers[0]",
+        "host:port",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\nbackends: {{b: {{servers: ['h:1'], balance: fastest}}}}",
+        "backends.b.balance",
+        "round_robin",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nlimits: {{max_connections: 0}}",
+        "limits.max_connections",
+        "at least 1",
+    ),
+    (
+        f"listeners: [{BASE_LISTENER}]\n{BASE_BACKENDS}\nlogging: {{format: xml}}",
+        "logging.format",
+        "text, json",
+    ),
     ("listeners: []", "listeners", "non-empty list"),
     ("{}", "listeners", "is required"),
     ("[1, 2]", "", "must be a mapping"),
@@ -208,13 +364,16 @@ BAD = [
 def test_bad_config_names_the_key_path(text, path, reason):
     with pytest.raises(ConfigError) as raised:
         parse(text)
-    assert any(p.endswith(path) and reason in r for p, r in raised.value.problems), \
+    assert any(p.endswith(path) and reason in r for p, r in raised.value.problems), (
         raised.value.problems
+    )
 
 
 def test_a_field_any_of_the_route_protocols_produces_is_accepted():
-    config = parse("listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [tls, ssh], "
-                   "sni: x}, reject: true}, {match: {host: y}, reject: true}]}]")
+    config = parse(
+        "listeners: [{name: a, listen: ':1', routes: [{match: {protocol: [tls, ssh], "
+        "sni: x}, reject: true}, {match: {host: y}, reject: true}]}]"
+    )
     assert [route.match.fields[0][0] for route in config.listeners[0].routes] == ["sni", "host"]
 
 
@@ -234,7 +393,10 @@ listeners:
       - {match: {protocol: [tls, ssh]}, reject: true}
 """)
     assert [w.split(":")[0] for w in config.warnings] == [
-        "listeners[0].routes[1]", "listeners[0].routes[3]", "listeners[0].routes[6]"]
+        "listeners[0].routes[1]",
+        "listeners[0].routes[3]",
+        "listeners[0].routes[6]",
+    ]
     assert "routes[0] before it matches every connection it would" in config.warnings[0]
 
 
@@ -267,10 +429,16 @@ backends:
 
 
 def test_every_problem_is_reported_at_once():
-    text = ("listeners: [{name: a, listen: ':1', idle_timeout: x, default: nope, zap: 1}]\n"
-            "backends: {b: {servers: ['127.0.0.1:0']}}")
+    text = (
+        "listeners: [{name: a, listen: ':1', idle_timeout: x, default: nope, zap: 1}]\n"
+        "backends: {b: {servers: ['127.0.0.1:0']}}"
+    )
     with pytest.raises(ConfigError) as raised:
         parse(text)
     paths = [p for p, _ in raised.value.problems]
-    assert set(paths) >= {"listeners[0].idle_timeout", "listeners[0].default",
-                          "listeners[0].zap", "backends.b.servers[0]"}
+    assert set(paths) >= {
+        "listeners[0].idle_timeout",
+        "listeners[0].default",
+        "listeners[0].zap",
+        "backends.b.servers[0]",
+    }

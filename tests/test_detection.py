@@ -90,7 +90,8 @@ def test_peek_caches_parses_once_per_snapshot():
 def test_a_dropped_in_plugin_is_found(tmp_path, monkeypatch):
     folder = tmp_path / "l4router" / "plugins"
     folder.mkdir(parents=True)
-    (folder / "third_party_echo.py").write_text(textwrap.dedent("""
+    (folder / "third_party_echo.py").write_text(
+        textwrap.dedent("""
         from twisted.plugin import IPlugin
         from zope.interface import implementer
         from l4router.detection import IProtocolDetector, Match, NEED_MORE, NO_MATCH
@@ -106,12 +107,14 @@ def test_a_dropped_in_plugin_is_found(tmp_path, monkeypatch):
                 return Match({"word": "echo"}) if peek.data[:4] == b"ECHO" else NO_MATCH
 
         echo = Echo()
-    """))
+    """)
+    )
     import l4router.plugins
 
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(l4router.plugins, "__path__",
-                        list(l4router.plugins.__path__) + [str(folder)])
+    monkeypatch.setattr(
+        l4router.plugins, "__path__", list(l4router.plugins.__path__) + [str(folder)]
+    )
     found = {d.name: d for d in installed_detectors()}
     assert "echo_proto" in found and "tls" in found
     decision = DetectorSet(found.values()).decide(Peek(b"ECHO hi"))

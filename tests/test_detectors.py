@@ -14,8 +14,10 @@ EVERY_CAPTURE = capture_names()
 
 
 def peek(name, data=None):
-    return Peek(capture(name) if data is None else data,
-                elicited=EMPTY_SETTINGS if name in ELICITED else b"")
+    return Peek(
+        capture(name) if data is None else data,
+        elicited=EMPTY_SETTINGS if name in ELICITED else b"",
+    )
 
 
 def test_every_expected_protocol_has_a_detector():
@@ -80,8 +82,10 @@ def test_grpc_waits_silently_then_elicits_settings():
     decision = detectors.decide(Peek(flight, elicited=EMPTY_SETTINGS))
     assert decision.protocol == "grpc"
     # ... and what reaches the backend is everything but that one ACK.
-    assert strip_in_pieces(flight, [len(flight)]) == \
-        flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK):]
+    assert (
+        strip_in_pieces(flight, [len(flight)])
+        == flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK) :]
+    )
     assert detector.rewriter().feed(flight[:ack_at]) == flight[:ack_at]  # nothing to strip yet
 
 
@@ -102,7 +106,7 @@ def test_the_elicited_ack_is_removed_at_every_split_point(name):
         flight += SETTINGS_ACK  # curl's ACK follows its HEADERS
     flight += b"\x00\x00\x04\x00\x01\x00\x00\x00\x01data" + SETTINGS_ACK  # DATA, the backend's ACK
     ack_at = flight.index(SETTINGS_ACK, 24)
-    expected = flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK):]
+    expected = flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK) :]
     for cut in range(len(flight) + 1):
         assert strip_in_pieces(flight, [cut]) == expected, cut
     for cut in range(0, len(flight), 7):
@@ -142,13 +146,20 @@ def test_first_byte_table_changes_no_decision():
     captures = [capture(name) for name in EVERY_CAPTURE]
 
     @settings(max_examples=1500, deadline=None)
-    @given(st.one_of(st.binary(max_size=300), st.sampled_from(captures).flatmap(
-        lambda c: st.integers(0, len(c)).map(lambda cut: c[:cut]))))
+    @given(
+        st.one_of(
+            st.binary(max_size=300),
+            st.sampled_from(captures).flatmap(
+                lambda c: st.integers(0, len(c)).map(lambda cut: c[:cut])
+            ),
+        )
+    )
     def check(data):
         for final in (False, True):
             peek = Peek(data)
-            assert with_table.decide(peek, final) == \
-                _decide_asking_everyone(detectors, Peek(data), final)
+            assert with_table.decide(peek, final) == _decide_asking_everyone(
+                detectors, Peek(data), final
+            )
 
     check()
 

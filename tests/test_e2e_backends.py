@@ -51,8 +51,11 @@ def names(replies):
 
 
 def test_weighted_round_robin_splits_4000_connections_1_1_2(tmp_path):
-    with Backend("a", reply_with_name) as a, Backend("b", reply_with_name) as b, \
-            Backend("c", reply_with_name) as c:
+    with (
+        Backend("a", reply_with_name) as a,
+        Backend("b", reply_with_name) as b,
+        Backend("c", reply_with_name) as c,
+    ):
         port = free_port()
         config = backends_config(port, [(a.port, 1), (b.port, 1), (c.port, 2)])
         with Router(tmp_path, config) as router:
@@ -61,10 +64,15 @@ def test_weighted_round_robin_splits_4000_connections_1_1_2(tmp_path):
             counts = names(replies)
             for name, share in (("a", 0.25), ("b", 0.25), ("c", 0.5)):
                 assert abs(counts[name] - 4000 * share) <= 4000 * share * 0.05, counts
-            assert router.metric("l4router_connections_closed_total", listener="front",
-                                 reason="completed") + router.metric(
-                "l4router_connections_closed_total", listener="front",
-                reason="backend_closed") == 4000
+            assert (
+                router.metric(
+                    "l4router_connections_closed_total", listener="front", reason="completed"
+                )
+                + router.metric(
+                    "l4router_connections_closed_total", listener="front", reason="backend_closed"
+                )
+                == 4000
+            )
 
 
 SOURCES = [f"127.0.0.{i}" for i in range(2, 42)]
@@ -81,16 +89,18 @@ def source_map(port):
 
 
 def test_source_hash_is_sticky_and_removing_a_server_moves_only_its_sources(tmp_path):
-    with Backend("a", reply_with_name) as a, Backend("b", reply_with_name) as b, \
-            Backend("c", reply_with_name) as c:
+    with (
+        Backend("a", reply_with_name) as a,
+        Backend("b", reply_with_name) as b,
+        Backend("c", reply_with_name) as c,
+    ):
         port = free_port()
         servers = [(a.port, 1), (b.port, 1), (c.port, 1)]
         with Router(tmp_path, backends_config(port, servers, balance="source_hash")):
             before = source_map(port)
         assert set(before.values()) == {"a", "b", "c"}
         (tmp_path / "second").mkdir()
-        with Router(tmp_path / "second",
-                    backends_config(port, servers[:2], balance="source_hash")):
+        with Router(tmp_path / "second", backends_config(port, servers[:2], balance="source_hash")):
             after = source_map(port)
         moved = {s for s in SOURCES if before[s] != after[s]}
         assert moved == {s for s in SOURCES if before[s] == "c"}
@@ -103,9 +113,11 @@ def test_killed_backend_leaves_rotation_without_failing_clients_and_returns(tmp_
     c_port = c.port
     port = free_port()
     config = backends_config(
-        port, [(a.port, 1), (b.port, 1), (c_port, 1)],
+        port,
+        [(a.port, 1), (b.port, 1), (c_port, 1)],
         health_check="{interval: 200ms, timeout: 200ms, rise: 2, fall: 2}",
-        retry="{attempts: 3, initial_backoff: 20ms}")
+        retry="{attempts: 3, initial_backoff: 20ms}",
+    )
     results = []
     stop = threading.Event()
 
@@ -127,18 +139,34 @@ def test_killed_backend_leaves_rotation_without_failing_clients_and_returns(tmp_
             killing_at = time.monotonic()
             c.__exit__(None, None, None)  # killed: its port now refuses
             killed_at = time.monotonic()
-            wait_until(lambda: router.metric("l4router_backend_server_up", backend="pool",
-                                             server=f"127.0.0.1:{c_port}") == 0,
-                       timeout=5, message="c marked down")
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_backend_server_up", backend="pool", server=f"127.0.0.1:{c_port}"
+                    )
+                    == 0
+                ),
+                timeout=5,
+                message="c marked down",
+            )
             down_after = time.monotonic() - killed_at
-            failures_when_down = router.metric("l4router_backend_connect_failures_total",
-                                               backend="pool", server=f"127.0.0.1:{c_port}",
-                                               reason="refused")
+            failures_when_down = router.metric(
+                "l4router_backend_connect_failures_total",
+                backend="pool",
+                server=f"127.0.0.1:{c_port}",
+                reason="refused",
+            )
             time.sleep(1.0)
             # Down: no client connect goes to c any more (only health checks do).
-            assert router.metric("l4router_backend_connect_failures_total", backend="pool",
-                                 server=f"127.0.0.1:{c_port}",
-                                 reason="refused") == failures_when_down
+            assert (
+                router.metric(
+                    "l4router_backend_connect_failures_total",
+                    backend="pool",
+                    server=f"127.0.0.1:{c_port}",
+                    reason="refused",
+                )
+                == failures_when_down
+            )
             c = Backend("c", reply_with_name, port=c_port).__enter__()
             restarted_at = time.monotonic()
             wait_until(lambda: c.connections > 0, timeout=5, message="c back in rotation")
@@ -151,8 +179,7 @@ def test_killed_backend_leaves_rotation_without_failing_clients_and_returns(tmp_
         stop.set()
         for backend in (a, b, c):
             backend.__exit__(None, None, None)
-    failed = [(span, r) for span, r in results if not isinstance(r, bytes) or
-              not r.endswith(b":x")]
+    failed = [(span, r) for span, r in results if not isinstance(r, bytes) or not r.endswith(b":x")]
     # Only a connection c had already accepted when it died may fail (its bytes were sent, so
     # no retry can save it); every connect that c refused was retried elsewhere.
     assert len(results) > 200 and len(failed) <= 2, failed
@@ -161,10 +188,15 @@ def test_killed_backend_leaves_rotation_without_failing_clients_and_returns(tmp_
     assert back_after < 2 * 0.2 + 0.8, back_after  # rise=2 checks
     served = names(r for _, r in results if isinstance(r, bytes))  # the failed are above
     assert served["a"] and served["b"] and served["c"]
-    transitions = [e["log_format"].split(": ")[0] for e in events
-                   if e.get("log_namespace") == "l4router.backends.server"]
-    assert transitions == ["Backend {backend} server {server} is down",
-                           "Backend {backend} server {server} is up"], transitions
+    transitions = [
+        e["log_format"].split(": ")[0]
+        for e in events
+        if e.get("log_namespace") == "l4router.backends.server"
+    ]
+    assert transitions == [
+        "Backend {backend} server {server} is down",
+        "Backend {backend} server {server} is up",
+    ], transitions
 
 
 def test_retries_across_an_unanswering_and_a_refusing_server_follow_the_backoff(tmp_path):
@@ -186,8 +218,11 @@ def test_retries_across_an_unanswering_and_a_refusing_server_follow_the_backoff(
     refusing_port = free_port()
     port = free_port()
     config = backends_config(
-        port, [(silent_port, 1), (refusing_port, 1)], connect_timeout="300ms",
-        retry="{attempts: 3, initial_backoff: 100ms, multiplier: 2, jitter: 0}")
+        port,
+        [(silent_port, 1), (refusing_port, 1)],
+        connect_timeout="300ms",
+        retry="{attempts: 3, initial_backoff: 100ms, multiplier: 2, jitter: 0}",
+    )
     try:
         with Router(tmp_path, config) as router:
             started = time.monotonic()
@@ -195,10 +230,24 @@ def test_retries_across_an_unanswering_and_a_refusing_server_follow_the_backoff(
             elapsed = time.monotonic() - started
             attempts = [e for e in router.events() if e.get("attempt")]
             metric = router.metric
-            assert metric("l4router_backend_connect_failures_total", backend="pool",
-                          server=f"127.0.0.1:{silent_port}", reason="timeout") == 2
-            assert metric("l4router_backend_connect_failures_total", backend="pool",
-                          server=f"127.0.0.1:{refusing_port}", reason="refused") == 1
+            assert (
+                metric(
+                    "l4router_backend_connect_failures_total",
+                    backend="pool",
+                    server=f"127.0.0.1:{silent_port}",
+                    reason="timeout",
+                )
+                == 2
+            )
+            assert (
+                metric(
+                    "l4router_backend_connect_failures_total",
+                    backend="pool",
+                    server=f"127.0.0.1:{refusing_port}",
+                    reason="refused",
+                )
+                == 1
+            )
             assert metric("l4router_backend_retries_total", backend="pool") == 2
     finally:
         silent.close()
@@ -220,6 +269,7 @@ def delaying_forwarder(upstream_port, delay):
     def forward(backend, connection):
         time.sleep(delay)
         with socket.create_connection(("127.0.0.1", upstream_port)) as upstream:
+
             def pump(source, sink):
                 try:
                     while chunk := source.recv(65536):
@@ -249,20 +299,26 @@ def median_time_to_first_byte(port, clients=25):
 
 
 def test_warm_pool_cuts_time_to_first_byte_behind_a_slow_connect(tmp_path):
-    with Backend("origin", reply_with_name) as origin, \
-            Backend("slow", delaying_forwarder(origin.port, 0.02)) as slow:
+    with (
+        Backend("origin", reply_with_name) as origin,
+        Backend("slow", delaying_forwarder(origin.port, 0.02)) as slow,
+    ):
         port = free_port()
         cold = tmp_path / "cold"
         cold.mkdir()
         with Router(cold, backends_config(port, [(slow.port, 1)])):
             without_pool = median_time_to_first_byte(port)
-        with Router(tmp_path, backends_config(
-                port, [(slow.port, 1)],
-                pool="{min_idle: 4, max_idle: 4, idle_timeout: 10s}")) as router:
+        with Router(
+            tmp_path,
+            backends_config(
+                port, [(slow.port, 1)], pool="{min_idle: 4, max_idle: 4, idle_timeout: 10s}"
+            ),
+        ) as router:
             time.sleep(0.3)
             with_pool = median_time_to_first_byte(port)
-            hits = router.metric("l4router_backend_pool_requests_total", backend="pool",
-                                 result="hit")
+            hits = router.metric(
+                "l4router_backend_pool_requests_total", backend="pool", result="hit"
+            )
     assert without_pool - with_pool >= 0.015, (without_pool, with_pool)
     assert hits == 25
 
@@ -285,15 +341,20 @@ def test_a_spare_closed_by_its_server_is_never_handed_out(tmp_path):
 
     with Backend("fickle", closes_idle_connections) as fickle:
         port = free_port()
-        config = backends_config(port, [(fickle.port, 1)],
-                                 pool="{min_idle: 2, max_idle: 2, idle_timeout: 10s}")
+        config = backends_config(
+            port, [(fickle.port, 1)], pool="{min_idle: 2, max_idle: 2, idle_timeout: 10s}"
+        )
         with Router(tmp_path, config) as router:
-            wait_until(lambda: fickle.results.count("closed idle") >= 6, timeout=10,
-                       message="the server to close spares")
+            wait_until(
+                lambda: fickle.results.count("closed idle") >= 6,
+                timeout=10,
+                message="the server to close spares",
+            )
             replies = [ask(port, b"q%d" % i) for i in range(20)]
             discarded = fickle.results.count("closed idle")
-            hits = router.metric("l4router_backend_pool_requests_total", backend="pool",
-                                 result="hit")
+            hits = router.metric(
+                "l4router_backend_pool_requests_total", backend="pool", result="hit"
+            )
     assert replies == [b"fresh:q%d" % i for i in range(20)]
     assert discarded >= 6
     assert hits >= 1  # spares were handed out, and never a closed one
@@ -356,8 +417,13 @@ backends:
                 via_v2 += chunk
     assert via_v1.endswith(b"nginx saw 127.0.0.9\n")
     assert via_v2.endswith(b"nginx saw ::1\n")
-    logged = wait_until(lambda: proxied_log.read_text().splitlines() if proxied_log.exists()
-                        and len(proxied_log.read_text().splitlines()) >= 2 else None)
+    logged = wait_until(
+        lambda: (
+            proxied_log.read_text().splitlines()
+            if proxied_log.exists() and len(proxied_log.read_text().splitlines()) >= 2
+            else None
+        )
+    )
     assert logged[0].startswith("127.0.0.9 ")
     assert logged[1] == f"::1 {client_port}"
 
@@ -378,8 +444,9 @@ backends:
     health_check: {{interval: 1s, timeout: 500ms}}
 """
         with Router(tmp_path, config) as router:
-            assert wait_until(lambda: _ask_or_none(port), message="the name to resolve") \
-                == b"named:x"
+            assert (
+                wait_until(lambda: _ask_or_none(port), message="the name to resolve") == b"named:x"
+            )
             status = json.loads(router.get("/status/backends"))
     server = status[0]["servers"][0]
     assert status[0]["backend"] == "by_name"
@@ -421,8 +488,11 @@ backend app
     server app 127.0.0.1:{app.port}
 """)
         log = open(tmp_path / "haproxy.log", "wb")
-        peer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
-                                stdout=log, stderr=subprocess.STDOUT)
+        peer = subprocess.Popen(
+            [haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_until(lambda: listening(haproxy_port), message="haproxy listening")
             config = f"""
@@ -443,10 +513,15 @@ backends:
                     assert client.recv(100).startswith(b"app:")
                 event = router.wait_access_events(1)[0]
             assert event["fields"]["sni"] == "router.example"
-            wait_until(lambda: b"pp authority=" in (tmp_path / "haproxy.log").read_bytes(),
-                       message="haproxy's log line")
-            line = [row for row in (tmp_path / "haproxy.log").read_bytes().splitlines()
-                    if row.startswith(b"pp ")][0].decode()
+            wait_until(
+                lambda: b"pp authority=" in (tmp_path / "haproxy.log").read_bytes(),
+                message="haproxy's log line",
+            )
+            line = [
+                row
+                for row in (tmp_path / "haproxy.log").read_bytes().splitlines()
+                if row.startswith(b"pp ")
+            ][0].decode()
             assert line == f"pp authority=router.example unique_id={event['unique_id']}"
         finally:
             peer.terminate()
@@ -469,14 +544,18 @@ backends:
     health_check: {{interval: 100ms, timeout: 200ms, rise: 1, fall: 1}}
 """
         with Router(tmp_path, config) as router:
-            wait_until(lambda: router.metric("l4router_backend_backup_serving",
-                                             backend="web") == 1, message="the backup serving")
+            wait_until(
+                lambda: router.metric("l4router_backend_backup_serving", backend="web") == 1,
+                message="the backup serving",
+            )
             assert {ask(port, b"one") for _ in range(5)} == {b"backup:one"}
             page = router.get("/").decode()
             assert "web (backup tier serving)" in page and "(backup)" in page
             with Backend("primary", reply_with_name, port=primary_port):
-                wait_until(lambda: router.metric("l4router_backend_backup_serving",
-                                                 backend="web") == 0, message="the primary up")
+                wait_until(
+                    lambda: router.metric("l4router_backend_backup_serving", backend="web") == 0,
+                    message="the primary up",
+                )
                 assert {ask(port, b"two") for _ in range(5)} == {b"primary:two"}
             status = json.loads(router.get("/status/backends"))
             assert [s["backup"] for s in status[0]["servers"]] == [False, True]
@@ -503,15 +582,28 @@ backends:
   spare: {{servers: ["127.0.0.1:{spare.port}"]}}
 """
         with Router(tmp_path, config) as router:
-            wait_until(lambda: router.metric("l4router_backend_server_up", backend="main",
-                                             server=f"127.0.0.1:{dead}") == 0,
-                       message="main's server down")
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_backend_server_up", backend="main", server=f"127.0.0.1:{dead}"
+                    )
+                    == 0
+                ),
+                message="main's server down",
+            )
             request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
             assert ask(port, request) == b"spare:GET / HTTP/1.1"
             event = router.wait_access_events(1)[0]
             assert (event["route"], event["backend"]) == ("web", "spare")
-            assert router.metric("l4router_connections_fallback_total", listener="edge",
-                                 route="web", backend="spare") == 1
+            assert (
+                router.metric(
+                    "l4router_connections_fallback_total",
+                    listener="edge",
+                    route="web",
+                    backend="spare",
+                )
+                == 1
+            )
 
 
 TLVS_ASKED = "authority,unique-id,ssl,crc32c"  # HAProxy sends the ALPN unasked
@@ -541,8 +633,11 @@ frontend front
 backend router
     server l4router 127.0.0.1:{router_port} send-proxy-v2 proxy-v2-options {TLVS_ASKED}
 """)
-        peer = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        peer = subprocess.Popen(
+            [haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_until(lambda: listening(haproxy_port), message="haproxy listening")
             config = f"""
@@ -563,8 +658,10 @@ backends:
                 ca.configure_trust(context)
                 context.set_alpn_protocols(["http/1.1"])
                 for name in ("one.test", "two.test"):
-                    with socket.create_connection(("127.0.0.1", haproxy_port), timeout=10) as raw, \
-                            context.wrap_socket(raw, server_hostname=name) as tls:
+                    with (
+                        socket.create_connection(("127.0.0.1", haproxy_port), timeout=10) as raw,
+                        context.wrap_socket(raw, server_hostname=name) as tls,
+                    ):
                         tls.sendall(b"GET /x HTTP/1.1\r\nHost: any\r\n\r\n")
                         assert read_all(tls).endswith(f"{name.split('.')[0]} /x".encode())
                 events = router.wait_access_events(2)

@@ -50,9 +50,13 @@ backends:
 def ctl(router, *args):
     """Run l4router-ctl against `router`; (exit status, stdout + stderr)."""
     assert CTL, "l4router-ctl is not on PATH: install l4router (see README)"
-    done = subprocess.run([CTL, "--admin", f"http://127.0.0.1:{router.admin_port}", *args],
-                          capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, L4ROUTER_TOKEN=Router.TOKEN))
+    done = subprocess.run(
+        [CTL, "--admin", f"http://127.0.0.1:{router.admin_port}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, L4ROUTER_TOKEN=Router.TOKEN),
+    )
     return done.returncode, done.stdout + done.stderr
 
 
@@ -161,19 +165,30 @@ def test_draining_moves_every_new_client_and_lets_its_relay_finish_with_two_work
             row = next(line for line in listing.splitlines() if f":{a.port}" in line)
             assert row.split()[-1] == "1", listing
             relaying.join(120)
-            assert router.metric("l4router_backend_server_admin_state", backend="app",
-                                 server=f"127.0.0.1:{a.port}", state="draining") == 1
+            assert (
+                router.metric(
+                    "l4router_backend_server_admin_state",
+                    backend="app",
+                    server=f"127.0.0.1:{a.port}",
+                    state="draining",
+                )
+                == 1
+            )
             assert router.metric("l4router_runtime_changes_total", action="drain") == 1
-            wait_until(lambda: _server_status(router, a.port)["active_connections"] == 0,
-                       message="the drained server's count to reach 0")
+            wait_until(
+                lambda: _server_status(router, a.port)["active_connections"] == 0,
+                message="the drained server's count to reach 0",
+            )
     assert relay.result == (stream_digest(relay.seed, BIG), BIG)
     assert not clients.failures(), clients.failures()[:3]
     after = [r for t, r in clients.seen if t > drained_at]
     before = [r for t, r in clients.seen if t < drained_at - 0.1]
     assert len(after) > 20 and set(after) == {"b"}, after[:5]
     assert "a" in before
-    assert any(e.get("log_format", "").startswith("Runtime change:") and e["action"] == "drain"
-               for e in router.events())
+    assert any(
+        e.get("log_format", "").startswith("Runtime change:") and e["action"] == "drain"
+        for e in router.events()
+    )
 
 
 def _server_status(router, port):
@@ -183,8 +198,11 @@ def _server_status(router, port):
 
 
 def test_disable_abort_enable_weight_add_and_remove(tmp_path):
-    with Backend("a", name_then_echo) as a, Backend("b", name_then_echo) as b, \
-            Backend("c", name_then_echo) as c:
+    with (
+        Backend("a", name_then_echo) as a,
+        Backend("b", name_then_echo) as b,
+        Backend("c", name_then_echo) as c,
+    ):
         port = free_port()
         with Router(tmp_path, config_for(port, a, b)) as router:
             relay = LongRelay(port, "b", size=BIG)
@@ -210,11 +228,23 @@ def test_disable_abort_enable_weight_add_and_remove(tmp_path):
             code, output = ctl(router, "weight", "app", f"127.0.0.1:{a.port}", "0")
             assert code == 1 and "weight must be 1..1000" in output, output
             # Without the token: refused, whatever the address it comes from.
-            code, output = subprocess.run(
-                [CTL, "--admin", f"http://127.0.0.1:{router.admin_port}", "drain", "app",
-                 f"127.0.0.1:{a.port}"], capture_output=True, text=True, timeout=60,
-                env={k: v for k, v in os.environ.items() if k != "L4ROUTER_TOKEN"}
-            ).returncode, None
+            code, output = (
+                subprocess.run(
+                    [
+                        CTL,
+                        "--admin",
+                        f"http://127.0.0.1:{router.admin_port}",
+                        "drain",
+                        "app",
+                        f"127.0.0.1:{a.port}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={k: v for k, v in os.environ.items() if k != "L4ROUTER_TOKEN"},
+                ).returncode,
+                None,
+            )
             assert code == 1
             assert _server_status(router, a.port)["state"] == "enabled"
             # Each change that was made counted once; the refused ones not at all.
@@ -224,14 +254,20 @@ def test_disable_abort_enable_weight_add_and_remove(tmp_path):
             aborted = [e for e in router.access_events() if e["reason"] == "server_disabled"]
     assert isinstance(relay.result, Exception) or relay.result[1] < BIG
     assert len(aborted) == 1 and aborted[0]["server"] == f"127.0.0.1:{b.port}"
-    logged = {e["action"] for e in router.events()
-              if e.get("log_format", "").startswith("Runtime change:")}
+    logged = {
+        e["action"]
+        for e in router.events()
+        if e.get("log_format", "").startswith("Runtime change:")
+    }
     assert logged == {"disable", "enable", "weight", "add", "remove"}
 
 
 def test_changes_outlive_a_reload_and_with_a_state_file_a_restart(tmp_path):
-    with Backend("a", name_then_echo) as a, Backend("b", name_then_echo) as b, \
-            Backend("c", name_then_echo) as c:
+    with (
+        Backend("a", name_then_echo) as a,
+        Backend("b", name_then_echo) as b,
+        Backend("c", name_then_echo) as c,
+    ):
         port = free_port()
         state_file = tmp_path / "state.json"
         extra = f"state_file: {state_file}\n"
@@ -240,17 +276,23 @@ def test_changes_outlive_a_reload_and_with_a_state_file_a_restart(tmp_path):
             assert ctl(router, "drain", "app", f"127.0.0.1:{a.port}")[0] == 0
             assert ctl(router, "weight", "app", f"127.0.0.1:{c.port}", "7")[0] == 0
             # Reloaded without c: a stays drained, c's change is forgotten.
-            router.config_path.write_text(router.config_path.read_text().replace(
-                f', "127.0.0.1:{c.port}"', ""))
+            router.config_path.write_text(
+                router.config_path.read_text().replace(f', "127.0.0.1:{c.port}"', "")
+            )
             router.process.send_signal(signal.SIGHUP)
-            wait_until(lambda: router.metric("l4router_config_reloads_total",
-                                             result="success") == 1, message="the reload")
-            wait_until(lambda: {server_of(port) for _ in range(10)} == {"b"},
-                       message="only b after the reload")
+            wait_until(
+                lambda: router.metric("l4router_config_reloads_total", result="success") == 1,
+                message="the reload",
+            )
+            wait_until(
+                lambda: {server_of(port) for _ in range(10)} == {"b"},
+                message="only b after the reload",
+            )
             assert _server_status(router, a.port)["state"] == "draining"
         saved = json.loads(state_file.read_text())
         assert saved["servers"]["app"] == {f"127.0.0.1:{a.port}": {"state": "draining"}}
-        with Router(tmp_path, router.config_path.read_text().split("\nadmin:")[0],
-                    workers=2) as again:
+        with Router(
+            tmp_path, router.config_path.read_text().split("\nadmin:")[0], workers=2
+        ) as again:
             assert _server_status(again, a.port)["state"] == "draining"
             assert {server_of(port) for _ in range(10)} == {"b"}

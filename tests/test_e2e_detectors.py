@@ -51,10 +51,17 @@ backends:
             assert say_hello(port, "helloworld.Greeter", b"three") == b"greeter:three"
             events = router.wait_access_events(3)
             services = sorted(e["fields"]["grpc_service"] for e in events)
-            assert services == ["helloworld.Greeter", "helloworld.Greeter",
-                                "routeguide.RouteGuide"]
-            assert router.metric("l4router_connections_routed_total", listener="rpc",
-                                 protocol="grpc", route="routes[1]", backend="guide") == 1
+            assert services == ["helloworld.Greeter", "helloworld.Greeter", "routeguide.RouteGuide"]
+            assert (
+                router.metric(
+                    "l4router_connections_routed_total",
+                    listener="rpc",
+                    protocol="grpc",
+                    route="routes[1]",
+                    backend="guide",
+                )
+                == 1
+            )
     finally:
         greeter.stop(None)
         guide.stop(None)
@@ -78,11 +85,21 @@ backends:
   two: {{servers: ["127.0.0.1:{two.port}"]}}
 """
         with Router(tmp_path, config):
+
             def curl(host, path):
                 return subprocess.run(
-                    ["curl", "-sS", "--http2-prior-knowledge", "-H", f"Host: {host}",
-                     f"http://127.0.0.1:{port}{path}"],
-                    capture_output=True, text=True, timeout=20).stdout
+                    [
+                        "curl",
+                        "-sS",
+                        "--http2-prior-knowledge",
+                        "-H",
+                        f"Host: {host}",
+                        f"http://127.0.0.1:{port}{path}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                ).stdout
 
             assert curl("one.example", "/a") == "one one.example /a"
             assert curl("api.two.example", "/b") == "two api.two.example /b"
@@ -90,9 +107,11 @@ backends:
 
 
 def test_soap_and_jsonrpc_posts_go_to_their_own_backends(tmp_path):
-    with Backend("soap", http_reply_with_name) as soap, \
-            Backend("rpc", http_reply_with_name) as rpc, \
-            Backend("web", http_reply_with_name) as web:
+    with (
+        Backend("soap", http_reply_with_name) as soap,
+        Backend("rpc", http_reply_with_name) as rpc,
+        Backend("web", http_reply_with_name) as web,
+    ):
         port = free_port()
         config = f"""
 listeners:
@@ -112,18 +131,45 @@ backends:
   web: {{servers: ["127.0.0.1:{web.port}"]}}
 """
         with Router(tmp_path, config):
+
             def curl(*args):
-                return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True,
-                                      timeout=20).stdout
+                return subprocess.run(
+                    ["curl", "-sS", *args], capture_output=True, text=True, timeout=20
+                ).stdout
 
             url = f"http://127.0.0.1:{port}"
-            assert curl(f"{url}/quote", "-H", "Content-Type: text/xml",
-                        "-H", 'SOAPAction: "urn:x#GetLastTradePrice"',
-                        "--data-binary", "<Envelope/>") == "soap /quote"
-            assert curl(f"{url}/rpc", "-H", "Content-Type: application/json", "--data-binary",
-                        '{"jsonrpc":"2.0","method":"eth_chainId","id":7}') == "rpc /rpc"
-            assert curl(f"{url}/rpc", "-H", "Content-Type: application/json", "--data-binary",
-                        '{"jsonrpc":"2.0","method":"net_version","id":8}') == "web /rpc"
+            assert (
+                curl(
+                    f"{url}/quote",
+                    "-H",
+                    "Content-Type: text/xml",
+                    "-H",
+                    'SOAPAction: "urn:x#GetLastTradePrice"',
+                    "--data-binary",
+                    "<Envelope/>",
+                )
+                == "soap /quote"
+            )
+            assert (
+                curl(
+                    f"{url}/rpc",
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    '{"jsonrpc":"2.0","method":"eth_chainId","id":7}',
+                )
+                == "rpc /rpc"
+            )
+            assert (
+                curl(
+                    f"{url}/rpc",
+                    "-H",
+                    "Content-Type: application/json",
+                    "--data-binary",
+                    '{"jsonrpc":"2.0","method":"net_version","id":8}',
+                )
+                == "web /rpc"
+            )
             assert curl(f"{url}/page") == "web /page"
             assert b"GetLastTradePrice" in soap.results[0]
             assert b'"eth_chainId"' in rpc.results[0]
@@ -150,10 +196,25 @@ backends:
         with Router(tmp_path, config) as router:
             user = os.environ.get("USER") or "root"
             result = subprocess.run(
-                ["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
-                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                 f"{user}@127.0.0.1", "echo through-the-router"],
-                capture_output=True, text=True, timeout=30)
+                [
+                    "ssh",
+                    "-i",
+                    str(key),
+                    "-p",
+                    str(port),
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    f"{user}@127.0.0.1",
+                    "echo through-the-router",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             assert result.stdout.strip() == "through-the-router", result.stderr
             event = router.wait_access_events(1)[0]
             assert event["protocol"] == "ssh" and event["backend"] == "ssh"
@@ -161,8 +222,10 @@ backends:
 
 
 def test_proxy_v2_connection_routed_by_the_source_it_carries(tmp_path):
-    with Backend("inside", reply_with_name) as inside, \
-            Backend("outside", reply_with_name) as outside:
+    with (
+        Backend("inside", reply_with_name) as inside,
+        Backend("outside", reply_with_name) as outside,
+    ):
         port = free_port()
         config = f"""
 listeners:
@@ -178,30 +241,50 @@ backends:
   outside: {{servers: ["127.0.0.1:{outside.port}"]}}
 """
         with Router(tmp_path, config) as router:
+
             def send(header):
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
                     client.sendall(header + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                     return client.recv(1024)
 
-            assert send(v2_header("203.0.113.50", 40001, "127.0.0.1", port)) == \
-                b"inside:GET / HTTP/1.1"
+            assert (
+                send(v2_header("203.0.113.50", 40001, "127.0.0.1", port))
+                == b"inside:GET / HTTP/1.1"
+            )
             assert send(v2_header("2001:db8::5", 40002, "::1", port)) == b"outside:GET / HTTP/1.1"
             assert send(b"") == b""  # no header: rejected
             events = router.wait_access_events(3)
             assert [(e["source"], e["source_port"]) for e in events[:2]] == [
-                ("203.0.113.50", 40001), ("2001:db8::5", 40002)]
-            assert router.metric("l4router_connections_rejected_total", listener="behind_lb",
-                                 reason="proxy_protocol") == 1
+                ("203.0.113.50", 40001),
+                ("2001:db8::5", 40002),
+            ]
+            assert (
+                router.metric(
+                    "l4router_connections_rejected_total",
+                    listener="behind_lb",
+                    reason="proxy_protocol",
+                )
+                == 1
+            )
 
 
 def test_dropped_in_plugin_routes_and_a_broken_one_is_skipped(tmp_path):
     broken = tmp_path / "broken" / "l4router" / "plugins"
     broken.mkdir(parents=True)
     (broken / "broken_detector.py").write_text("raise ImportError('this plugin is broken')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(CHECKOUT, "examples", "plugins"), str(tmp_path / "broken")]))
-    listing = subprocess.run([TWISTD, "l4router", "--list-detectors"], capture_output=True,
-                             text=True, env=env, timeout=60)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.join(CHECKOUT, "examples", "plugins"), str(tmp_path / "broken")]
+        ),
+    )
+    listing = subprocess.run(
+        [TWISTD, "l4router", "--list-detectors"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert listing.returncode == 0
     assert "memcached" in listing.stdout and "tls" in listing.stdout
     with Backend("cache", reply_with_name) as cache:
@@ -282,9 +365,11 @@ def test_an_ack_of_the_elicited_settings_arriving_after_the_decision_is_removed(
                 assert client.recv(100) == EMPTY_SETTINGS  # quiet: the router draws it out
                 client.sendall(flight[preface_and_settings:])  # HEADERS: decided
                 wait_until(lambda: recorder.connections == 1, message="the route")
-                client.sendall(SETTINGS_ACK + b"\x00\x00\x00\x08\x00\x00\x00\x00\x00" +
-                               SETTINGS_ACK)  # ours, a WINDOW_UPDATE-sized frame, the backend's
+                client.sendall(
+                    SETTINGS_ACK + b"\x00\x00\x00\x08\x00\x00\x00\x00\x00" + SETTINGS_ACK
+                )  # ours, a WINDOW_UPDATE-sized frame, the backend's
                 client.shutdown(socket.SHUT_WR)
                 wait_until(lambda: recorder.results, message="the backend's bytes")
-            assert recorder.results == [flight + b"\x00\x00\x00\x08\x00\x00\x00\x00\x00" +
-                                        SETTINGS_ACK]
+            assert recorder.results == [
+                flight + b"\x00\x00\x00\x08\x00\x00\x00\x00\x00" + SETTINGS_ACK
+            ]

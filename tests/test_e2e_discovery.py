@@ -17,8 +17,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def listener(port):
-    return (f"listeners:\n  - name: front\n    listen: \"127.0.0.1:{port}\"\n"
-            "    detect: {timeout: 100ms}\n    default: app\n")
+    return (
+        f'listeners:\n  - name: front\n    listen: "127.0.0.1:{port}"\n'
+        "    detect: {timeout: 100ms}\n    default: app\n"
+    )
 
 
 def replace_file(path, text):
@@ -34,14 +36,19 @@ def test_a_watched_file_changes_the_servers_and_a_broken_one_keeps_the_last_good
         servers.write_text(f'["127.0.0.1:{a.port}"]')
         port = free_port()
         config = listener(port) + (
-            f"backends:\n  app: {{servers: {{file: {servers}, refresh: 100ms}}}}\n")
+            f"backends:\n  app: {{servers: {{file: {servers}, refresh: 100ms}}}}\n"
+        )
         with Router(tmp_path, config) as router, SteadyClients(port) as clients:
             wait_until(lambda: clients.latest() == {"a"}, message="clients on a")
             replace_file(servers, f"- {{address: 127.0.0.1:{b.port}, weight: 2}}\n")  # YAML
             wait_until(lambda: clients.latest() == {"b"}, message="clients on b")
             replace_file(servers, "[not valid")
-            wait_until(lambda: router.metric("l4router_backend_discovery_failures_total",
-                                             backend="app") == 1, message="the failure counted")
+            wait_until(
+                lambda: (
+                    router.metric("l4router_backend_discovery_failures_total", backend="app") == 1
+                ),
+                message="the failure counted",
+            )
             time.sleep(0.5)
             assert clients.latest(10) == {"b"}
             assert router.metric("l4router_backend_discovery_servers", backend="app") == 1
@@ -52,14 +59,18 @@ def test_a_watched_file_changes_the_servers_and_a_broken_one_keeps_the_last_good
 
 
 def test_srv_records_give_servers_tiers_and_ports_and_follow_their_changes(tmp_path):
-    with Backend("a", name_then_echo) as a, Backend("b", name_then_echo) as b, \
-            DNSServer() as dns_server:
+    with (
+        Backend("a", name_then_echo) as a,
+        Backend("b", name_then_echo) as b,
+        DNSServer() as dns_server,
+    ):
         dns_server.addresses = {"a.test.": "127.0.0.1", "b.test.": "127.0.0.1"}
         dns_server.srv = [(0, 5, a.port, "a.test.")]
         port = free_port()
         config = listener(port) + (
             "backends:\n  app: {servers: {srv: _app._tcp.test, refresh: 1s}}\n"
-            f"dns: {{servers: [\"127.0.0.1:{dns_server.port}\"], timeout: 1s}}\n")
+            f'dns: {{servers: ["127.0.0.1:{dns_server.port}"], timeout: 1s}}\n'
+        )
         with Router(tmp_path, config) as router, SteadyClients(port) as clients:
             wait_until(lambda: clients.latest() == {"a"}, message="clients on a")
             # b takes priority 0; a becomes the backup tier (priority 10).
@@ -68,9 +79,13 @@ def test_srv_records_give_servers_tiers_and_ports_and_follow_their_changes(tmp_p
             backends = router.get("/status/backends").decode()
             assert '"backup": true' in backends and f"127.0.0.1:{a.port}" in backends
             dns_server.failing = True
-            wait_until(lambda: router.metric("l4router_backend_discovery_failures_total",
-                                             backend="app") >= 1, timeout=15,
-                       message="the failed lookup counted")
+            wait_until(
+                lambda: (
+                    router.metric("l4router_backend_discovery_failures_total", backend="app") >= 1
+                ),
+                timeout=15,
+                message="the failed lookup counted",
+            )
             assert clients.latest(10) == {"b"}
             assert router.metric("l4router_backend_discovery_servers", backend="app") == 2
     assert not clients.failures(), clients.failures()[:3]
@@ -95,11 +110,16 @@ def test_a_backend_named_by_sni_within_allow_and_never_an_open_relay(tmp_path):
     with its own reason; a name already resolved is not asked again."""
     ca = trustme.CA()
     one_port = free_port("127.0.0.2")
-    with tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", one_port) as one, \
-            tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", one_port) as two, \
-            DNSServer() as dns_server:
-        dns_server.addresses = {"one.apps.test.": "127.0.0.2", "two.apps.test.": "127.0.0.3",
-                                "outside.example.": "127.0.0.2"}
+    with (
+        tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", one_port) as one,
+        tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", one_port) as two,
+        DNSServer() as dns_server,
+    ):
+        dns_server.addresses = {
+            "one.apps.test.": "127.0.0.2",
+            "two.apps.test.": "127.0.0.3",
+            "outside.example.": "127.0.0.2",
+        }
         port = free_port()
         config = f"""
 listeners:
@@ -121,21 +141,27 @@ dns: {{servers: ["127.0.0.1:{dns_server.port}"]}}
                     tls_client(ca, port, refused_name)
 
             def rejected(reason):
-                return router.metric("l4router_connections_rejected_total", listener="edge",
-                                     reason=reason)
+                return router.metric(
+                    "l4router_connections_rejected_total", listener="edge", reason=reason
+                )
 
-            wait_until(lambda: rejected("name_not_allowed") == 1 and
-                       rejected("name_unresolved") == 1, message="both refusals counted")
-            lookups = {outcome: router.metric("l4router_backend_named_lookups_total",
-                                              backend="by_name", outcome=outcome)
-                       for outcome in ("cached", "resolved", "name_not_allowed",
-                                       "name_unresolved")}
+            wait_until(
+                lambda: rejected("name_not_allowed") == 1 and rejected("name_unresolved") == 1,
+                message="both refusals counted",
+            )
+            lookups = {
+                outcome: router.metric(
+                    "l4router_backend_named_lookups_total", backend="by_name", outcome=outcome
+                )
+                for outcome in ("cached", "resolved", "name_not_allowed", "name_unresolved")
+            }
             servers = [e["server"] for e in router.wait_access_events(5)]
     assert lookups == {"cached": 1, "resolved": 2, "name_not_allowed": 1, "name_unresolved": 1}
     assert queries_before.count("one.apps.test.") == 1  # the second client used the cache
     assert "outside.example." not in dns_server.questions  # never looked up
     assert sorted(s for s in servers if s) == sorted(
-        [f"one.apps.test:{one_port}"] * 2 + [f"two.apps.test:{one_port}"])
+        [f"one.apps.test:{one_port}"] * 2 + [f"two.apps.test:{one_port}"]
+    )
     assert one.connections == 2 and two.connections == 1
 
 
@@ -144,11 +170,15 @@ def test_a_named_group_of_the_route_names_the_server(tmp_path):
     `tenant` from the SNI: the server is the tenant's, fenced by allow on the name made."""
     ca = trustme.CA()
     port_of_servers = free_port("127.0.0.2")
-    with tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", port_of_servers), \
-            tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", port_of_servers), \
-            DNSServer() as dns_server:
-        dns_server.addresses = {"one.internal.test.": "127.0.0.2",
-                                "two.internal.test.": "127.0.0.3"}
+    with (
+        tls_backend(ca, "one", ["*.apps.test"], "127.0.0.2", port_of_servers),
+        tls_backend(ca, "two", ["*.apps.test"], "127.0.0.3", port_of_servers),
+        DNSServer() as dns_server,
+    ):
+        dns_server.addresses = {
+            "one.internal.test.": "127.0.0.2",
+            "two.internal.test.": "127.0.0.3",
+        }
         port = free_port()
         config = f"""
 listeners:
@@ -167,6 +197,8 @@ dns: {{servers: ["127.0.0.1:{dns_server.port}"]}}
             assert tls_client(ca, port, "one.apps.test").startswith("one ")
             assert tls_client(ca, port, "two.apps.test").startswith("two ")
             servers = [e["server"] for e in router.wait_access_events(2)]
-    assert servers == [f"one.internal.test:{port_of_servers}",
-                       f"two.internal.test:{port_of_servers}"]
+    assert servers == [
+        f"one.internal.test:{port_of_servers}",
+        f"two.internal.test:{port_of_servers}",
+    ]
     assert "one.apps.test." not in dns_server.questions

@@ -65,16 +65,20 @@ garbage = answer_lines(lambda data: b"\x00\xffgarbage\r\n\r\n")
 
 
 def backend_block(name, port, check):
-    return (f"  {name}:\n    servers: [\"127.0.0.1:{port}\"]\n"
-            f"    health_check: {{interval: 200ms, timeout: 1s, rise: 1, fall: 1, {check}}}\n")
+    return (
+        f'  {name}:\n    servers: ["127.0.0.1:{port}"]\n'
+        f"    health_check: {{interval: 200ms, timeout: 1s, rise: 1, fall: 1, {check}}}\n"
+    )
 
 
-def test_each_probe_keeps_its_speaking_server_up_and_marks_a_wrong_one_down(tmp_path, nginx,
-                                                                              sshd):
+def test_each_probe_keeps_its_speaking_server_up_and_marks_a_wrong_one_down(tmp_path, nginx, sshd):
     http_port, tls_port = nginx
     ssh_port, _ = sshd
-    with Backend("redis", redis_like) as redis, Backend("pg", postgres_like) as postgres, \
-            Backend("garbage", garbage) as junk:
+    with (
+        Backend("redis", redis_like) as redis,
+        Backend("pg", postgres_like) as postgres,
+        Backend("garbage", garbage) as junk,
+    ):
         expected = {  # backend -> (port, check, up?)
             "http_ok": (http_port, "probe: http, path: /healthz", True),
             "http_503": (http_port, "probe: http, path: /broken", False),
@@ -87,33 +91,51 @@ def test_each_probe_keeps_its_speaking_server_up_and_marks_a_wrong_one_down(tmp_
             "redis_garbage": (junk.port, "probe: redis", False),
             "postgres_ok": (postgres.port, "probe: postgres", True),
             "postgres_garbage": (junk.port, "probe: postgres", False),
-            "content_ok": (redis.port, "probe: content, send: \"PING\\r\\n\", "
-                                       "expect: \"^\\\\+PONG\"", True),
-            "content_bad": (junk.port, "probe: content, send: \"hello\\n\", "
-                                       "expect: \"^OK\"", False),
+            "content_ok": (
+                redis.port,
+                'probe: content, send: "PING\\r\\n", expect: "^\\\\+PONG"',
+                True,
+            ),
+            "content_bad": (junk.port, 'probe: content, send: "hello\\n", expect: "^OK"', False),
         }
         port = free_port()
-        config = (f"listeners:\n  - name: front\n    listen: \"127.0.0.1:{port}\"\n"
-                  "    default: reject\nbackends:\n"
-                  + "".join(backend_block(name, p, check)
-                            for name, (p, check, _) in expected.items()))
+        config = (
+            f'listeners:\n  - name: front\n    listen: "127.0.0.1:{port}"\n'
+            "    default: reject\nbackends:\n"
+            + "".join(backend_block(name, p, check) for name, (p, check, _) in expected.items())
+        )
         with Router(tmp_path, config) as router:
+
             def settled():
-                return all(router.metric("l4router_backend_health_checks_total", backend=name,
-                                         server=f"127.0.0.1:{p}",
-                                         result="ok" if up else "failed") >= 2
-                           for name, (p, _, up) in expected.items())
+                return all(
+                    router.metric(
+                        "l4router_backend_health_checks_total",
+                        backend=name,
+                        server=f"127.0.0.1:{p}",
+                        result="ok" if up else "failed",
+                    )
+                    >= 2
+                    for name, (p, _, up) in expected.items()
+                )
 
             wait_until(settled, timeout=20, message="two checks of every backend")
-            states = {b["backend"]: b["servers"][0]["healthy"]
-                      for b in json.loads(router.get("/status/backends"))}
-            ups = {name: router.metric("l4router_backend_server_up", backend=name,
-                                       server=f"127.0.0.1:{p}")
-                   for name, (p, _, _) in expected.items()}
+            states = {
+                b["backend"]: b["servers"][0]["healthy"]
+                for b in json.loads(router.get("/status/backends"))
+            }
+            ups = {
+                name: router.metric(
+                    "l4router_backend_server_up", backend=name, server=f"127.0.0.1:{p}"
+                )
+                for name, (p, _, _) in expected.items()
+            }
     assert states == {name: up for name, (_, _, up) in expected.items()}
     assert ups == {name: float(up) for name, (_, _, up) in expected.items()}
-    why = {e["backend"]: e["why"] for e in router.events()
-           if e.get("log_format", "").startswith("Backend {backend} server {server} is down")}
+    why = {
+        e["backend"]: e["why"]
+        for e in router.events()
+        if e.get("log_format", "").startswith("Backend {backend} server {server} is down")
+    }
     assert "HTTP 503, expected 2xx or 3xx" in why["http_503"]
     assert "not a TLS ServerHello" in why["tls_on_http"]
     assert "not an SSH banner" in why["ssh_on_http"]
@@ -127,19 +149,38 @@ def test_a_server_that_accepts_and_never_answers_is_down_after_the_timeout(tmp_p
     try:
         silent_port = silent.getsockname()[1]
         port = free_port()
-        config = (f"listeners:\n  - name: front\n    listen: \"127.0.0.1:{port}\"\n"
-                  "    default: reject\nbackends:\n"
-                  + backend_block("mute", silent_port, "probe: redis").replace(
-                      "timeout: 1s", "timeout: 300ms"))
+        config = (
+            f'listeners:\n  - name: front\n    listen: "127.0.0.1:{port}"\n'
+            "    default: reject\nbackends:\n"
+            + backend_block("mute", silent_port, "probe: redis").replace(
+                "timeout: 1s", "timeout: 300ms"
+            )
+        )
         with Router(tmp_path, config) as router:
-            wait_until(lambda: router.metric("l4router_backend_server_up", backend="mute",
-                                             server=f"127.0.0.1:{silent_port}") == 0
-                       and router.metric("l4router_backend_health_checks_total",
-                                         backend="mute", server=f"127.0.0.1:{silent_port}",
-                                         result="failed") >= 1,
-                       timeout=10, message="the mute server marked down")
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_backend_server_up",
+                        backend="mute",
+                        server=f"127.0.0.1:{silent_port}",
+                    )
+                    == 0
+                    and router.metric(
+                        "l4router_backend_health_checks_total",
+                        backend="mute",
+                        server=f"127.0.0.1:{silent_port}",
+                        result="failed",
+                    )
+                    >= 1
+                ),
+                timeout=10,
+                message="the mute server marked down",
+            )
     finally:
         silent.close()
-    why = [e["why"] for e in router.events()
-           if e.get("log_format", "").startswith("Backend {backend} server {server} is down")]
+    why = [
+        e["why"]
+        for e in router.events()
+        if e.get("log_format", "").startswith("Backend {backend} server {server} is down")
+    ]
     assert why and "no answer within 0.3s" in why[0]

@@ -91,11 +91,16 @@ def test_max_connections_admits_exactly_its_value_over_all_workers(tmp_path, wor
                     assert sum(relayed for _, relayed in rest) == 1, attempt
                 finally:
                     close_all(first + rest)
-                wait_until(lambda: router.metric("l4router_connections_active",
-                                                 listener="front") == 0,
-                           message="every connection closed")
-            assert router.metric("l4router_connections_rejected_total", listener="front",
-                                 reason="limit_listener") == 45
+                wait_until(
+                    lambda: router.metric("l4router_connections_active", listener="front") == 0,
+                    message="every connection closed",
+                )
+            assert (
+                router.metric(
+                    "l4router_connections_rejected_total", listener="front", reason="limit_listener"
+                )
+                == 45
+            )
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -109,8 +114,14 @@ def test_per_source_limit_admits_exactly_its_value_from_each_source(tmp_path, wo
                 first, second = results[:6], results[6:]
                 assert sum(relayed for _, relayed in first) == 2
                 assert sum(relayed for _, relayed in second) == 2
-                assert router.metric("l4router_connections_rejected_total", listener="front",
-                                     reason="limit_source") == 8
+                assert (
+                    router.metric(
+                        "l4router_connections_rejected_total",
+                        listener="front",
+                        reason="limit_source",
+                    )
+                    == 8
+                )
             finally:
                 close_all(results)
 
@@ -124,14 +135,21 @@ def test_a_killed_worker_gives_back_what_it_held(tmp_path):
             assert sum(relayed for _, relayed in results) == 4
             pids = worker_pids(router)
             os.kill(pids[0], signal.SIGKILL)  # with whatever it held
-            wait_until(lambda: set(worker_pids(router).values()) != set(pids.values()),
-                       timeout=20, message="the worker restarted")
-            wait_until(lambda: router.metric("l4router_workers_ready") == 2, timeout=20,
-                       message="both workers ready")
+            wait_until(
+                lambda: set(worker_pids(router).values()) != set(pids.values()),
+                timeout=20,
+                message="the worker restarted",
+            )
+            wait_until(
+                lambda: router.metric("l4router_workers_ready") == 2,
+                timeout=20,
+                message="both workers ready",
+            )
             close_all(results)
-            wait_until(lambda: router.metric("l4router_connections_active",
-                                             listener="front") == 0,
-                       message="every connection closed")
+            wait_until(
+                lambda: router.metric("l4router_connections_active", listener="front") == 0,
+                message="every connection closed",
+            )
             again = open_clients(port, [f"127.0.1.{i}" for i in range(1, 21)])
             try:
                 assert sum(relayed for _, relayed in again) == 4
@@ -146,8 +164,12 @@ def test_udp_session_limits_are_exact_over_workers(tmp_path):
         with Router(tmp_path, config, workers=2) as router:
             answered = queries_answered(port, [f"127.0.0.{i}" for i in range(1, 11)])
             assert answered == 3
-            assert router.metric("l4router_udp_datagrams_dropped_total", listener="dns",
-                                 reason="limit_listener") == 7
+            assert (
+                router.metric(
+                    "l4router_udp_datagrams_dropped_total", listener="dns", reason="limit_listener"
+                )
+                == 7
+            )
 
 
 def test_the_steering_program_hashes_the_configured_ipv6_prefix():
@@ -169,6 +191,7 @@ def test_a_token_bucket_bounds_new_connections_per_source():
     now[0] = 0.5  # one token back
     assert buckets.take("a") and not buckets.take("a")
     from l4router.config import RateLimit
+
     admission = Admission(LocalLimit(), rate=RateLimit(1.0, 1), clock=lambda: now[0])
     assert admission.admit("2001:db8::1") is None
     assert admission.admit("2001:db8::2") == "rate_source"  # the same /64
@@ -183,10 +206,17 @@ def test_new_connections_per_source_are_rate_limited_exactly(tmp_path, workers):
         with Router(tmp_path, config, workers=workers) as router:
             results = open_clients(port, ["127.0.0.1"] * 5 + ["127.0.0.2"] * 5)
             try:
-                assert [relayed for _, relayed in results] == [True] * 3 + [False] * 2 + \
-                    [True] * 3 + [False] * 2
-                assert router.metric("l4router_connections_rejected_total", listener="front",
-                                     reason="rate_source") == 4
+                assert [relayed for _, relayed in results] == [True] * 3 + [False] * 2 + [
+                    True
+                ] * 3 + [False] * 2
+                assert (
+                    router.metric(
+                        "l4router_connections_rejected_total",
+                        listener="front",
+                        reason="rate_source",
+                    )
+                    == 4
+                )
             finally:
                 close_all(results)
 
@@ -220,21 +250,30 @@ backends:
             admitted = (sum(ok for _, ok in routed), sum(ok for _, ok in capped))
 
             def refused(reason):
-                return router.metric("l4router_connections_rejected_total", listener="front",
-                                     reason=reason)
+                return router.metric(
+                    "l4router_connections_rejected_total", listener="front", reason=reason
+                )
 
-            wait_until(lambda: (refused("limit_route"), refused("limit_backend")) == (7, 6),
-                       message="the refusals counted")
+            wait_until(
+                lambda: (refused("limit_route"), refused("limit_backend")) == (7, 6),
+                message="the refusals counted",
+            )
             close_all(routed + capped)
             # Given back: as many are admitted again.
-            wait_until(lambda: router.metric("l4router_connections_active", listener="front")
-                       == 0, message="every connection ended")
+            wait_until(
+                lambda: router.metric("l4router_connections_active", listener="front") == 0,
+                message="every connection ended",
+            )
             again = http_clients(port, "r.test", sources[:3])
             assert all(ok for _, ok in again)
             close_all(again)
     assert admitted == (3, 4)
-    logged = [e for e in router.events() if e.get("reason") in ("limit_route", "limit_backend")
-              and "refused" in e.get("log_format", "")]
+    logged = [
+        e
+        for e in router.events()
+        if e.get("reason") in ("limit_route", "limit_backend")
+        and "refused" in e.get("log_format", "")
+    ]
     assert logged  # one rate-limited line per reason, not one per connection
     assert len(logged) <= 2 * workers
 
@@ -244,11 +283,18 @@ def test_a_name_limit_counts_each_sni_or_host_apart(tmp_path):
         port = free_port()
         config = limits_config(port, backend, "max_connections_per_name: 2")
         with Router(tmp_path, config) as router:
-            results = (http_clients(port, "a.test", ["127.0.0.2"] * 4)
-                       + http_clients(port, "b.test", ["127.0.0.3"] * 3))
+            results = http_clients(port, "a.test", ["127.0.0.2"] * 4) + http_clients(
+                port, "b.test", ["127.0.0.3"] * 3
+            )
             admitted = [ok for _, ok in results]
-            wait_until(lambda: router.metric("l4router_connections_rejected_total",
-                                             listener="front", reason="limit_name") == 3,
-                       message="the refusals counted")
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_connections_rejected_total", listener="front", reason="limit_name"
+                    )
+                    == 3
+                ),
+                message="the refusals counted",
+            )
             close_all(results)
     assert (sum(admitted[:4]), sum(admitted[4:])) == (2, 2)  # which ones: the order they came

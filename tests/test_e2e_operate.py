@@ -85,12 +85,24 @@ backends:
                     pass
                 client.close()
             assert replies == 50
-            assert router.metric("l4router_connections_rejected_total", listener="capped",
-                                 reason="limit_listener") == 150
-            wait_until(lambda: open_fds(router.process.pid) <= fds_before, timeout=10,
-                       message="file descriptors back to the count before")
-            refusal_logs = [e for e in router.events() if e.get("reason") == "limit_listener"
-                            and "refused" in e.get("log_format", "")]
+            assert (
+                router.metric(
+                    "l4router_connections_rejected_total",
+                    listener="capped",
+                    reason="limit_listener",
+                )
+                == 150
+            )
+            wait_until(
+                lambda: open_fds(router.process.pid) <= fds_before,
+                timeout=10,
+                message="file descriptors back to the count before",
+            )
+            refusal_logs = [
+                e
+                for e in router.events()
+                if e.get("reason") == "limit_listener" and "refused" in e.get("log_format", "")
+            ]
             assert 1 <= len(refusal_logs) <= 2  # rate-limited, not one line per refusal
 
 
@@ -122,6 +134,7 @@ def paced_reader(port, results, index, seconds):
 
 def read_paced(client, chunk_size, pause):
     import hashlib
+
     digest, count, goal = hashlib.sha256(), 0, chunk_size
     while True:
         data = client.recv(1 << 20)
@@ -157,17 +170,19 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "20s")) as router:
             results = {}
-            readers = [threading.Thread(daemon=True,
-                target=paced_reader, args=(port, results, i, 2.0))
-                       for i in range(20)]
+            readers = [
+                threading.Thread(daemon=True, target=paced_reader, args=(port, results, i, 2.0))
+                for i in range(20)
+            ]
             for reader in readers:
                 reader.start()
             wait_until(lambda: backend.connections == 20, message="20 relays")
             time.sleep(0.3)
             router.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            readyz = wait_until(lambda: router.error_status("/readyz"),
-                                message="/readyz while draining")
+            readyz = wait_until(
+                lambda: router.error_status("/readyz"), message="/readyz while draining"
+            )
             assert readyz == 503
             assert b"l4router_connections_active" in router.get("/metrics")
             with pytest.raises(OSError):
@@ -180,11 +195,26 @@ def test_sigterm_drains_relays_in_order_and_exits_0(tmp_path):
     for index in range(20):
         assert results[index] == (stream_digest(index, STREAM), STREAM), index
     messages = [e.get("log_format", "") for e in router.events()]
-    order = [m for m in messages if m.startswith(("Stopping", "Listener {listener} draining",
-                                                  "Listener {listener}: all", "l4router stopped"))]
-    assert order == ["Stopping {stage}", "Listener {listener} draining {count} connections "
-                     "(at most {timeout}s)", "Listener {listener}: all connections done",
-                     "Stopping {stage}", "Stopping {stage}", "l4router stopped"], order
+    order = [
+        m
+        for m in messages
+        if m.startswith(
+            (
+                "Stopping",
+                "Listener {listener} draining",
+                "Listener {listener}: all",
+                "l4router stopped",
+            )
+        )
+    ]
+    assert order == [
+        "Stopping {stage}",
+        "Listener {listener} draining {count} connections (at most {timeout}s)",
+        "Listener {listener}: all connections done",
+        "Stopping {stage}",
+        "Stopping {stage}",
+        "l4router stopped",
+    ], order
     stages = [e["stage"] for e in router.events() if e.get("log_format") == "Stopping {stage}"]
     assert stages == ["ListenersService", "BackendsService", "AdminService"]
 
@@ -194,8 +224,9 @@ def test_a_stream_longer_than_shutdown_timeout_is_aborted_at_the_timeout(tmp_pat
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "1s")) as router:
             results = {}
-            reader = threading.Thread(daemon=True,
-                target=paced_reader, args=(port, results, 0, 30.0))
+            reader = threading.Thread(
+                daemon=True, target=paced_reader, args=(port, results, 0, 30.0)
+            )
             reader.start()
             wait_until(lambda: backend.connections == 1, message="the relay")
             time.sleep(0.3)
@@ -232,8 +263,11 @@ def test_sighup_reload_switches_routes_without_refusing_or_breaking_anything(tmp
         while data := connection.recv(65536):
             connection.sendall(backend.name.encode() + b":" + data)
 
-    with Backend("old", reply_with_name) as old, Backend("new", reply_with_name) as new, \
-            Backend("long", echo_forever) as long_lived:
+    with (
+        Backend("old", reply_with_name) as old,
+        Backend("new", reply_with_name) as new,
+        Backend("long", echo_forever) as long_lived,
+    ):
         port = free_port()
         text = RELOAD_CONFIG.format(port=port, old=old.port, new=new.port, target="old")
         text += f"  long: {{servers: ['127.0.0.1:{long_lived.port}']}}\n"
@@ -256,31 +290,42 @@ def test_sighup_reload_switches_routes_without_refusing_or_breaking_anything(tmp
                 established.sendall(b"GET /long HTTP/1.1\r\n\r\n")
                 assert established.recv(100).startswith(b"old:")
                 time.sleep(0.3)
-                router.config_path.write_text(router.config_path.read_text().replace(
-                    "backend: old", "backend: new").replace("default: old", "default: new"))
+                router.config_path.write_text(
+                    router.config_path.read_text()
+                    .replace("backend: old", "backend: new")
+                    .replace("default: old", "default: new")
+                )
                 router.process.send_signal(signal.SIGHUP)
                 reloaded_at = time.monotonic()
-                wait_until(lambda: router.metric("l4router_config_reloads_total",
-                                                 result="success") == 1, message="the reload")
+                wait_until(
+                    lambda: router.metric("l4router_config_reloads_total", result="success") == 1,
+                    message="the reload",
+                )
                 time.sleep(0.5)
                 # An invalid config on SIGHUP changes nothing and says so.
                 good = router.config_path.read_text()
-                router.config_path.write_text(good.replace("idle_timeout", "x").replace(
-                    "detect: {timeout: 200ms}", "detect: {timeout: soon}"))
+                router.config_path.write_text(
+                    good.replace("idle_timeout", "x").replace(
+                        "detect: {timeout: 200ms}", "detect: {timeout: soon}"
+                    )
+                )
                 router.process.send_signal(signal.SIGHUP)
-                wait_until(lambda: router.metric("l4router_config_reloads_total",
-                                                 result="failure") == 1,
-                           message="the failed reload")
+                wait_until(
+                    lambda: router.metric("l4router_config_reloads_total", result="failure") == 1,
+                    message="the failed reload",
+                )
                 assert router.metric("l4router_config_last_reload_success") == 0
                 time.sleep(0.3)
             finally:
                 stop.set()
                 loader.join(10)
             established.close()
-            errors = [e for e in router.events() if e.get("log_format", "").startswith(
-                "Reload failed")]
-    assert all(isinstance(r, bytes) and r for _, r in results), \
-        [r for _, r in results if not isinstance(r, bytes) or not r][:3]
+            errors = [
+                e for e in router.events() if e.get("log_format", "").startswith("Reload failed")
+            ]
+    assert all(isinstance(r, bytes) and r for _, r in results), [
+        r for _, r in results if not isinstance(r, bytes) or not r
+    ][:3]
     before = [r for t, r in results if t < reloaded_at - 0.05]
     after = [r for t, r in results if t > reloaded_at + 0.3]
     assert before and all(r.startswith(b"old:") for r in before)
@@ -307,23 +352,45 @@ backends:
   tenants: {{server_from: "{{sni}}:443", allow: ["*.tenants.test"]}}
 """
         with Router(tmp_path, config) as router:
-            assert router.post(f"/backends/app_servers/servers/127.0.0.1:{spare_port}/drain")[0] \
-                == 200
+            assert (
+                router.post(f"/backends/app_servers/servers/127.0.0.1:{spare_port}/drain")[0] == 200
+            )
             assert ask(port, b"GET / HTTP/1.1\r\n\r\n").startswith(b"app:")
             url = f"http://127.0.0.1:{router.admin_port}/"
-            flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                     "--no-first-run", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync",
-                     f"--user-data-dir={tmp_path / 'chromium'}"]
-            dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True,
-                                 text=True, timeout=60).stdout
+            flags = [
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+            ]
+            dom = subprocess.run(
+                [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=60
+            ).stdout
             ARTIFACTS.mkdir(exist_ok=True)
             screenshot = ARTIFACTS / "status_page.png"
-            subprocess.run([chromium, *flags, f"--screenshot={screenshot}",
-                            "--window-size=1280,900", url], capture_output=True, timeout=60)
-    for text in ("public_edge", f"127.0.0.1:{port}", "to_app", "app_servers",
-                 f"127.0.0.1:{app.port}", "completed", ">up<", ">state<", ">enabled<",
-                 ">draining<", "named by the client: {sni}:443"):
+            subprocess.run(
+                [chromium, *flags, f"--screenshot={screenshot}", "--window-size=1280,900", url],
+                capture_output=True,
+                timeout=60,
+            )
+    for text in (
+        "public_edge",
+        f"127.0.0.1:{port}",
+        "to_app",
+        "app_servers",
+        f"127.0.0.1:{app.port}",
+        "completed",
+        ">up<",
+        ">state<",
+        ">enabled<",
+        ">draining<",
+        "named by the client: {sni}:443",
+    ):
         assert text in dom, text
     assert screenshot.stat().st_size > 10000
 
@@ -336,12 +403,27 @@ def test_uid_nobody_binds_a_low_port_as_root_then_drops_privileges(tmp_path):
     config = tmp_path / "low.yaml"
     # One process: workers would be started by nobody, who cannot run this machine's Python
     # (it lives under /root); they get their own tests.
-    config.write_text(f"listeners: [{{name: low, listen: '127.0.0.1:{port}', default: reject}}]\n"
-                      "workers: 1\n")
+    config.write_text(
+        f"listeners: [{{name: low, listen: '127.0.0.1:{port}', default: reject}}]\nworkers: 1\n"
+    )
     config.chmod(0o644)
-    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--uid", str(nobody.pw_uid),
-                                "--gid", str(nobody.pw_gid), "l4router", "-c", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    process = subprocess.Popen(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--uid",
+            str(nobody.pw_uid),
+            "--gid",
+            str(nobody.pw_gid),
+            "l4router",
+            "-c",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     try:
         wait_until(lambda: not _free(port), message="the low port to be bound")
         with open(f"/proc/{process.pid}/status") as status:
@@ -392,9 +474,22 @@ workers: {workers}
         with open(log, "wb") as output:
             process = subprocess.Popen(
                 # --fdname sets LISTEN_FDNAMES as systemd 227+ does; Twisted requires it.
-                [activate, "-l", f"127.0.0.1:{port}", "--fdname=edge", TWISTD, "-n",
-                 "--pidfile=", "l4router",
-                 "-c", str(config)], stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
+                [
+                    activate,
+                    "-l",
+                    f"127.0.0.1:{port}",
+                    "--fdname=edge",
+                    TWISTD,
+                    "-n",
+                    "--pidfile=",
+                    "l4router",
+                    "-c",
+                    str(config),
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+            )
             try:
                 # The socket is systemd's: it accepts before l4router even runs.
                 wait_until(lambda: listening(port), message="systemd-socket-activate")
@@ -410,8 +505,7 @@ workers: {workers}
                     for other in others:
                         os.kill(other, signal.SIGSTOP)
                     try:
-                        workers_answering.append(ask(port, b"GET / HTTP/1.1\r\n\r\n",
-                                                     timeout=20))
+                        workers_answering.append(ask(port, b"GET / HTTP/1.1\r\n\r\n", timeout=20))
                     finally:
                         for other in others:
                             os.kill(other, signal.SIGCONT)
@@ -427,7 +521,6 @@ workers: {workers}
 
 def _ready(admin):
     try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2).status \
-            == 200
+        return urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2).status == 200
     except OSError:
         return False

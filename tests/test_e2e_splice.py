@@ -41,8 +41,10 @@ def test_idle_timeout_and_shutdown_abort_with_splice(tmp_path):
 
     with Backend("hold", hold) as backend:
         port = free_port()
-        config = splice_config(port, backend.port, extra="idle_timeout: 1s") + \
-            "shutdown_timeout: 300ms\n"  # shorter than idle_timeout: the drain aborts first
+        config = (
+            splice_config(port, backend.port, extra="idle_timeout: 1s")
+            + "shutdown_timeout: 300ms\n"
+        )  # shorter than idle_timeout: the drain aborts first
         with Router(tmp_path, config) as router:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
                 idle.sendall(b"\xffIDLE")  # decided at once: unknown -> default
@@ -79,8 +81,9 @@ def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(t
             pid = router.process.pid
             # The least of a few looks: a file the router reads now and then (its own /proc
             # for the process gauges) must not count as one of its relays' descriptors.
-            before = min(_sleep_then(0.05, lambda: len(os.listdir(f"/proc/{pid}/fd")))
-                         for _ in range(5))
+            before = min(
+                _sleep_then(0.05, lambda: len(os.listdir(f"/proc/{pid}/fd"))) for _ in range(5)
+            )
             clients = []
             for _ in range(10):
                 client = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -89,8 +92,10 @@ def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(t
                 clients.append(client)
             # Ten idle relays: two sockets each, no pipe (a short flow is copied; a direction
             # splices only once it shows bulk: SPLICE_AFTER bytes and a large read).
-            wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) - before == 20,
-                       message="two descriptors per idle relay")
+            wait_until(
+                lambda: len(os.listdir(f"/proc/{pid}/fd")) - before == 20,
+                message="two descriptors per idle relay",
+            )
             # Not one descriptor more: twenty directions share the pooled pipe; the others copy.
             held = len(os.listdir(f"/proc/{pid}/fd"))
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (held, held))
@@ -108,8 +113,10 @@ def test_idle_relays_hold_no_pipes_and_busy_ones_copy_when_descriptors_run_out(t
                 results[index] = read_to_end(client)
                 sender.join()
 
-            threads = [threading.Thread(daemon=True,
-                target=stream, args=(i, c)) for i, c in enumerate(clients)]
+            threads = [
+                threading.Thread(daemon=True, target=stream, args=(i, c))
+                for i, c in enumerate(clients)
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -91,8 +91,14 @@ def two_records(hello):
     """The same ClientHello handshake message carried in two TLS records."""
     body = hello[5:]
     cut = len(body) // 3
-    return [hello[:3] + cut.to_bytes(2, "big") + body[:cut]
-            + hello[:3] + (len(body) - cut).to_bytes(2, "big") + body[cut:]]
+    return [
+        hello[:3]
+        + cut.to_bytes(2, "big")
+        + body[:cut]
+        + hello[:3]
+        + (len(body) - cut).to_bytes(2, "big")
+        + body[cut:]
+    ]
 
 
 TLS_CONFIG = """
@@ -114,8 +120,10 @@ backends:
 
 
 def test_tls_routed_by_sni_and_alpn_with_handshakes_completing(tmp_path, ca):
-    with tls_backend(ca, "A", ["a.example.com", "*.a.example.com"]) as a, \
-            tls_backend(ca, "B", ["b.example.com", "alpn.example.com"]) as b:
+    with (
+        tls_backend(ca, "A", ["a.example.com", "*.a.example.com"]) as a,
+        tls_backend(ca, "B", ["b.example.com", "alpn.example.com"]) as b,
+    ):
         port = free_port()
         with Router(tmp_path, TLS_CONFIG.format(port=port, a=a.port, b=b.port)) as router:
             assert tls_client(ca, port, "a.example.com") == "A alpn=None"
@@ -131,17 +139,29 @@ def test_tls_routed_by_sni_and_alpn_with_handshakes_completing(tmp_path, ca):
             assert first["backend"] == "a" and first["server"] == f"127.0.0.1:{a.port}"
             assert first["reason"] in ("completed", "client_closed", "backend_closed")
             assert first["bytes_up"] > 200 and first["bytes_down"] > 500
-            assert router.metric("l4router_connections_routed_total", listener="edge",
-                                 protocol="tls", route="routes[0]", backend="b") == 1
+            assert (
+                router.metric(
+                    "l4router_connections_routed_total",
+                    listener="edge",
+                    protocol="tls",
+                    route="routes[0]",
+                    backend="b",
+                )
+                == 1
+            )
 
 
-@pytest.mark.parametrize("segments", [
-    pytest.param(lambda hello: [hello[i:i + 1] for i in range(len(hello))], id="byte-per-segment"),
-    pytest.param(two_records, id="two-records"),
-])
+@pytest.mark.parametrize(
+    "segments",
+    [
+        pytest.param(
+            lambda hello: [hello[i : i + 1] for i in range(len(hello))], id="byte-per-segment"
+        ),
+        pytest.param(two_records, id="two-records"),
+    ],
+)
 def test_fragmented_client_hello_still_routed_by_sni(tmp_path, ca, segments):
-    with tls_backend(ca, "A", ["a.example.com"]) as a, \
-            tls_backend(ca, "B", ["b.example.com"]) as b:
+    with tls_backend(ca, "A", ["a.example.com"]) as a, tls_backend(ca, "B", ["b.example.com"]) as b:
         port = free_port()
         with Router(tmp_path, TLS_CONFIG.format(port=port, a=a.port, b=b.port)):
             assert segmented_tls_client(ca, port, "a.example.com", segments) == "A alpn=None"
@@ -177,26 +197,41 @@ def http_exchange(port, request):
 
 
 def test_http1_routed_by_host_and_path_and_no_host_goes_to_default(tmp_path):
-    with Backend("api", http_reply_with_name) as api, \
-            Backend("shop", http_reply_with_name) as shop, \
-            Backend("fallback", http_reply_with_name) as fallback:
+    with (
+        Backend("api", http_reply_with_name) as api,
+        Backend("shop", http_reply_with_name) as shop,
+        Backend("fallback", http_reply_with_name) as fallback,
+    ):
         port = free_port()
-        config = HTTP_CONFIG.format(port=port, api=api.port, shop=shop.port,
-                                    fallback=fallback.port)
+        config = HTTP_CONFIG.format(port=port, api=api.port, shop=shop.port, fallback=fallback.port)
         with Router(tmp_path, config) as router:
             get = b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n"
             assert http_exchange(port, get % (b"/api/v1", b"x.org")).endswith(b"api /api/v1")
             assert http_exchange(port, get % (b"/cart", b"WWW.Shop.Example:8080")).endswith(
-                b"shop /cart")
+                b"shop /cart"
+            )
             assert http_exchange(port, get % (b"/", b"other.example")).endswith(b"fallback /")
             assert http_exchange(port, b"GET /nohost HTTP/1.0\r\n\r\n").endswith(
-                b"fallback /nohost")
+                b"fallback /nohost"
+            )
             assert http_exchange(port, get % (b"/", b"blocked.example")) == b""
             assert shop.results[0] == get % (b"/cart", b"WWW.Shop.Example:8080")
-            assert router.metric("l4router_connections_rejected_total", listener="web",
-                                 reason="rejected") == 1
-            assert router.metric("l4router_connections_routed_total", listener="web",
-                                 protocol="http1", route="default", backend="fallback") == 2
+            assert (
+                router.metric(
+                    "l4router_connections_rejected_total", listener="web", reason="rejected"
+                )
+                == 1
+            )
+            assert (
+                router.metric(
+                    "l4router_connections_routed_total",
+                    listener="web",
+                    protocol="http1",
+                    route="default",
+                    backend="fallback",
+                )
+                == 2
+            )
 
 
 def relay_config(port, backend_port, extra=""):
@@ -231,8 +266,9 @@ def test_256_mib_each_way_byte_exact(tmp_path, relay):
             with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
                 client.sendall(b"BULK")  # unknown protocol -> default
                 result = {}
-                reader = threading.Thread(daemon=True,
-                    target=lambda: result.update(down=read_to_end(client)))
+                reader = threading.Thread(
+                    daemon=True, target=lambda: result.update(down=read_to_end(client))
+                )
                 reader.start()
                 send_stream(client, 1, SIZE)
                 client.shutdown(socket.SHUT_WR)
@@ -244,8 +280,12 @@ def test_256_mib_each_way_byte_exact(tmp_path, relay):
             event = router.wait_access_events(1)[0]
             assert event["bytes_up"] == SIZE + 4 and event["bytes_down"] == SIZE
             assert event["reason"] == "completed"
-            assert router.metric("l4router_bytes_relayed_total", listener="bulk",
-                                 direction="downstream") == SIZE
+            assert (
+                router.metric(
+                    "l4router_bytes_relayed_total", listener="bulk", direction="downstream"
+                )
+                == SIZE
+            )
 
 
 @RELAYS
@@ -262,8 +302,7 @@ def test_half_close_client_still_gets_the_whole_reply(tmp_path, relay):
             with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
                 client.sendall(b"GET /report HTTP/1.1\r\nHost: x\r\n\r\n")
                 client.shutdown(socket.SHUT_WR)
-                assert read_to_end(client) == (stream_digest(7, 8 * 1024 * 1024),
-                                               8 * 1024 * 1024)
+                assert read_to_end(client) == (stream_digest(7, 8 * 1024 * 1024), 8 * 1024 * 1024)
             assert backend.results[0][1] == len(b"GET /report HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
@@ -296,8 +335,10 @@ def test_client_that_stops_reading_keeps_router_memory_bounded(tmp_path, relay):
 
 
 def test_silent_unknown_and_rejected_clients(tmp_path):
-    with Backend("slow", reply_with_name) as timeout_backend, \
-            Backend("other", reply_with_name) as other:
+    with (
+        Backend("slow", reply_with_name) as timeout_backend,
+        Backend("other", reply_with_name) as other,
+    ):
         port = free_port()
         config = f"""
 listeners:
@@ -322,22 +363,50 @@ backends:
                 assert time.monotonic() - started >= 0.5
                 silent.sendall(b"HELO")
                 assert silent.recv(100) == b"slow:HELO"
-            assert http_exchange(port, b"\x00\x01\x02 not a protocol") == \
-                b"other:\x00\x01\x02 not a protocol"
+            assert (
+                http_exchange(port, b"\x00\x01\x02 not a protocol")
+                == b"other:\x00\x01\x02 not a protocol"
+            )
             with socket.create_connection(("127.0.0.1", port), timeout=10) as tls_client_socket:
                 tls_client_socket.sendall(capture("tls_curl.bin"))
                 started = time.monotonic()
                 assert tls_client_socket.recv(100) == b""
                 assert time.monotonic() - started < 0.5
             metric = router.metric
-            assert metric("l4router_connections_routed_total", listener="mixed",
-                          protocol="timeout", route="on_timeout", backend="server_first") == 1
-            assert metric("l4router_connections_routed_total", listener="mixed",
-                          protocol="unknown", route="default", backend="other") == 1
-            assert metric("l4router_connections_routed_total", listener="mixed",
-                          protocol="tls", route="routes[0]", backend="reject") == 1
-            assert metric("l4router_connections_rejected_total", listener="mixed",
-                          reason="rejected") == 1
+            assert (
+                metric(
+                    "l4router_connections_routed_total",
+                    listener="mixed",
+                    protocol="timeout",
+                    route="on_timeout",
+                    backend="server_first",
+                )
+                == 1
+            )
+            assert (
+                metric(
+                    "l4router_connections_routed_total",
+                    listener="mixed",
+                    protocol="unknown",
+                    route="default",
+                    backend="other",
+                )
+                == 1
+            )
+            assert (
+                metric(
+                    "l4router_connections_routed_total",
+                    listener="mixed",
+                    protocol="tls",
+                    route="routes[0]",
+                    backend="reject",
+                )
+                == 1
+            )
+            assert (
+                metric("l4router_connections_rejected_total", listener="mixed", reason="rejected")
+                == 1
+            )
 
 
 def test_refusing_backend_closes_the_client_promptly_and_is_counted(tmp_path):
@@ -360,13 +429,27 @@ backends:
         elapsed = time.monotonic() - started
         # Three refused attempts 100 ms then 200 ms apart: well inside connect_timeout.
         assert 0.3 <= elapsed < 1.0 + 0.5, elapsed
-        assert router.metric("l4router_backend_connect_failures_total", backend="dead",
-                             server=f"127.0.0.1:{dead_port}", reason="refused") == 3
+        assert (
+            router.metric(
+                "l4router_backend_connect_failures_total",
+                backend="dead",
+                server=f"127.0.0.1:{dead_port}",
+                reason="refused",
+            )
+            == 3
+        )
         assert router.metric("l4router_backend_retries_total", backend="dead") == 2
-        assert router.metric("l4router_connections_rejected_total", listener="edge",
-                             reason="connect_failed") == 1
-        warnings = [e for e in router.events() if e.get("backend") == "dead"
-                    and e.get("log_level") and e["log_level"].name == "warn"]
+        assert (
+            router.metric(
+                "l4router_connections_rejected_total", listener="edge", reason="connect_failed"
+            )
+            == 1
+        )
+        warnings = [
+            e
+            for e in router.events()
+            if e.get("backend") == "dead" and e.get("log_level") and e["log_level"].name == "warn"
+        ]
         assert warnings and warnings[0]["reason"] == "connect_failed", router.log_text()
         attempts = [e["log_time"] for e in router.events() if e.get("attempt")]
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]

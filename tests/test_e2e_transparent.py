@@ -55,8 +55,12 @@ def namespaces():
             run("ip", "link", "set", "lo", "up", namespace=namespace)
         run("ip", "link", "add", f"c{tag}", "type", "veth", "peer", "name", f"rc{tag}")
         run("ip", "link", "add", f"s{tag}", "type", "veth", "peer", "name", f"rs{tag}")
-        for link, namespace in ((f"c{tag}", client), (f"rc{tag}", router),
-                                (f"rs{tag}", router), (f"s{tag}", server)):
+        for link, namespace in (
+            (f"c{tag}", client),
+            (f"rc{tag}", router),
+            (f"rs{tag}", router),
+            (f"s{tag}", server),
+        ):
             run("ip", "link", "set", link, "netns", namespace)
             run("ip", "link", "set", link, "up", namespace=namespace)
         run("ip", "addr", "add", "10.77.1.2/24", "dev", f"c{tag}", namespace=client)
@@ -66,10 +70,30 @@ def namespaces():
         run("ip", "addr", "add", "10.77.2.2/24", "dev", f"s{tag}", namespace=server)
         run("ip", "route", "add", "default", "via", "10.77.2.1", namespace=server)
         # What comes back from the servers for a client address is for this host's sockets.
-        run("ip", "rule", "add", "from", "10.77.2.0/24", "iif", f"rs{tag}", "lookup", "100",
-            namespace=router)
-        run("ip", "route", "add", "local", "10.77.1.0/24", "dev", "lo", "table", "100",
-            namespace=router)
+        run(
+            "ip",
+            "rule",
+            "add",
+            "from",
+            "10.77.2.0/24",
+            "iif",
+            f"rs{tag}",
+            "lookup",
+            "100",
+            namespace=router,
+        )
+        run(
+            "ip",
+            "route",
+            "add",
+            "local",
+            "10.77.1.0/24",
+            "dev",
+            "lo",
+            "table",
+            "100",
+            namespace=router,
+        )
         yield client, router, server
     finally:
         for namespace in created:
@@ -89,21 +113,34 @@ logging: {format: json}
 workers: 1
 """)
     log_path = tmp_path / "router.log"
-    server_process = subprocess.Popen(["ip", "netns", "exec", server, sys.executable, "-c",
-                                       SERVER], stdout=subprocess.PIPE, text=True)
+    server_process = subprocess.Popen(
+        ["ip", "netns", "exec", server, sys.executable, "-c", SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     router_log = open(log_path, "wb")
-    router_process = subprocess.Popen(["ip", "netns", "exec", router, TWISTD, "-n",
-                                       "--pidfile=", "l4router", "-c", str(config)],
-                                      stdout=router_log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    router_process = subprocess.Popen(
+        ["ip", "netns", "exec", router, TWISTD, "-n", "--pidfile=", "l4router", "-c", str(config)],
+        stdout=router_log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     try:
         assert server_process.stdout.readline().strip() == "listening"
-        wait_until(lambda: b"\"address\": \"10.77.1.1:4443\"" in log_path.read_bytes(),
-                   message="the router accepting")
+        wait_until(
+            lambda: b'"address": "10.77.1.1:4443"' in log_path.read_bytes(),
+            message="the router accepting",
+        )
         answers = []
         for _ in range(3):
-            answers.append(subprocess.run(["ip", "netns", "exec", client, sys.executable,
-                                           "-c", CLIENT], capture_output=True, text=True,
-                                          timeout=30).stdout.strip())
+            answers.append(
+                subprocess.run(
+                    ["ip", "netns", "exec", client, sys.executable, "-c", CLIENT],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                ).stdout.strip()
+            )
             time.sleep(0.1)
     finally:
         router_process.terminate()
@@ -116,7 +153,8 @@ workers: 1
         events = list(eventsFromJSONLogFile(stream))
     access = [e for e in events if e.get("log_namespace") == "l4router.access"]
     assert [(e["source"], e["server"], e["reason"]) for e in access] == [
-        ("10.77.1.2", "10.77.2.2:7000", "completed")] * 3
+        ("10.77.1.2", "10.77.2.2:7000", "completed")
+    ] * 3
     assert router_process.returncode == 0, json.dumps([e.get("log_format") for e in events])
 
 
@@ -126,10 +164,23 @@ def test_transparent_needs_cap_net_admin_and_says_so(tmp_path):
 listeners: [{name: edge, listen: "127.0.0.1:1", default: app}]
 backends: {app: {servers: ["127.0.0.1:2"], transparent: true}}
 """)
-    done = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin,-net_raw",
-                           TWISTD,
-                           "-n", "--pidfile=", "l4router", "-c", str(config)],
-                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-net_admin,-net_raw",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "l4router",
+            "-c",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "backends.app.transparent: IP_TRANSPARENT refused" in done.stderr
     assert "CAP_NET_ADMIN" in done.stderr

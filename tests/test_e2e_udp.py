@@ -31,8 +31,9 @@ def queries_answered(port, sources, settle=1.0):
             clients.append(client)
             if source is not None:
                 client.bind((source, 0))
-            client.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
-                          ("127.0.0.1", port))
+            client.sendto(
+                dns.message.make_query("a.alpha.test", "A").to_wire(), ("127.0.0.1", port)
+            )
         time.sleep(settle)  # every answer there is has come by now
         answered = 0
         for client in clients:
@@ -104,10 +105,14 @@ def test_10000_dns_queries_from_50_ports_routed_by_zone(tmp_path):
             assert len(answers) + len(lost) == 10000
             assert len(lost) <= 20, f"{len(lost)} lost (each after a 1 s timeout)"
             assert alpha.queries + beta.queries >= len(answers)
-            assert router.metric("l4router_udp_sessions_created_total", listener="dns",
-                                 protocol="dns") == 50
-            assert router.metric("l4router_udp_datagrams_total", listener="dns",
-                                 direction="upstream") == 10000
+            assert (
+                router.metric("l4router_udp_sessions_created_total", listener="dns", protocol="dns")
+                == 50
+            )
+            assert (
+                router.metric("l4router_udp_datagrams_total", listener="dns", direction="upstream")
+                == 10000
+            )
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +128,20 @@ def quic_servers(tmp_path_factory):
         cert.cert_chain_pems[0].write_to_path(str(folder / f"{name}.pem"))
         port = free_port()
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.quic_peers", "serve", name, str(port),
-             str(folder / f"{name}.pem"), str(folder / f"{name}.key")],
-            cwd=CHECKOUT, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "tests.quic_peers",
+                "serve",
+                name,
+                str(port),
+                str(folder / f"{name}.pem"),
+                str(folder / f"{name}.key"),
+            ],
+            cwd=CHECKOUT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert process.stdout.readline().strip() == "listening"
         servers[name] = port
         processes.append(process)
@@ -137,8 +153,13 @@ def quic_servers(tmp_path_factory):
 
 def http3_get(port, server_name, ca, big=False):
     command = [sys.executable, "-m", "tests.quic_peers", "get", str(port), server_name, str(ca)]
-    result = subprocess.run(command + (["--big"] if big else []), cwd=CHECKOUT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        command + (["--big"] if big else []),
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return result.stdout
 
 
@@ -157,8 +178,8 @@ listeners:
         backend: beta
     default: reject
 backends:
-  alpha: {{servers: ["127.0.0.1:{servers['alpha']}"]}}
-  beta: {{servers: ["127.0.0.1:{servers['beta']}"]}}
+  alpha: {{servers: ["127.0.0.1:{servers["alpha"]}"]}}
+  beta: {{servers: ["127.0.0.1:{servers["beta"]}"]}}
 """
     with Router(tmp_path, config) as router:
         # The handshakes complete only with the right server: each has its own certificate.
@@ -166,8 +187,9 @@ backends:
         assert http3_get(port, "beta.quic.test", ca) == "beta /hello"
         # A ClientHello in two Initial packets is still routed by its SNI.
         assert http3_get(port, "big.quic.test", ca, big=True) == "beta /hello"
-        created = router.metric("l4router_udp_sessions_created_total", listener="h3",
-                                protocol="quic")
+        created = router.metric(
+            "l4router_udp_sessions_created_total", listener="h3", protocol="quic"
+        )
         assert created == 3
 
 
@@ -175,14 +197,16 @@ def test_sessions_expire_limits_reject_and_random_datagrams_do_no_harm(tmp_path)
     with DNSServer("10.0.0.1") as alpha, DNSServer("10.0.0.2") as beta:
         port = free_port()
         config = dns_config(port, alpha, beta, extra="max_sessions: 3").replace(
-            "idle_timeout: 2s", "idle_timeout: 500ms")
+            "idle_timeout: 2s", "idle_timeout: 500ms"
+        )
         with Router(tmp_path, config) as router:
             sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
             try:
                 for sock in sockets:
                     sock.settimeout(1.0)
-                    sock.sendto(dns.message.make_query("a.alpha.test", "A").to_wire(),
-                                ("127.0.0.1", port))
+                    sock.sendto(
+                        dns.message.make_query("a.alpha.test", "A").to_wire(), ("127.0.0.1", port)
+                    )
                 for sock in sockets[:3]:
                     assert dns.message.from_wire(sock.recvfrom(4096)[0]).answer
                 with pytest.raises(socket.timeout):
@@ -190,11 +214,22 @@ def test_sessions_expire_limits_reject_and_random_datagrams_do_no_harm(tmp_path)
             finally:
                 for sock in sockets:
                     sock.close()
-            assert router.metric("l4router_udp_datagrams_dropped_total", listener="dns",
-                                 reason="limit_listener") == 1
-            wait_until(lambda: router.metric("l4router_udp_sessions_ended_total",
-                                             listener="dns", reason="idle_timeout") == 3,
-                       timeout=5, message="the sessions to expire")
+            assert (
+                router.metric(
+                    "l4router_udp_datagrams_dropped_total", listener="dns", reason="limit_listener"
+                )
+                == 1
+            )
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_udp_sessions_ended_total", listener="dns", reason="idle_timeout"
+                    )
+                    == 3
+                ),
+                timeout=5,
+                message="the sessions to expire",
+            )
             assert router.metric("l4router_udp_sessions_active", listener="dns") == 0
             # 1 MiB of random datagrams from many source ports.
             generator = random.Random(5)
@@ -211,8 +246,9 @@ def test_sessions_expire_limits_reject_and_random_datagrams_do_no_harm(tmp_path)
             time.sleep(1.5)  # let the fuzz sessions expire
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 sock.settimeout(2.0)
-                sock.sendto(dns.message.make_query("z.beta.test", "A").to_wire(),
-                            ("127.0.0.1", port))
+                sock.sendto(
+                    dns.message.make_query("z.beta.test", "A").to_wire(), ("127.0.0.1", port)
+                )
                 reply = dns.message.from_wire(sock.recvfrom(4096)[0])
             assert reply.answer[0][0].address == "10.0.0.2"
             assert router.process.poll() is None
@@ -234,9 +270,17 @@ backends:
     with Router(tmp_path, config) as router:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.sendto(b"\x01hello", ("127.0.0.1", port))
-            wait_until(lambda: router.metric("l4router_udp_sessions_ended_total", listener="udp",
-                                             reason="backend_unreachable") == 1,
-                       message="the session to end on ICMP unreachable")
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_udp_sessions_ended_total",
+                        listener="udp",
+                        reason="backend_unreachable",
+                    )
+                    == 1
+                ),
+                message="the session to end on ICMP unreachable",
+            )
         assert router.metric("l4router_udp_sessions_active", listener="udp") == 0
         assert router.access_events()[0]["reason"] == "backend_unreachable"
 
@@ -275,7 +319,7 @@ class RebindingForwarder:
                 if sock is self.front:
                     self.client = sender
                     if self.on_new_id and data[0] & 0xC0 == 0x40:
-                        connection_id = data[1:1 + self.id_length]
+                        connection_id = data[1 : 1 + self.id_length]
                         self.first_id = self.first_id or connection_id
                         if connection_id != self.first_id:
                             self.rebind()
@@ -299,9 +343,13 @@ def two_requests_across_a_move(nat, server_name, ca, new_id=False):
     to a new port between them (by itself, `on_new_id`, as the client takes a new connection
     ID); the two bodies."""
     client = subprocess.Popen(
-        [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port), server_name,
-         str(ca)] + (["--new-cid"] if new_id else []),
-        cwd=CHECKOUT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "tests.quic_peers", "twice", str(nat.port), server_name, str(ca)]
+        + (["--new-cid"] if new_id else []),
+        cwd=CHECKOUT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = client.stdout.readline().strip()
         if not nat.on_new_id:
@@ -328,13 +376,14 @@ listeners:
       - {{match: {{protocol: quic, sni: alpha.quic.test}}, backend: alpha}}
     default: reject
 backends:
-  alpha: {{servers: ["127.0.0.1:{servers['alpha']}"]}}
+  alpha: {{servers: ["127.0.0.1:{servers["alpha"]}"]}}
 """
     with Router(tmp_path, config) as router, RebindingForwarder(port) as nat:
         first, second = two_requests_across_a_move(nat, "alpha.quic.test", ca)
         migrated = router.metric("l4router_udp_sessions_migrated_total", listener="h3")
-        created = router.metric("l4router_udp_sessions_created_total", listener="h3",
-                                protocol="quic")
+        created = router.metric(
+            "l4router_udp_sessions_created_total", listener="h3", protocol="quic"
+        )
     assert (first, second) == ("alpha /one", "alpha /two")
     assert (migrated, created) == (1, 1)
 
@@ -353,9 +402,22 @@ def test_quic_lb_sends_a_client_on_a_new_connection_id_to_its_server(tmp_path):
             cert.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
             servers[name] = free_port()
             process = subprocess.Popen(
-                [sys.executable, "-m", "tests.quic_peers", "serve", name, str(servers[name]),
-                 str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"),
-                 "--quic-lb-id", lb_id], cwd=CHECKOUT, stdout=subprocess.PIPE, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.quic_peers",
+                    "serve",
+                    name,
+                    str(servers[name]),
+                    str(tmp_path / f"{name}.pem"),
+                    str(tmp_path / f"{name}.key"),
+                    "--quic-lb-id",
+                    lb_id,
+                ],
+                cwd=CHECKOUT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             processes.append(process)
             assert process.stdout.readline().strip() == "listening"
         port = free_port()
@@ -369,8 +431,8 @@ listeners:
     default: reject
 backends:
   h3:
-    servers: [{{address: "127.0.0.1:{servers['one']}", quic_lb_id: "01"}},
-              {{address: "127.0.0.1:{servers['two']}", quic_lb_id: "02"}}]
+    servers: [{{address: "127.0.0.1:{servers["one"]}", quic_lb_id: "01"}},
+              {{address: "127.0.0.1:{servers["two"]}", quic_lb_id: "02"}}]
     quic_lb: {{config_rotation: 0, server_id_length: 1}}
 """
         bodies = []
@@ -378,10 +440,14 @@ backends:
             for _ in range(2):  # round robin: one connection lands on each server
                 # The new port comes with the new ID: the router knows neither.
                 with RebindingForwarder(port, on_new_id=True) as nat:
-                    bodies.append(two_requests_across_a_move(
-                        nat, "lb.quic.test", tmp_path / "ca.pem", new_id=True))
-            created = router.metric("l4router_udp_sessions_created_total", listener="h3",
-                                    protocol="quic")
+                    bodies.append(
+                        two_requests_across_a_move(
+                            nat, "lb.quic.test", tmp_path / "ca.pem", new_id=True
+                        )
+                    )
+            created = router.metric(
+                "l4router_udp_sessions_created_total", listener="h3", protocol="quic"
+            )
     finally:
         for process in processes:
             process.terminate()

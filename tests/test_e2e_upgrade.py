@@ -39,7 +39,10 @@ upgrade_socket: {tmp_path / "upgrade.sock"}
                 new.log_file = open(new.log_path, "wb")
                 new.process = subprocess.Popen(
                     [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(new.config_path)],
-                    stdout=new.log_file, stderr=subprocess.STDOUT, cwd=new.tmp_path)
+                    stdout=new.log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=new.tmp_path,
+                )
                 assert old.process.wait(60) == 0, old.log_text()
                 before_end = len(clients.seen)
                 time.sleep(0.5)
@@ -57,5 +60,7 @@ upgrade_socket: {tmp_path / "upgrade.sock"}
     old_messages = [e.get("log_format", "") for e in old.events()]
     assert any(m.startswith("Handed {count} listening sockets") for m in old_messages)
     assert any(m.startswith("The new l4router (pid {pid}) accepts") for m in old_messages)
-    assert any(m.startswith("Took over {count} listening sockets")
-               for m in (e.get("log_format", "") for e in new.events()))
+    assert any(
+        m.startswith("Took over {count} listening sockets")
+        for m in (e.get("log_format", "") for e in new.events())
+    )

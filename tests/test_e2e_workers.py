@@ -65,8 +65,9 @@ def alive(pid):
 def relay_digest(port, seed, size):
     """Send `size` pseudo-random bytes through an echo relay; the digest of what came back.
     From 127.0.0.(seed+1): workers are chosen by the source address."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20,
-                                  source_address=(f"127.0.0.{seed % 250 + 1}", 0)) as client:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=20, source_address=(f"127.0.0.{seed % 250 + 1}", 0)
+    ) as client:
         sender = threading.Thread(daemon=True, target=_send_all, args=(client, seed, size))
         sender.start()
         digest, count = read_to_end(client)
@@ -104,8 +105,11 @@ def test_connections_spread_over_both_workers_byte_exact_and_counted_once(tmp_pa
     accepted = metrics[("l4router_connections_accepted_total", frozenset({("listener", "front")}))]
     assert accepted == 40  # summed over the workers' metric files, each counted once
     assert metrics[("l4router_workers_ready", frozenset())] == 2
-    per_worker = {dict(labels)["worker"] for (name, labels) in metrics
-                  if name == "l4router_worker_resident_memory_bytes"}
+    per_worker = {
+        dict(labels)["worker"]
+        for (name, labels) in metrics
+        if name == "l4router_worker_resident_memory_bytes"
+    }
     assert per_worker == {"0", "1"}
 
 
@@ -131,8 +135,11 @@ def test_a_killed_worker_is_restarted_on_its_socket_and_no_client_fails(tmp_path
                 time.sleep(0.5)
                 os.kill(victim, signal.SIGKILL)
                 wait_until(lambda: worker_pids(router)[1] != victim, message="a new worker 1")
-                wait_until(lambda: router.metric("l4router_workers_ready") == 2, timeout=15,
-                           message="both workers ready again")
+                wait_until(
+                    lambda: router.metric("l4router_workers_ready") == 2,
+                    timeout=15,
+                    message="both workers ready again",
+                )
                 time.sleep(0.5)
             finally:
                 stop.set()
@@ -154,11 +161,23 @@ def test_sighup_reaches_every_worker_in_place(tmp_path):
             text = router.config_path.read_text()
             router.config_path.write_text(text.replace(str(old.port), str(new.port)))
             router.process.send_signal(signal.SIGHUP)
-            wait_until(lambda: router.metric("l4router_config_reloads_total",
-                                             result="success") == 1, message="the reload")
-            wait_until(lambda: len([e for e in router.events() if e.get("log_format") ==
-                                    "Reloaded the config (sha256 {digest})"]) == 3,
-                       message="the supervisor and both workers reloaded")
+            wait_until(
+                lambda: router.metric("l4router_config_reloads_total", result="success") == 1,
+                message="the reload",
+            )
+            wait_until(
+                lambda: (
+                    len(
+                        [
+                            e
+                            for e in router.events()
+                            if e.get("log_format") == "Reloaded the config (sha256 {digest})"
+                        ]
+                    )
+                    == 3
+                ),
+                message="the supervisor and both workers reloaded",
+            )
             assert ask_many(port, 40) == {b"new:ping"}
             assert worker_pids(router) == pids  # the same processes
 
@@ -176,7 +195,8 @@ def test_a_new_address_or_worker_count_starts_a_new_generation_and_the_old_drain
             established.sendall(b"before")
             assert established.recv(100) == b"app:before"
             text = router.config_path.read_text().replace(
-                f'listen: "127.0.0.1:{port}"', f'listen: ["127.0.0.1:{port}", "127.0.0.1:{moved}"]')
+                f'listen: "127.0.0.1:{port}"', f'listen: ["127.0.0.1:{port}", "127.0.0.1:{moved}"]'
+            )
             router.config_path.write_text(text.replace("workers: 2", "workers: 3"))
             assert router.post("/reload")[0] == 200
             new_pids = set(worker_pids(router).values())
@@ -188,16 +208,20 @@ def test_a_new_address_or_worker_count_starts_a_new_generation_and_the_old_drain
             assert established.recv(100) == b"app:after"
             assert any(alive(pid) for pid in old_pids)
             established.close()
-            wait_until(lambda: not any(alive(pid) for pid in old_pids), timeout=15,
-                       message="the old generation to exit once drained")
+            wait_until(
+                lambda: not any(alive(pid) for pid in old_pids),
+                timeout=15,
+                message="the old generation to exit once drained",
+            )
             assert router.metric("l4router_workers") == 3
             # An address that cannot be bound: refused, the running generation stays.
             with socket.socket() as holder:
                 holder.bind(("127.0.0.1", 0))
                 holder.listen()
                 busy = holder.getsockname()[1]
-                router.config_path.write_text(text.replace(f"127.0.0.1:{moved}",
-                                                           f"127.0.0.1:{busy}"))
+                router.config_path.write_text(
+                    text.replace(f"127.0.0.1:{moved}", f"127.0.0.1:{busy}")
+                )
                 code, answer = router.post("/reload")
             assert code == 422
             assert b"Address already in use" in answer
@@ -233,8 +257,9 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
                     time.sleep(1.0)  # still relaying when SIGTERM arrives
                     results[index] = read_to_end(client)
 
-            readers = [threading.Thread(daemon=True,
-                target=slow_reader, args=(i,)) for i in range(8)]
+            readers = [
+                threading.Thread(daemon=True, target=slow_reader, args=(i,)) for i in range(8)
+            ]
             for reader in readers:
                 reader.start()
             wait_until(lambda: backend.connections == 8, message="8 relays")
@@ -248,8 +273,9 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(tmp_path):
     assert results == [(stream_digest(7, STREAM), STREAM)] * 8
     assert not any(alive(pid) for pid in pids)
     messages = [(e.get("worker"), e.get("log_format")) for e in router.events()]
-    workers_done = max(i for i, m in enumerate(messages) if m[1] == "l4router stopped"
-                       and m[0] is not None)
+    workers_done = max(
+        i for i, m in enumerate(messages) if m[1] == "l4router stopped" and m[0] is not None
+    )
     assert messages.index((None, "All workers stopped")) > workers_done
     assert messages[-1] != (None, "All workers stopped")  # the supervisor stops after them
     assert (None, "l4router stopped") in messages[workers_done:]
@@ -263,12 +289,14 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path):
             pids = list(worker_pids(router).values())
             router.process.kill()
             router.process.wait(10)
-            wait_until(lambda: not any(alive(pid) for pid in pids), timeout=15,
-                       message="orphaned workers to stop")
+            wait_until(
+                lambda: not any(alive(pid) for pid in pids),
+                timeout=15,
+                message="orphaned workers to stop",
+            )
         finally:
             router.stop()
-    assert any(e.get("log_format") == "The supervisor is gone: stopping"
-               for e in router.events())
+    assert any(e.get("log_format") == "The supervisor is gone: stopping" for e in router.events())
 
 
 def test_udp_clients_keep_to_one_worker(tmp_path):
@@ -313,10 +341,17 @@ backends:
         stop.set()
         echoer.join(5)
         server.close()
-    created = sum(value for (name, labels), value in metrics.items()
-                  if name == "l4router_udp_sessions_created_total")
-    upstream = metrics[("l4router_udp_datagrams_total",
-                        frozenset({("listener", "dns_in"), ("direction", "upstream")}))]
+    created = sum(
+        value
+        for (name, labels), value in metrics.items()
+        if name == "l4router_udp_sessions_created_total"
+    )
+    upstream = metrics[
+        (
+            "l4router_udp_datagrams_total",
+            frozenset({("listener", "dns_in"), ("direction", "upstream")}),
+        )
+    ]
     assert created == 24  # one session per client: its datagrams never changed worker
     assert upstream == 24 * 5
 
@@ -327,28 +362,31 @@ def test_a_port_in_use_stops_the_supervisor_before_any_worker_starts(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         path = tmp_path / "busy.yaml"
-        path.write_text(f"listeners: [{{name: a, listen: '127.0.0.1:{port}', default: reject}}]\n"
-                        "workers: 2\n")
+        path.write_text(
+            f"listeners: [{{name: a, listen: '127.0.0.1:{port}', default: reject}}]\nworkers: 2\n"
+        )
         result = run_twistd("-c", str(path), cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("l4router:")]
-    assert lines == [f"l4router: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=1024: "
-                     f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."]
+    assert lines == [
+        f"l4router: cannot listen on tcp:{port}:interface=127.0.0.1:backlog=1024: "
+        f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
+    ]
     assert "Worker" not in result.stdout
 
 
 def test_workers_need_sockets_they_can_each_have(tmp_path):
     path = tmp_path / "shared.yaml"
-    path.write_text("listeners: [{name: a, listen: 'unix:/tmp/l4router-test.sock', "
-                    "default: reject}]\nworkers: 2\n")
+    path.write_text(
+        "listeners: [{name: a, listen: 'unix:/tmp/l4router-test.sock', "
+        "default: reject}]\nworkers: 2\n"
+    )
     result = run_twistd("-c", str(path), "--check", cwd=tmp_path)
     assert result.returncode == 2
     assert "  workers: 2 workers each need their own socket" in result.stderr
-    path.write_text("listeners: [{name: a, listen: '127.0.0.1:1', default: reject}]\n"
-                    "workers: 0\n")
+    path.write_text("listeners: [{name: a, listen: '127.0.0.1:1', default: reject}]\nworkers: 0\n")
     result = run_twistd("-c", str(path), "--check", cwd=tmp_path)
-    assert "  workers: must be auto or a number of processes from 1 to 256, not 0" \
-        in result.stderr
+    assert "  workers: must be auto or a number of processes from 1 to 256, not 0" in result.stderr
 
 
 def test_status_views_merge_the_workers(tmp_path):
@@ -361,8 +399,9 @@ def test_status_views_merge_the_workers(tmp_path):
         with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
             clients = []
             for index in range(12):  # from 12 addresses: one source goes to one worker
-                client = socket.create_connection(("127.0.0.1", port), timeout=10,
-                                                  source_address=(f"127.0.0.{index + 1}", 0))
+                client = socket.create_connection(
+                    ("127.0.0.1", port), timeout=10, source_address=(f"127.0.0.{index + 1}", 0)
+                )
                 client.sendall(b"hello")
                 clients.append(client)
             wait_until(lambda: backend.connections == 12, message="12 relays")
@@ -393,7 +432,8 @@ def test_max_connections_is_shared_by_the_workers(tmp_path):
     with Backend("held", hold_until_released) as backend:
         port = free_port()
         config = stream_config(port, backend.port).replace(
-            "    detect: {timeout: 200ms}", "    detect: {timeout: 200ms}\n    max_connections: 50")
+            "    detect: {timeout: 200ms}", "    detect: {timeout: 200ms}\n    max_connections: 50"
+        )
         try:
             with Router(tmp_path, config, workers=2) as router:
                 clients = []
@@ -401,9 +441,17 @@ def test_max_connections_is_shared_by_the_workers(tmp_path):
                     client = socket.create_connection(("127.0.0.1", port), timeout=10)
                     client.sendall(b"hello %d" % index)
                     clients.append(client)
-                wait_until(lambda: router.metric("l4router_connections_rejected_total",
-                                                 listener="front", reason="limit_listener")
-                           == 150, message="150 refusals")
+                wait_until(
+                    lambda: (
+                        router.metric(
+                            "l4router_connections_rejected_total",
+                            listener="front",
+                            reason="limit_listener",
+                        )
+                        == 150
+                    ),
+                    message="150 refusals",
+                )
                 wait_until(lambda: backend.connections >= 50, message="50 relays")
                 time.sleep(0.3)
                 relayed = backend.connections
@@ -426,14 +474,23 @@ def test_a_worker_killed_while_it_starts_is_restarted(tmp_path):
         router.log_file = open(router.log_path, "wb")
         router.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "l4router", "-c", str(router.config_path)],
-            stdout=router.log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+            stdout=router.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
         try:
-            wait_until(lambda: len(worker_pids(router)) == 2, timeout=20,
-                       message="both workers started")
+            wait_until(
+                lambda: len(worker_pids(router)) == 2, timeout=20, message="both workers started"
+            )
             os.kill(worker_pids(router)[1], signal.SIGKILL)  # as soon as it is spawned
-            wait_until(lambda: router.error_status("/readyz") is None and
-                       router.metric("l4router_workers_ready") == 2, timeout=30,
-                       message="both workers ready")
+            wait_until(
+                lambda: (
+                    router.error_status("/readyz") is None
+                    and router.metric("l4router_workers_ready") == 2
+                ),
+                timeout=30,
+                message="both workers ready",
+            )
             assert router.metric("l4router_worker_exits_total", worker="1") == 1
             assert ask_many(port, 10) == {b"app:ping"}
         finally:
@@ -501,8 +558,11 @@ def test_a_supervisor_whose_fork_server_is_gone_stops_in_order(tmp_path):
             workers = list(worker_pids(router).values())
             os.kill(parent_of(workers[0]), signal.SIGKILL)
             assert router.process.wait(30) == 0
-            wait_until(lambda: not any(alive(pid) for pid in workers), timeout=15,
-                       message="the workers to stop")
+            wait_until(
+                lambda: not any(alive(pid) for pid in workers),
+                timeout=15,
+                message="the workers to stop",
+            )
         finally:
             router.stop()
     messages = [e.get("log_format") for e in router.events()]

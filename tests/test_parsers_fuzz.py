@@ -24,21 +24,41 @@ from l4router.parsers import (
 from tests.captures import capture, capture_names
 
 PARSERS = {
-    "tls": tls.parse_client_hello, "http1": http1.parse_request,
+    "tls": tls.parse_client_hello,
+    "http1": http1.parse_request,
     "http2": http2.parse_first_request,
     "http2_strip": lambda data: http2.SettingsAckStripper().feed(data),
-    "http2_preface": http2.preface_complete, "jsonrpc": jsonrpc.parse_raw,
-    "mqtt": mqtt.parse_connect, "openvpn": openvpn.parse_hard_reset,
-    "postgres": postgres.parse_first_message, "proxy": proxyprotocol.parse_header,
-    "rdp": rdp.parse_connection_request, "redis": redis.parse_command,
-    "socks": socks.parse_greeting, "ssh": ssh.parse_identification,
+    "http2_preface": http2.preface_complete,
+    "jsonrpc": jsonrpc.parse_raw,
+    "mqtt": mqtt.parse_connect,
+    "openvpn": openvpn.parse_hard_reset,
+    "postgres": postgres.parse_first_message,
+    "proxy": proxyprotocol.parse_header,
+    "rdp": rdp.parse_connection_request,
+    "redis": redis.parse_command,
+    "socks": socks.parse_greeting,
+    "ssh": ssh.parse_identification,
     "xmpp": xmpp.parse_stream_header,
 }
 # Prefixes that get random bytes past the first check of each parser.
-PREFIXES = [b"", b"\x16\x03\x01", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/1.1\r\n",
-            b"SSH-2.0-", b"\x00\x00\x00", b"*", b"\x10", b"\x05", b"\x04\x01", b"\x03\x00",
-            b"<stream:stream", b"{", b"Content-Length: ", b"PROXY TCP4 ",
-            proxyprotocol.V2_SIGNATURE + b"\x21\x11"]
+PREFIXES = [
+    b"",
+    b"\x16\x03\x01",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"GET / HTTP/1.1\r\n",
+    b"SSH-2.0-",
+    b"\x00\x00\x00",
+    b"*",
+    b"\x10",
+    b"\x05",
+    b"\x04\x01",
+    b"\x03\x00",
+    b"<stream:stream",
+    b"{",
+    b"Content-Length: ",
+    b"PROXY TCP4 ",
+    proxyprotocol.V2_SIGNATURE + b"\x21\x11",
+]
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
@@ -51,12 +71,15 @@ def test_random_bytes_never_raise(name, prefix, tail):
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
 @settings(max_examples=300, deadline=None)
-@given(source=st.sampled_from(capture_names()), position=st.integers(min_value=0),
-       patch=st.binary(min_size=1, max_size=6))
+@given(
+    source=st.sampled_from(capture_names()),
+    position=st.integers(min_value=0),
+    patch=st.binary(min_size=1, max_size=6),
+)
 def test_mutated_captures_never_raise(name, source, position, patch):
     flight = capture(source)
     position %= len(flight)
-    PARSERS[name](flight[:position] + patch + flight[position + len(patch):])
+    PARSERS[name](flight[:position] + patch + flight[position + len(patch) :])
 
 
 def test_results_are_typed():
@@ -65,5 +88,8 @@ def test_results_are_typed():
             continue
         for source in capture_names():
             result = parser(capture(source))
-            assert result is INCOMPLETE or isinstance(result, Invalid) or \
-                type(result).__module__.startswith("l4router.parsers")
+            assert (
+                result is INCOMPLETE
+                or isinstance(result, Invalid)
+                or type(result).__module__.startswith("l4router.parsers")
+            )

@@ -16,10 +16,15 @@ def test_capture_parses_to_expected_fields(name):
     request = parse_request(capture(name))
     assert isinstance(request, Request)
     expected = EXPECTED[name][1]
-    parsed = {"method": request.method, "path": request.path, "host": request.host,
-              "http_version": request.version}
-    assert {k: parsed[k] for k in expected if k in parsed} == \
-        {k: v for k, v in expected.items() if k in parsed}
+    parsed = {
+        "method": request.method,
+        "path": request.path,
+        "host": request.host,
+        "http_version": request.version,
+    }
+    assert {k: parsed[k] for k in expected if k in parsed} == {
+        k: v for k, v in expected.items() if k in parsed
+    }
 
 
 @pytest.mark.parametrize("name", HTTP_CAPTURES)
@@ -30,25 +35,40 @@ def test_every_prefix_is_incomplete(name):
         assert parse_request(flight[:cut]) is INCOMPLETE, cut
 
 
-@pytest.mark.parametrize("head, host, path", [
-    (b"GET http://Proxy.Example.com:3128/a/b?q HTTP/1.1\r\nHost: other\r\n\r\n",
-     "proxy.example.com", "/a/b"),
-    (b"GET / HTTP/1.1\r\nHost: [2001:DB8::1]:8443\r\n\r\n", "2001:db8::1", "/"),
-    (b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n", "a.example", "*"),
-    (b"GET /x HTTP/1.0\n\n", None, "/x"),
-    (b"GET /x HTTP/1.1\r\nX-Long: a\r\n  folded\r\nHost: h\r\n\r\n", "h", "/x"),
-])
+@pytest.mark.parametrize(
+    "head, host, path",
+    [
+        (
+            b"GET http://Proxy.Example.com:3128/a/b?q HTTP/1.1\r\nHost: other\r\n\r\n",
+            "proxy.example.com",
+            "/a/b",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: [2001:DB8::1]:8443\r\n\r\n", "2001:db8::1", "/"),
+        (b"OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n", "a.example", "*"),
+        (b"GET /x HTTP/1.0\n\n", None, "/x"),
+        (b"GET /x HTTP/1.1\r\nX-Long: a\r\n  folded\r\nHost: h\r\n\r\n", "h", "/x"),
+    ],
+)
 def test_host_and_path_forms(head, host, path):
     request = parse_request(head)
     assert request.host == host
     assert request.path == path
 
 
-@pytest.mark.parametrize("data", [
-    b"\x16\x03\x01", b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-    b"get / HTTP/1.1\r\n\r\n", b" GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
-    b"GET /\x00 HTTP/1.1", b"A" * 40, b"GET / HTTP/3.0\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01",
+        b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"get / HTTP/1.1\r\n\r\n",
+        b" GET / HTTP/1.1\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"GET /\x00 HTTP/1.1",
+        b"A" * 40,
+        b"GET / HTTP/3.0\r\n\r\n",
+    ],
+)
 def test_not_http1_is_invalid(data):
     assert isinstance(parse_request(data), Invalid)
 
@@ -66,8 +86,27 @@ def test_no_input_raises(data):
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.lists(st.sampled_from([b"GET", b" ", b"/", b"HTTP/1.1", b"\r\n", b":", b"Host",
-                                 b"\x00", b"\n", b"http://", b"[", b"]"]), max_size=30))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"GET",
+                b" ",
+                b"/",
+                b"HTTP/1.1",
+                b"\r\n",
+                b":",
+                b"Host",
+                b"\x00",
+                b"\n",
+                b"http://",
+                b"[",
+                b"]",
+            ]
+        ),
+        max_size=30,
+    )
+)
 def test_http_shaped_input_never_raises(parts):
     result = parse_request(b"".join(parts))
     assert result is INCOMPLETE or isinstance(result, (Request, Invalid))

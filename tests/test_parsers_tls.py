@@ -57,16 +57,19 @@ def test_trailing_bytes_after_the_hello_are_ignored():
     assert parse_client_hello(flight + b"\x14\x03\x03\x00\x01\x01").sni == "www.example.com"
 
 
-@pytest.mark.parametrize("flight, reason", [
-    (b"\x17\x03\x03\x00\x10", "record type"),
-    (b"\x16\x02", "record version"),
-    (b"\x16\x03\x09", "record version"),
-    (b"\x16\x03\x01\x00\x00", "record length"),
-    (b"\x16\x03\x01\xff\xff", "record length"),
-    (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "not ClientHello"),
-    (b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\x00\x00", "malformed"),
-    (b"\x16\x03\x01\x00\x04\x01\xff\xff\xff", "out of range"),
-])
+@pytest.mark.parametrize(
+    "flight, reason",
+    [
+        (b"\x17\x03\x03\x00\x10", "record type"),
+        (b"\x16\x02", "record version"),
+        (b"\x16\x03\x09", "record version"),
+        (b"\x16\x03\x01\x00\x00", "record length"),
+        (b"\x16\x03\x01\xff\xff", "record length"),
+        (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "not ClientHello"),
+        (b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\x00\x00", "malformed"),
+        (b"\x16\x03\x01\x00\x04\x01\xff\xff\xff", "out of range"),
+    ],
+)
 def test_malformed_is_invalid_with_a_reason(flight, reason):
     result = parse_client_hello(flight)
     assert isinstance(result, Invalid)
@@ -78,7 +81,7 @@ def test_lengths_that_overrun_their_block_are_invalid():
     # The extensions block length is the last 2-byte length before the first extension; blow
     # up every length byte in turn and check the parser never raises nor misreads silently.
     for index in range(9, len(flight)):
-        mutated = bytes(flight[:index]) + b"\xff" + bytes(flight[index + 1:])
+        mutated = bytes(flight[:index]) + b"\xff" + bytes(flight[index + 1 :])
         result = parse_client_hello(mutated)
         assert result is INCOMPLETE or isinstance(result, (ClientHello, Invalid))
 
@@ -99,7 +102,7 @@ def test_no_input_raises(data):
 def test_corrupted_captures_never_raise(name, position, patch):
     flight = capture(name)
     position %= len(flight)
-    parse_client_hello(flight[:position] + patch + flight[position + len(patch):])
+    parse_client_hello(flight[:position] + patch + flight[position + len(patch) :])
 
 
 def test_browser_hello_with_post_quantum_key_share_and_ech():
@@ -111,21 +114,21 @@ def test_browser_hello_with_post_quantum_key_share_and_ech():
 
 def _key_share_groups(flight):
     """The named groups of the key_share extension, read independently of the parser."""
-    body = flight[5 + 4:]
+    body = flight[5 + 4 :]
     pos = 2 + 32
     pos += 1 + body[pos]
-    pos += 2 + int.from_bytes(body[pos:pos + 2], "big")
+    pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
     pos += 1 + body[pos]
-    end = pos + 2 + int.from_bytes(body[pos:pos + 2], "big")
+    end = pos + 2 + int.from_bytes(body[pos : pos + 2], "big")
     pos += 2
     while pos < end:
-        kind = int.from_bytes(body[pos:pos + 2], "big")
-        length = int.from_bytes(body[pos + 2:pos + 4], "big")
+        kind = int.from_bytes(body[pos : pos + 2], "big")
+        length = int.from_bytes(body[pos + 2 : pos + 4], "big")
         if kind == 51:
-            shares, groups = body[pos + 6:pos + 4 + length], []
+            shares, groups = body[pos + 6 : pos + 4 + length], []
             while shares:
                 groups.append(int.from_bytes(shares[:2], "big"))
-                shares = shares[4 + int.from_bytes(shares[2:4], "big"):]
+                shares = shares[4 + int.from_bytes(shares[2:4], "big") :]
             return groups
         pos += 4 + length
     return []

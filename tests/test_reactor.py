@@ -125,7 +125,8 @@ def test_read_and_write_interest_changed_in_one_turn_make_one_call(reactor):
         transport.startReading()
         reactor.doIteration(0)
         assert registrations_for(reactor, fd)[before:] == [
-            ("mod", fd, select.EPOLLIN | select.EPOLLOUT)]
+            ("mod", fd, select.EPOLLIN | select.EPOLLOUT)
+        ]
     finally:
         client.close()
 

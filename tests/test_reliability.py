@@ -47,9 +47,11 @@ def record(case, **figures):
 
 
 def process_figures(router):
-    return {"fds": router.metric("process_open_fds"),
-            "rss_mib": round(router.metric("process_resident_memory_bytes") / 2**20, 1),
-            "timers": router.metric("l4router_reactor_delayed_calls")}
+    return {
+        "fds": router.metric("process_open_fds"),
+        "rss_mib": round(router.metric("process_resident_memory_bytes") / 2**20, 1),
+        "timers": router.metric("l4router_reactor_delayed_calls"),
+    }
 
 
 def single_backend(port, backend_port, extra="", idle_timeout="3s"):
@@ -69,14 +71,16 @@ shutdown_timeout: {60 * SCALE}s
 
 # Integrity under concurrency and signals
 
+
 def duplex_backend(backend, connection):
     """Reads `seed up down half`, then sends `down` bytes while reading `up` bytes."""
     header = b""
     while not header.endswith(b"\n"):
         header += connection.recv(1)
     seed, up, down, half = (int(x) for x in header.split())
-    sender = threading.Thread(daemon=True,
-        target=_send_chunked, args=(connection, seed + 1, down, seed))
+    sender = threading.Thread(
+        daemon=True, target=_send_chunked, args=(connection, seed + 1, down, seed)
+    )
     sender.start()
     digest, count = hashlib.sha256(), 0
     while count < up:
@@ -110,8 +114,9 @@ def duplex_client(port, seed, up, down, half, results):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
             client.sendall(b"%d %d %d %d\n" % (seed, up, down, int(half)))
             received = {}
-            reader = threading.Thread(daemon=True,
-                target=lambda: received.update(down=read_to_end(client)))
+            reader = threading.Thread(
+                daemon=True, target=lambda: received.update(down=read_to_end(client))
+            )
             reader.start()
             _send_chunked(client, seed, up, seed + 7)
             if half:
@@ -126,8 +131,10 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
     relays = 50 if SCALE == 1 else 200
     largest = (4 if SCALE == 1 else 32) * 1024 * 1024
     plan = random.Random(11)
-    sizes = {seed: (plan.randint(0, largest), plan.randint(0, largest), seed % 2 == 0)
-             for seed in range(1000, 1000 + relays * 10, 10)}
+    sizes = {
+        seed: (plan.randint(0, largest), plan.randint(0, largest), seed % 2 == 0)
+        for seed in range(1000, 1000 + relays * 10, 10)
+    }
     with Backend("duplex", duplex_backend) as backend:
         port = free_port()
         # At scale 10 this process runs some 800 threads (clients, backend handlers, senders):
@@ -137,14 +144,21 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
         with Router(tmp_path, config) as router:
             results = {}
             started = time.monotonic()
-            threads = [threading.Thread(daemon=True,
-                target=duplex_client, args=(port, seed, up, down, half,
-                                                                    results))
-                       for seed, (up, down, half) in sizes.items()]
+            threads = [
+                threading.Thread(
+                    daemon=True, target=duplex_client, args=(port, seed, up, down, half, results)
+                )
+                for seed, (up, down, half) in sizes.items()
+            ]
             for thread in threads:
                 thread.start()
-            wait_until(lambda: router.metric("l4router_connections_accepted_total", listener="main")
-                       == relays, timeout=60 * SCALE, message="every relay accepted")
+            wait_until(
+                lambda: (
+                    router.metric("l4router_connections_accepted_total", listener="main") == relays
+                ),
+                timeout=60 * SCALE,
+                message="every relay accepted",
+            )
             for _ in range(2):  # reloads while the relays run
                 router.process.send_signal(signal.SIGHUP)
                 time.sleep(0.3)
@@ -160,12 +174,20 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
         assert results[seed] == (stream_digest(seed + 1, down), down), seed
         assert by_seed[seed] == (stream_digest(seed, up), up), seed
         total += up + down
-    record("integrity", relays=relays, largest_mib=largest // 2**20,
-           bytes=total, seconds=round(elapsed, 1), half_closed=relays // 2,
-           signals="2 SIGHUP + SIGTERM drain", result="every stream byte-exact (sha256)")
+    record(
+        "integrity",
+        relays=relays,
+        largest_mib=largest // 2**20,
+        bytes=total,
+        seconds=round(elapsed, 1),
+        half_closed=relays // 2,
+        signals="2 SIGHUP + SIGTERM drain",
+        result="every stream byte-exact (sha256)",
+    )
 
 
 # Backend faults
+
 
 def resets_mid_stream(backend, connection):
     connection.recv(100)
@@ -190,16 +212,23 @@ def one_byte_per_second(backend, connection):
 
 
 def test_backend_faults_end_their_relay_cleanly_and_disturb_no_other(tmp_path):
-    faults = {"reset": resets_mid_stream, "never_reads": never_reads,
-              "closes": closes_at_once, "slow": one_byte_per_second}
+    faults = {
+        "reset": resets_mid_stream,
+        "never_reads": never_reads,
+        "closes": closes_at_once,
+        "slow": one_byte_per_second,
+    }
     backends = {name: Backend(name, handler).__enter__() for name, handler in faults.items()}
     healthy = Backend("healthy", duplex_backend).__enter__()
     try:
         port = free_port()
-        routes = "\n".join(f"      - match: {{protocol: http1, path: \"/{name}\"}}\n"
-                           f"        backend: {name}" for name in faults)
-        servers = "\n".join(f"  {name}: {{servers: [\"127.0.0.1:{b.port}\"]}}"
-                            for name, b in backends.items())
+        routes = "\n".join(
+            f'      - match: {{protocol: http1, path: "/{name}"}}\n        backend: {name}'
+            for name in faults
+        )
+        servers = "\n".join(
+            f'  {name}: {{servers: ["127.0.0.1:{b.port}"]}}' for name, b in backends.items()
+        )
         config = f"""
 listeners:
   - name: faults
@@ -214,8 +243,11 @@ backends:
 """
         with Router(tmp_path, config) as router:
             results = {}
-            good = threading.Thread(daemon=True, target=duplex_client,
-                                    args=(port, 5000, 8 << 20, 8 << 20, True, results))
+            good = threading.Thread(
+                daemon=True,
+                target=duplex_client,
+                args=(port, 5000, 8 << 20, 8 << 20, True, results),
+            )
             good.start()
             outcomes = {}
 
@@ -235,15 +267,15 @@ backends:
                     except OSError as exc:
                         outcomes[name] = type(exc).__name__
 
-            clients = [threading.Thread(daemon=True,
-                target=fault_client, args=(n,)) for n in faults]
+            clients = [
+                threading.Thread(daemon=True, target=fault_client, args=(n,)) for n in faults
+            ]
             for client in clients:
                 client.start()
             for client in clients + [good]:
                 client.join(60)
             events = router.wait_access_events(5)
-            reasons = {e["fields"].get("path", "/healthy").strip("/"): e["reason"]
-                       for e in events}
+            reasons = {e["fields"].get("path", "/healthy").strip("/"): e["reason"] for e in events}
             traceback = "Traceback" in router.log_text()
     finally:
         for backend in (*backends.values(), healthy):
@@ -256,16 +288,23 @@ backends:
     assert reasons["closes"] in ("completed", "backend_closed")
     assert reasons["slow"] in ("completed", "backend_closed")
     assert not traceback
-    record("backend_faults", cases=reasons, healthy_relay="16 MiB byte-exact meanwhile",
-           result="each ends with its reason; no other relay disturbed")
+    record(
+        "backend_faults",
+        cases=reasons,
+        healthy_relay="16 MiB byte-exact meanwhile",
+        result="each ends with its reason; no other relay disturbed",
+    )
 
 
 # Client faults
 
+
 def test_client_faults_leave_memory_bounded_and_a_good_client_served(tmp_path):
     idle_count = 1000 * min(SCALE, 5)
-    with Backend("echo", reply_with_name) as echo, \
-            Backend("flood", lambda b, c: _flood(c)) as flood:
+    with (
+        Backend("echo", reply_with_name) as echo,
+        Backend("flood", lambda b, c: _flood(c)) as flood,
+    ):
         port = free_port()
         config = f"""
 listeners:
@@ -331,9 +370,11 @@ backends:
             stuck.close()
             stop.set()
             prober.join(30)
-            wait_until(lambda: router.metric("l4router_connections_active",
-                                             listener="clients") == 0, timeout=20,
-                       message="every connection to end")
+            wait_until(
+                lambda: router.metric("l4router_connections_active", listener="clients") == 0,
+                timeout=20,
+                message="every connection to end",
+            )
             after = process_figures(router)
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1]
@@ -341,12 +382,19 @@ backends:
     assert during["rss_mib"] - before["rss_mib"] < 64
     assert after["fds"] <= before["fds"] + 2
     assert p99 < 0.5, p99
-    record("client_faults", silent_connections=idle_count, reset_connections=idle_count,
-           slowloris_ended_after_s=round(slowloris_seconds, 2), before=before, during=during,
-           after=after, good_client_requests=len(latencies),
-           good_client_p50_ms=round(latencies[len(latencies) // 2] * 1000, 1),
-           good_client_p99_ms=round(p99 * 1000, 1),
-           result="memory bounded, fds back, the good client served")
+    record(
+        "client_faults",
+        silent_connections=idle_count,
+        reset_connections=idle_count,
+        slowloris_ended_after_s=round(slowloris_seconds, 2),
+        before=before,
+        during=during,
+        after=after,
+        good_client_requests=len(latencies),
+        good_client_p50_ms=round(latencies[len(latencies) // 2] * 1000, 1),
+        good_client_p99_ms=round(p99 * 1000, 1),
+        result="memory bounded, fds back, the good client served",
+    )
 
 
 def _flood(connection):
@@ -359,6 +407,7 @@ def _flood(connection):
 
 
 # Churn
+
 
 def test_churn_leaves_no_fd_timer_or_memory_behind(tmp_path):
     count = 5000 * SCALE
@@ -381,24 +430,33 @@ def test_churn_leaves_no_fd_timer_or_memory_behind(tmp_path):
                     except OSError:
                         errors += 1
 
-            workers = [threading.Thread(daemon=True,
-                target=worker, args=(count // 8,)) for _ in range(8)]
+            workers = [
+                threading.Thread(daemon=True, target=worker, args=(count // 8,)) for _ in range(8)
+            ]
             for thread in workers:
                 thread.start()
             for thread in workers:
                 thread.join(600)
             elapsed = time.monotonic() - started
-            wait_until(lambda: router.metric("l4router_connections_active", listener="main")
-                       == 0, message="all connections to end")
+            wait_until(
+                lambda: router.metric("l4router_connections_active", listener="main") == 0,
+                message="all connections to end",
+            )
             time.sleep(0.5)
             after = process_figures(router)
     assert errors == 0
     assert after["fds"] <= before["fds"] + 2
     assert after["timers"] <= before["timers"] + 2
     assert after["rss_mib"] - before["rss_mib"] < 16
-    record("churn", connections=done[0], seconds=round(elapsed, 1),
-           per_second=round(done[0] / elapsed), before=before, after=after,
-           result="fds, timers and RSS back within bounds")
+    record(
+        "churn",
+        connections=done[0],
+        seconds=round(elapsed, 1),
+        per_second=round(done[0] / elapsed),
+        before=before,
+        after=after,
+        result="fds, timers and RSS back within bounds",
+    )
 
 
 def _one_request(port):
@@ -408,6 +466,7 @@ def _one_request(port):
 
 
 # Hostile first flights
+
 
 def _tls_record(handshake):
     return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
@@ -421,23 +480,36 @@ def _client_hello(extensions):
 
 def _hostile_flights():
     huge_sni = b"a" * 65000
-    sni_ext = (b"\x00\x00" + (len(huge_sni) + 5).to_bytes(2, "big")
-               + (len(huge_sni) + 3).to_bytes(2, "big") + b"\x00"
-               + len(huge_sni).to_bytes(2, "big") + huge_sni)
+    sni_ext = (
+        b"\x00\x00"
+        + (len(huge_sni) + 5).to_bytes(2, "big")
+        + (len(huge_sni) + 3).to_bytes(2, "big")
+        + b"\x00"
+        + len(huge_sni).to_bytes(2, "big")
+        + huge_sni
+    )
     alpn = b"".join(bytes([3]) + b"h%02d" % (i % 100) for i in range(4000))
-    alpn_ext = (b"\x00\x10" + (len(alpn) + 2).to_bytes(2, "big")
-                + len(alpn).to_bytes(2, "big") + alpn)
+    alpn_ext = (
+        b"\x00\x10" + (len(alpn) + 2).to_bytes(2, "big") + len(alpn).to_bytes(2, "big") + alpn
+    )
     padding_ext = b"\x00\x15" + (65535 - 4).to_bytes(2, "big") + bytes(65531)
     encoder = hpack.Encoder()
     bomb_block = encoder.encode([(b"x-bomb", b"A" * 4000)]) + b"\xbe" * 4000  # indexed repeats
 
     def frame(kind, flags, stream, payload):
-        return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
-                + payload)
+        return (
+            len(payload).to_bytes(3, "big")
+            + bytes([kind, flags])
+            + stream.to_bytes(4, "big")
+            + payload
+        )
 
-    hpack_bomb = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
-                  + frame(1, 4, 1, bomb_block[:16000]))
-    nested = b"{\"jsonrpc\": \"2.0\", \"method\": " + b"[" * 50000 + b"\n"
+    hpack_bomb = (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + frame(4, 0, 0, b"")
+        + frame(1, 4, 1, bomb_block[:16000])
+    )
+    nested = b'{"jsonrpc": "2.0", "method": ' + b"[" * 50000 + b"\n"
     dns_loop = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01"
     quic_absurd = b"\xc3\x00\x00\x00\x01\x08" + bytes(8) + b"\x00\x00\x7f\xff\xff\xff" + bytes(64)
     return {
@@ -458,8 +530,9 @@ def test_hostile_first_flights_are_unknown_or_rejected_within_bounds(tmp_path):
     flights = _hostile_flights()
     with Backend("sink", lambda b, c: b.record(read_to_end(c))) as sink:
         port = free_port()
-        config = single_backend(port, sink.port).replace("detect: {timeout: 1s}",
-                                                         "detect: {timeout: 1s, max_bytes: 16384}")
+        config = single_backend(port, sink.port).replace(
+            "detect: {timeout: 1s}", "detect: {timeout: 1s, max_bytes: 16384}"
+        )
         with Router(tmp_path, config) as router:
             before = process_figures(router)
             for flight in flights.values():
@@ -484,9 +557,15 @@ def test_hostile_first_flights_are_unknown_or_rejected_within_bounds(tmp_path):
         assert len(event["fields"]["alpn"]) <= 64 and "sni" not in event["fields"]
     assert "Traceback" not in log
     assert after["rss_mib"] - before["rss_mib"] < 32
-    record("hostile_flights", flights=list(flights), decided_as=dict(zip(flights, protocols)),
-           max_bytes=16384, rss_before_mib=before["rss_mib"], rss_after_mib=after["rss_mib"],
-           result="all unknown within max_bytes; no traceback")
+    record(
+        "hostile_flights",
+        flights=list(flights),
+        decided_as=dict(zip(flights, protocols)),
+        max_bytes=16384,
+        rss_before_mib=before["rss_mib"],
+        rss_after_mib=after["rss_mib"],
+        result="all unknown within max_bytes; no traceback",
+    )
 
 
 # Fuzzing (hypothesis, seeded from tests/data; FUZZ_EXAMPLES for a long run)
@@ -496,6 +575,7 @@ FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", str(2000 * SCALE)))
 
 def _parsers():
     from tests.test_parsers_fuzz import PARSERS
+
     return PARSERS
 
 
@@ -505,31 +585,46 @@ def test_fuzz_each_parser_seeded_from_captures(name):
     seeds = [capture(n) for n in capture_names()]
     executions = []
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(seed=st.sampled_from(seeds), edits=st.lists(
-        st.tuples(st.integers(min_value=0), st.binary(min_size=0, max_size=8)), max_size=6),
-        cut=st.integers(min_value=0))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        seed=st.sampled_from(seeds),
+        edits=st.lists(
+            st.tuples(st.integers(min_value=0), st.binary(min_size=0, max_size=8)), max_size=6
+        ),
+        cut=st.integers(min_value=0),
+    )
     def run(seed, edits, cut):
         data = bytearray(seed)
         for position, patch in edits:
             position %= max(len(data), 1)
-            data[position:position + len(patch)] = patch
+            data[position : position + len(patch)] = patch
         executions.append(1)
-        parser(bytes(data[:cut % (len(data) + 1)]) if cut % 3 == 0 else bytes(data))
+        parser(bytes(data[: cut % (len(data) + 1)]) if cut % 3 == 0 else bytes(data))
 
     started = time.monotonic()
     run()
-    record(f"fuzz_{name}", executions=len(executions),
-           seconds=round(time.monotonic() - started, 2), corpus=len(seeds),
-           result="no input raised")
+    record(
+        f"fuzz_{name}",
+        executions=len(executions),
+        seconds=round(time.monotonic() - started, 2),
+        corpus=len(seeds),
+        result="no input raised",
+    )
 
 
 # Security
 
+
 def test_no_client_field_steers_the_router_to_an_address_the_config_does_not_name(tmp_path):
-    with Backend("configured", reply_with_name) as configured, \
-            Backend("elsewhere", reply_with_name) as elsewhere:
+    with (
+        Backend("configured", reply_with_name) as configured,
+        Backend("elsewhere", reply_with_name) as elsewhere,
+    ):
         port = free_port()
         config = f"""
 listeners:
@@ -554,8 +649,11 @@ backends:
                     client.sendall(attempt)
                     assert client.recv(100).startswith(b"configured:")
     assert elsewhere.connections == 0
-    record("steering", attempts=["absolute-form Host", "CONNECT", "PROXY header"],
-           result="only configured backends were connected")
+    record(
+        "steering",
+        attempts=["absolute-form Host", "CONNECT", "PROXY header"],
+        result="only configured backends were connected",
+    )
 
 
 def test_log_injection_is_escaped_and_bounded(tmp_path):
@@ -575,9 +673,13 @@ def test_log_injection_is_escaped_and_bounded(tmp_path):
     for event in events:
         for value in event["fields"].values():
             assert isinstance(value, (int, bool)) or (
-                "\n" not in str(value) and len(str(value)) <= 1024)
-    record("log_injection", result="control characters escaped, fields at most 1,024 chars",
-           log_bytes=len(raw))
+                "\n" not in str(value) and len(str(value)) <= 1024
+            )
+    record(
+        "log_injection",
+        result="control characters escaped, fields at most 1,024 chars",
+        log_bytes=len(raw),
+    )
 
 
 def test_admin_reload_needs_the_token_when_one_is_set(tmp_path):

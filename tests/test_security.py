@@ -38,6 +38,7 @@ DETECTORS = installed_detectors()
 
 # 1. Trusted PROXY senders
 
+
 def test_accept_proxy_protocol_true_is_a_config_error_naming_the_key():
     config = """
 listeners:
@@ -45,7 +46,7 @@ listeners:
 """
     with pytest.raises(ConfigError) as error:
         parse_config(config, DETECTORS)
-    (key, reason), = error.value.problems
+    ((key, reason),) = error.value.problems
     assert key == "listeners[0].accept_proxy_protocol"
     assert "{from: [10.0.0.0/8]}" in reason
 
@@ -69,8 +70,10 @@ backends:
 
 def test_a_forged_proxy_header_from_an_untrusted_peer_is_refused_and_counted(tmp_path):
     request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-    with Backend("internal", reply_with_name) as internal, \
-            Backend("outside", reply_with_name) as outside:
+    with (
+        Backend("internal", reply_with_name) as internal,
+        Backend("outside", reply_with_name) as outside,
+    ):
         port = free_port()
         with Router(tmp_path, proxy_config(port, internal, outside, "127.0.0.2/32")) as router:
             forged = v1_header("10.1.2.3", 5555, "127.0.0.1", port)
@@ -78,23 +81,34 @@ def test_a_forged_proxy_header_from_an_untrusted_peer_is_refused_and_counted(tmp
             assert ask(port, request) == b"outside:GET / HTTP/1.1"  # plain: its own address
             # The trusted balancer at 127.0.0.2 is believed.
             assert ask(port, forged + request, source="127.0.0.2").startswith(b"internal:PROXY")
-            assert internal.results == [v1_header("10.1.2.3", 5555, "127.0.0.1", port) +
-                                        request]
-            assert router.metric("l4router_connections_rejected_total", listener="edge",
-                                 reason="proxy_untrusted") == 1
-            wait_until(lambda: "proxy_untrusted" in router.log_text(),
-                       message="the refusal in the log")
+            assert internal.results == [v1_header("10.1.2.3", 5555, "127.0.0.1", port) + request]
+            assert (
+                router.metric(
+                    "l4router_connections_rejected_total", listener="edge", reason="proxy_untrusted"
+                )
+                == 1
+            )
+            wait_until(
+                lambda: "proxy_untrusted" in router.log_text(), message="the refusal in the log"
+            )
             # Six held connections from one address, each about to claim another source: the
             # per-source limit counts the peer's own address from the accept on.
             held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
             try:
-                wait_until(lambda: router.metric("l4router_connections_rejected_total",
-                                                 listener="edge", reason="limit_source") == 4,
-                           message="4 of 6 refused by the per-source limit")
+                wait_until(
+                    lambda: (
+                        router.metric(
+                            "l4router_connections_rejected_total",
+                            listener="edge",
+                            reason="limit_source",
+                        )
+                        == 4
+                    ),
+                    message="4 of 6 refused by the per-source limit",
+                )
                 for index, client in enumerate(held):
                     try:
-                        client.sendall(v1_header(f"10.9.0.{index}", 1, "127.0.0.1", port) +
-                                       request)
+                        client.sendall(v1_header(f"10.9.0.{index}", 1, "127.0.0.1", port) + request)
                         assert client.recv(100) == b""
                     except ConnectionResetError:
                         pass
@@ -102,9 +116,17 @@ def test_a_forged_proxy_header_from_an_untrusted_peer_is_refused_and_counted(tmp
                 for client in held:
                     client.close()
             assert len(internal.results) == 1  # none of them reached the internal backend
-            wait_until(lambda: router.metric("l4router_connections_rejected_total",
-                                             listener="edge", reason="proxy_untrusted") == 3,
-                       message="the two admitted forgers refused")
+            wait_until(
+                lambda: (
+                    router.metric(
+                        "l4router_connections_rejected_total",
+                        listener="edge",
+                        reason="proxy_untrusted",
+                    )
+                    == 3
+                ),
+                message="the two admitted forgers refused",
+            )
 
 
 # 2. The admin site
@@ -132,22 +154,29 @@ def test_reload_through_a_relay_from_loopback_is_refused_without_the_token(tmp_p
     port, admin = free_port(), free_port()
     router = Router(tmp_path, QUICKSTART_LIKE.format(port=port, admin=admin), admin_port=admin)
     with router:
-        post = (b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
-                b"Connection: close\r\n\r\n")
+        post = (
+            b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+            b"Connection: close\r\n\r\n"
+        )
         status, _ = raw_http(port, post, source="127.0.0.7")  # relayed: arrives from loopback
         assert status == 403
         assert router.post("/reload", token=None)[0] == 403  # loopback is not exempt
         assert router.metric("l4router_config_reloads_total", result="success") == 0
         # Reading the status through the relay still works (the quickstart's point).
-        status, reply = raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                       b"Connection: close\r\n\r\n")
+        status, reply = raw_http(
+            port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
         assert status == 200 and b"l4router_connections_active" in reply
 
 
 def test_cross_site_posts_and_foreign_hosts_are_refused_and_answers_say_nosniff(tmp_path):
     port, admin = free_port(), free_port()
-    router = Router(tmp_path, QUICKSTART_LIKE.format(port=port, admin=admin), admin_port=admin,
-                    admin_extra=", hosts: [router.example]")
+    router = Router(
+        tmp_path,
+        QUICKSTART_LIKE.format(port=port, admin=admin),
+        admin_port=admin,
+        admin_extra=", hosts: [router.example]",
+    )
     with router:
         evil = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
         assert router.post("/reload", headers=evil)[0] == 403
@@ -156,8 +185,9 @@ def test_cross_site_posts_and_foreign_hosts_are_refused_and_answers_say_nosniff(
         assert router.post("/reload", headers=same)[0] == 200
 
         def get(host, path="/status/connections"):
-            return raw_http(admin, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
-                                   "Connection: close\r\n\r\n".encode())
+            return raw_http(
+                admin, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
 
         status, reply = get("rebound.evil.example")  # a DNS-rebinding page
         assert status == 421 and b"x-content-type-options: nosniff" in reply.lower()
@@ -181,8 +211,10 @@ listeners:
         with socket.socket(socket.AF_UNIX) as client:
             client.settimeout(30)
             client.connect(str(path))
-            client.sendall(b"POST /reload HTTP/1.1\r\nHost: anything\r\nContent-Length: 0\r\n"
-                           b"Connection: close\r\n\r\n")
+            client.sendall(
+                b"POST /reload HTTP/1.1\r\nHost: anything\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"
+            )
             reply = b""
             while chunk := client.recv(65536):
                 reply += chunk
@@ -195,16 +227,18 @@ def _unix_admin(router, path):
     without a token."""
     text = router.config_path.read_text()
     old = f"admin: {{listen: '127.0.0.1:{router.admin_port}', token: {Router.TOKEN}}}"
-    return text.replace(old,
-                        f"admin: {{listen: ['127.0.0.1:{router.admin_port}', 'unix:{path}']}}")
+    return text.replace(old, f"admin: {{listen: ['127.0.0.1:{router.admin_port}', 'unix:{path}']}}")
 
 
 # 3. Linear-time detection
 
+
 def client_hello(size, server_name=b"router.example"):
     """A TLS 1.2 ClientHello handshake message of `size` bytes (padding extension)."""
-    sni = struct.pack("!HHHBH", 0, len(server_name) + 5, len(server_name) + 3, 0,
-                      len(server_name)) + server_name
+    sni = (
+        struct.pack("!HHHBH", 0, len(server_name) + 5, len(server_name) + 3, 0, len(server_name))
+        + server_name
+    )
     head = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
     fixed = 4 + len(head) + 2 + len(sni) + 4
     padding = struct.pack("!HH", 21, size - fixed) + bytes(size - fixed)
@@ -218,15 +252,17 @@ def tls_record(message):
 
 
 def one_byte_records(message):
-    return b"".join(b"\x16\x03\x01\x00\x01" + message[i:i + 1] for i in range(len(message)))
+    return b"".join(b"\x16\x03\x01\x00\x01" + message[i : i + 1] for i in range(len(message)))
 
 
 def test_a_client_hello_in_too_many_records_is_decided_without_more_parsing():
     message = client_hello(600)
-    assert tls.parse_client_hello(b"\x16\x03\x01" + len(message).to_bytes(2, "big") +
-                                  message).sni == "router.example"
+    assert (
+        tls.parse_client_hello(b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message).sni
+        == "router.example"
+    )
     records = one_byte_records(message)
-    assert tls.parse_client_hello(records[:6 * tls.MAX_RECORDS]) is not None
+    assert tls.parse_client_hello(records[: 6 * tls.MAX_RECORDS]) is not None
     assert isinstance(tls.parse_client_hello(records), Invalid)
 
 
@@ -249,7 +285,7 @@ def send_in_segments(port, flight, segment, pause):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             for start in range(0, len(flight), segment):
-                client.sendall(flight[start:start + segment])
+                client.sendall(flight[start : start + segment])
                 time.sleep(pause)
             client.shutdown(socket.SHUT_WR)
             while client.recv(65536):
@@ -277,14 +313,17 @@ ATTACKS = {
 }
 # Where detection must have given up (8 TLS records of 6 bytes, the preface and 17 frames):
 # the router reads that many 6-byte segments at most.
-SEGMENTS_READ = {"tls_one_byte_records": 8 * 6 // 6 + 1,
-                 "h2_empty_settings": (24 + 17 * 9) // 6 + 1}
+SEGMENTS_READ = {
+    "tls_one_byte_records": 8 * 6 // 6 + 1,
+    "h2_empty_settings": (24 + 17 * 9) // 6 + 1,
+}
 READ_COST = 0.0003  # what a wakeup and a read may cost the reactor on a busy machine
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_detection_cpu_of_a_flight_in_tiny_segments_is_at_most_3x_one_in_full_ones(
-        tmp_path, attack):
+    tmp_path, attack
+):
     flight = ATTACKS[attack]
     port = free_port()
     with Router(tmp_path, DETECT_CONFIG.format(port=port)) as router:
@@ -310,6 +349,7 @@ def test_detection_cpu_of_a_flight_in_tiny_segments_is_at_most_3x_one_in_full_on
 
 # 4. UDP sessions when descriptors run out
 
+
 def test_udp_sessions_without_a_socket_end_at_once_and_log_nothing_per_session(tmp_path):
     with DNSServer("10.0.0.1") as alpha, DNSServer("10.0.0.2") as beta:
         port = free_port()
@@ -321,21 +361,35 @@ def test_udp_sessions_without_a_socket_end_at_once_and_log_nothing_per_session(t
             # Every session ends, by idle timeout or at once without a socket: none leaks.
             # (The admin site is asked only once the sessions' descriptors are free again.)
             time.sleep(3.5)
-            wait_until(lambda: router.metric("l4router_udp_sessions_active",
-                                             listener="dns") == 0, timeout=8,
-                       message="every session gone after the idle timeout")
-            assert router.metric("l4router_udp_sessions_ended_total", listener="dns",
-                                 reason="idle_timeout") == answered
-            assert router.metric("l4router_udp_sessions_ended_total", listener="dns",
-                                 reason="socket_unavailable") == 100 - answered
+            wait_until(
+                lambda: router.metric("l4router_udp_sessions_active", listener="dns") == 0,
+                timeout=8,
+                message="every session gone after the idle timeout",
+            )
+            assert (
+                router.metric(
+                    "l4router_udp_sessions_ended_total", listener="dns", reason="idle_timeout"
+                )
+                == answered
+            )
+            assert (
+                router.metric(
+                    "l4router_udp_sessions_ended_total", listener="dns", reason="socket_unavailable"
+                )
+                == 100 - answered
+            )
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
                 client.settimeout(2.0)
-                client.sendto(dns.message.make_query("z.beta.test", "A").to_wire(),
-                              ("127.0.0.1", port))
+                client.sendto(
+                    dns.message.make_query("z.beta.test", "A").to_wire(), ("127.0.0.1", port)
+                )
                 assert dns.message.from_wire(client.recvfrom(4096)[0]).answer
             assert "Traceback" not in router.log_text()
-            texts = [e.get("log_text", "") for e in router.events()
-                     if e.get("log_namespace") != "l4router.access"]
+            texts = [
+                e.get("log_text", "")
+                for e in router.events()
+                if e.get("log_namespace") != "l4router.access"
+            ]
             # Start-up's two ports; nothing per session (before: four lines each).
             assert sum("starting on" in text for text in texts) == 2, texts
             assert sum("Starting protocol" in text for text in texts) <= 1, texts
@@ -343,18 +397,22 @@ def test_udp_sessions_without_a_socket_end_at_once_and_log_nothing_per_session(t
 
 
 def test_udp_session_limits_have_finite_defaults_and_unlimited_is_explicit():
-    config = parse_config("""
+    config = parse_config(
+        """
 listeners:
   - {name: dns, transport: udp, listen: "127.0.0.1:5353", default: reject}
   - {name: open, transport: udp, listen: "127.0.0.1:5354", default: reject,
      max_sessions: unlimited, max_sessions_per_source: unlimited}
-""", DETECTORS)
+""",
+        DETECTORS,
+    )
     bounded, unlimited = config.listeners
     assert (bounded.max_connections, bounded.max_connections_per_source) == (4096, 256)
     assert (unlimited.max_connections, unlimited.max_connections_per_source) == (None, None)
 
 
 # 5. Dual-stack listeners and IPv6 sources
+
 
 def test_ipv4_clients_of_a_dual_stack_listener_meet_ipv4_rules(tmp_path):
     with Backend("app", reply_with_name) as app:
@@ -382,8 +440,7 @@ def test_addresses_are_normalised_and_ipv6_sources_counted_per_prefix():
     assert normalise_host("::ffff:127.0.0.7") == "127.0.0.7"
     assert normalise_host("::FFFF:10.1.2.3") == "10.1.2.3"
     assert normalise_host("2001:db8::1") == "2001:db8::1"
-    assert source_key("2001:db8::1", 64) == source_key("2001:db8::ffff:1", 64) == \
-        "2001:db8::/64"
+    assert source_key("2001:db8::1", 64) == source_key("2001:db8::ffff:1", 64) == "2001:db8::/64"
     assert source_key("2001:db8::1", 128) == "2001:db8::1"
     admission = Admission(LocalLimit(), per_source=2)
     assert admission.admit("2001:db8::1") is None
@@ -396,9 +453,11 @@ def test_addresses_are_normalised_and_ipv6_sources_counted_per_prefix():
 
 # 6. HTTP rules
 
+
 def test_host_and_path_are_normalised_before_rules_see_them():
-    request = http1.parse_request(b"POST /a/../%72eload HTTP/1.1\r\nHost: Admin.Example.COM.:80"
-                                  b"\r\n\r\n")
+    request = http1.parse_request(
+        b"POST /a/../%72eload HTTP/1.1\r\nHost: Admin.Example.COM.:80\r\n\r\n"
+    )
     assert (request.host, request.path) == ("admin.example.com", "/reload")
     assert http1.normalise_path("/x/./y/%7e%2F") == "/x/y/~%2F"
     assert http1.normalise_path("*") == "*"
@@ -421,20 +480,23 @@ backends:
   app: {{servers: ["127.0.0.1:{app.port}"]}}
 """
         with Router(tmp_path, config):
-            for request in (b"POST /%72eload HTTP/1.1\r\nHost: x\r\n\r\n",
-                            b"POST /static/../reload HTTP/1.1\r\nHost: x\r\n\r\n",
-                            b"GET / HTTP/1.1\r\nHost: admin.example.com.\r\n\r\n"):
+            for request in (
+                b"POST /%72eload HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"POST /static/../reload HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: admin.example.com.\r\n\r\n",
+            ):
                 assert ask(port, request) == b"", request
             assert ask(port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
 
 
 # 7. Smaller ones
 
-def test_workers_do_not_import_from_the_working_directory_and_run_the_validated_config(
-        tmp_path):
+
+def test_workers_do_not_import_from_the_working_directory_and_run_the_validated_config(tmp_path):
     marker = tmp_path / "planted-module-ran"
-    (tmp_path / "yaml.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                      "raise ImportError('planted')\n")
+    (tmp_path / "yaml.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('planted')\n"
+    )
     with Backend("app", reply_with_name) as app:
         port = free_port()
         config = f"""
@@ -451,10 +513,16 @@ backends:
             router.config_path.write_text("listeners: [this is not a valid config\n")
             pids = worker_pids(router)
             os.kill(pids[0], signal.SIGKILL)
-            wait_until(lambda: worker_pids(router)[0] != pids[0], timeout=20,
-                       message="the killed worker restarted")
-            wait_until(lambda: router.metric("l4router_workers_ready") == 2, timeout=20,
-                       message="both workers ready")
+            wait_until(
+                lambda: worker_pids(router)[0] != pids[0],
+                timeout=20,
+                message="the killed worker restarted",
+            )
+            wait_until(
+                lambda: router.metric("l4router_workers_ready") == 2,
+                timeout=20,
+                message="both workers ready",
+            )
             assert {ask(port, b"two") for _ in range(10)} == {b"app:two"}
             assert not marker.exists()
 
@@ -467,20 +535,26 @@ admin: {listen: "127.0.0.1:2", token: "a-token-nobody-may-guess"}
 """
     config = parse_config(text, DETECTORS)
     assert config.digest != hashlib.sha256(text.encode()).hexdigest()
-    assert config.digest == hashlib.sha256(
-        text.replace("a-token-nobody-may-guess", "<redacted>").encode()).hexdigest()
+    assert (
+        config.digest
+        == hashlib.sha256(
+            text.replace("a-token-nobody-may-guess", "<redacted>").encode()
+        ).hexdigest()
+    )
     other = parse_config(text.replace("nobody", "anyone"), DETECTORS)
     assert other.digest == config.digest
 
 
 def test_client_fields_escape_c1_controls_and_unicode_line_separators():
-    assert safe_value("a\x85b\u2028c\u2029d\x9b31m\x1b\x7f") == \
-        "a\\x85b\\u2028c\\u2029d\\x9b31m\\x1b\\x7f"
+    assert (
+        safe_value("a\x85b\u2028c\u2029d\x9b31m\x1b\x7f")
+        == "a\\x85b\\u2028c\\u2029d\\x9b31m\\x1b\\x7f"
+    )
     assert safe_value(("x\u2028",)) == ("x\\u2028",)
 
 
-
 # Issue "Routing and transport": a first flight too large is not "not that protocol"
+
 
 def test_a_client_hello_cut_anywhere_after_its_first_bytes_is_decided_truncated_tls():
     from l4router.detection import Peek
@@ -502,8 +576,7 @@ def test_a_client_hello_cut_anywhere_after_its_first_bytes_is_decided_truncated_
 
 
 def test_an_oversized_client_hello_is_routed_as_truncated_tls(tmp_path):
-    with Backend("tls", reply_with_name) as tls_backend, \
-            Backend("other", reply_with_name) as other:
+    with Backend("tls", reply_with_name) as tls_backend, Backend("other", reply_with_name) as other:
         port = free_port()
         config = f"""
 listeners:
@@ -525,8 +598,10 @@ backends:
                 client.shutdown(socket.SHUT_WR)
                 assert client.recv(100).startswith(b"tls:")
             wait_until(lambda: tls_backend.results, message="the relayed hello")
-            assert tls_backend.results[0] == flight[:len(tls_backend.results[0])]
+            assert tls_backend.results[0] == flight[: len(tls_backend.results[0])]
             event = router.wait_access_events(1)[0]
             assert event["protocol"] == "tls" and event["fields"]["truncated"] is True
-            assert router.metric("l4router_detection_truncated_total", listener="edge",
-                                 protocol="tls") == 1
+            assert (
+                router.metric("l4router_detection_truncated_total", listener="edge", protocol="tls")
+                == 1
+            )

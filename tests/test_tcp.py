@@ -67,13 +67,17 @@ class Harness:
         listener = self.config.listeners[0]
         self.registry = CollectorRegistry()
         metrics = RouterMetrics(self.registry)
-        groups = {name: BackendGroup(b, self.reactor, metrics)
-                  for name, b in self.config.backends.items()}
+        groups = {
+            name: BackendGroup(b, self.reactor, metrics) for name, b in self.config.backends.items()
+        }
         self.factory = ListenerFactory(
-            listener, DetectorSet(detectors_for(detectors, "tcp")), groups,
-            Admission(LocalLimit(), listener.max_connections,
-                      listener.max_connections_per_source), metrics.for_listener("edge"),
-            self.reactor)
+            listener,
+            DetectorSet(detectors_for(detectors, "tcp")),
+            groups,
+            Admission(LocalLimit(), listener.max_connections, listener.max_connections_per_source),
+            metrics.for_listener("edge"),
+            self.reactor,
+        )
 
     def client(self, port=40000):
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", port))
@@ -135,8 +139,16 @@ def test_http1_routed_by_host_replays_bytes_then_relays():
     backend.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
     assert backend_transport.value() == REQUEST + b"early0123456789more"
     assert client_transport.value() == b"HTTP/1.1 200 OK\r\n\r\n"
-    assert harness.metric("l4router_connections_routed_total", listener="edge",
-                          protocol="http1", route="routes[0]", backend="web") == 1
+    assert (
+        harness.metric(
+            "l4router_connections_routed_total",
+            listener="edge",
+            protocol="http1",
+            route="routes[0]",
+            backend="web",
+        )
+        == 1
+    )
 
 
 def test_half_close_is_passed_on_and_both_fins_complete():
@@ -151,12 +163,16 @@ def test_half_close_is_passed_on_and_both_fins_complete():
     assert client_transport.disconnecting and backend_transport.disconnecting
     client.connectionLost(Failure(ConnectionLost()))
     backend.connectionLost(None)
-    assert harness.metric("l4router_connections_closed_total", listener="edge",
-                          reason="completed") == 1
-    assert harness.metric("l4router_bytes_relayed_total", listener="edge",
-                          direction="downstream") == len(b"reply after the client's FIN")
-    assert harness.metric("l4router_bytes_relayed_total", listener="edge",
-                          direction="upstream") == len(REQUEST)
+    assert (
+        harness.metric("l4router_connections_closed_total", listener="edge", reason="completed")
+        == 1
+    )
+    assert harness.metric(
+        "l4router_bytes_relayed_total", listener="edge", direction="downstream"
+    ) == len(b"reply after the client's FIN")
+    assert harness.metric(
+        "l4router_bytes_relayed_total", listener="edge", direction="upstream"
+    ) == len(REQUEST)
     assert harness.metric("l4router_connections_active", listener="edge") == 0
 
 
@@ -166,8 +182,10 @@ def test_backend_reset_closes_the_client_after_flushing():
     backend.connectionLost(Failure(ConnectionLost()))
     assert client_transport.disconnecting and not client_transport.aborted
     client.connectionLost(None)
-    assert harness.metric("l4router_connections_closed_total", listener="edge",
-                          reason="backend_reset") == 1
+    assert (
+        harness.metric("l4router_connections_closed_total", listener="edge", reason="backend_reset")
+        == 1
+    )
 
 
 def test_silent_client_goes_to_on_timeout_after_detect_timeout():
@@ -178,8 +196,16 @@ def test_silent_client_goes_to_on_timeout_after_detect_timeout():
     harness.reactor.advance(0.2)
     (host, port, _), _ = harness.connect_attempt()
     assert (host, port) == ("10.0.0.3", 22)
-    assert harness.metric("l4router_connections_routed_total", listener="edge",
-                          protocol="timeout", route="on_timeout", backend="ssh") == 1
+    assert (
+        harness.metric(
+            "l4router_connections_routed_total",
+            listener="edge",
+            protocol="timeout",
+            route="on_timeout",
+            backend="ssh",
+        )
+        == 1
+    )
 
 
 def test_unknown_bytes_go_to_default():
@@ -208,8 +234,10 @@ def test_reject_route_closes_at_once():
     assert client_transport.disconnecting
     assert harness.reactor.tcpClients == []
     client.connectionLost(None)
-    assert harness.metric("l4router_connections_rejected_total", listener="edge",
-                          reason="rejected") == 1
+    assert (
+        harness.metric("l4router_connections_rejected_total", listener="edge", reason="rejected")
+        == 1
+    )
 
 
 def test_refused_server_fails_over_with_backoff_then_client_is_closed():
@@ -230,12 +258,25 @@ def test_refused_server_fails_over_with_backoff_then_client_is_closed():
         factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
     assert client_transport.disconnecting
     client.connectionLost(None)
-    assert sum(harness.metric("l4router_backend_connect_failures_total", backend="web",
-                              server=server, reason="refused")
-               for server in ("10.0.0.1:80", "10.0.0.2:80")) == 3
+    assert (
+        sum(
+            harness.metric(
+                "l4router_backend_connect_failures_total",
+                backend="web",
+                server=server,
+                reason="refused",
+            )
+            for server in ("10.0.0.1:80", "10.0.0.2:80")
+        )
+        == 3
+    )
     assert harness.metric("l4router_backend_retries_total", backend="web") == 2
-    assert harness.metric("l4router_connections_closed_total", listener="edge",
-                          reason="connect_failed") == 1
+    assert (
+        harness.metric(
+            "l4router_connections_closed_total", listener="edge", reason="connect_failed"
+        )
+        == 1
+    )
 
 
 def test_idle_relay_is_aborted_between_one_and_one_and_a_quarter_timeouts():
@@ -249,8 +290,10 @@ def test_idle_relay_is_aborted_between_one_and_one_and_a_quarter_timeouts():
     assert client_transport.aborted and backend_transport.aborted
     client.connectionLost(Failure(ConnectionLost()))
     backend.connectionLost(Failure(ConnectionLost()))
-    assert harness.metric("l4router_connections_closed_total", listener="edge",
-                          reason="idle_timeout") == 1
+    assert (
+        harness.metric("l4router_connections_closed_total", listener="edge", reason="idle_timeout")
+        == 1
+    )
     assert not harness.reactor.getDelayedCalls()
 
 
@@ -260,8 +303,10 @@ def test_client_gone_while_connecting_cancels_the_connect():
     client.dataReceived(REQUEST)
     client.connectionLost(Failure(ConnectionLost()))
     assert harness.metric("l4router_connections_active", listener="edge") == 0
-    assert harness.metric("l4router_connections_closed_total", listener="edge",
-                          reason="client_reset") == 1
+    assert (
+        harness.metric("l4router_connections_closed_total", listener="edge", reason="client_reset")
+        == 1
+    )
 
 
 def test_listener_limit_refuses_without_a_protocol():
@@ -269,8 +314,12 @@ def test_listener_limit_refuses_without_a_protocol():
     assert harness.client(1)[0] is not None
     assert harness.client(2)[0] is not None
     assert harness.client(3)[0] is None
-    assert harness.metric("l4router_connections_rejected_total", listener="edge",
-                          reason="limit_listener") == 1
+    assert (
+        harness.metric(
+            "l4router_connections_rejected_total", listener="edge", reason="limit_listener"
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("cut", range(1, len(REQUEST)))
@@ -299,16 +348,19 @@ backends:
 """
 
 
-@pytest.mark.parametrize("header", [
-    proxyprotocol.v1_header("203.0.113.9", 5555, "192.0.2.1", 443),
-    proxyprotocol.v2_header("203.0.113.9", 5555, "192.0.2.1", 443),
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        proxyprotocol.v1_header("203.0.113.9", 5555, "192.0.2.1", 443),
+        proxyprotocol.v2_header("203.0.113.9", 5555, "192.0.2.1", 443),
+    ],
+)
 def test_proxy_header_in_pieces_sets_the_source_and_is_not_replayed(header):
     harness = Harness(PROXY_CONFIG)
     client, _ = harness.client()
     flight = header + REQUEST
     for index in range(len(flight)):  # one byte at a time
-        client.dataReceived(flight[index:index + 1])
+        client.dataReceived(flight[index : index + 1])
     (host, _, _), factory = harness.connect_attempt()
     assert host == "10.0.0.1"  # routed by the source the header carries
     assert client.source == "203.0.113.9" and client.source_port == 5555
@@ -325,8 +377,12 @@ def test_missing_or_bad_proxy_header_is_rejected(flight):
         harness.tick(4)
     assert transport.disconnecting
     assert harness.reactor.tcpClients == []
-    assert harness.metric("l4router_connections_rejected_total", listener="edge",
-                          reason="proxy_protocol") == 1
+    assert (
+        harness.metric(
+            "l4router_connections_rejected_total", listener="edge", reason="proxy_protocol"
+        )
+        == 1
+    )
 
 
 def test_per_source_limit_uses_the_source_from_the_header():
@@ -337,8 +393,12 @@ def test_per_source_limit_uses_the_source_from_the_header():
     second, second_transport = harness.client(2)
     second.dataReceived(header)
     assert second_transport.disconnecting
-    assert harness.metric("l4router_connections_rejected_total", listener="edge",
-                          reason="limit_source") == 1
+    assert (
+        harness.metric(
+            "l4router_connections_rejected_total", listener="edge", reason="limit_source"
+        )
+        == 1
+    )
     other, other_transport = harness.client(3)
     other.dataReceived(proxyprotocol.v1_header("198.51.100.1", 1, "192.0.2.1", 443))
     assert not other_transport.disconnecting

@@ -14,14 +14,18 @@ from tests.data.capture_udp import read
 UDP_DETECTORS = {d.name: d for d in detectors_for(installed_detectors(), "udp")}
 
 UDP_EXPECTED = {
-    "quic_aioquic_hello.udp": ("quic", {"sni": "small.quic.test", "alpn": ("h3",),
-                                        "quic_version": "1"}),
+    "quic_aioquic_hello.udp": (
+        "quic",
+        {"sni": "small.quic.test", "alpn": ("h3",), "quic_version": "1"},
+    ),
     "quic_aioquic_big_hello.udp": ("quic", {"sni": "big.quic.test", "quic_version": "1"}),
     "dns_dig_query.udp": ("dns", {"qname": "www.alpha.test", "qtype": "AAAA"}),
     "dtls_openssl_s_client.udp": ("dtls", {"sni": "dtls.example.com", "alpn": ("coap",)}),
     "wireguard_initiation.udp": ("wireguard", {"wireguard_message": "initiation"}),
-    "stun_binding_request.udp": ("stun", {"stun_method": "binding", "stun_class": "request",
-                                          "stun_username": "evtj:h6vY"}),
+    "stun_binding_request.udp": (
+        "stun",
+        {"stun_method": "binding", "stun_class": "request", "stun_username": "evtj:h6vY"},
+    ),
 }
 RFC_VECTORS = {"quic_rfc9001_a2_client_initial.bin": "1", "quic_rfc9369_a2_client_initial.bin": "2"}
 
@@ -30,12 +34,23 @@ def datagrams(name):
     return read(DATA / name)
 
 
-@pytest.mark.parametrize("version, key, iv, hp", [
-    (quic.VERSION_1, "1f369613dd76d5467730efcbe3b1a22d", "fa044b2f42a3fd3b46fb255c",
-     "9f50449e04a0e810283a1e9933adedd2"),  # RFC 9001 A.1
-    (quic.VERSION_2, "8b1a0bc121284290a29e0971b5cd045d", "91f73e2351d8fa91660e909f",
-     "45b95e15235d6f45a6b19cbcb0294ba9"),  # RFC 9369 A.1
-])
+@pytest.mark.parametrize(
+    "version, key, iv, hp",
+    [
+        (
+            quic.VERSION_1,
+            "1f369613dd76d5467730efcbe3b1a22d",
+            "fa044b2f42a3fd3b46fb255c",
+            "9f50449e04a0e810283a1e9933adedd2",
+        ),  # RFC 9001 A.1
+        (
+            quic.VERSION_2,
+            "8b1a0bc121284290a29e0971b5cd045d",
+            "91f73e2351d8fa91660e909f",
+            "45b95e15235d6f45a6b19cbcb0294ba9",
+        ),  # RFC 9369 A.1
+    ],
+)
 def test_initial_keys_match_the_rfc_vectors(version, key, iv, hp):
     keys = quic.client_initial_keys(version, bytes.fromhex("8394c8f03e515708"))
     assert (keys.key.hex(), keys.iv.hex(), keys.hp.hex()) == (key, iv, hp)
@@ -106,9 +121,13 @@ def test_truncated_question_found_by_fuzzing_is_invalid():
     assert isinstance(dns.parse_query(query[:14] + b"\x00\x00\x01" + query[17:]), Invalid)
 
 
-PARSERS = [quic.parse_client_initials, dtls.parse_client_hello,
-           lambda d: dns.parse_query(d[0]), lambda d: stun.parse_message(d[0]),
-           lambda d: wireguard.parse_initiation(d[0])]
+PARSERS = [
+    quic.parse_client_initials,
+    dtls.parse_client_hello,
+    lambda d: dns.parse_query(d[0]),
+    lambda d: stun.parse_message(d[0]),
+    lambda d: wireguard.parse_initiation(d[0]),
+]
 
 
 @pytest.mark.parametrize("parser", PARSERS)
@@ -120,13 +139,16 @@ def test_random_datagrams_never_raise(parser, random_datagrams):
 
 @pytest.mark.parametrize("parser", PARSERS)
 @settings(max_examples=300, deadline=None)
-@given(source=st.sampled_from(sorted(UDP_EXPECTED) + sorted(RFC_VECTORS)),
-       position=st.integers(min_value=0), patch=st.binary(min_size=1, max_size=4))
+@given(
+    source=st.sampled_from(sorted(UDP_EXPECTED) + sorted(RFC_VECTORS)),
+    position=st.integers(min_value=0),
+    patch=st.binary(min_size=1, max_size=4),
+)
 def test_mutated_datagrams_never_raise(parser, source, position, patch):
     flight = datagrams(source) if source.endswith(".udp") else [capture(source)]
     first = flight[0]
     position %= len(first)
-    parser([first[:position] + patch + first[position + len(patch):]] + flight[1:])
+    parser([first[:position] + patch + first[position + len(patch) :]] + flight[1:])
 
 
 def test_quic_server_connection_ids_find_a_session_by_a_short_header():
@@ -169,7 +191,9 @@ def test_quic_lb_finds_the_server_its_connection_id_names():
     index = QuicLbServers({"h3": group})
     rotation_1 = 0b001_00111  # config rotation 1, then the length bits
     assert index.find(bytes([0x41, rotation_1]) + b"\x0a\x01" + b"nonce") == (
-        group, group.servers[0])
+        group,
+        group.servers[0],
+    )
     assert index.find(bytes([0x41, rotation_1]) + b"\x0a\x02nonce") is None  # drained, down
     assert index.find(bytes([0x41, 0b010_00111]) + b"\x0a\x01nonce") is None  # rotation 2
     assert index.find(bytes([0xC1, rotation_1]) + b"\x0a\x01nonce") is None  # long header

@@ -41,8 +41,10 @@ class LeastConnections:
     def choose(self, candidates, source):
         self.turn += 1
         count = len(candidates)
-        return min((candidates[(self.turn + i) % count] for i in range(count)),
-                   key=lambda s: s.active / s.weight)
+        return min(
+            (candidates[(self.turn + i) % count] for i in range(count)),
+            key=lambda s: s.active / s.weight,
+        )
 
 
 class SourceHash:

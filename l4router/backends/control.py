@@ -60,8 +60,14 @@ class Change:
                 raise ControlError(f"weight needs an integer 1..{MAX_WEIGHT}, not {raw!r}")
             if not 1 <= weight <= MAX_WEIGHT:
                 raise ControlError(f"weight must be 1..{MAX_WEIGHT}, not {weight}")
-        return cls(backend, action, server, weight,
-                   backup=_flag(query, "backup"), abort=_flag(query, "abort"))
+        return cls(
+            backend,
+            action,
+            server,
+            weight,
+            backup=_flag(query, "backup"),
+            abort=_flag(query, "abort"),
+        )
 
 
 def _flag(query: dict, name: str) -> bool:
@@ -92,16 +98,23 @@ class RuntimeState:
             self.added = dict(saved.get("added", {}))
             self.removed = {b: list(labels) for b, labels in saved.get("removed", {}).items()}
         except (OSError, ValueError, AttributeError) as exc:
-            log.error("The runtime state in {path} cannot be read ({error}): the config alone "
-                      "decides", path=self.path, error=str(exc))
+            log.error(
+                "The runtime state in {path} cannot be read ({error}): the config alone decides",
+                path=self.path,
+                error=str(exc),
+            )
 
     def save(self) -> None:
         if self.path is None or not self.writable:
             return
         partial = self.path + ".new"
         with open(partial, "w", encoding="utf-8") as stream:
-            json.dump({"servers": self.servers, "added": self.added, "removed": self.removed},
-                      stream, indent=1, sort_keys=True)
+            json.dump(
+                {"servers": self.servers, "added": self.added, "removed": self.removed},
+                stream,
+                indent=1,
+                sort_keys=True,
+            )
         os.replace(partial, self.path)
 
     def servers_of(self, backend) -> dict[str, Server] | None:
@@ -124,13 +137,19 @@ class RuntimeState:
         if backend is None:
             raise ControlError(f"no backend is called {change.backend!r}", 404)
         if backend.server_from is not None:
-            raise ControlError(f"backend {change.backend} takes its server from the client's "
-                               "name: it has none to change", 409)
+            raise ControlError(
+                f"backend {change.backend} takes its server from the client's "
+                "name: it has none to change",
+                409,
+            )
         servers = self.servers_of(backend)
         if servers is None:
             if change.action in ("add", "remove"):
-                raise ControlError(f"backend {change.backend}'s servers come from "
-                                   f"{backend.discovery.kind} discovery", 409)
+                raise ControlError(
+                    f"backend {change.backend}'s servers come from "
+                    f"{backend.discovery.kind} discovery",
+                    409,
+                )
             return
         if change.action == "add":
             try:
@@ -139,8 +158,7 @@ class RuntimeState:
                 raise ControlError(f"add needs address=host:port: {exc}") from None
             label = Server(host, port).label
             if label in servers:
-                raise ControlError(f"backend {change.backend} has a server {label} already",
-                                   409)
+                raise ControlError(f"backend {change.backend} has a server {label} already", 409)
         elif change.server not in servers:
             raise ControlError(f"backend {change.backend} has no server {change.server!r}", 404)
         elif change.action == "remove" and len(servers) == 1:
@@ -156,7 +174,10 @@ class RuntimeState:
             if label in removed:
                 removed.remove(label)
             self.added.setdefault(backend, {})[label] = {
-                "address": label, "weight": change.weight or 1, "backup": change.backup}
+                "address": label,
+                "weight": change.weight or 1,
+                "backup": change.backup,
+            }
         elif change.action == "remove":
             if self.added.get(backend, {}).pop(label, None) is None:
                 self.removed.setdefault(backend, []).append(label)
@@ -201,8 +222,9 @@ class RuntimeState:
                     del table[name]
         for name, entries in self.servers.items():
             present = self.servers_of(backends[name])
-            for label in [label for label in entries if present is not None and
-                          label not in present]:
+            for label in [
+                label for label in entries if present is not None and label not in present
+            ]:
                 del entries[label]
         self.save()
 

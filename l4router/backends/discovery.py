@@ -69,8 +69,7 @@ class _Discovery:
 
     def _look(self):
         self._call = None
-        defer.maybeDeferred(self.look).addCallbacks(self._found, self._failed).addBoth(
-            self._settle)
+        defer.maybeDeferred(self.look).addCallbacks(self._found, self._failed).addBoth(self._settle)
 
     def _settle(self, _):
         if not self.settled:
@@ -84,9 +83,13 @@ class _Discovery:
         if not self._running:
             return
         if servers is not None and servers != self.current:
-            log.info("Backend {backend}: {source} gives {count} servers: {servers}",
-                     backend=self.group.name, source=self.describe(), count=len(servers),
-                     servers=", ".join(s.label for s in servers) or "none")
+            log.info(
+                "Backend {backend}: {source} gives {count} servers: {servers}",
+                backend=self.group.name,
+                source=self.describe(),
+                count=len(servers),
+                servers=", ".join(s.label for s in servers) or "none",
+            )
             self.current = servers
             self._count.set(len(servers))
             self.group.replace_servers(servers)
@@ -96,9 +99,14 @@ class _Discovery:
         if not self._running:
             return
         self._failures.inc()
-        log.warn("Backend {backend}: {source} failed ({error}); keeping the {count} servers "
-                 "found before", backend=self.group.name, source=self.describe(),
-                 error=failure.getErrorMessage(), count=len(self.current or ()))
+        log.warn(
+            "Backend {backend}: {source} failed ({error}); keeping the {count} servers "
+            "found before",
+            backend=self.group.name,
+            source=self.describe(),
+            error=failure.getErrorMessage(),
+            count=len(self.current or ()),
+        )
         self._call = self.reactor.callLater(self.retry_after(), self._look)
 
     def retry_after(self):
@@ -127,15 +135,20 @@ class SrvDiscovery(_Discovery):
     def look(self):
         try:
             answers, _, additional = yield self.resolver.lookupService(
-                self.settings.source, timeout=self.timeout)
-        except (error.DNSNameError, error.DNSServerError, error.DNSQueryRefusedError,
-                defer.TimeoutError, error.DNSQueryTimeoutError) as exc:
+                self.settings.source, timeout=self.timeout
+            )
+        except (
+            error.DNSNameError,
+            error.DNSServerError,
+            error.DNSQueryRefusedError,
+            defer.TimeoutError,
+            error.DNSQueryTimeoutError,
+        ) as exc:
             raise DiscoveryFailed(f"SRV lookup: {type(exc).__name__}") from None
         records = [a for a in answers if a.type == dns.SRV][:MAX_SERVERS]
         if not records:
             raise DiscoveryFailed("no SRV records")
-        glue = {a.name.name.lower(): a.payload.dottedQuad() for a in additional
-                if a.type == dns.A}
+        glue = {a.name.name.lower(): a.payload.dottedQuad() for a in additional if a.type == dns.A}
         lowest = min(r.payload.priority for r in records)
         servers = []
         for record in records:
@@ -143,8 +156,14 @@ class SrvDiscovery(_Discovery):
             address = glue.get(record.payload.target.name.lower())
             if address is None:
                 address = yield self._address_of(target)
-            servers.append(Server(address, record.payload.port, max(1, record.payload.weight),
-                                  record.payload.priority != lowest))
+            servers.append(
+                Server(
+                    address,
+                    record.payload.port,
+                    max(1, record.payload.weight),
+                    record.payload.priority != lowest,
+                )
+            )
         ttl = min(r.ttl for r in records)
         return tuple(sorted(set(servers), key=_order)), min(max(ttl, MIN_TTL), MAX_TTL)
 

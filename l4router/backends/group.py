@@ -28,10 +28,12 @@ log = Logger()
 
 def failure_reason(failure):
     """A short label for why a connect failed: refused, timeout, unreachable, ..."""
-    for kind, label in ((error.ConnectionRefusedError, "refused"),
-                        (error.TimeoutError, "timeout"),
-                        (error.DNSLookupError, "dns"),
-                        (error.NoRouteError, "unreachable")):
+    for kind, label in (
+        (error.ConnectionRefusedError, "refused"),
+        (error.TimeoutError, "timeout"),
+        (error.DNSLookupError, "dns"),
+        (error.NoRouteError, "unreachable"),
+    ):
         if failure.check(kind):
             return label
     return "error"
@@ -73,18 +75,23 @@ class BackendGroup:
         server.on_change = self._health_changed
         self.servers.append(server)
         if backend.health_check is not None:
-            self.checkers[server] = HealthChecker(server, backend.health_check, self.reactor,
-                                                  self.metrics)
+            self.checkers[server] = HealthChecker(
+                server, backend.health_check, self.reactor, self.metrics
+            )
         if backend.pool.min_idle:
-            self.pools[server] = ServerPool(server, backend.pool, self.reactor,
-                                            backend.connect_timeout, self.metrics)
+            self.pools[server] = ServerPool(
+                server, backend.pool, self.reactor, backend.connect_timeout, self.metrics
+            )
         if server.address is None:
             self.refreshers[server] = NameRefresher(server, self.reactor)
         return server
 
     def _parts(self, server):
-        return [table[server] for table in (self.refreshers, self.checkers, self.pools)
-                if server in table]
+        return [
+            table[server]
+            for table in (self.refreshers, self.checkers, self.pools)
+            if server in table
+        ]
 
     def start(self):
         self.running = True
@@ -149,9 +156,12 @@ class BackendGroup:
         return server
 
     def status(self):
-        return {"backend": self.name, "balance": self.config.balance,
-                "using_backup": self.using_backup(),
-                "servers": [s.status() for s in self.servers]}
+        return {
+            "backend": self.name,
+            "balance": self.config.balance,
+            "using_backup": self.using_backup(),
+            "servers": [s.status() for s in self.servers],
+        }
 
     # Connecting a client
 
@@ -162,16 +172,22 @@ class BackendGroup:
         With discovery, a client that comes before its first look waits for it."""
         if self.discovery is not None and not self.discovery.settled:
             return self.discovery.when_settled().addCallback(
-                lambda _: _ConnectAttempt(self, source).start())
+                lambda _: _ConnectAttempt(self, source).start()
+            )
         return _ConnectAttempt(self, source).start()
 
     def attempt_failed(self, server, attempt, failure):
         reason = failure_reason(failure)
         self.metrics.connect_failures.labels(self.name, server.label, reason).inc()
         self.passive_result(server, False, f"connect {reason}")
-        log.info("Backend {backend} server {server} attempt {attempt}/{attempts} failed: "
-                 "{reason}", backend=self.name, server=server.label, attempt=attempt,
-                 attempts=self.config.retry.attempts, reason=reason)
+        log.info(
+            "Backend {backend} server {server} attempt {attempt}/{attempts} failed: {reason}",
+            backend=self.name,
+            server=server.label,
+            attempt=attempt,
+            attempts=self.config.retry.attempts,
+            reason=reason,
+        )
 
     def pick(self, source):
         """A server for a UDP session (no connect to make), acquired: release it at the end.
@@ -211,13 +227,17 @@ class BackendGroup:
         if serving != self._backup_was_serving:
             self._backup_was_serving = serving
             self._backup_serving.set(1 if serving else 0)
-            log.warn("Backend {backend}: the backup tier {state}", backend=self.name,
-                     state="serves (no primary server is up)" if serving else "stands by")
+            log.warn(
+                "Backend {backend}: the backup tier {state}",
+                backend=self.name,
+                state="serves (no primary server is up)" if serving else "stands by",
+            )
 
     def using_backup(self):
         """No primary server is up and a backup is: the backup tier serves."""
-        return (not any(s.eligible for s in self.servers if not s.backup)
-                and any(s.eligible for s in self.servers if s.backup))
+        return not any(s.eligible for s in self.servers if not s.backup) and any(
+            s.eligible for s in self.servers if s.backup
+        )
 
     def take_spare(self, server):
         if server.pool is None:
@@ -279,15 +299,23 @@ class _ConnectAttempt(ClientFactory):
         self.backend_side.on_connected = self._connected
         self.started = group.reactor.seconds()
         if server.address is None:
-            self.clientConnectionFailed(None, Failure(error.DNSLookupError(
-                f"{server.server.host} not resolved yet")))
+            self.clientConnectionFailed(
+                None, Failure(error.DNSLookupError(f"{server.server.host} not resolved yet"))
+            )
             return
         if group.config.transparent:
-            self.connector = connect_from(group.reactor, self.source, server.address,
-                                          server.server.port, self, group.config.connect_timeout)
+            self.connector = connect_from(
+                group.reactor,
+                self.source,
+                server.address,
+                server.server.port,
+                self,
+                group.config.connect_timeout,
+            )
         else:
-            self.connector = group.reactor.connectTCP(server.address, server.server.port, self,
-                                                      timeout=group.config.connect_timeout)
+            self.connector = group.reactor.connectTCP(
+                server.address, server.server.port, self, timeout=group.config.connect_timeout
+            )
 
     def buildProtocol(self, addr):
         return self.backend_side
@@ -311,9 +339,13 @@ class _ConnectAttempt(ClientFactory):
         group.attempt_failed(server, self.attempt, reason)
         retry = group.config.retry
         if self.attempt >= retry.attempts:
-            self.done.errback(BackendUnavailable(
-                group.name, CONNECT_FAILED,
-                f"{retry.attempts} attempts, last: {reason.getErrorMessage()}"))
+            self.done.errback(
+                BackendUnavailable(
+                    group.name,
+                    CONNECT_FAILED,
+                    f"{retry.attempts} attempts, last: {reason.getErrorMessage()}",
+                )
+            )
             return
         group._retries.inc()
         delay = group.jittered(retry.backoff(self.attempt))

@@ -87,8 +87,9 @@ class HealthChecker:
             self._checking.addCallback(lambda _: (True, "check passed"))
         else:
             self._checking = self._converse(endpoint)
-        self._checking.addErrback(lambda failure: (
-            False, f"check failed: {failure.getErrorMessage()}"))
+        self._checking.addErrback(
+            lambda failure: (False, f"check failed: {failure.getErrorMessage()}")
+        )
         self._checking.addCallback(lambda verdict: self.record(*verdict))
         self._checking.addBoth(self._done)
 
@@ -98,8 +99,12 @@ class HealthChecker:
         timeout = self.settings.timeout
 
         def connected(_):
-            deadline = self.reactor.callLater(timeout, conversation.conclude, False, (
-                f"no answer within {timeout:g}s to the {self.probe.name} probe"))
+            deadline = self.reactor.callLater(
+                timeout,
+                conversation.conclude,
+                False,
+                (f"no answer within {timeout:g}s to the {self.probe.name} probe"),
+            )
 
             def finished(verdict):
                 cancel(deadline)

@@ -34,8 +34,10 @@ CLIENT_NAMED_REFUSALS = (NAME_NOT_ALLOWED, NAME_UNRESOLVED, NAME_MISSING)
 CACHE_SIZE = 4096
 MIN_TTL, MAX_TTL = 1.0, 300.0
 NEGATIVE_TTL = 5.0  # a name that did not resolve is not asked again before this
-_HOST_NAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]"
-                        r"([a-z0-9_-]{0,61}[a-z0-9])?)*")
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?)(\.[a-z0-9_]"
+    r"([a-z0-9_-]{0,61}[a-z0-9])?)*"
+)
 
 
 class NamedServer:
@@ -69,9 +71,10 @@ class NamedServerGroup:
         self.active = 0
         self._cache = collections.OrderedDict()  # name -> (address or None, expiry)
         self._pending = {}  # name -> the Deferreds waiting for its lookup under way
-        self._lookups = {outcome: metrics.named_lookups.labels(backend.name, outcome)
-                         for outcome in ("cached", "resolved", NAME_NOT_ALLOWED,
-                                         NAME_UNRESOLVED, NAME_MISSING)}
+        self._lookups = {
+            outcome: metrics.named_lookups.labels(backend.name, outcome)
+            for outcome in ("cached", "resolved", NAME_NOT_ALLOWED, NAME_UNRESOLVED, NAME_MISSING)
+        }
 
     def start(self):
         pass
@@ -80,9 +83,15 @@ class NamedServerGroup:
         pass
 
     def status(self):
-        return {"backend": self.name, "balance": "server_from", "using_backup": False,
-                "server_from": self.config.server_from, "active_connections": self.active,
-                "cached_names": len(self._cache), "servers": []}
+        return {
+            "backend": self.name,
+            "balance": "server_from",
+            "using_backup": False,
+            "server_from": self.config.server_from,
+            "active_connections": self.active,
+            "cached_names": len(self._cache),
+            "servers": [],
+        }
 
     def passive_result(self, server, ok, why):
         pass  # no health to keep of a name
@@ -192,7 +201,15 @@ class _OneConnect(ClientFactory):
     def clientConnectionFailed(self, connector, reason):
         self.server.release()
         if not self.done.called:
-            kind = "refused" if reason.check(error.ConnectionRefusedError) else \
-                "timeout" if reason.check(error.TimeoutError) else "error"
-            self.done.errback(BackendUnavailable(self.server.group.name, CONNECT_FAILED,
-                                                 f"{self.server.label}: {kind}"))
+            kind = (
+                "refused"
+                if reason.check(error.ConnectionRefusedError)
+                else "timeout"
+                if reason.check(error.TimeoutError)
+                else "error"
+            )
+            self.done.errback(
+                BackendUnavailable(
+                    self.server.group.name, CONNECT_FAILED, f"{self.server.label}: {kind}"
+                )
+            )

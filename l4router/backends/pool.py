@@ -126,9 +126,14 @@ class ServerPool:
     def _failed(self, failure):
         self.connecting -= 1
         self.backoff = min(REFILL_BACKOFF_MAX, max(REFILL_BACKOFF_INITIAL, self.backoff * 2))
-        log.info("Backend {backend} server {server}: pool connect failed ({error}); "
-                 "retrying in {backoff}s", backend=self.server.backend, server=self.server.label,
-                 error=failure.getErrorMessage(), backoff=self.backoff)
+        log.info(
+            "Backend {backend} server {server}: pool connect failed ({error}); "
+            "retrying in {backoff}s",
+            backend=self.server.backend,
+            server=self.server.label,
+            error=failure.getErrorMessage(),
+            backoff=self.backoff,
+        )
         if self.running:
             self._refill_call = self.reactor.callLater(self.backoff, self._retry)
 

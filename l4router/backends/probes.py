@@ -21,7 +21,6 @@ PROBES = ("tcp", "tls", "http", "ssh", "redis", "postgres", "content")
 MAX_ANSWER = 4096  # what a judge reads at most; an answer must be decided by then
 
 
-
 @attrs.frozen
 class Probe:
     name: str
@@ -37,9 +36,11 @@ def probe_for(settings, host: str) -> Probe | None:
     if kind == "tls":
         return Probe("tls", client_hello(settings.sni or _name_or_none(host)), _server_hello)
     if kind == "http":
-        request = (f"GET {settings.path} HTTP/1.1\r\nHost: {settings.host or host}\r\n"
-                   "User-Agent: l4router-health-check\r\nAccept: */*\r\n"
-                   "Connection: close\r\n\r\n").encode("latin-1")
+        request = (
+            f"GET {settings.path} HTTP/1.1\r\nHost: {settings.host or host}\r\n"
+            "User-Agent: l4router-health-check\r\nAccept: */*\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("latin-1")
         return Probe("http", request, _status_in(settings.expect_status))
     if kind == "ssh":
         # Both sides send their version line at once (RFC 4253 4.2): so do we.
@@ -126,8 +127,23 @@ def _matches(expression: re.Pattern):
 
 
 # A ClientHello that TLS 1.2 and 1.3 servers (OpenSSL, Go, rustls) answer with a ServerHello.
-_CIPHER_SUITES = (0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8,
-                  0xC013, 0xC014, 0x009C, 0x009D, 0x002F, 0x0035)
+_CIPHER_SUITES = (
+    0x1301,
+    0x1302,
+    0x1303,
+    0xC02B,
+    0xC02F,
+    0xC02C,
+    0xC030,
+    0xCCA9,
+    0xCCA8,
+    0xC013,
+    0xC014,
+    0x009C,
+    0x009D,
+    0x002F,
+    0x0035,
+)
 _GROUPS = (0x001D, 0x0017, 0x0018)  # x25519, secp256r1, secp384r1
 _SIGNATURES = (0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601, 0x0201)
 
@@ -149,9 +165,16 @@ def client_hello(server_name: str | None = None) -> bytes:
     extensions += _extension(51, struct.pack("!H", len(share)) + share)
     extensions += _extension(0xFF01, b"\x00")
     session_id = os.urandom(32)
-    body = (b"\x03\x03" + os.urandom(32) + bytes([len(session_id)]) + session_id
-            + _list16(_CIPHER_SUITES) + b"\x01\x00"
-            + struct.pack("!H", len(extensions)) + extensions)
+    body = (
+        b"\x03\x03"
+        + os.urandom(32)
+        + bytes([len(session_id)])
+        + session_id
+        + _list16(_CIPHER_SUITES)
+        + b"\x01\x00"
+        + struct.pack("!H", len(extensions))
+        + extensions
+    )
     handshake = b"\x01" + len(body).to_bytes(3, "big") + body
     return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
 

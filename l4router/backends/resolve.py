@@ -46,16 +46,25 @@ class NameRefresher:
 
     def resolve(self):
         host = self.server.server.host
-        self.reactor.nameResolver.resolveHostName(_FirstAddress(self._resolved), host,
-                                                  self.server.server.port)
+        self.reactor.nameResolver.resolveHostName(
+            _FirstAddress(self._resolved), host, self.server.server.port
+        )
 
     def _resolved(self, addresses):
         if not addresses:
-            log.warn("Backend {backend} server {server}: {host} did not resolve; keeping "
-                     "{address}", backend=self.server.backend, server=self.server.label,
-                     host=self.server.server.host, address=self.server.address)
+            log.warn(
+                "Backend {backend} server {server}: {host} did not resolve; keeping {address}",
+                backend=self.server.backend,
+                server=self.server.label,
+                host=self.server.server.host,
+                address=self.server.address,
+            )
             return
         if addresses[0] != self.server.address:
-            log.info("Backend {backend} server {server} resolves to {address}",
-                     backend=self.server.backend, server=self.server.label, address=addresses[0])
+            log.info(
+                "Backend {backend} server {server} resolves to {address}",
+                backend=self.server.backend,
+                server=self.server.label,
+                address=addresses[0],
+            )
             self.server.address = addresses[0]

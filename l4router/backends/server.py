@@ -81,11 +81,19 @@ class ServerState:
         if self.on_change is not None:
             self.on_change()
         if healthy:
-            log.info("Backend {backend} server {server} is up: {why}", backend=self.backend,
-                     server=self.label, why=why)
+            log.info(
+                "Backend {backend} server {server} is up: {why}",
+                backend=self.backend,
+                server=self.label,
+                why=why,
+            )
         else:
-            log.warn("Backend {backend} server {server} is down: {why}", backend=self.backend,
-                     server=self.label, why=why)
+            log.warn(
+                "Backend {backend} server {server} is down: {why}",
+                backend=self.backend,
+                server=self.label,
+                why=why,
+            )
 
     def acquire(self):
         self.active += 1
@@ -100,10 +108,16 @@ class ServerState:
         return self.server.backup
 
     def status(self):
-        return {"server": self.label, "address": self.address, "weight": self.weight,
-                "backup": self.backup, "state": self.admin_state,
-                "healthy": self.healthy, "active_connections": self.active,
-                "pool_idle": self.pool.idle_count if self.pool is not None else 0}
+        return {
+            "server": self.label,
+            "address": self.address,
+            "weight": self.weight,
+            "backup": self.backup,
+            "state": self.admin_state,
+            "healthy": self.healthy,
+            "active_connections": self.active,
+            "pool_idle": self.pool.idle_count if self.pool is not None else 0,
+        }
 
 
 def _literal(host):

@@ -47,6 +47,8 @@ def check_transparent_allowed() -> str | None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     except OSError as exc:
-        return (f"IP_TRANSPARENT refused ({exc.strerror}): transparent mode needs CAP_NET_ADMIN "
-                "(or CAP_NET_RAW)")
+        return (
+            f"IP_TRANSPARENT refused ({exc.strerror}): transparent mode needs CAP_NET_ADMIN "
+            "(or CAP_NET_RAW)"
+        )
     return None

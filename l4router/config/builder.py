@@ -41,7 +41,6 @@ from l4router.errors import ConfigError
 class _Builder(BackendParts, ListenerParts):
     """Turns the raw mapping into a Config, knowing which detectors are installed."""
 
-
     def __init__(self, reader, detectors):
         self.reader = reader
         self.warnings = []  # what is valid but surely not meant (a route never reached)
@@ -71,13 +70,24 @@ class _Builder(BackendParts, ListenerParts):
         workers = self.workers(top, listeners)
         state_file = top.get("state_file", _file_path, None)
         upgrade_socket = top.get("upgrade_socket", _file_path, None)
-        dns = self.settings(top, "dns", DnsSettings, {
-            "servers": _dns_servers, "timeout": _positive_duration}, DnsSettings())
+        dns = self.settings(
+            top,
+            "dns",
+            DnsSettings,
+            {"servers": _dns_servers, "timeout": _positive_duration},
+            DnsSettings(),
+        )
         top.finish()
         return Config(
-            listeners=listeners, backends=_FrozenDict(backends), max_connections=max_connections,
-            shutdown_timeout=shutdown_timeout, admin=admin, logging=logging, workers=workers,
-            state_file=state_file, dns=DnsSettings() if dns is _MISSING else dns,
+            listeners=listeners,
+            backends=_FrozenDict(backends),
+            max_connections=max_connections,
+            shutdown_timeout=shutdown_timeout,
+            admin=admin,
+            logging=logging,
+            workers=workers,
+            state_file=state_file,
+            dns=DnsSettings() if dns is _MISSING else dns,
             upgrade_socket=upgrade_socket,
         )
 
@@ -85,17 +95,23 @@ class _Builder(BackendParts, ListenerParts):
         """`auto` is a worker per usable core, or 1 when a listener's socket cannot be shared
         by workers (unix:); an explicit N > 1 then is an error."""
         workers = top.get("workers", _workers, "auto")
-        unshareable = [(listener.name, description) for listener in listeners
-                       for description in listener.listen
-                       if _endpoint_type(description) not in SHAREABLE_ENDPOINT_TYPES]
+        unshareable = [
+            (listener.name, description)
+            for listener in listeners
+            for description in listener.listen
+            if _endpoint_type(description) not in SHAREABLE_ENDPOINT_TYPES
+        ]
         if workers == "auto":
             return 1 if unshareable else usable_cores()
         if workers is not _MISSING and workers > 1 and unshareable:
             name, description = unshareable[0]
-            self.reader.problem("workers", f"{workers} workers each need their own socket, which "
-                                           f"listener {name!r} cannot have on {description!r} "
-                                           "(only tcp, tcp6, udp and systemd addresses): set "
-                                           "workers: 1")
+            self.reader.problem(
+                "workers",
+                f"{workers} workers each need their own socket, which "
+                f"listener {name!r} cannot have on {description!r} "
+                "(only tcp, tcp6, udp and systemd addresses): set "
+                "workers: 1",
+            )
         return 1 if workers is _MISSING else workers
 
     def admin(self, top):
@@ -107,9 +123,11 @@ class _Builder(BackendParts, ListenerParts):
         token = section.get("token", _token, None)
         hosts = section.get("hosts", _host_names, ())
         section.finish()
-        return AdminSettings(() if listen is _MISSING else listen,
-                             None if token is _MISSING else token,
-                             () if hosts is _MISSING else hosts)
+        return AdminSettings(
+            () if listen is _MISSING else listen,
+            None if token is _MISSING else token,
+            () if hosts is _MISSING else hosts,
+        )
 
     @staticmethod
     def admin_listen(value):
@@ -149,8 +167,9 @@ def parse_config(text, detectors, source="<string>"):
         raise ConfigError(reader.problems)
     config = attrs.evolve(config, warnings=tuple(builder.warnings))
     text = text.encode() if isinstance(text, str) else text
-    return attrs.evolve(config, source=source, digest=config_digest(text, config.admin.token),
-                        text=text)
+    return attrs.evolve(
+        config, source=source, digest=config_digest(text, config.admin.token), text=text
+    )
 
 
 def config_digest(text, token):

@@ -13,7 +13,8 @@ from l4router.config.reader import _Invalid
 from l4router.twisted_private import builtin_endpoint_types
 
 _HOST_PORT_RE = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-_*]*)):(?P<port>\d+)$")
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-_*]*)):(?P<port>\d+)$"
+)
 _ENDPOINT_TYPES_WITHOUT_PROBE = ("systemd",)  # need the process environment to construct
 
 
@@ -87,8 +88,7 @@ def _workers(value):
     if value == "auto":
         return value
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise _Invalid(f"must be auto or a number of processes from 1 to {MAX_WORKERS}, "
-                       f"not {value!r}")
+        raise _Invalid(
+            f"must be auto or a number of processes from 1 to {MAX_WORKERS}, not {value!r}"
+        )
     return value
-
-

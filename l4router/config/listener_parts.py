@@ -58,8 +58,11 @@ class ListenerParts:
             if listener is None:
                 continue
             if listener.name in seen:
-                self.reader.problem(f"{path}.name", f"duplicate listener name {listener.name!r} "
-                                                    f"(also listeners[{seen[listener.name]}])")
+                self.reader.problem(
+                    f"{path}.name",
+                    f"duplicate listener name {listener.name!r} "
+                    f"(also listeners[{seen[listener.name]}])",
+                )
                 continue
             seen[listener.name] = index
             listeners.append(listener)
@@ -77,22 +80,28 @@ class ListenerParts:
         detect = self.detect(section)
         # The same limits, in the words of each transport: connections or sessions.
         unit = "sessions" if udp else "connections"
-        for other in ({"connections", "sessions"} - {unit}):
+        for other in {"connections", "sessions"} - {unit}:
             for key in (f"max_{other}", f"max_{other}_per_source"):
                 if section.has(key):
                     section.used.add(key)
-                    self.reader.problem(section.key_path(key),
-                                        f"is for {'udp' if other == 'sessions' else 'tcp'} "
-                                        f"listeners; this one is {self.transport}")
-        max_connections = section.get(f"max_{unit}", _limit,
-                                      DEFAULT_MAX_SESSIONS if udp else None)
-        per_source = section.get(f"max_{unit}_per_source", _limit,
-                                 DEFAULT_MAX_SESSIONS_PER_SOURCE if udp else None)
-        ipv6_prefix = section.get("ipv6_source_prefix", _number_in(1, 128),
-                                  DEFAULT_IPV6_SOURCE_PREFIX)
+                    self.reader.problem(
+                        section.key_path(key),
+                        f"is for {'udp' if other == 'sessions' else 'tcp'} "
+                        f"listeners; this one is {self.transport}",
+                    )
+        max_connections = section.get(f"max_{unit}", _limit, DEFAULT_MAX_SESSIONS if udp else None)
+        per_source = section.get(
+            f"max_{unit}_per_source", _limit, DEFAULT_MAX_SESSIONS_PER_SOURCE if udp else None
+        )
+        ipv6_prefix = section.get(
+            "ipv6_source_prefix", _number_in(1, 128), DEFAULT_IPV6_SOURCE_PREFIX
+        )
         rate = section.get("rate_per_source", _rate_limit, None)
-        idle_timeout = section.get("idle_timeout", _positive_duration,
-                                   DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT)
+        idle_timeout = section.get(
+            "idle_timeout",
+            _positive_duration,
+            DEFAULT_UDP_IDLE_TIMEOUT if udp else DEFAULT_IDLE_TIMEOUT,
+        )
         accept_proxy = ()
         relay = "splice"
         per_name = None
@@ -104,22 +113,50 @@ class ListenerParts:
         if udp and routes is not _MISSING:
             for index, route in enumerate(routes):
                 if route.max_connections is not None:
-                    self.reader.problem(section.key_path(f"routes[{index}].max_connections"),
-                                        "is for tcp listeners (UDP sessions: max_sessions)")
+                    self.reader.problem(
+                        section.key_path(f"routes[{index}].max_connections"),
+                        "is for tcp listeners (UDP sessions: max_sessions)",
+                    )
         target = self.target(backends)
         default = section.get("default", target, None)
         on_timeout = section.get("on_timeout", target, default)
         section.finish()
-        values = (name, transport, listen, detect, max_connections, per_source, idle_timeout,
-                  routes, default, on_timeout, accept_proxy, relay, ipv6_prefix, rate, per_name)
+        values = (
+            name,
+            transport,
+            listen,
+            detect,
+            max_connections,
+            per_source,
+            idle_timeout,
+            routes,
+            default,
+            on_timeout,
+            accept_proxy,
+            relay,
+            ipv6_prefix,
+            rate,
+            per_name,
+        )
         if _MISSING in values:
             return None
-        return Listener(name=name, transport=transport, listen=listen, detect=detect,
-                        max_connections=max_connections, max_connections_per_source=per_source,
-                        idle_timeout=idle_timeout, routes=routes, on_timeout=on_timeout,
-                        default=default, accept_proxy_protocol=accept_proxy, relay=relay,
-                        ipv6_source_prefix=ipv6_prefix, rate_per_source=rate,
-                        max_connections_per_name=per_name)
+        return Listener(
+            name=name,
+            transport=transport,
+            listen=listen,
+            detect=detect,
+            max_connections=max_connections,
+            max_connections_per_source=per_source,
+            idle_timeout=idle_timeout,
+            routes=routes,
+            on_timeout=on_timeout,
+            default=default,
+            accept_proxy_protocol=accept_proxy,
+            relay=relay,
+            ipv6_source_prefix=ipv6_prefix,
+            rate_per_source=rate,
+            max_connections_per_name=per_name,
+        )
 
     @staticmethod
     def listen_list(value):
@@ -157,8 +194,10 @@ class ListenerParts:
         allowed |= {"unknown"} if allow_unknown else set()
         for name in names:
             if name not in allowed:
-                raise _Invalid(f"no installed {transport} detector is called {name!r} "
-                               f"(installed: {', '.join(sorted(allowed))})")
+                raise _Invalid(
+                    f"no installed {transport} detector is called {name!r} "
+                    f"(installed: {', '.join(sorted(allowed))})"
+                )
         return names
 
     def target(self, backends):
@@ -168,8 +207,10 @@ class ListenerParts:
             if not isinstance(value, str):
                 raise _Invalid(f"must be a backend name or {REJECT!r}, not {value!r}")
             if value not in backends:
-                raise _Invalid(f"no backend is called {value!r} "
-                               f"(defined: {', '.join(sorted(backends)) or 'none'})")
+                raise _Invalid(
+                    f"no backend is called {value!r} "
+                    f"(defined: {', '.join(sorted(backends)) or 'none'})"
+                )
             return value
 
         return convert
@@ -193,7 +234,8 @@ class ListenerParts:
             if earlier is not None:
                 self.warnings.append(
                     f"{listener.key_path(f'routes[{index}]')}: never matches: {earlier.label} "
-                    "before it matches every connection it would")
+                    "before it matches every connection it would"
+                )
         return tuple(routes)
 
     def route(self, raw, path, index, backends, proxied):
@@ -211,11 +253,13 @@ class ListenerParts:
             self.reader.problem(path, "needs exactly one of backend: NAME or reject: true")
             return None
         if section.has("fallback") and (reject or fallback is None or fallback == backend):
-            self.reader.problem(f"{path}.fallback", "names another backend, for a route to a "
-                                                   "backend")
+            self.reader.problem(
+                f"{path}.fallback", "names another backend, for a route to a backend"
+            )
             return None
-        if _MISSING in (label, match, fallback, maximum) or (section.has("backend") and
-                                                             backend is _MISSING):
+        if _MISSING in (label, match, fallback, maximum) or (
+            section.has("backend") and backend is _MISSING
+        ):
             return None
         return Route(label, match, None if reject else backend, fallback, maximum)
 
@@ -235,22 +279,31 @@ class ListenerParts:
             section.used.add(key)
             field_path = section.key_path(str(key))
             if not isinstance(key, str) or not FIELD_NAME_RE.match(key):
-                self.reader.problem(field_path,
-                                    "a field name is lower-case letters, digits and '_'")
+                self.reader.problem(
+                    field_path, "a field name is lower-case letters, digits and '_'"
+                )
                 continue
             if key in PP_FIELDS:
                 if not proxied:
-                    self.reader.problem(field_path, f"{key} comes from a PROXY v2 header: the "
-                                        "listener needs accept_proxy_protocol")
+                    self.reader.problem(
+                        field_path,
+                        f"{key} comes from a PROXY v2 header: the "
+                        "listener needs accept_proxy_protocol",
+                    )
                     continue
             elif self.known_fields is not None and key not in self.known_fields:
-                self.reader.problem(field_path, f"no installed detector produces field {key!r} "
-                                                f"(known: {', '.join(sorted(self.known_fields))})")
+                self.reader.problem(
+                    field_path,
+                    f"no installed detector produces field {key!r} "
+                    f"(known: {', '.join(sorted(self.known_fields))})",
+                )
                 continue
             never = key not in PP_FIELDS and self.never_produced(protocols, key)
             if never:
-                self.reader.problem(field_path, f"protocol {never} never produces field {key!r}: "
-                                                "this route could never match")
+                self.reader.problem(
+                    field_path,
+                    f"protocol {never} never produces field {key!r}: this route could never match",
+                )
                 continue
             patterns = self.reader.convert(section.raw[key], field_path, _patterns)
             if patterns is not _MISSING:
@@ -276,12 +329,17 @@ class ListenerParts:
 def shadows(first, later):
     """`first` matches every connection `later` matches, so a route with `later` after one
     with `first` is never reached: every key of `first` is in `later`, no wider."""
-    if first.protocols is not None and (later.protocols is None or
-                                        not later.protocols <= first.protocols):
+    if first.protocols is not None and (
+        later.protocols is None or not later.protocols <= first.protocols
+    ):
         return False
-    if first.sources is not None and (later.sources is None or not all(
+    if first.sources is not None and (
+        later.sources is None
+        or not all(
             any(net.version == wide.version and net.subnet_of(wide) for wide in first.sources)
-            for net in later.sources)):
+            for net in later.sources
+        )
+    ):
         return False
     later_fields = dict(later.fields)
     for name, globs in first.fields:
@@ -297,4 +355,3 @@ def _within(pattern, globs):
     if pattern in globs.patterns or "*" in globs.patterns:
         return True
     return not any(c in pattern for c in "*?[") and globs.matches(pattern)
-

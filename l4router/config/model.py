@@ -54,8 +54,10 @@ class GlobSet:
 
     @classmethod
     def of(cls, patterns):
-        joined = "|".join(f"(?:{p}\\Z)" if isinstance(p, Regex) else f"(?:{fnmatch.translate(p)})"
-                          for p in patterns)
+        joined = "|".join(
+            f"(?:{p}\\Z)" if isinstance(p, Regex) else f"(?:{fnmatch.translate(p)})"
+            for p in patterns
+        )
         return cls(tuple(patterns), re.compile(joined, re.IGNORECASE | re.DOTALL))
 
     def matches(self, value):
@@ -286,5 +288,3 @@ class _FrozenDict(Mapping):
 
     def __repr__(self):
         return f"{type(self).__name__}({self._items!r})"
-
-

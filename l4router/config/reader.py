@@ -67,7 +67,10 @@ class _Section:
 
 
 def _kind(value):
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "empty"}.get(type(value), type(value).__name__)
-
-
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "empty",
+    }.get(type(value), type(value).__name__)

@@ -73,8 +73,11 @@ def _non_negative_int(value):
 
 def _number(low, high):
     def convert(value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not low <= value <= high
+        ):
             raise _Invalid(f"must be a number from {low} to {high}, not {value!r}")
         return float(value)
 
@@ -94,16 +97,17 @@ def _limit(value):
     try:
         return _positive_int(value)
     except _Invalid:
-        raise _Invalid(f"must be a whole number of at least 1 or {UNLIMITED!r}, "
-                       f"not {value!r}") from None
+        raise _Invalid(
+            f"must be a whole number of at least 1 or {UNLIMITED!r}, not {value!r}"
+        ) from None
 
 
 def _rate_limit(value):
     """`{rate: 10, burst: 20}`: new connections a second per source, and how many at once."""
-    if not isinstance(value, Mapping) or not set(value) <= {"rate", "burst"} or \
-            "rate" not in value:
-        raise _Invalid(f"must be {{rate: N, burst: N}} (new connections a second, and at "
-                       f"once), not {value!r}")
+    if not isinstance(value, Mapping) or not set(value) <= {"rate", "burst"} or "rate" not in value:
+        raise _Invalid(
+            f"must be {{rate: N, burst: N}} (new connections a second, and at once), not {value!r}"
+        )
     rate = _number(0.001, 1e6)(value["rate"])
     burst = _positive_int(value.get("burst", max(1, int(rate))))
     return RateLimit(float(rate), burst)
@@ -124,9 +128,11 @@ def _trusted_senders(value):
     if value is False:
         return ()
     if not isinstance(value, Mapping) or set(value) != {"from"}:
-        raise _Invalid("must name the senders whose header is trusted, e.g. "
-                       "{from: [10.0.0.0/8]} (a header from anyone else closes the "
-                       f"connection), or false; not {value!r}")
+        raise _Invalid(
+            "must name the senders whose header is trusted, e.g. "
+            "{from: [10.0.0.0/8]} (a header from anyone else closes the "
+            f"connection), or false; not {value!r}"
+        )
     return _networks(value["from"])
 
 
@@ -147,8 +153,9 @@ def _one_of(choices):
 
 def _name(value):
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise _Invalid(f"must be a name of letters, digits, '_', '.', '-' (at most 64), "
-                       f"not {value!r}")
+        raise _Invalid(
+            f"must be a name of letters, digits, '_', '.', '-' (at most 64), not {value!r}"
+        )
     return value
 
 
@@ -214,13 +221,18 @@ def _safe_regex(expression):
     except (re.error, RecursionError) as exc:
         raise _Invalid(f"not a regular expression: {exc}") from None
     if _nested_repeat(parsed, inside=False):
-        raise _Invalid(f"{expression!r} repeats a repetition or alternatives, which can take "
-                       "exponential time on a value that almost matches")
+        raise _Invalid(
+            f"{expression!r} repeats a repetition or alternatives, which can take "
+            "exponential time on a value that almost matches"
+        )
     return expression
 
 
-_REPEATS = {_regex_constants.MAX_REPEAT, _regex_constants.MIN_REPEAT,
-            getattr(_regex_constants, "POSSESSIVE_REPEAT", None)} - {None}
+_REPEATS = {
+    _regex_constants.MAX_REPEAT,
+    _regex_constants.MIN_REPEAT,
+    getattr(_regex_constants, "POSSESSIVE_REPEAT", None),
+} - {None}
 
 
 def _nested_repeat(parsed, inside):
@@ -275,19 +287,24 @@ def _status_classes(value):
 
 def _bytes_to_send(value):
     if not isinstance(value, str) or len(value) > 4096:
-        raise _Invalid("must be a string of at most 4096 characters (YAML escapes: \"\\r\\n\")")
+        raise _Invalid('must be a string of at most 4096 characters (YAML escapes: "\\r\\n")')
     return value.encode("utf-8")
 
 
 def _server_from(value):
-    match = re.fullmatch(r"((?:\{[a-z_][a-z0-9_]*\}|[a-z0-9.-])+):(\d{1,5})",
-                         value) if isinstance(value, str) else None
+    match = (
+        re.fullmatch(r"((?:\{[a-z_][a-z0-9_]*\}|[a-z0-9.-])+):(\d{1,5})", value)
+        if isinstance(value, str)
+        else None
+    )
     names = tuple(re.findall(r"\{([a-z_][a-z0-9_]*)\}", match.group(1))) if match else ()
     if match is None or not names or not 0 < int(match.group(2)) < 65536:
-        raise _Invalid(f"must be \"HOST:PORT\" where HOST has {{FIELD}} placeholders ("
-                       f"{', '.join(SERVER_FROM_FIELDS)}, or a named group of the route's "
-                       f"regex), such as \"{{sni}}:443\" or \"{{tenant}}.internal:443\", "
-                       f"not {value!r}")
+        raise _Invalid(
+            f'must be "HOST:PORT" where HOST has {{FIELD}} placeholders ('
+            f"{', '.join(SERVER_FROM_FIELDS)}, or a named group of the route's "
+            f'regex), such as "{{sni}}:443" or "{{tenant}}.internal:443", '
+            f"not {value!r}"
+        )
     return ServerFrom(match.group(1), int(match.group(2)), names)
 
 
@@ -295,12 +312,15 @@ def _discovery(value):
     kinds = [k for k in ("srv", "file") if k in value]
     unknown = set(value) - {"srv", "file", "refresh"}
     if unknown or len(kinds) != 1:
-        raise _Invalid("must be a list of servers, {srv: _service._tcp.NAME} or {file: PATH} "
-                       "(with an optional refresh)")
+        raise _Invalid(
+            "must be a list of servers, {srv: _service._tcp.NAME} or {file: PATH} "
+            "(with an optional refresh)"
+        )
     kind = kinds[0]
     source = value[kind]
-    if kind == "srv" and not (isinstance(source, str) and
-                              re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", source)):
+    if kind == "srv" and not (
+        isinstance(source, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", source)
+    ):
         raise _Invalid(f"srv must be a DNS name such as _http._tcp.example.com, not {source!r}")
     if kind == "file":
         if not isinstance(source, str) or not os.path.isabs(source):
@@ -339,8 +359,10 @@ def parse_server(value):
     elif isinstance(value, Mapping):
         unknown = set(value) - {"address", "weight", "backup", "quic_lb_id"}
         if unknown:
-            raise _Invalid(f"unknown key {sorted(map(str, unknown))[0]!r} "
-                           "(known: address, weight, backup, quic_lb_id)")
+            raise _Invalid(
+                f"unknown key {sorted(map(str, unknown))[0]!r} "
+                "(known: address, weight, backup, quic_lb_id)"
+            )
         if "address" not in value:
             raise _Invalid("needs an address: host:port")
         host, port = split_host_port(value["address"])
@@ -348,8 +370,9 @@ def parse_server(value):
         backup = _boolean(value.get("backup", False))
         quic_lb_id = _hex_id(value["quic_lb_id"]) if "quic_lb_id" in value else None
     else:
-        raise _Invalid(f"must be host:port or {{address: host:port, weight: N, backup: BOOL}}, "
-                       f"not {value!r}")
+        raise _Invalid(
+            f"must be host:port or {{address: host:port, weight: N, backup: BOOL}}, not {value!r}"
+        )
     if not host:
         raise _Invalid(f"needs a host: {value!r}")
     if not isinstance(value, Mapping):
@@ -373,5 +396,3 @@ def _quic_lb(value):
     rotation = _number_in(0, 6)(value.get("config_rotation", 0))
     length = _number_in(1, 15)(value.get("server_id_length", 1))
     return QuicLb(int(rotation), int(length))
-
-

@@ -13,12 +13,7 @@ import collections
 import time
 
 from l4router.connection.addresses import source_key
-from l4router.connection.reasons import (
-    LIMIT_LISTENER,
-    LIMIT_PROCESS,
-    LIMIT_SOURCE,
-    RATE_SOURCE,
-)
+from l4router.connection.reasons import LIMIT_LISTENER, LIMIT_PROCESS, LIMIT_SOURCE, RATE_SOURCE
 
 MAX_IDLE_BUCKETS = 10000  # past this, full buckets (equal to none) are dropped
 
@@ -122,8 +117,16 @@ class ChoiceLimits:
 class Admission:
     """Admits a listener's connections; `admit` answers None or the rejection reason."""
 
-    def __init__(self, process, maximum=None, per_source=None, ipv6_prefix=64, listener=None,
-                 rate=None, clock=time.monotonic):
+    def __init__(
+        self,
+        process,
+        maximum=None,
+        per_source=None,
+        ipv6_prefix=64,
+        listener=None,
+        rate=None,
+        clock=time.monotonic,
+    ):
         """`process`: the process-wide Limit; `listener`: this listener's Limit (a shared one
         under a supervisor), by default a local one of `maximum`; `rate`: a RateLimit of new
         connections per source (exact with workers too: a source is steered to one)."""

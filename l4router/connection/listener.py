@@ -33,8 +33,18 @@ class RateLimitedLog:
 
 
 class ListenerRuntime:
-    def __init__(self, listener, detectors, backends, admission, metrics, clock,
-                 access_log=True, recent=None, choice_limits=None):
+    def __init__(
+        self,
+        listener,
+        detectors,
+        backends,
+        admission,
+        metrics,
+        clock,
+        access_log=True,
+        recent=None,
+        choice_limits=None,
+    ):
         self.name = listener.name
         self.admission = admission
         self.metrics = metrics
@@ -48,9 +58,14 @@ class ListenerRuntime:
         self.reconfigure(listener, detectors, backends, access_log, choice_limits)
 
     def log_refusals(self, reason, count):
-        log.warn("Listener {listener} refused {count} connections ({reason}) in the last "
-                 "{interval:.0f}s", listener=self.name, count=count, reason=reason,
-                 interval=REFUSAL_LOG_INTERVAL)
+        log.warn(
+            "Listener {listener} refused {count} connections ({reason}) in the last "
+            "{interval:.0f}s",
+            listener=self.name,
+            count=count,
+            reason=reason,
+            interval=REFUSAL_LOG_INTERVAL,
+        )
 
     def reconfigure(self, listener, detectors, backends, access_log=True, choice_limits=None):
         """New connections follow this listener config; open ones keep going as they are."""
@@ -63,5 +78,9 @@ class ListenerRuntime:
         if self.idle_sweeper is None or self.idle_sweeper.timeout != listener.idle_timeout:
             # Open ones keep theirs.
             self.idle_sweeper = IdleSweeper(self.clock, listener.idle_timeout)
-        self.admission.configure(listener.max_connections, listener.max_connections_per_source,
-                                 listener.ipv6_source_prefix, listener.rate_per_source)
+        self.admission.configure(
+            listener.max_connections,
+            listener.max_connections_per_source,
+            listener.ipv6_source_prefix,
+            listener.rate_per_source,
+        )

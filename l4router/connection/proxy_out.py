@@ -14,8 +14,9 @@ def proxy_header(version, wanted_tlvs, source, source_port, local, fields, uniqu
         return proxyprotocol.unknown_header(version)
     if version == "v1":
         return proxyprotocol.v1_header(source, source_port, local_host, local.port)
-    return proxyprotocol.v2_header(source, source_port, local_host, local.port,
-                                   tlvs(wanted_tlvs, fields, unique_id))
+    return proxyprotocol.v2_header(
+        source, source_port, local_host, local.port, tlvs(wanted_tlvs, fields, unique_id)
+    )
 
 
 def tlvs(wanted, fields, unique_id):

@@ -28,7 +28,7 @@ def server_connection_id(datagram: bytes) -> bytes | None:
     if dcid_length > MAX_ID_LENGTH or len(datagram) <= offset:
         return None
     scid_length = datagram[offset]
-    scid = datagram[offset + 1:offset + 1 + scid_length]
+    scid = datagram[offset + 1 : offset + 1 + scid_length]
     if not 0 < scid_length <= MAX_ID_LENGTH or len(scid) != scid_length:
         return None
     return bytes(scid)
@@ -55,7 +55,7 @@ class ConnectionIds:
         if not self.sessions or len(datagram) < 2 or datagram[0] & 0xC0 != 0x40:
             return None
         for length in self.lengths:
-            session = self.sessions.get(bytes(datagram[1:1 + length]))
+            session = self.sessions.get(bytes(datagram[1 : 1 + length]))
             if session is not None:
                 return session
         return None
@@ -79,14 +79,15 @@ class QuicLbServers:
                 continue
             ids = {server.server.quic_lb_id: (group, server) for server in group.servers}
             self.by_rotation.setdefault(settings.config_rotation, []).append(
-                (settings.server_id_length, ids))
+                (settings.server_id_length, ids)
+            )
 
     def find(self, datagram: bytes):
         """(group, server) named by a short-header packet's destination ID, or None."""
         if not self.by_rotation or len(datagram) < 3 or datagram[0] & 0xC0 != 0x40:
             return None
         for length, ids in self.by_rotation.get(datagram[1] >> 5, ()):
-            found = ids.get(bytes(datagram[2:2 + length]))
+            found = ids.get(bytes(datagram[2 : 2 + length]))
             if found is not None and found[1].eligible and found[1].address is not None:
                 return found
         return None

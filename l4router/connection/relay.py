@@ -5,7 +5,6 @@ reads, so memory stays bounded), a FIN is passed on as a half-close, an idle rel
 and the bytes each way are counted. The relay ends exactly once, with one close reason.
 """
 
-
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -155,10 +154,15 @@ class Relay:
                 self.rewrite_client = None
         sink = self.peer_of(side).transport
         write_now(sink, data)
-        if self.on_large is not None and self.rewrite_client is None and \
-                len(data) >= SPLICE_CHUNK and side.received >= SPLICE_AFTER and \
-                not buffered(sink) and not buffered(side.transport) and \
-                not (self.lost or self.client.read_closed or self.backend.read_closed):
+        if (
+            self.on_large is not None
+            and self.rewrite_client is None
+            and len(data) >= SPLICE_CHUNK
+            and side.received >= SPLICE_AFTER
+            and not buffered(sink)
+            and not buffered(side.transport)
+            and not (self.lost or self.client.read_closed or self.backend.read_closed)
+        ):
             on_large, self.on_large = self.on_large, None
             on_large()
 

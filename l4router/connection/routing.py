@@ -27,8 +27,9 @@ class RouteTable:
         self.routes = listener.routes
         self.default = RouteChoice(DEFAULT_ROUTE, listener.default)
         self.on_timeout = RouteChoice(TIMEOUT_ROUTE, listener.on_timeout)
-        self.choices = [RouteChoice(route.label, route.backend, route.fallback)
-                        for route in self.routes]
+        self.choices = [
+            RouteChoice(route.label, route.backend, route.fallback) for route in self.routes
+        ]
         self.hits = collections.Counter()  # route label -> connections, for the status page
         # The client's address is parsed only when a route matches on it.
         self.matches_source = any(route.match.sources is not None for route in self.routes)

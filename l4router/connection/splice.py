@@ -20,7 +20,7 @@ AVAILABLE = hasattr(os, "splice")
 # (bench/run.py, bulk_1_gbps). A pipe holds it only while bytes are in flight.
 PIPE_SIZE = 1 << 18
 CHUNK = PIPE_SIZE
-FLAGS = (getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0))
+FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
@@ -134,8 +134,7 @@ class SpliceRelay:
     """
 
     # Five small objects per relay: slots keep an idle relay's memory below HAProxy's.
-    __slots__ = ("idle", "client", "backend", "on_end", "reason", "ended", "sockets", "up",
-                 "down")
+    __slots__ = ("idle", "client", "backend", "on_end", "reason", "ended", "sockets", "up", "down")
 
     def __init__(self, client, backend, idle, on_end):
         self.idle = idle  # an IdleSweeper
@@ -215,11 +214,13 @@ class SpliceRelay:
         source and wait for the sink to be writable (backpressure)."""
         try:
             while direction.pending:
-                direction.pending = direction.pending[os.write(direction.sink.fd,
-                                                               direction.pending):]
+                direction.pending = direction.pending[
+                    os.write(direction.sink.fd, direction.pending) :
+                ]
             while direction.in_pipe:
-                direction.in_pipe -= os.splice(direction.pipe[0], direction.sink.fd,
-                                               direction.in_pipe, flags=FLAGS)
+                direction.in_pipe -= os.splice(
+                    direction.pipe[0], direction.sink.fd, direction.in_pipe, flags=FLAGS
+                )
         except OSError as error:
             if error.errno not in _AGAIN:
                 return self._reset(direction.sink)

@@ -95,15 +95,17 @@ class InboundConnection(Protocol):
         self.source_counted = not header_expected  # a trusted balancer is not a source
         self.awaiting_proxy_header = header_expected
         # A listener behind balancers: a header from anyone else is a forged address.
-        self.refuse_proxy_header = bool(factory.listener.accept_proxy_protocol) and \
-            not header_expected
+        self.refuse_proxy_header = (
+            bool(factory.listener.accept_proxy_protocol) and not header_expected
+        )
         self.buffer = b""
         self.started = factory.clock.seconds()
 
     def connectionMade(self):
         # TCP_NODELAY comes from the listening socket (service.no_delay_for_accepted).
         self._detect_timer = self.factory.clock.callLater(
-            self.factory.listener.detect.timeout, self._detect_timed_out)
+            self.factory.listener.detect.timeout, self._detect_timed_out
+        )
 
     def dataReceived(self, data):
         if self.relay is not None:
@@ -146,8 +148,7 @@ class InboundConnection(Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
         clean = reason is None or reason.check(ConnectionDone) is not None
-        self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else
-                                        CLIENT_RESET))
+        self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else CLIENT_RESET))
 
     # PROXY protocol
 
@@ -161,7 +162,7 @@ class InboundConnection(Protocol):
             return False
         self.awaiting_proxy_header = False
         self.proxy_fields = header.fields
-        self.buffer = self.buffer[header.length:]
+        self.buffer = self.buffer[header.length :]
         if header.source is not None:
             self.source, self.source_port = normalise_host(header.source), header.source_port
         refusal = self.factory.admission.admit_source(self.source)
@@ -186,8 +187,9 @@ class InboundConnection(Protocol):
             self._cancel_elicit()
             offer = detectors.elicit(peek)
             if offer is not None:
-                self._elicit_call = self.factory.clock.callLater(ELICIT_AFTER_QUIET,
-                                                                 self._elicit, offer)
+                self._elicit_call = self.factory.clock.callLater(
+                    ELICIT_AFTER_QUIET, self._elicit, offer
+                )
 
     def _elicit(self, offer):
         self._elicit_call = None
@@ -215,9 +217,10 @@ class InboundConnection(Protocol):
     def _decided(self, decision):
         self._cancel_detect_timer()
         if self.proxy_fields:  # what the balancer in front said, for routes and the log
-            decision = Decision(decision.protocol,
-                                {**decision.fields, **{k: safe_value(v) for k, v in
-                                                       self.proxy_fields.items()}})
+            decision = Decision(
+                decision.protocol,
+                {**decision.fields, **{k: safe_value(v) for k, v in self.proxy_fields.items()}},
+            )
         self.decision = decision
         metrics = self.factory.metrics
         metrics.detection_seconds.observe(self.factory.clock.seconds() - self.started)
@@ -248,8 +251,9 @@ class InboundConnection(Protocol):
                 return LIMIT_ROUTE
             self._held = (*self._held, limit.release)
         names = limits.names
-        name = names is not None and (fields.get("sni") or fields.get("host") or
-                                      fields.get("authority"))
+        name = names is not None and (
+            fields.get("sni") or fields.get("host") or fields.get("authority")
+        )
         if name:
             if not names.try_acquire(name):
                 return LIMIT_NAME
@@ -285,16 +289,22 @@ class InboundConnection(Protocol):
             replay = rewriter.feed(replay)
         replay = self._proxy_header() + replay
         splice_later = self.factory.listener.relay == "splice" and splice.AVAILABLE
-        self.relay = Relay(self, self.backend, self.factory.idle_sweeper, self._relay_ended,
-                           on_large=self._splice if splice_later else None,
-                           rewrite_client=rewriter)
+        self.relay = Relay(
+            self,
+            self.backend,
+            self.factory.idle_sweeper,
+            self._relay_ended,
+            on_large=self._splice if splice_later else None,
+            rewrite_client=rewriter,
+        )
         self.relay.start(replay, client_finished_sending=self.read_closed)
 
     def _splice(self):
         """The relay has carried enough to be worth splicing: the sockets go to SpliceRelay."""
         self.relay.hand_over()
-        self.relay = splice.SpliceRelay(self, self.backend, self.factory.idle_sweeper,
-                                        self._relay_ended)
+        self.relay = splice.SpliceRelay(
+            self, self.backend, self.factory.idle_sweeper, self._relay_ended
+        )
         self.backend.relay = self.relay
         self.relay.start(client_finished_sending=False)
 
@@ -304,8 +314,15 @@ class InboundConnection(Protocol):
         if config.proxy_protocol == "none":
             return b""
         fields = self.decision.fields if self.decision is not None else {}
-        return proxy_header(config.proxy_protocol, config.proxy_tlvs, self.source,
-                            self.source_port, self.transport.getHost(), fields, self.unique_id)
+        return proxy_header(
+            config.proxy_protocol,
+            config.proxy_tlvs,
+            self.source,
+            self.source_port,
+            self.transport.getHost(),
+            fields,
+            self.unique_id,
+        )
 
     @property
     def unique_id(self):
@@ -320,8 +337,10 @@ class InboundConnection(Protocol):
         try:
             return self.elicited_by.rewriter()
         except Exception:
-            log.failure("Detector {detector}'s rewriter raised; relaying unchanged",
-                        detector=self.elicited_by.name)
+            log.failure(
+                "Detector {detector}'s rewriter raised; relaying unchanged",
+                detector=self.elicited_by.name,
+            )
             return None
 
     def _connect_failed(self, failure):
@@ -341,12 +360,21 @@ class InboundConnection(Protocol):
                 # What a client chose: logged at a bounded rate, like the limits' refusals.
                 self.factory.refusals.event(reason, self.factory.log_refusals)
             else:
-                log.warn("Connection {id} from {source} gets no server of backend {backend}: "
-                         "{error}", backend=self.group.name, id=self.id, source=self.source,
-                         error=failure.getErrorMessage(), reason=reason)
+                log.warn(
+                    "Connection {id} from {source} gets no server of backend {backend}: {error}",
+                    backend=self.group.name,
+                    id=self.id,
+                    source=self.source,
+                    error=failure.getErrorMessage(),
+                    reason=reason,
+                )
         else:
-            log.failure("Connecting connection {id} to backend {backend} failed",
-                        failure, id=self.id, backend=self.group.name)
+            log.failure(
+                "Connecting connection {id} to backend {backend} failed",
+                failure,
+                id=self.id,
+                backend=self.group.name,
+            )
         self._reject(reason)
         return None
 
@@ -404,18 +432,23 @@ class InboundConnection(Protocol):
             access_log.info(
                 "{listener} #{connection_id} {source}:{source_port} {protocol} "
                 "route={route} backend={backend} server={server} bytes_up={bytes_up} "
-                "bytes_down={bytes_down} duration={duration:.3f}s reason={reason}", **record)
+                "bytes_down={bytes_down} duration={duration:.3f}s reason={reason}",
+                **record,
+            )
 
     def describe(self, now):
         """What is known of this connection: the access-log fields and the status view."""
         decision = self.decision
         return {
-            "connection_id": self.id, "unique_id": self.unique_id,
-            "listener": self.factory.name, "source": self.source,
+            "connection_id": self.id,
+            "unique_id": self.unique_id,
+            "listener": self.factory.name,
+            "source": self.source,
             "source_port": self.source_port,
             "protocol": decision.protocol if decision else None,
             "fields": dict(decision.fields) if decision else {},
-            "route": self.route, "backend": self.backend_name,
+            "route": self.route,
+            "backend": self.backend_name,
             "server": self.server.label if self.server is not None else None,
             "bytes_up": self.received if self.relay is not None else 0,
             "bytes_down": self.backend.received if self.relay is not None else 0,

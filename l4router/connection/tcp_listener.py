@@ -63,8 +63,7 @@ class ListenerFactory(ListenerRuntime, Factory):
 
     def bytes_relayed(self):
         """Both ways, ended connections and open ones: what the throughput is measured on."""
-        live = sum(c.received + c.backend.received for c in self.connections
-                   if c.relay is not None)
+        live = sum(c.received + c.backend.received for c in self.connections if c.relay is not None)
         return self.bytes_closed + live
 
     def when_drained(self):

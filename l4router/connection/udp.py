@@ -199,8 +199,9 @@ class UDPSession:
         self.follows_quic_ids = False  # a QUIC session: its server's IDs are learned
         self.quic_ids = []
         self.idle = listener.idle_sweeper
-        self._detect_timer = clock.callLater(listener.listener.detect.timeout,
-                                             self._detect_timed_out)
+        self._detect_timer = clock.callLater(
+            listener.listener.detect.timeout, self._detect_timed_out
+        )
 
     # Client side
 
@@ -215,8 +216,10 @@ class UDPSession:
             return  # decided, not relaying: rejected, being closed
         self.held.append(data)
         self.held_bytes += len(data)
-        final = (len(self.held) >= MAX_HELD_DATAGRAMS or
-                 self.held_bytes >= self.listener.listener.detect.max_bytes)
+        final = (
+            len(self.held) >= MAX_HELD_DATAGRAMS
+            or self.held_bytes >= self.listener.listener.detect.max_bytes
+        )
         decision = self.listener.detectors.decide(Peek.of_datagrams(self.held), final)
         if decision is not None:
             self._decided(decision)
@@ -252,9 +255,14 @@ class UDPSession:
                 listener.metrics.fallback(choice.route, choice.fallback).inc()
                 self.server = group.pick(self.source)
         except BackendUnavailable as error:
-            log.warn("UDP session {id} from {source} gets no server of backend {backend}: "
-                     "{error}", id=self.id, source=self.source, backend=group.name,
-                     error=str(error), reason=error.reason)
+            log.warn(
+                "UDP session {id} from {source} gets no server of backend {backend}: {error}",
+                id=self.id,
+                source=self.source,
+                backend=group.name,
+                error=str(error),
+                reason=error.reason,
+            )
             self.close(error.reason)
             return
         self._open_backend_socket()
@@ -275,8 +283,9 @@ class UDPSession:
 
     def _open_backend_socket(self):
         try:
-            self.port = BackendSocket(self.listener.clock, self, self.server.address,
-                                      self.server.server.port)
+            self.port = BackendSocket(
+                self.listener.clock, self, self.server.address, self.server.server.port
+            )
         except OSError as exc:  # out of descriptors, say: end now, releasing everything
             self.listener.refusals.event(SOCKET_UNAVAILABLE, self.listener.log_refusals)
             log.debug("UDP session {id}: no socket: {error}", id=self.id, error=str(exc))
@@ -337,19 +346,27 @@ class UDPSession:
                 "{listener} udp#{connection_id} {source}:{source_port} {protocol} "
                 "route={route} backend={backend} server={server} datagrams_up={datagrams_up} "
                 "datagrams_down={datagrams_down} bytes_up={bytes_up} bytes_down={bytes_down} "
-                "duration={duration:.3f}s reason={reason}", **record)
+                "duration={duration:.3f}s reason={reason}",
+                **record,
+            )
 
     def describe(self, now):
         decision = self.decision
         return {
-            "connection_id": self.id, "listener": self.listener.name, "transport": "udp",
-            "source": self.source, "source_port": self.client[1],
+            "connection_id": self.id,
+            "listener": self.listener.name,
+            "transport": "udp",
+            "source": self.source,
+            "source_port": self.client[1],
             "protocol": decision.protocol if decision else None,
             "fields": dict(decision.fields) if decision else {},
-            "route": self.route, "backend": self.backend_name,
+            "route": self.route,
+            "backend": self.backend_name,
             "server": self.server.label if self.server is not None else None,
-            "datagrams_up": self.datagrams_up, "datagrams_down": self.datagrams_down,
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "datagrams_up": self.datagrams_up,
+            "datagrams_down": self.datagrams_down,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
             "duration": now - self.started,
         }
 
@@ -361,8 +378,9 @@ class UDPListenerService(ListenerService):
     def bind(self, description):
         host, port = parse_udp_listen(description)
         try:
-            return self.reactor.listenUDP(port, self.factory, interface=host,
-                                          maxPacketSize=MAX_DATAGRAM)
+            return self.reactor.listenUDP(
+                port, self.factory, interface=host, maxPacketSize=MAX_DATAGRAM
+            )
         except Exception as exc:
             raise BindFailed(f"cannot listen on udp {host}:{port}: {exc}") from None
 
@@ -371,12 +389,17 @@ class UDPListenerService(ListenerService):
 
     def startService(self):
         listener = self.listener
-        for key, value in (("max_sessions", listener.max_connections),
-                           ("max_sessions_per_source", listener.max_connections_per_source)):
+        for key, value in (
+            ("max_sessions", listener.max_connections),
+            ("max_sessions_per_source", listener.max_connections_per_source),
+        ):
             if value is None:
-                log.warn("Listener {listener}: {key} is unlimited: spoofed UDP sources can "
-                         "fill the session table and use up descriptors",
-                         listener=listener.name, key=key)
+                log.warn(
+                    "Listener {listener}: {key} is unlimited: spoofed UDP sources can "
+                    "fill the session table and use up descriptors",
+                    listener=listener.name,
+                    key=key,
+                )
         super().startService()
 
     @defer.inlineCallbacks

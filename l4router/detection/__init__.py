@@ -12,5 +12,12 @@ from l4router.detection.interface import (
 )
 from l4router.detection.peek import Peek
 
-__all__ = ["IProtocolDetector", "Match", "NEED_MORE", "NO_MATCH", "Peek", "ProtocolDetector",
-           "Verdict"]
+__all__ = [
+    "IProtocolDetector",
+    "Match",
+    "NEED_MORE",
+    "NO_MATCH",
+    "Peek",
+    "ProtocolDetector",
+    "Verdict",
+]

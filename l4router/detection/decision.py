@@ -51,12 +51,12 @@ class DetectorSet:
     """
 
     def __init__(self, detectors: Iterable[Any]) -> None:
-        self.detectors = tuple(sorted(map(complete, detectors),
-                                      key=lambda d: (d.priority, d.name)))
+        self.detectors = tuple(sorted(map(complete, detectors), key=lambda d: (d.priority, d.name)))
         self._failed: set[str] = set()
         self._by_first_byte = [
             tuple(d for d in self.detectors if d.first_bytes is None or byte in d.first_bytes)
-            for byte in range(256)]
+            for byte in range(256)
+        ]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -93,8 +93,10 @@ class DetectorSet:
                 answer = detector.elicit(peek)
             except Exception:
                 self._failed.add(detector.name)
-                log.failure("Detector {detector}'s elicit raised; it is skipped from now on",
-                            detector=detector.name)
+                log.failure(
+                    "Detector {detector}'s elicit raised; it is skipped from now on",
+                    detector=detector.name,
+                )
                 continue
             if answer:
                 return detector, bytes(answer)
@@ -106,18 +108,24 @@ class DetectorSet:
         counting as not its protocol."""
         return self._ask(detector, peek, detector.detect_truncated)
 
-    def _ask(self, detector: Any, peek: Peek,
-             method: Callable[[Peek], Any] | None = None) -> Match | Verdict:
+    def _ask(
+        self, detector: Any, peek: Peek, method: Callable[[Peek], Any] | None = None
+    ) -> Match | Verdict:
         try:
             verdict = (method or detector.detect)(peek)
         except Exception:
             self._failed.add(detector.name)
-            log.failure("Detector {detector} raised; it is skipped from now on",
-                        detector=detector.name)
+            log.failure(
+                "Detector {detector} raised; it is skipped from now on", detector=detector.name
+            )
             return NO_MATCH
         if verdict is NEED_MORE or verdict is NO_MATCH or isinstance(verdict, Match):
             return verdict
         self._failed.add(detector.name)
-        log.error("Detector {detector} returned {verdict!r}, not Match/NEED_MORE/NO_MATCH; "
-                  "it is skipped from now on", detector=detector.name, verdict=verdict)
+        log.error(
+            "Detector {detector} returned {verdict!r}, not Match/NEED_MORE/NO_MATCH; "
+            "it is skipped from now on",
+            detector=detector.name,
+            verdict=verdict,
+        )
         return NO_MATCH

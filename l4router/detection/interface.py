@@ -23,10 +23,12 @@ class IProtocolDetector(Interface):  # type: ignore[misc]  # zope's Interface is
     priority = Attribute("int; lower is asked first (more specific before more general)")
     first_bytes = Attribute(
         "optional frozenset of the values the protocol's first byte can take: the detector is "
-        "not asked about flights that start otherwise (default None: asked about every one)")
+        "not asked about flights that start otherwise (default None: asked about every one)"
+    )
     fields = Attribute(
         "optional tuple of the field names it can produce; the config checks routes against "
-        "them (default None: not declared, any field name is accepted)")
+        "them (default None: not declared, any field name is accepted)"
+    )
 
     def detect(peek):  # type: ignore[no-untyped-def]  # zope's interface method style
         """Return Match(fields), NEED_MORE or NO_MATCH. Never raises on any input."""

@@ -20,8 +20,13 @@ class Peek:
 
     __slots__ = ("data", "transport", "elicited", "datagrams", "__dict__")
 
-    def __init__(self, data: bytes, transport: str = "tcp", elicited: bytes = b"",
-                 datagrams: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        transport: str = "tcp",
+        elicited: bytes = b"",
+        datagrams: Sequence[bytes] = (),
+    ) -> None:
         self.data = bytes(data)
         self.transport = transport
         self.elicited = elicited  # what the router sent the client to draw out more bytes

@@ -24,11 +24,16 @@ def installed_detectors() -> list[Any]:
     for detector in getPlugins(IProtocolDetector, l4router.plugins):
         problem = _contract_problem(detector)
         if problem:
-            log.error("Detector plugin {plugin!r} ignored: {problem}", plugin=detector,
-                      problem=problem)
+            log.error(
+                "Detector plugin {plugin!r} ignored: {problem}", plugin=detector, problem=problem
+            )
         elif detector.name in found:
-            log.error("Detector plugin {plugin!r} ignored: the name {name!r} is taken by "
-                      "{other!r}", plugin=detector, name=detector.name, other=found[detector.name])
+            log.error(
+                "Detector plugin {plugin!r} ignored: the name {name!r} is taken by {other!r}",
+                plugin=detector,
+                name=detector.name,
+                other=found[detector.name],
+            )
         else:
             found[detector.name] = complete(detector)
     return list(found.values())
@@ -71,8 +76,9 @@ def _contract_problem(detector: Any) -> str | None:
     return None
 
 
-def detectors_for(detectors: Iterable[Any], transport: str,
-                  protocols: Iterable[str] | None = None) -> list[Any]:
+def detectors_for(
+    detectors: Iterable[Any], transport: str, protocols: Iterable[str] | None = None
+) -> list[Any]:
     """The detectors a listener asks: its transport's, restricted to `protocols` when given."""
     selected = [d for d in detectors if transport in d.transports]
     if protocols is not None:

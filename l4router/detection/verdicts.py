@@ -9,8 +9,11 @@ from l4router.parsers import INCOMPLETE
 Parsed = TypeVar("Parsed")
 
 
-def verdict(parsed: Parsed, fields: Callable[[Parsed], Mapping[str, Any]],
-            accept: Callable[[Parsed], bool] | None = None) -> Match | Verdict:
+def verdict(
+    parsed: Parsed,
+    fields: Callable[[Parsed], Mapping[str, Any]],
+    accept: Callable[[Parsed], bool] | None = None,
+) -> Match | Verdict:
     """INCOMPLETE -> NEED_MORE; Invalid or not accepted -> NO_MATCH; else Match(fields(parsed)).
 
     `fields` maps the parse to the Match fields; None values are left out, so a route on an

@@ -34,8 +34,13 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         if self.before is None:
             return generate_latest(self.registry)
-        return _answer(request, lambda: defer.maybeDeferred(self.before).addCallback(
-            lambda _: generate_latest(self.registry)), lambda body: body)
+        return _answer(
+            request,
+            lambda: defer.maybeDeferred(self.before).addCallback(
+                lambda _: generate_latest(self.registry)
+            ),
+            lambda body: body,
+        )
 
 
 class TextResource(Resource):
@@ -81,8 +86,11 @@ class JSONResource(Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        return _answer(request, self.describe,
-                       lambda value: json.dumps(value, indent=2, default=str).encode() + b"\n")
+        return _answer(
+            request,
+            self.describe,
+            lambda value: json.dumps(value, indent=2, default=str).encode() + b"\n",
+        )
 
 
 def _over_unix_socket(request):
@@ -168,8 +176,10 @@ class ServerControlResource(Resource):
         if refusal is not None:
             return _refuse(request, refusal)
         request.setHeader(b"content-type", b"application/json")
-        query = {k.decode("latin-1"): [v.decode("utf-8", "replace") for v in values]
-                 for k, values in request.args.items()}
+        query = {
+            k.decode("latin-1"): [v.decode("utf-8", "replace") for v in values]
+            for k, values in request.args.items()
+        }
         segments = [unquote(s.decode("latin-1")) for s in request.postpath]
         try:
             change = _change_of(segments, query)
@@ -182,8 +192,11 @@ class ServerControlResource(Resource):
             request.finish()
 
         def failed(failure):
-            error = failure.value if failure.check(ControlError) else ControlError(
-                f"the change failed: {failure.getErrorMessage()}", 500)
+            error = (
+                failure.value
+                if failure.check(ControlError)
+                else ControlError(f"the change failed: {failure.getErrorMessage()}", 500)
+            )
             request.write(_control_error(request, error))
             request.finish()
 
@@ -196,8 +209,11 @@ def _change_of(segments, query):
         return Change.from_query(segments[0], "add", query.get("address", [""])[0], query)
     if len(segments) == 4 and segments[1] == "servers":
         return Change.from_query(segments[0], segments[3], segments[2], query)
-    raise ControlError("use /backends/BACKEND/servers/SERVER/ACTION or "
-                       "/backends/BACKEND/servers?address=HOST:PORT", 404)
+    raise ControlError(
+        "use /backends/BACKEND/servers/SERVER/ACTION or "
+        "/backends/BACKEND/servers?address=HOST:PORT",
+        404,
+    )
 
 
 def _control_error(request, error):
@@ -224,8 +240,10 @@ class StatusPage(Resource):
 
 def _table(headers, rows):
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
-                   + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -233,32 +251,87 @@ def _named_row(backend):
     """A backend with no servers of its own: the one its clients name (server_from), or none
     yet (discovery has found none)."""
     named = backend.get("server_from")
-    return {"server": f"named by the client: {named}" if named else "(none found yet)",
-            "address": "", "weight": "", "healthy": None, "state": "",
-            "active_connections": backend.get("active_connections", 0), "pool_idle": 0}
+    return {
+        "server": f"named by the client: {named}" if named else "(none found yet)",
+        "address": "",
+        "weight": "",
+        "healthy": None,
+        "state": "",
+        "active_connections": backend.get("active_connections", 0),
+        "pool_idle": 0,
+    }
 
 
 def render_status_page(data):
     listeners = _table(
         ["listener", "addresses", "active", "accepted", "refused", "bytes/s", "detectors"],
-        [(row["listener"], " ".join(row["addresses"]), row["active_connections"],
-          row["accepted"], row["refused"], row["bytes_per_second"], ", ".join(row["detectors"]))
-         for row in data["listeners"]])
-    routes = _table(["listener", "route", "backend", "hits"],
-                    [(row["listener"], r["route"], r["backend"], r["hits"])
-                     for row in data["listeners"] for r in row["routes"]])
-    servers = _table(["backend", "server", "address", "weight", "health", "state", "active",
-                      "idle spares"],
-                     [(b["backend"] + (" (backup tier serving)" if b.get("using_backup") else ""),
-                       s["server"] + (" (backup)" if s.get("backup") else ""), s["address"],
-                       s["weight"], {True: "up", False: "DOWN"}.get(s["healthy"], "unknown"),
-                       s.get("state", "enabled"), s["active_connections"], s["pool_idle"])
-                      for b in data["backends"] for s in b["servers"] or [_named_row(b)]])
-    recent = _table(["id", "listener", "source", "protocol", "route", "server", "bytes up",
-                     "bytes down", "seconds", "close reason"],
-                    [(c["connection_id"], c["listener"], c["source"], c["protocol"], c["route"],
-                      c["server"], c["bytes_up"], c["bytes_down"], f"{c['duration']:.3f}",
-                      c["reason"]) for c in data["recent_connections"]])
+        [
+            (
+                row["listener"],
+                " ".join(row["addresses"]),
+                row["active_connections"],
+                row["accepted"],
+                row["refused"],
+                row["bytes_per_second"],
+                ", ".join(row["detectors"]),
+            )
+            for row in data["listeners"]
+        ],
+    )
+    routes = _table(
+        ["listener", "route", "backend", "hits"],
+        [
+            (row["listener"], r["route"], r["backend"], r["hits"])
+            for row in data["listeners"]
+            for r in row["routes"]
+        ],
+    )
+    servers = _table(
+        ["backend", "server", "address", "weight", "health", "state", "active", "idle spares"],
+        [
+            (
+                b["backend"] + (" (backup tier serving)" if b.get("using_backup") else ""),
+                s["server"] + (" (backup)" if s.get("backup") else ""),
+                s["address"],
+                s["weight"],
+                {True: "up", False: "DOWN"}.get(s["healthy"], "unknown"),
+                s.get("state", "enabled"),
+                s["active_connections"],
+                s["pool_idle"],
+            )
+            for b in data["backends"]
+            for s in b["servers"] or [_named_row(b)]
+        ],
+    )
+    recent = _table(
+        [
+            "id",
+            "listener",
+            "source",
+            "protocol",
+            "route",
+            "server",
+            "bytes up",
+            "bytes down",
+            "seconds",
+            "close reason",
+        ],
+        [
+            (
+                c["connection_id"],
+                c["listener"],
+                c["source"],
+                c["protocol"],
+                c["route"],
+                c["server"],
+                c["bytes_up"],
+                c["bytes_down"],
+                f"{c['duration']:.3f}",
+                c["reason"],
+            )
+            for c in data["recent_connections"]
+        ],
+    )
     state = data.get("state") or ("ready" if data["ready"] else "draining")
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>l4router status</title>
@@ -285,8 +358,12 @@ def admin_site(router, reloader, metrics, settings, worker=False):
     updates into the files the supervisor's /metrics reads."""
     throughput = router.throughput
     root = _operations(router, reloader, MetricsResource(metrics.registry), settings.token)
-    _status_views(root, lambda: status.overview(router, throughput), router.backends.status,
-                  lambda: status.connections(router))
+    _status_views(
+        root,
+        lambda: status.overview(router, throughput),
+        router.backends.status,
+        lambda: status.connections(router),
+    )
     if worker:
         root.putChild(b"flush", JSONResource(lambda: metrics.flush() or {}))
     return AdminSite(root, settings.hosts)
@@ -305,8 +382,7 @@ def supervisor_site(supervisor, reloader, settings):
     """The admin site of a supervisor: the workers' metrics summed, its readiness (every
     worker accepting), reloads, and the workers' status merged."""
     workers = WorkerStatus(supervisor.reactor, supervisor)
-    metrics = MetricsResource(supervisor.registry,
-                              before=lambda: workers.fetch(b"/flush"))
+    metrics = MetricsResource(supervisor.registry, before=lambda: workers.fetch(b"/flush"))
     root = _operations(supervisor, reloader, metrics, settings.token)
     _status_views(root, workers.overview, workers.backends, workers.connections)
     return AdminSite(root, settings.hosts)
@@ -317,8 +393,9 @@ def _operations(router, reloader, metrics, token):
     root.putChild(b"backends", ServerControlResource(router.control, token))
     root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", TextResource(lambda: (200, "ok")))
-    root.putChild(b"readyz", TextResource(
-        lambda: (200, "ready") if router.ready else (503, "not ready")))
+    root.putChild(
+        b"readyz", TextResource(lambda: (200, "ready") if router.ready else (503, "not ready"))
+    )
     root.putChild(b"reload", ReloadResource(reloader, token))
     return root
 
@@ -328,7 +405,7 @@ def host_allowed(host_header, names):
     name may be a DNS-rebinding page reading the status (client addresses, names, paths)."""
     host = host_header.decode("latin-1").strip().lower()
     if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else host
+        host = host[1 : host.find("]")] if "]" in host else host
     elif host.count(":") == 1:
         host = host.rsplit(":", 1)[0]
     host = host.rstrip(".")
@@ -357,9 +434,14 @@ class AdminSite(Site):
     def getResourceFor(self, request):
         request.setHeader(b"x-content-type-options", b"nosniff")
         host = request.getHeader(b"host")
-        if host is not None and not _over_unix_socket(request) and \
-                not host_allowed(host, self.hosts):
-            return errorPage(421, "Misdirected Request",
-                             "This admin site answers to IP addresses, localhost and the "
-                             "names in admin.hosts.")
+        if (
+            host is not None
+            and not _over_unix_socket(request)
+            and not host_allowed(host, self.hosts)
+        ):
+            return errorPage(
+                421,
+                "Misdirected Request",
+                "This admin site answers to IP addresses, localhost and the names in admin.hosts.",
+            )
         return super().getResourceFor(request)

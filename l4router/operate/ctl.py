@@ -30,17 +30,26 @@ TIMEOUT = 30.0
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="l4router-ctl", description=__doc__.split("\n")[0])
-    parser.add_argument("--admin", default=os.environ.get("L4ROUTER_ADMIN", DEFAULT_ADMIN),
-                        help="the admin site's URL")
-    parser.add_argument("--token", default=os.environ.get("L4ROUTER_TOKEN"),
-                        help="admin.token (default: $L4ROUTER_TOKEN)")
+    parser.add_argument(
+        "--admin",
+        default=os.environ.get("L4ROUTER_ADMIN", DEFAULT_ADMIN),
+        help="the admin site's URL",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("L4ROUTER_TOKEN"),
+        help="admin.token (default: $L4ROUTER_TOKEN)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("servers", help="every server with its health and state")
     listing.add_argument("backend", nargs="?")
-    for name, text in (("drain", "no new clients; relays go on"),
-                       ("disable", "no new clients (--abort: end its relays too)"),
-                       ("enable", "clients again"), ("remove", "out of the backend"),
-                       ("weight", "a new weight")):
+    for name, text in (
+        ("drain", "no new clients; relays go on"),
+        ("disable", "no new clients (--abort: end its relays too)"),
+        ("enable", "clients again"),
+        ("remove", "out of the backend"),
+        ("weight", "a new weight"),
+    ):
         command = commands.add_parser(name, help=text)
         command.add_argument("backend")
         command.add_argument("server", help="as listed: host:port")
@@ -61,10 +70,14 @@ def request_for(arguments: argparse.Namespace) -> tuple[str, str]:
     if arguments.command == "servers":
         return "GET", "/status/backends"
     server = arguments.address if arguments.command == "add" else arguments.server
-    change = Change(arguments.backend, arguments.command, server,
-                    weight=getattr(arguments, "weight", None),
-                    backup=getattr(arguments, "backup", False),
-                    abort=getattr(arguments, "abort", False))
+    change = Change(
+        arguments.backend,
+        arguments.command,
+        server,
+        weight=getattr(arguments, "weight", None),
+        backup=getattr(arguments, "backup", False),
+        abort=getattr(arguments, "abort", False),
+    )
     return "POST", change_path(change).decode()
 
 
@@ -75,20 +88,30 @@ def server_table(backends: list[dict], only: str | None = None) -> str:
             continue
         for server in backend["servers"]:
             health = {True: "up", False: "down"}.get(server["healthy"], "unknown")
-            rows.append((backend["backend"], server["server"] + (" (backup)" if server.get(
-                "backup") else ""), str(server["weight"]), health,
-                server.get("state", "enabled"), str(server["active_connections"])))
+            rows.append(
+                (
+                    backend["backend"],
+                    server["server"] + (" (backup)" if server.get("backup") else ""),
+                    str(server["weight"]),
+                    health,
+                    server.get("state", "enabled"),
+                    str(server["active_connections"]),
+                )
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                   + "\n" for row in rows)
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n"
+        for row in rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     method, path = request_for(arguments)
     headers = {"Authorization": f"Bearer {arguments.token}"} if arguments.token else {}
-    request = urllib.request.Request(arguments.admin.rstrip("/") + path, method=method,
-                                     headers=headers)
+    request = urllib.request.Request(
+        arguments.admin.rstrip("/") + path, method=method, headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             answer = json.loads(response.read())

@@ -120,107 +120,192 @@ class RouterMetrics:
         self.pending = []
         r.register(_FlushFirst(self.flush))
         self.accepted = Counter(
-            "l4router_connections_accepted", "Connections admitted by a listener.",
-            ["listener"], registry=r)
+            "l4router_connections_accepted",
+            "Connections admitted by a listener.",
+            ["listener"],
+            registry=r,
+        )
         self.rejected = Counter(
             "l4router_connections_rejected",
             "Connections closed before relaying: limits, reject routes, unreachable backends.",
-            ["listener", "reason"], registry=r)
+            ["listener", "reason"],
+            registry=r,
+        )
         self.active = Gauge(
-            "l4router_connections_active", "Connections open now (detecting or relaying).",
-            ["listener"], registry=r, multiprocess_mode="livesum")
+            "l4router_connections_active",
+            "Connections open now (detecting or relaying).",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.routed = Counter(
-            "l4router_connections_routed", "Decisions: the detected protocol and chosen route.",
-            ["listener", "protocol", "route", "backend"], registry=r)
+            "l4router_connections_routed",
+            "Decisions: the detected protocol and chosen route.",
+            ["listener", "protocol", "route", "backend"],
+            registry=r,
+        )
         self.closed = Counter(
-            "l4router_connections_closed", "Connections ended, by close reason.",
-            ["listener", "reason"], registry=r)
+            "l4router_connections_closed",
+            "Connections ended, by close reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.bytes = Counter(
             "l4router_bytes_relayed",
             "Bytes relayed (upstream: client to backend), counted when a connection ends.",
-            ["listener", "direction"], registry=r)
+            ["listener", "direction"],
+            registry=r,
+        )
         self.detection_seconds = Histogram(
-            "l4router_detection_seconds", "Time from accept to the detection decision.",
-            ["listener"], buckets=DETECTION_BUCKETS, registry=r)
+            "l4router_detection_seconds",
+            "Time from accept to the detection decision.",
+            ["listener"],
+            buckets=DETECTION_BUCKETS,
+            registry=r,
+        )
         self.fallbacks = Counter(
             "l4router_connections_fallback",
-            "Connections sent to a route's fallback backend because its backend had no "
-            "server up.", ["listener", "route", "backend"], registry=r)
+            "Connections sent to a route's fallback backend because its backend had no server up.",
+            ["listener", "route", "backend"],
+            registry=r,
+        )
         self.backup_serving = Gauge(
             "l4router_backend_backup_serving",
             "1 while no primary server of a backend is up and its backup tier serves.",
-            ["backend"], registry=r, multiprocess_mode="livemax")
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.truncated = Counter(
             "l4router_detection_truncated",
             "Decisions on a first flight cut short (longer than detect.max_bytes, or the "
             "client closed) whose bytes already proved the protocol.",
-            ["listener", "protocol"], registry=r)
+            ["listener", "protocol"],
+            registry=r,
+        )
         self.connect_failures = Counter(
-            "l4router_backend_connect_failures", "Failed connects to backend servers.",
-            ["backend", "server", "reason"], registry=r)
+            "l4router_backend_connect_failures",
+            "Failed connects to backend servers.",
+            ["backend", "server", "reason"],
+            registry=r,
+        )
         self.connect_attempts = Counter(
-            "l4router_backend_connect_attempts", "Connects attempted for clients.",
-            ["backend", "server"], registry=r)
+            "l4router_backend_connect_attempts",
+            "Connects attempted for clients.",
+            ["backend", "server"],
+            registry=r,
+        )
         self.connect_seconds = Histogram(
-            "l4router_backend_connect_seconds", "Time to connect a backend server for a client.",
-            ["backend"], buckets=DETECTION_BUCKETS, registry=r)
+            "l4router_backend_connect_seconds",
+            "Time to connect a backend server for a client.",
+            ["backend"],
+            buckets=DETECTION_BUCKETS,
+            registry=r,
+        )
         self.retries = Counter(
-            "l4router_backend_retries", "Connect attempts after the first, for one client.",
-            ["backend"], registry=r)
+            "l4router_backend_retries",
+            "Connect attempts after the first, for one client.",
+            ["backend"],
+            registry=r,
+        )
         self.server_up = Gauge(
             "l4router_backend_server_up",
             "1 while a server is healthy (gets new clients); with workers, in every worker.",
-            ["backend", "server"], registry=r, multiprocess_mode="livemin")
+            ["backend", "server"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.discovery_servers = Gauge(
             "l4router_backend_discovery_servers",
             "Servers a backend's discovery (DNS SRV, a watched file) gave last.",
-            ["backend"], registry=r, multiprocess_mode="livemax")
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.discovery_failures = Counter(
             "l4router_backend_discovery_failures",
             "Discovery lookups or file reads that failed (the last good set was kept).",
-            ["backend"], registry=r)
+            ["backend"],
+            registry=r,
+        )
         self.named_lookups = Counter(
             "l4router_backend_named_lookups",
             "server_from: names clients gave, by outcome (cached, resolved, name_not_allowed, "
-            "name_unresolved, name_missing).", ["backend", "outcome"], registry=r)
+            "name_unresolved, name_missing).",
+            ["backend", "outcome"],
+            registry=r,
+        )
         self.server_admin_state = Gauge(
             "l4router_backend_server_admin_state",
             "1 for the state an operator set a server to (enabled, draining, disabled).",
-            ["backend", "server", "state"], registry=r, multiprocess_mode="livemax")
+            ["backend", "server", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.server_active = Gauge(
             "l4router_backend_server_active_connections",
             "Connections to a server: relaying or being connected.",
-            ["backend", "server"], registry=r, multiprocess_mode="livesum")
+            ["backend", "server"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.health_checks = Counter(
-            "l4router_backend_health_checks", "Active health checks by result.",
-            ["backend", "server", "result"], registry=r)
+            "l4router_backend_health_checks",
+            "Active health checks by result.",
+            ["backend", "server", "result"],
+            registry=r,
+        )
         self.pool_idle = Gauge(
-            "l4router_backend_pool_idle", "Spare connections waiting in a server's pool.",
-            ["backend", "server"], registry=r, multiprocess_mode="livesum")
+            "l4router_backend_pool_idle",
+            "Spare connections waiting in a server's pool.",
+            ["backend", "server"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.pool_requests = Counter(
-            "l4router_backend_pool_requests", "Clients served from a pool (hit) or not (miss).",
-            ["backend", "result"], registry=r)
+            "l4router_backend_pool_requests",
+            "Clients served from a pool (hit) or not (miss).",
+            ["backend", "result"],
+            registry=r,
+        )
 
         self.udp_sessions_active = Gauge(
-            "l4router_udp_sessions_active", "UDP sessions open now.", ["listener"], registry=r,
-            multiprocess_mode="livesum")
+            "l4router_udp_sessions_active",
+            "UDP sessions open now.",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.udp_sessions_migrated = Counter(
             "l4router_udp_sessions_migrated",
             "QUIC sessions that followed their client to a new address (by connection ID).",
-            ["listener"], registry=r)
+            ["listener"],
+            registry=r,
+        )
         self.udp_sessions_created = Counter(
-            "l4router_udp_sessions_created", "UDP sessions by detected protocol.",
-            ["listener", "protocol"], registry=r)
+            "l4router_udp_sessions_created",
+            "UDP sessions by detected protocol.",
+            ["listener", "protocol"],
+            registry=r,
+        )
         self.udp_sessions_ended = Counter(
             "l4router_udp_sessions_ended",
             "UDP sessions ended by reason (idle_timeout is an expiry).",
-            ["listener", "reason"], registry=r)
+            ["listener", "reason"],
+            registry=r,
+        )
         self.udp_datagrams = Counter(
-            "l4router_udp_datagrams", "Datagrams relayed (upstream: client to backend).",
-            ["listener", "direction"], registry=r)
+            "l4router_udp_datagrams",
+            "Datagrams relayed (upstream: client to backend).",
+            ["listener", "direction"],
+            registry=r,
+        )
         self.udp_dropped = Counter(
-            "l4router_udp_datagrams_dropped", "Datagrams not relayed, by reason.",
-            ["listener", "reason"], registry=r)
+            "l4router_udp_datagrams_dropped",
+            "Datagrams not relayed, by reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
         for name, value in list(vars(self).items()):
             if isinstance(value, (Counter, Gauge, Histogram)):
                 setattr(self, name, Deferring(value, self.pending))
@@ -251,8 +336,10 @@ class WorkerGauges:
     of RSS or of pending timers over workers would say nothing."""
 
     FROM_PROCESS = {
-        "process_resident_memory_bytes": ("l4router_worker_resident_memory_bytes",
-                                          "Resident memory of a worker."),
+        "process_resident_memory_bytes": (
+            "l4router_worker_resident_memory_bytes",
+            "Resident memory of a worker.",
+        ),
         "process_open_fds": ("l4router_worker_open_fds", "Open file descriptors of a worker."),
         "process_cpu_seconds": ("l4router_worker_cpu_seconds", "CPU time used by a worker."),
     }
@@ -261,12 +348,18 @@ class WorkerGauges:
         self.reactor = reactor
         self.process = ProcessCollector(registry=None)
         self.gauges = {
-            source: Gauge(name, text, ["worker"], registry=registry,
-                          multiprocess_mode="liveall").labels(worker)
-            for source, (name, text) in self.FROM_PROCESS.items()}
+            source: Gauge(
+                name, text, ["worker"], registry=registry, multiprocess_mode="liveall"
+            ).labels(worker)
+            for source, (name, text) in self.FROM_PROCESS.items()
+        }
         self.delayed_calls = Gauge(
-            "l4router_worker_reactor_delayed_calls", "Timers pending in a worker's reactor.",
-            ["worker"], registry=registry, multiprocess_mode="liveall").labels(worker)
+            "l4router_worker_reactor_delayed_calls",
+            "Timers pending in a worker's reactor.",
+            ["worker"],
+            registry=registry,
+            multiprocess_mode="liveall",
+        ).labels(worker)
 
     def sample(self):
         for family in self.process.collect():
@@ -281,21 +374,33 @@ class ConfigMetrics:
 
     def __init__(self, registry):
         self.info = Gauge(
-            "l4router_config_info", "1 for the config in use, labelled by its sha256.",
-            ["sha256"], registry=registry)
+            "l4router_config_info",
+            "1 for the config in use, labelled by its sha256.",
+            ["sha256"],
+            registry=registry,
+        )
         self.reload_success = Gauge(
-            "l4router_config_last_reload_success", "1 if the last reload succeeded, else 0.",
-            registry=registry)
+            "l4router_config_last_reload_success",
+            "1 if the last reload succeeded, else 0.",
+            registry=registry,
+        )
         self.reload_time = Gauge(
-            "l4router_config_last_reload_timestamp_seconds", "When the last reload was tried.",
-            registry=registry)
+            "l4router_config_last_reload_timestamp_seconds",
+            "When the last reload was tried.",
+            registry=registry,
+        )
         self.reloads = Counter(
-            "l4router_config_reloads", "Reloads by result (success, failure).", ["result"],
-            registry=registry)
+            "l4router_config_reloads",
+            "Reloads by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
         self.runtime_changes = Counter(
             "l4router_runtime_changes",
             "Changes to backend servers made at run time (admin site, l4router-ctl), by action.",
-            ["action"], registry=registry)
+            ["action"],
+            registry=registry,
+        )
         self.reload_success.set(1)
         self._digest = None
 
@@ -370,6 +475,8 @@ class _ReactorCollector:
         self.reactor = reactor
 
     def collect(self):
-        yield GaugeMetricFamily("l4router_reactor_delayed_calls",
-                                "Timers pending in the reactor (a leak grows this).",
-                                value=len(self.reactor.getDelayedCalls()))
+        yield GaugeMetricFamily(
+            "l4router_reactor_delayed_calls",
+            "Timers pending in the reactor (a leak grows this).",
+            value=len(self.reactor.getDelayedCalls()),
+        )

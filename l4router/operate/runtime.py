@@ -68,10 +68,17 @@ class SupervisorControl:
 
 def _accepted(change: Change, label: str, metrics) -> None:
     metrics.runtime_changes.labels(change.action).inc()
-    details = {"weight": f" to {change.weight}", "disable": " (relays aborted)"
-               if change.abort else ""}.get(change.action, "")
-    log.info("Runtime change: backend {backend} server {server}: {action}{details}",
-             backend=change.backend, server=label, action=change.action, details=details)
+    details = {
+        "weight": f" to {change.weight}",
+        "disable": " (relays aborted)" if change.abort else "",
+    }.get(change.action, "")
+    log.info(
+        "Runtime change: backend {backend} server {server}: {action}{details}",
+        backend=change.backend,
+        server=label,
+        action=change.action,
+        details=details,
+    )
 
 
 def change_path(change: Change) -> bytes:

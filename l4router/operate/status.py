@@ -38,18 +38,26 @@ def listeners(router, throughput):
     for service in router.listeners:
         factory = service.factory
         table = factory.routes
-        routes = [{"route": choice.route, "backend": choice.backend or "reject",
-                   "hits": table.hits[choice.route]}
-                  for choice in (*table.choices, table.default, table.on_timeout)]
-        rows.append({
-            "listener": service.name,
-            "addresses": service.addresses(),
-            "detectors": list(factory.detectors.names),
-            "active_connections": len(factory.connections),
-            "accepted": factory.accepted_total, "refused": factory.refused_total,
-            "bytes_per_second": round(throughput.rates.get(service.name, 0.0)),
-            "routes": routes,
-        })
+        routes = [
+            {
+                "route": choice.route,
+                "backend": choice.backend or "reject",
+                "hits": table.hits[choice.route],
+            }
+            for choice in (*table.choices, table.default, table.on_timeout)
+        ]
+        rows.append(
+            {
+                "listener": service.name,
+                "addresses": service.addresses(),
+                "detectors": list(factory.detectors.names),
+                "active_connections": len(factory.connections),
+                "accepted": factory.accepted_total,
+                "refused": factory.refused_total,
+                "bytes_per_second": round(throughput.rates.get(service.name, 0.0)),
+                "routes": routes,
+            }
+        )
     return rows
 
 
@@ -65,8 +73,12 @@ def recent(router):
 
 def overview(router, throughput):
     state = "draining" if router.draining else "ready" if router.ready else "starting"
-    return {"ready": router.ready, "state": state, "config": router.config.source,
-            "config_sha256": router.config.digest,
-            "listeners": listeners(router, throughput),
-            "backends": router.backends.status(),
-            "recent_connections": recent(router)}
+    return {
+        "ready": router.ready,
+        "state": state,
+        "config": router.config.source,
+        "config_sha256": router.config.digest,
+        "listeners": listeners(router, throughput),
+        "backends": router.backends.status(),
+        "recent_connections": recent(router),
+    }

@@ -33,7 +33,8 @@ class WorkerStatus:
         requests = []
         for index, worker in sorted(self.supervisor.workers.items()):
             agent = Agent.usingEndpointFactory(
-                self.reactor, _WorkerSocket(self.reactor, worker.admin_socket))
+                self.reactor, _WorkerSocket(self.reactor, worker.admin_socket)
+            )
             request = agent.request(method, b"http://worker" + path, headers)
             request.addCallback(_body_of_200).addCallback(json.loads)
             request.addTimeout(FETCH_TIMEOUT, self.reactor)
@@ -46,24 +47,30 @@ class WorkerStatus:
 
     def backends(self):
         return self.fetch(b"/status/backends").addCallback(
-            lambda answers: merge_backends([data for _, data in answers]))
+            lambda answers: merge_backends([data for _, data in answers])
+        )
 
     def overview(self):
         def merge(answers):
             views = [data for _, data in answers]
             config = self.supervisor.config
             supervisor = self.supervisor
-            state = "draining" if supervisor.draining else \
-                "ready" if supervisor.ready else "starting"
+            state = (
+                "draining" if supervisor.draining else "ready" if supervisor.ready else "starting"
+            )
             return {
-                "ready": supervisor.ready, "state": state, "config": config.source,
-                "config_sha256": config.digest, "workers": len(views),
-                "listeners": merge_listeners([v["listeners"] for v in views]) or
-                configured_listeners(config),
-                "backends": merge_backends([v["backends"] for v in views]) or
-                configured_backends(config),
+                "ready": supervisor.ready,
+                "state": state,
+                "config": config.source,
+                "config_sha256": config.digest,
+                "workers": len(views),
+                "listeners": merge_listeners([v["listeners"] for v in views])
+                or configured_listeners(config),
+                "backends": merge_backends([v["backends"] for v in views])
+                or configured_backends(config),
                 "recent_connections": _tagged_rows(
-                    [(index, data["recent_connections"]) for index, data in answers]),
+                    [(index, data["recent_connections"]) for index, data in answers]
+                ),
             }
 
         return self.fetch(b"/status").addCallback(merge)
@@ -72,29 +79,56 @@ class WorkerStatus:
 def _body_of_200(response):
     body = readBody(response)
     if response.code != 200:
-        return body.addCallback(lambda text: defer.fail(ValueError(
-            f"{response.code}: {text[:200].decode('utf-8', 'replace')}")))
+        return body.addCallback(
+            lambda text: defer.fail(
+                ValueError(f"{response.code}: {text[:200].decode('utf-8', 'replace')}")
+            )
+        )
     return body
 
 
 def configured_listeners(config):
     """What the config says, before any worker has reported (they are starting)."""
-    return [{"listener": listener.name, "addresses": list(listener.listen),
-             "active_connections": 0, "accepted": 0, "refused": 0, "bytes_per_second": 0,
-             "detectors": list(listener.detect.protocols or ()),
-             "routes": [{"route": route.label, "backend": route.backend or "reject", "hits": 0}
-                        for route in listener.routes]}
-            for listener in config.listeners]
+    return [
+        {
+            "listener": listener.name,
+            "addresses": list(listener.listen),
+            "active_connections": 0,
+            "accepted": 0,
+            "refused": 0,
+            "bytes_per_second": 0,
+            "detectors": list(listener.detect.protocols or ()),
+            "routes": [
+                {"route": route.label, "backend": route.backend or "reject", "hits": 0}
+                for route in listener.routes
+            ],
+        }
+        for listener in config.listeners
+    ]
 
 
 def configured_backends(config):
-    return [{"backend": name, "balance": backend.balance, "using_backup": False,
-             "servers": [{"server": server.label, "address": server.host,
-                          "weight": server.weight, "backup": server.backup, "healthy": None,
-                          "state": "enabled",
-                          "active_connections": 0, "pool_idle": 0}
-                         for server in backend.servers]}
-            for name, backend in config.backends.items()]
+    return [
+        {
+            "backend": name,
+            "balance": backend.balance,
+            "using_backup": False,
+            "servers": [
+                {
+                    "server": server.label,
+                    "address": server.host,
+                    "weight": server.weight,
+                    "backup": server.backup,
+                    "healthy": None,
+                    "state": "enabled",
+                    "active_connections": 0,
+                    "pool_idle": 0,
+                }
+                for server in backend.servers
+            ],
+        }
+        for name, backend in config.backends.items()
+    ]
 
 
 def _tagged_rows(answers):

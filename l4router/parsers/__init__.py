@@ -67,7 +67,7 @@ class Reader:
             raise Truncated(f"needs {count} bytes at offset {self.pos}, has {self.remaining}")
         start = self.pos
         self.pos += count
-        return self.data[start:self.pos]
+        return self.data[start : self.pos]
 
     def uint(self, size: int) -> int:
         return int.from_bytes(self.take(size), "big")

@@ -22,7 +22,7 @@ def parse_query(datagram: bytes) -> Query | Invalid:
     if len(datagram) < HEADER + 5:
         return Invalid("shorter than a DNS query")
     flags = int.from_bytes(datagram[2:4], "big")
-    counts = [int.from_bytes(datagram[i:i + 2], "big") for i in range(4, 12, 2)]
+    counts = [int.from_bytes(datagram[i : i + 2], "big") for i in range(4, 12, 2)]
     if flags & 0x8000 or (flags >> 11) & 0x0F != dns.OP_QUERY:
         return Invalid("not a standard query")
     if counts[0] != 1 or counts[1] or counts[2] or counts[3] > 1:
@@ -36,6 +36,9 @@ def parse_query(datagram: bytes) -> Query | Invalid:
         return Invalid("the question does not parse")
     question = message.queries[0]
     name = question.name.name.decode("ascii", "backslashreplace").rstrip(".").lower()
-    kind = dns.QUERY_TYPES.get(question.type) or dns.EXT_QUERIES.get(question.type) or \
-        f"TYPE{question.type}"
+    kind = (
+        dns.QUERY_TYPES.get(question.type)
+        or dns.EXT_QUERIES.get(question.type)
+        or f"TYPE{question.type}"
+    )
     return Query(name, kind)

@@ -48,7 +48,7 @@ def parse_client_hello(datagrams: Sequence[bytes]) -> ClientHello | Incomplete |
     for start in sorted(fragments):
         if start > len(body):
             break
-        body.extend(fragments[start][len(body) - start:])
+        body.extend(fragments[start][len(body) - start :])
     if total is None or len(body) < total:
         return INCOMPLETE
     try:

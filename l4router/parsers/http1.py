@@ -104,8 +104,9 @@ def normalise_path(path: str) -> str:
 def normalise_authority(authority: str) -> str:
     """Lower case, the host without the trailing dot of a fully qualified name, port kept."""
     authority = authority.strip().lower()
-    host, colon, port = authority.rpartition(":") if authority.count(":") == 1 else \
-        (authority, "", "")
+    host, colon, port = (
+        authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
+    )
     return host.rstrip(".") + colon + port
 
 
@@ -126,7 +127,7 @@ def parse_request(data: bytes) -> Request | Incomplete | Invalid:
         if line_end < 0 and _CONTROL_RE.search(pending, space):
             return Invalid("control character in request line")
         return INCOMPLETE
-    lines = data[:end.start()].split(b"\n")
+    lines = data[: end.start()].split(b"\n")
     request_line = _REQUEST_LINE_RE.match(lines[0])
     if request_line is None:
         return Invalid("not an HTTP/1 request line")
@@ -142,5 +143,10 @@ def parse_request(data: bytes) -> Request | Incomplete | Invalid:
             return Invalid("malformed header field")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     method, target, minor = request_line.groups()
-    return Request(method.decode("ascii"), target.decode("ascii"), f"1.{minor.decode()}",
-                   tuple(headers), end.end())
+    return Request(
+        method.decode("ascii"),
+        target.decode("ascii"),
+        f"1.{minor.decode()}",
+        tuple(headers),
+        end.end(),
+    )

@@ -56,19 +56,18 @@ class Request:
         return normalise_path(path) + question + query
 
 
-def _frames(data: bytes,
-            start: int = len(PREFACE)) -> Iterator[tuple[int, int, int, int, bytes]]:
+def _frames(data: bytes, start: int = len(PREFACE)) -> Iterator[tuple[int, int, int, int, bytes]]:
     """(offset, type, flags, stream id, payload) of each complete frame; stops at a partial one."""
     pos = start
     while len(data) - pos >= FRAME_HEADER:
-        length = int.from_bytes(data[pos:pos + 3], "big")
+        length = int.from_bytes(data[pos : pos + 3], "big")
         if length > MAX_FRAME:
             raise ValueError(f"frame of {length} bytes exceeds {MAX_FRAME}")
         end = pos + FRAME_HEADER + length
         if end > len(data):
             return
-        stream = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-        yield pos, data[pos + 3], data[pos + 4], stream, data[pos + FRAME_HEADER:end]
+        stream = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+        yield pos, data[pos + 3], data[pos + 4], stream, data[pos + FRAME_HEADER : end]
         pos = end
 
 
@@ -77,15 +76,15 @@ def preface_complete(data: bytes) -> bool:
     if not data.startswith(PREFACE):
         return False
     try:
-        return any(True for _ in _frames(data[:len(PREFACE) + FRAME_HEADER + MAX_FRAME]))
+        return any(True for _ in _frames(data[: len(PREFACE) + FRAME_HEADER + MAX_FRAME]))
     except ValueError:
         return False
 
 
 def parse_first_request(data: bytes) -> Request | Incomplete | Invalid:
     """The first request's header list -> Request | INCOMPLETE | Invalid."""
-    head = data[:len(PREFACE)]
-    if head != PREFACE[:len(head)]:
+    head = data[: len(PREFACE)]
+    if head != PREFACE[: len(head)]:
         return Invalid("not the HTTP/2 client preface")
     if len(data) < len(PREFACE):
         return INCOMPLETE
@@ -163,11 +162,11 @@ class SettingsAckStripper:
         while pos < size and not self.done:
             if self.skip:
                 taken = min(self.skip, size - pos)
-                out.append(data[pos:pos + taken])
+                out.append(data[pos : pos + taken])
                 pos += taken
                 self.skip -= taken
                 continue
-            piece = data[pos:pos + FRAME_HEADER - len(self.header)]
+            piece = data[pos : pos + FRAME_HEADER - len(self.header)]
             pos += len(piece)
             self.header += piece
             if len(self.header) < FRAME_HEADER:

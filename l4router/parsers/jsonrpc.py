@@ -49,16 +49,19 @@ def parse_raw(data: bytes) -> Call | Incomplete | Invalid:
         if end < 0:
             return INCOMPLETE
         return decode_call(stripped[:end], "ndjson")
-    if stripped[:len(_LSP_PREFIX)].lower() != _LSP_PREFIX[:len(stripped)].lower():
+    if stripped[: len(_LSP_PREFIX)].lower() != _LSP_PREFIX[: len(stripped)].lower():
         return Invalid("neither JSON nor a Content-Length header")
     header = _LSP_HEADER.match(data)
     if header is None:
-        return INCOMPLETE if b"\r\n\r\n" not in data[:1024] and len(data) < 1024 else Invalid(
-            "malformed Content-Length header")
+        return (
+            INCOMPLETE
+            if b"\r\n\r\n" not in data[:1024] and len(data) < 1024
+            else Invalid("malformed Content-Length header")
+        )
     length = _CONTENT_LENGTH.search(header.group(1))
     if length is None or int(length.group(1)) > MAX_BODY:
         return Invalid("no usable Content-Length")
-    body = data[header.end():header.end() + int(length.group(1))]
+    body = data[header.end() : header.end() + int(length.group(1))]
     if len(body) < int(length.group(1)):
         return INCOMPLETE
     return decode_call(body, "content_length")

@@ -53,9 +53,11 @@ def parse_connect(data: bytes) -> Connect | Incomplete | Invalid:
     if not 10 <= remaining <= MAX_PACKET:
         return Invalid("CONNECT length out of range")
     # The protocol name shows early: reject non-MQTT before the whole packet is in.
-    prefix = data[1 + used:1 + used + 8]
-    if not any((len(n).to_bytes(2, "big") + n)[:len(prefix)] == prefix[:len(n) + 2]
-               for n, _ in PROTOCOL_NAMES):
+    prefix = data[1 + used : 1 + used + 8]
+    if not any(
+        (len(n).to_bytes(2, "big") + n)[: len(prefix)] == prefix[: len(n) + 2]
+        for n, _ in PROTOCOL_NAMES
+    ):
         return Invalid("not the MQTT protocol name")
     end = 1 + used + remaining
     if len(data) < end:

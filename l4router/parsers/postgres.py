@@ -42,6 +42,8 @@ def parse_first_message(data: bytes) -> FirstMessage | Incomplete | Invalid:
     fields = body[:-1].split(b"\x00")[:-1]
     if len(fields) % 2:
         return Invalid("StartupMessage parameters not in pairs")
-    pairs = tuple((fields[i].decode("utf-8", "replace"), fields[i + 1].decode("utf-8", "replace"))
-                  for i in range(0, len(fields), 2))
+    pairs = tuple(
+        (fields[i].decode("utf-8", "replace"), fields[i + 1].decode("utf-8", "replace"))
+        for i in range(0, len(fields), 2)
+    )
     return FirstMessage("startup", pairs)

@@ -37,7 +37,7 @@ def starts_with_header(data: bytes) -> bool:
 
 
 def parse_header(data: bytes) -> ProxyHeader | Incomplete | Invalid:
-    if data[:1] == b"P" or (data and not data.startswith(V2_SIGNATURE[:len(data)])):
+    if data[:1] == b"P" or (data and not data.startswith(V2_SIGNATURE[: len(data)])):
         return _v1(data)
     if len(data) < V2_HEADER:
         return INCOMPLETE
@@ -45,12 +45,12 @@ def parse_header(data: bytes) -> ProxyHeader | Incomplete | Invalid:
 
 
 def _v1(data: bytes) -> ProxyHeader | Incomplete | Invalid:
-    if data[:len(V1_PREFIX)] != V1_PREFIX[:len(data)]:
+    if data[: len(V1_PREFIX)] != V1_PREFIX[: len(data)]:
         return Invalid("no PROXY header")
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         return INCOMPLETE if len(data) < V1_MAX else Invalid("v1 line too long")
-    parts = data[len(V1_PREFIX):end].split(b" ")
+    parts = data[len(V1_PREFIX) : end].split(b" ")
     if parts == [b"UNKNOWN"] or parts[:1] == [b"UNKNOWN"]:
         return ProxyHeader(1, None, None, None, None, end + 2)
     if len(parts) != 5 or parts[0] not in (b"TCP4", b"TCP6"):
@@ -61,8 +61,11 @@ def _v1(data: bytes) -> ProxyHeader | Incomplete | Invalid:
         ports = [int(p) for p in parts[3:5]]
     except (ValueError, UnicodeDecodeError):
         return Invalid("v1 address or port malformed")
-    if source.version != version or destination.version != version or \
-            not all(0 <= p <= 65535 and str(p).encode() == raw for p, raw in zip(ports, parts[3:])):
+    if (
+        source.version != version
+        or destination.version != version
+        or not all(0 <= p <= 65535 and str(p).encode() == raw for p, raw in zip(ports, parts[3:]))
+    ):
         return Invalid("v1 address family or port out of range")
     return ProxyHeader(1, str(source), ports[0], str(destination), ports[1], end + 2)
 
@@ -98,8 +101,15 @@ def _v2(data: bytes) -> ProxyHeader | Incomplete | Invalid:
     fields = tlv_fields(tlvs)
     if isinstance(fields, Invalid):
         return fields
-    return ProxyHeader(2, str(source), int.from_bytes(ports[0], "big"), str(destination),
-                       int.from_bytes(ports[1], "big"), total, fields)
+    return ProxyHeader(
+        2,
+        str(source),
+        int.from_bytes(ports[0], "big"),
+        str(destination),
+        int.from_bytes(ports[1], "big"),
+        total,
+        fields,
+    )
 
 
 # TLVs received (PROXY protocol 2.2.x): the ones that become route fields.
@@ -111,8 +121,15 @@ PP2_SUBTYPE_AWS_VPCE_ID = 0x01
 PP2_CLIENT_SSL = 0x01
 MAX_TLVS = 16  # more is not a balancer's header
 FIELD_OF_TLV = {0x01: "pp_alpn", 0x02: "pp_authority", 0x05: "pp_unique_id"}
-PP_FIELDS = ("pp_alpn", "pp_authority", "pp_unique_id", "pp_aws_vpce_id", "pp_ssl",
-             "pp_ssl_version", "pp_ssl_cn")
+PP_FIELDS = (
+    "pp_alpn",
+    "pp_authority",
+    "pp_unique_id",
+    "pp_aws_vpce_id",
+    "pp_ssl",
+    "pp_ssl_version",
+    "pp_ssl_cn",
+)
 
 
 def tlv_fields(data: bytes) -> dict[str, Any] | Invalid:
@@ -143,11 +160,11 @@ def _tlv_records(data: bytes) -> list[tuple[int, bytes]] | None:
     while offset < len(data):
         if offset + 3 > len(data) or len(records) == MAX_TLVS:
             return None
-        length = int.from_bytes(data[offset + 1:offset + 3], "big")
+        length = int.from_bytes(data[offset + 1 : offset + 3], "big")
         end = offset + 3 + length
         if end > len(data):
             return None
-        records.append((data[offset], data[offset + 3:end]))
+        records.append((data[offset], data[offset + 3 : end]))
         offset = end
     return records
 
@@ -177,13 +194,19 @@ def tlv(kind: int, value: bytes) -> bytes:
     return bytes([kind]) + len(value).to_bytes(2, "big") + value
 
 
-def v2_header(source: str, source_port: int, destination: str, destination_port: int,
-              tlvs: bytes = b"") -> bytes:
+def v2_header(
+    source: str, source_port: int, destination: str, destination_port: int, tlvs: bytes = b""
+) -> bytes:
     """A v2 header, for PROXY protocol out; `tlvs`: encoded TLV records to carry."""
     src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
     family = 0x21 if src.version == 6 else 0x11
-    body = src.packed + dst.packed + source_port.to_bytes(2, "big") + \
-        destination_port.to_bytes(2, "big") + tlvs
+    body = (
+        src.packed
+        + dst.packed
+        + source_port.to_bytes(2, "big")
+        + destination_port.to_bytes(2, "big")
+        + tlvs
+    )
     return V2_SIGNATURE + bytes([0x21, family]) + len(body).to_bytes(2, "big") + body
 
 

@@ -56,9 +56,11 @@ def client_initial_keys(version: int, dcid: bytes) -> InitialKeys:
     initial_secret = hmac.new(INITIAL_SALTS[version], dcid, hashlib.sha256).digest()
     client_secret = hkdf_expand_label(initial_secret, b"client in", 32)
     prefix = LABEL_PREFIXES[version]
-    return InitialKeys(hkdf_expand_label(client_secret, prefix + b"key", 16),
-                       hkdf_expand_label(client_secret, prefix + b"iv", 12),
-                       hkdf_expand_label(client_secret, prefix + b"hp", 16))
+    return InitialKeys(
+        hkdf_expand_label(client_secret, prefix + b"key", 16),
+        hkdf_expand_label(client_secret, prefix + b"iv", 12),
+        hkdf_expand_label(client_secret, prefix + b"hp", 16),
+    )
 
 
 def varint(reader: Reader) -> int:
@@ -112,19 +114,20 @@ def _decrypt(datagram: bytes, offset: int) -> InitialPacket | Invalid:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     keys = client_initial_keys(version, dcid)
-    sample = datagram[pn_offset + 4:pn_offset + 20]
+    sample = datagram[pn_offset + 4 : pn_offset + 20]
     encryptor = Cipher(algorithms.AES(keys.hp), modes.ECB()).encryptor()
     mask = encryptor.update(sample) + encryptor.finalize()
     first ^= mask[0] & 0x0F
     pn_length = (first & 0x03) + 1
-    packet_number_bytes = bytes(b ^ m for b, m in zip(
-        datagram[pn_offset:pn_offset + pn_length], mask[1:1 + pn_length]))
-    header = (bytes([first]) + datagram[offset + 1:pn_offset] + packet_number_bytes)
+    packet_number_bytes = bytes(
+        b ^ m for b, m in zip(datagram[pn_offset : pn_offset + pn_length], mask[1 : 1 + pn_length])
+    )
+    header = bytes([first]) + datagram[offset + 1 : pn_offset] + packet_number_bytes
     packet_number = int.from_bytes(packet_number_bytes, "big")
     nonce = (int.from_bytes(keys.iv, "big") ^ packet_number).to_bytes(12, "big")
     end = pn_offset + length
     try:
-        payload = AESGCM(keys.key).decrypt(nonce, datagram[pn_offset + pn_length:end], header)
+        payload = AESGCM(keys.key).decrypt(nonce, datagram[pn_offset + pn_length : end], header)
     except InvalidTag:
         return Invalid("Initial packet does not decrypt")
     return InitialPacket(version, dcid, packet_number, payload, end - offset)
@@ -203,5 +206,5 @@ def _contiguous(pieces: dict[int, bytes]) -> bytes:
         data = pieces[start]
         if start > len(stream):
             break
-        stream.extend(data[len(stream) - start:])
+        stream.extend(data[len(stream) - start :])
     return bytes(stream)

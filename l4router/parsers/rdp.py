@@ -20,7 +20,7 @@ class ConnectionRequest:
 
 def parse_connection_request(data: bytes) -> ConnectionRequest | Incomplete | Invalid:
     head = data[:2]
-    if head != b"\x03\x00"[:len(head)]:
+    if head != b"\x03\x00"[: len(head)]:
         return Invalid("not TPKT version 3")
     if len(data) < 11:
         return _early_checks(data)
@@ -35,11 +35,11 @@ def parse_connection_request(data: bytes) -> ConnectionRequest | Incomplete | In
         end = body.find(b"\r\n")
         if end < 0:
             return Invalid("cookie without CR LF")
-        cookie = body[len(COOKIE):end].decode("ascii", "backslashreplace")
-        body = body[end + 2:]
+        cookie = body[len(COOKIE) : end].decode("ascii", "backslashreplace")
+        body = body[end + 2 :]
     elif body.startswith(b"Cookie: msts="):  # a load-balancer routing token
         end = body.find(b"\r\n")
-        body = body[end + 2:] if end >= 0 else b""
+        body = body[end + 2 :] if end >= 0 else b""
     protocols: tuple[str, ...] = ()
     if len(body) >= 8 and body[0] == NEGOTIATION_REQUEST:
         requested = int.from_bytes(body[4:8], "little")

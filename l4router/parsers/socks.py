@@ -40,7 +40,7 @@ def _socks5(data: bytes) -> Greeting | Incomplete | Invalid:
     count = data[1]
     if not 1 <= count <= MAX_METHODS:
         return Invalid("method count out of range")
-    methods = data[2:2 + count]
+    methods = data[2 : 2 + count]
     if not all(_known_method(m) for m in methods):
         return Invalid("unknown authentication method")
     if len(methods) < count:
@@ -62,6 +62,6 @@ def _socks4(data: bytes) -> Greeting | Incomplete | Invalid:
         end_of_host = data.find(b"\x00", end_of_user + 1, end_of_user + 257)
         if end_of_host < 0:
             return INCOMPLETE if len(data) < end_of_user + 257 else Invalid("host too long")
-        host = data[end_of_user + 1:end_of_host].decode("ascii", "backslashreplace").lower()
+        host = data[end_of_user + 1 : end_of_host].decode("ascii", "backslashreplace").lower()
         return Greeting("4a", host=host, port=port)
     return Greeting("4", host=str(ipaddress.IPv4Address(address)), port=port)

@@ -17,8 +17,8 @@ class Identification:
 
 
 def parse_identification(data: bytes) -> Identification | Incomplete | Invalid:
-    head = data[:len(PREFIX)]
-    if head != PREFIX[:len(head)]:
+    head = data[: len(PREFIX)]
+    if head != PREFIX[: len(head)]:
         return Invalid("no SSH- prefix")
     end = data.find(b"\n", 0, MAX_LINE)
     if end < 0:

@@ -9,8 +9,15 @@ from l4router.parsers import Invalid, Reader, Truncated
 MAGIC_COOKIE = b"\x21\x12\xa4\x42"
 HEADER = 20
 ATTRIBUTE_USERNAME = 0x0006
-METHODS = {0x001: "binding", 0x003: "allocate", 0x004: "refresh", 0x006: "send",
-           0x007: "data", 0x008: "create_permission", 0x009: "channel_bind"}
+METHODS = {
+    0x001: "binding",
+    0x003: "allocate",
+    0x004: "refresh",
+    0x006: "send",
+    0x007: "data",
+    0x008: "create_permission",
+    0x009: "channel_bind",
+}
 CLASSES = {0b00: "request", 0b01: "indication", 0b10: "success", 0b11: "error"}
 
 
@@ -28,8 +35,9 @@ def parse_message(datagram: bytes) -> Message | Invalid:
     length = int.from_bytes(datagram[2:4], "big")
     if length % 4 or HEADER + length != len(datagram):
         return Invalid("STUN length does not match the datagram")
-    method = (message_type & 0x000F) | ((message_type & 0x00E0) >> 1) | \
-        ((message_type & 0x3E00) >> 2)
+    method = (
+        (message_type & 0x000F) | ((message_type & 0x00E0) >> 1) | ((message_type & 0x3E00) >> 2)
+    )
     kind = ((message_type >> 4) & 0b01) | ((message_type >> 7) & 0b10)
     username = None
     reader = Reader(datagram, HEADER)

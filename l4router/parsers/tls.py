@@ -26,8 +26,16 @@ EXT_ALPN = 16
 EXT_SUPPORTED_VERSIONS = 43
 EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 
-VERSION_NAMES = {0x0300: "ssl3", 0x0301: "1.0", 0x0302: "1.1", 0x0303: "1.2", 0x0304: "1.3",
-                 0xFEFF: "dtls1.0", 0xFEFD: "dtls1.2", 0xFEFC: "dtls1.3"}
+VERSION_NAMES = {
+    0x0300: "ssl3",
+    0x0301: "1.0",
+    0x0302: "1.1",
+    0x0303: "1.2",
+    0x0304: "1.3",
+    0xFEFF: "dtls1.0",
+    0xFEFD: "dtls1.2",
+    0xFEFC: "dtls1.3",
+}
 
 
 def is_grease(value: int) -> bool:
@@ -88,7 +96,7 @@ def parse_client_hello_message(data: bytes) -> ClientHello | Incomplete | Invali
     if len(data) < 4 + length:
         return INCOMPLETE
     try:
-        return _parse_body(Reader(data[4:4 + length]))
+        return _parse_body(Reader(data[4 : 4 + length]))
     except Truncated as exc:
         return Invalid(f"malformed ClientHello: {exc}")
 
@@ -109,10 +117,10 @@ def _reassemble(data: bytes) -> bytes | Incomplete | Invalid:
             return Invalid(f"record type {data[pos]} is not handshake")
         if data[pos + 1] != 3 or data[pos + 2] > 4:
             return Invalid(f"record version {data[pos + 1]}.{data[pos + 2]} is not TLS")
-        length = int.from_bytes(data[pos + 3:pos + 5], "big")
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
         if length == 0 or length > MAX_RECORD:
             return Invalid(f"record length {length} out of range")
-        fragment = data[pos + RECORD_HEADER:pos + RECORD_HEADER + length]
+        fragment = data[pos + RECORD_HEADER : pos + RECORD_HEADER + length]
         fragments.append(fragment)
         gathered += len(fragment)
         if needed is None and gathered >= 4:
@@ -139,8 +147,9 @@ def _check_partial_header(head: bytes) -> Incomplete | Invalid:
     return INCOMPLETE
 
 
-def _parse_body(reader: Reader, dtls: bool = False,
-                partial: dict[str, Any] | None = None) -> ClientHello:
+def _parse_body(
+    reader: Reader, dtls: bool = False, partial: dict[str, Any] | None = None
+) -> ClientHello:
     legacy_version = reader.uint(2)
     if legacy_version >> 8 != (0xFE if dtls else 3):
         raise Truncated(f"client version 0x{legacy_version:04x} is not {'DTLS' if dtls else 'TLS'}")
@@ -154,8 +163,14 @@ def _parse_body(reader: Reader, dtls: bool = False,
         raise Truncated("cipher suites list empty or odd")
     if not reader.vector(1):
         raise Truncated("no compression methods")
-    found: dict[str, Any] = {"legacy_version": legacy_version, "sni": None, "alpn": (),
-             "supported_versions": (), "ech": False, "extensions": ()}
+    found: dict[str, Any] = {
+        "legacy_version": legacy_version,
+        "sni": None,
+        "alpn": (),
+        "supported_versions": (),
+        "ech": False,
+        "extensions": (),
+    }
     if partial is not None:
         partial.update(found)
         found = partial  # what is parsed so far stays there when the bytes run out
@@ -201,8 +216,14 @@ def parse_truncated_client_hello(data: bytes) -> ClientHello | None:
         return _parse_body(Reader(handshake[4:]), partial=partial)
     except Truncated:
         if not partial:  # cut before the extensions: a ClientHello all the same
-            partial = {"legacy_version": int.from_bytes(handshake[4:6], "big"), "sni": None,
-                       "alpn": (), "supported_versions": (), "ech": False, "extensions": ()}
+            partial = {
+                "legacy_version": int.from_bytes(handshake[4:6], "big"),
+                "sni": None,
+                "alpn": (),
+                "supported_versions": (),
+                "ech": False,
+                "extensions": (),
+            }
         return ClientHello(**partial)
 
 
@@ -213,8 +234,8 @@ def _gathered(data: bytes) -> bytes:
     while len(data) - pos >= RECORD_HEADER and len(fragments) < MAX_RECORDS:
         if data[pos] != RECORD_HANDSHAKE or data[pos + 1] != 3 or data[pos + 2] > 4:
             break
-        length = int.from_bytes(data[pos + 3:pos + 5], "big")
-        fragments.append(data[pos + RECORD_HEADER:pos + RECORD_HEADER + length])
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        fragments.append(data[pos + RECORD_HEADER : pos + RECORD_HEADER + length])
         pos += RECORD_HEADER + length
     return b"".join(fragments)
 

@@ -17,8 +17,10 @@ class DTLSDetector(ProtocolDetector):
     fields = ("sni", "alpn", "dtls_version")
 
     def detect(self, peek):
-        return verdict(parse_client_hello(peek.datagrams),
-                       lambda h: {"sni": h.sni, "alpn": h.alpn, "dtls_version": h.version})
+        return verdict(
+            parse_client_hello(peek.datagrams),
+            lambda h: {"sni": h.sni, "alpn": h.alpn, "dtls_version": h.version},
+        )
 
 
 dtls = DTLSDetector()

@@ -21,11 +21,13 @@ class HTTP1Detector(ProtocolDetector):
             return NEED_MORE
         if not isinstance(request, Request):
             return NO_MATCH
-        fields = {"method": request.method, "path": request.path,
-                  "http_version": request.version}
+        fields = {"method": request.method, "path": request.path, "http_version": request.version}
         upgrade = request.header("upgrade")
-        optional = {"host": request.host, "user_agent": request.header("user-agent"),
-                    "upgrade": upgrade.split(",")[0].strip().lower() if upgrade else None}
+        optional = {
+            "host": request.host,
+            "user_agent": request.header("user-agent"),
+            "upgrade": upgrade.split(",")[0].strip().lower() if upgrade else None,
+        }
         fields.update((k, v) for k, v in optional.items() if v)
         return Match(fields)
 

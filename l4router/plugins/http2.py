@@ -20,9 +20,13 @@ H2_FIELDS = ("authority", "path", "method", "scheme", "content_type")
 
 
 def h2_fields(request):
-    return {"authority": request.authority, "path": request.path,
-            "method": request.header(":method"), "scheme": request.header(":scheme"),
-            "content_type": request.header("content-type")}
+    return {
+        "authority": request.authority,
+        "path": request.path,
+        "method": request.header(":method"),
+        "scheme": request.header(":scheme"),
+        "content_type": request.header("content-type"),
+    }
 
 
 def is_grpc(request):

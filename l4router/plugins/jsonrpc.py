@@ -12,8 +12,11 @@ from l4router.parsers.jsonrpc import MAX_BODY, decode_call, parse_raw
 
 
 def call_fields(call):
-    return {"jsonrpc_method": call.method, "jsonrpc_framing": call.framing,
-            "jsonrpc_batch": call.batch}
+    return {
+        "jsonrpc_method": call.method,
+        "jsonrpc_framing": call.framing,
+        "jsonrpc_batch": call.batch,
+    }
 
 
 @implementer(IPlugin, IProtocolDetector)
@@ -37,11 +40,13 @@ class JSONRPCDetector(ProtocolDetector):
         length = request.header("content-length")
         if request.method != "POST" or not (length or "").isdigit() or int(length) > MAX_BODY:
             return NO_MATCH
-        body = peek.data[request.head_length:request.head_length + int(length)]
+        body = peek.data[request.head_length : request.head_length + int(length)]
         if len(body) < int(length):
             return NEED_MORE
-        return verdict(decode_call(body, "http"),
-                       lambda call: dict(call_fields(call), path=request.path, host=request.host))
+        return verdict(
+            decode_call(body, "http"),
+            lambda call: dict(call_fields(call), path=request.path, host=request.host),
+        )
 
 
 jsonrpc = JSONRPCDetector()

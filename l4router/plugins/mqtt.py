@@ -9,8 +9,11 @@ from l4router.parsers.mqtt import parse_connect
 
 
 def connect_fields(connect):
-    return {"mqtt_version": connect.version, "mqtt_client_id": connect.client_id,
-            "mqtt_username": connect.username}
+    return {
+        "mqtt_version": connect.version,
+        "mqtt_client_id": connect.client_id,
+        "mqtt_username": connect.username,
+    }
 
 
 @implementer(IPlugin, IProtocolDetector)

@@ -11,9 +11,12 @@ from l4router.parsers.postgres import parse_first_message
 
 def message_fields(message):
     user = message.parameter("user")
-    return {"pg_request": message.kind, "user": user,
-            "database": message.parameter("database") or user,  # the server's own default
-            "application_name": message.parameter("application_name")}
+    return {
+        "pg_request": message.kind,
+        "user": user,
+        "database": message.parameter("database") or user,  # the server's own default
+        "application_name": message.parameter("application_name"),
+    }
 
 
 @implementer(IPlugin, IProtocolDetector)

@@ -11,8 +11,13 @@ from l4router.parsers.tls import version_name
 
 def hello_fields(quic):
     hello = quic.hello
-    return {"sni": hello.sni, "alpn": hello.alpn, "quic_version": quic.version,
-            "tls_versions": tuple(version_name(v) for v in hello.versions), "ech": hello.ech}
+    return {
+        "sni": hello.sni,
+        "alpn": hello.alpn,
+        "quic_version": quic.version,
+        "tls_versions": tuple(version_name(v) for v in hello.versions),
+        "ech": hello.ech,
+    }
 
 
 @implementer(IPlugin, IProtocolDetector)

@@ -17,8 +17,10 @@ class RDPDetector(ProtocolDetector):
     fields = ("rdp_cookie", "rdp_protocols")
 
     def detect(self, peek):
-        return verdict(peek.parsed(parse_connection_request),
-                       lambda r: {"rdp_cookie": r.cookie, "rdp_protocols": r.protocols})
+        return verdict(
+            peek.parsed(parse_connection_request),
+            lambda r: {"rdp_cookie": r.cookie, "rdp_protocols": r.protocols},
+        )
 
 
 rdp = RDPDetector()

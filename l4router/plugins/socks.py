@@ -11,9 +11,12 @@ METHOD_NAMES = {0: "none", 1: "gssapi", 2: "password"}
 
 
 def greeting_fields(greeting):
-    return {"socks_version": greeting.version,
-            "socks_methods": tuple(METHOD_NAMES.get(m, str(m)) for m in greeting.methods) or None,
-            "socks_host": greeting.host, "socks_port": greeting.port}
+    return {
+        "socks_version": greeting.version,
+        "socks_methods": tuple(METHOD_NAMES.get(m, str(m)) for m in greeting.methods) or None,
+        "socks_host": greeting.host,
+        "socks_port": greeting.port,
+    }
 
 
 @implementer(IPlugin, IProtocolDetector)

@@ -9,8 +9,11 @@ from l4router.parsers.ssh import parse_identification
 
 
 def ident_fields(ident):
-    return {"ssh_version": ident.version, "ssh_software": ident.software,
-            "ssh_banner": ident.banner}
+    return {
+        "ssh_version": ident.version,
+        "ssh_software": ident.software,
+        "ssh_banner": ident.banner,
+    }
 
 
 @implementer(IPlugin, IProtocolDetector)

@@ -17,9 +17,10 @@ class STUNDetector(ProtocolDetector):
     fields = ("stun_method", "stun_class", "stun_username")
 
     def detect(self, peek):
-        return verdict(parse_message(peek.datagrams[0]),
-                       lambda m: {"stun_method": m.method, "stun_class": m.kind,
-                                  "stun_username": m.username})
+        return verdict(
+            parse_message(peek.datagrams[0]),
+            lambda m: {"stun_method": m.method, "stun_class": m.kind, "stun_username": m.username},
+        )
 
 
 stun = STUNDetector()

@@ -17,8 +17,9 @@ class WireGuardDetector(ProtocolDetector):
     fields = ("wireguard_message",)
 
     def detect(self, peek):
-        return verdict(parse_initiation(peek.datagrams[0]),
-                       lambda _: {"wireguard_message": "initiation"})
+        return verdict(
+            parse_initiation(peek.datagrams[0]), lambda _: {"wireguard_message": "initiation"}
+        )
 
 
 wireguard = WireGuardDetector()

@@ -17,8 +17,10 @@ class XMPPDetector(ProtocolDetector):
     fields = ("xmpp_to", "xmpp_namespace")
 
     def detect(self, peek):
-        return verdict(peek.parsed(parse_stream_header),
-                       lambda h: {"xmpp_to": h.to, "xmpp_namespace": h.namespace})
+        return verdict(
+            peek.parsed(parse_stream_header),
+            lambda h: {"xmpp_to": h.to, "xmpp_namespace": h.namespace},
+        )
 
 
 xmpp = XMPPDetector()

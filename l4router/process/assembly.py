@@ -31,8 +31,16 @@ def access_log_wanted(config):
 
 
 class RouterAssembly:
-    def __init__(self, reactor, detectors, registry=None, inherited_sockets=None,
-                 standalone=True, shared_limits=None, runtime=None):
+    def __init__(
+        self,
+        reactor,
+        detectors,
+        registry=None,
+        inherited_sockets=None,
+        standalone=True,
+        shared_limits=None,
+        runtime=None,
+    ):
         """`standalone`: not a worker, so the config and process metrics are this process's.
         `shared_limits`: in a worker, the limits its supervisor shares (WorkerLimits).
         `runtime`: the RuntimeState of servers (a worker's reads its supervisor's file)."""
@@ -41,8 +49,9 @@ class RouterAssembly:
         self.detectors = detectors
         self.inherited_sockets = inherited_sockets or {}  # in a worker: description -> fd
         self.standalone = standalone
-        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(),
-                                     config_metrics=standalone)
+        self.metrics = RouterMetrics(
+            registry if registry is not None else CollectorRegistry(), config_metrics=standalone
+        )
         if standalone:
             self.metrics.watch_reactor(reactor)
         self.shared_limits = shared_limits
@@ -68,9 +77,13 @@ class RouterAssembly:
         return limit
 
     def choice_limits(self, listener, config):
-        routes = {route.label: self.keyed_limit(route_key(listener.name, route.label),
-                                                route.max_connections)
-                  for route in listener.routes if route.max_connections is not None}
+        routes = {
+            route.label: self.keyed_limit(
+                route_key(listener.name, route.label), route.max_connections
+            )
+            for route in listener.routes
+            if route.max_connections is not None
+        }
         names = None
         if listener.max_connections_per_name is not None:
             workers = config.workers if self.shared_limits is not None else 1
@@ -84,10 +97,12 @@ class RouterAssembly:
 
     def backend_groups(self, config):
         """Groups for `config`, with the runtime changes made so far (l4router.backends.control)."""
-        groups = {name: NamedServerGroup(backend, self.reactor, self.metrics, config.dns)
-                  if backend.server_from is not None else
-                  BackendGroup(backend, self.reactor, self.metrics, dns_settings=config.dns)
-                  for name, backend in config.backends.items()}
+        groups = {
+            name: NamedServerGroup(backend, self.reactor, self.metrics, config.dns)
+            if backend.server_from is not None
+            else BackendGroup(backend, self.reactor, self.metrics, dns_settings=config.dns)
+            for name, backend in config.backends.items()
+        }
         if not self.runtime.writable:
             self.runtime.load()  # a worker: what its supervisor has recorded by now
         self.runtime.apply(groups)
@@ -98,29 +113,44 @@ class RouterAssembly:
         return groups
 
     def listener_detectors(self, listener):
-        return DetectorSet(detectors_for(self.detectors, listener.transport,
-                                         listener.detect.protocols))
+        return DetectorSet(
+            detectors_for(self.detectors, listener.transport, listener.detect.protocols)
+        )
 
     def listener_service(self, listener, config, groups):
         """A Service that binds and runs one listener, TCP or UDP."""
         factory = self.listener_factory(listener, config, groups)
         kind = UDPListenerService if listener.transport == "udp" else ListenerService
-        return kind(self.reactor, listener, factory, config.shutdown_timeout,
-                    self.inherited_sockets)
+        return kind(
+            self.reactor, listener, factory, config.shutdown_timeout, self.inherited_sockets
+        )
 
     def listener_factory(self, listener, config, groups):
         kind = UDPListener if listener.transport == "udp" else ListenerFactory
         return kind(
-            listener, self.listener_detectors(listener), groups,
-            Admission(self.process_limit, listener.max_connections,
-                      listener.max_connections_per_source, listener.ipv6_source_prefix,
-                      listener=self.shared_limit(listener_key(listener.name))),
-            self.metrics.for_listener(listener.name), self.reactor,
-            access_log=access_log_wanted(config), recent=self.recent,
-            choice_limits=self.choice_limits(listener, config))
+            listener,
+            self.listener_detectors(listener),
+            groups,
+            Admission(
+                self.process_limit,
+                listener.max_connections,
+                listener.max_connections_per_source,
+                listener.ipv6_source_prefix,
+                listener=self.shared_limit(listener_key(listener.name)),
+            ),
+            self.metrics.for_listener(listener.name),
+            self.reactor,
+            access_log=access_log_wanted(config),
+            recent=self.recent,
+            choice_limits=self.choice_limits(listener, config),
+        )
 
     def reconfigure_factory(self, factory, listener, config, groups):
         """Keep a listener's sockets and connections; new connections follow `listener`."""
-        factory.reconfigure(listener, self.listener_detectors(listener), groups,
-                            access_log=access_log_wanted(config),
-                            choice_limits=self.choice_limits(listener, config))
+        factory.reconfigure(
+            listener,
+            self.listener_detectors(listener),
+            groups,
+            access_log=access_log_wanted(config),
+            choice_limits=self.choice_limits(listener, config),
+        )

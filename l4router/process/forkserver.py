@@ -39,8 +39,9 @@ class ForkServer:
         self.lost = False  # it ended before the supervisor did
 
     @classmethod
-    def start(cls, uid: int | None = None, gid: int | None = None,
-              euid: bool = False) -> ForkServer:
+    def start(
+        cls, uid: int | None = None, gid: int | None = None, euid: bool = False
+    ) -> ForkServer:
         """Fork the server now. `uid`/`gid`/`euid`: twistd's, which the supervisor drops to
         only after binding; the fork server binds nothing and drops them at once."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -59,13 +60,15 @@ class ForkServer:
         theirs.close()
         return cls(pid, ours)
 
-    def spawn(self, argv: list[str], environment: dict[str, str],
-              fds: dict[int, int], status_fd: int) -> int:
+    def spawn(
+        self, argv: list[str], environment: dict[str, str], fds: dict[int, int], status_fd: int
+    ) -> int:
         """Fork a worker that sees `fds` ({number in the worker: fd here}) and runs twistd
         with `argv`; `status_fd` (one of them) gets the `exit` line. The pid."""
         numbers = list(fds)
-        request = json.dumps({"argv": argv, "env": environment, "fds": numbers,
-                              "status": numbers.index(status_fd)}).encode()
+        request = json.dumps(
+            {"argv": argv, "env": environment, "fds": numbers, "status": numbers.index(status_fd)}
+        ).encode()
         try:
             socket.send_fds(self.control, [request], [fds[n] for n in numbers])
             answer = self.control.recv(64)
@@ -92,6 +95,7 @@ def _serve(control: socket.socket, uid: int | None, gid: int | None, euid: bool)
     _forget_the_reactor()
     if uid is not None or gid is not None:
         from twisted.python.util import switchUID
+
         switchUID(uid, gid, euid)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
@@ -116,8 +120,9 @@ def _serve(control: socket.socket, uid: int | None, gid: int | None, euid: bool)
             _fork_worker(control, json.loads(request), fds, status_pipes)
 
 
-def _fork_worker(control: socket.socket, request: dict, fds: list[int],
-                 status_pipes: dict[int, int]) -> None:
+def _fork_worker(
+    control: socket.socket, request: dict, fds: list[int], status_pipes: dict[int, int]
+) -> None:
     """Fork one worker; keep its status pipe to report its exit on."""
     try:
         pid = os.fork()
@@ -182,6 +187,7 @@ def _become_worker(request: dict, fds: list[int], control: socket.socket) -> int
     gc.enable()
     sys.argv = request["argv"]
     from twisted.scripts.twistd import run
+
     try:
         run()
     except SystemExit as exit:
@@ -213,6 +219,7 @@ def _forget_the_reactor() -> None:
     """The supervisor installed (not started) a reactor before forking: a worker installs its
     own, so that module entry must go (its epoll fd was closed with the rest)."""
     import twisted.internet
+
     sys.modules.pop("twisted.internet.reactor", None)
     twisted.internet.__dict__.pop("reactor", None)
 
@@ -221,4 +228,5 @@ def _metrics_per_process() -> None:
     """prometheus-client picks its value store when imported, by PROMETHEUS_MULTIPROC_DIR;
     the supervisor imported it without, the worker has it: pick again."""
     from prometheus_client import values
+
     values.ValueClass = values.get_value_class()

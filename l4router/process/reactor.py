@@ -151,8 +151,9 @@ class LeanEPollReactor(EPollReactor):
         if self._dirty:
             self._flush()
         try:
-            events = self._poller.poll(-1 if timeout is None else timeout,
-                                       max(1, len(self._kernel)))
+            events = self._poller.poll(
+                -1 if timeout is None else timeout, max(1, len(self._kernel))
+            )
         except InterruptedError:
             return
         selectables = self._selectables
@@ -192,5 +193,3 @@ def install_unless_chosen() -> None:
     if "twisted.internet.reactor" in sys.modules or not sys.platform.startswith("linux"):
         return
     install()
-
-

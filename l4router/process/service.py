@@ -71,8 +71,11 @@ class PortsService(Service):
         try:
             for description in self.descriptions:
                 fd = self.inherited.get(description)
-                port = self.bind(description) if fd is None else \
-                    adopt(self.reactor, description, fd, self.factory)
+                port = (
+                    self.bind(description)
+                    if fd is None
+                    else adopt(self.reactor, description, fd, self.factory)
+                )
                 no_delay_for_accepted(port)
                 self.ports.append(port)
         except BindFailed:
@@ -93,9 +96,11 @@ class PortsService(Service):
     def listening_fds(self):
         """{description: [fd]} of the tcp and udp sockets, for a successor
         (l4router.process.upgrade)."""
-        return {description: [port.fileno()] for description, port in
-                zip(self.descriptions, self.ports)
-                if description.split(":", 1)[0] in HANDED_OVER}
+        return {
+            description: [port.fileno()]
+            for description, port in zip(self.descriptions, self.ports)
+            if description.split(":", 1)[0] in HANDED_OVER
+        }
 
     def stop_listening(self):
         ports, self.ports = self.ports, []
@@ -106,8 +111,11 @@ def no_delay_for_accepted(port):
     """TCP_NODELAY on a listening socket is inherited by every socket it accepts (Linux): set
     once here, not once per connection (a proxy must not add Nagle delays)."""
     sock = getattr(port, "socket", None)
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and \
-            sock.type == socket.SOCK_STREAM:
+    if (
+        sock is not None
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+        and sock.type == socket.SOCK_STREAM
+    ):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -135,8 +143,9 @@ class ListenerService(PortsService):
     def startService(self):
         super().startService()
         for address in self.addresses():
-            log.info("Listener {listener} accepting on {address}", listener=self.name,
-                     address=address)
+            log.info(
+                "Listener {listener} accepting on {address}", listener=self.name, address=address
+            )
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -145,8 +154,12 @@ class ListenerService(PortsService):
         connections = self.factory.connections
         if not connections:
             return
-        log.info("Listener {listener} draining {count} connections (at most {timeout}s)",
-                 listener=self.name, count=len(connections), timeout=self.shutdown_timeout)
+        log.info(
+            "Listener {listener} draining {count} connections (at most {timeout}s)",
+            listener=self.name,
+            count=len(connections),
+            timeout=self.shutdown_timeout,
+        )
         drained = self.factory.when_drained()
         deadline = self.reactor.callLater(self.shutdown_timeout, self._abort_remaining)
         yield drained
@@ -155,8 +168,11 @@ class ListenerService(PortsService):
 
     def _abort_remaining(self):
         connections = list(self.factory.connections)
-        log.warn("Listener {listener}: shutdown_timeout passed, aborting {count} connections",
-                 listener=self.name, count=len(connections))
+        log.warn(
+            "Listener {listener}: shutdown_timeout passed, aborting {count} connections",
+            listener=self.name,
+            count=len(connections),
+        )
         for connection in connections:
             connection.abort(SHUTDOWN)
 
@@ -202,8 +218,7 @@ class RouterService(MultiService):
     Deferred is waited for before the next stage starts stopping.
     """
 
-    def __init__(self, reactor, config, assembly, admin, backends, listeners,
-                 log_observer=None):
+    def __init__(self, reactor, config, assembly, admin, backends, listeners, log_observer=None):
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -239,8 +254,11 @@ class RouterService(MultiService):
         super().setServiceParent(parent)
 
     def startService(self):
-        log.info("l4router using config {path} (sha256 {digest})", path=self.config.source,
-                 digest=self.config.digest[:12])
+        log.info(
+            "l4router using config {path} (sha256 {digest})",
+            path=self.config.source,
+            digest=self.config.digest[:12],
+        )
         for warning in self.config.warnings:
             log.warn("Config warning: {warning}", warning=warning)
         super().startService()
@@ -279,5 +297,7 @@ class RouterService(MultiService):
     def _stop_stage(_, stage):
         log.info("Stopping {stage}", stage=type(stage).__name__)
         return defer.maybeDeferred(stage.stopService).addErrback(
-            lambda failure: log.failure("Stopping {stage} failed", failure,
-                                        stage=type(stage).__name__))
+            lambda failure: log.failure(
+                "Stopping {stage} failed", failure, stage=type(stage).__name__
+            )
+        )

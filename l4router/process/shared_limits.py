@@ -122,8 +122,7 @@ class LimitTable:
         if _multiprocessing is None:
             raise OSError("no POSIX semaphores in this Python: workers cannot share limits")
         name = f"{self.prefix}-{len(self.slots)}"
-        self.semaphores[key] = _multiprocessing.SemLock(SEMAPHORE, maximum, MAX_VALUE, name,
-                                                        False)
+        self.semaphores[key] = _multiprocessing.SemLock(SEMAPHORE, maximum, MAX_VALUE, name, False)
         self.slots[key] = len(self.slots)
         self.maximum[key] = maximum
 
@@ -154,9 +153,10 @@ class LimitTable:
             self._retry = self.clock.callLater(DEBT_RETRY, self._collect_debt)
 
     def _write_index(self):
-        index = {key: {"semaphore": sem.name, "slot": self.slots[key],
-                       "maximum": self.maximum[key]}
-                 for key, sem in self.semaphores.items()}
+        index = {
+            key: {"semaphore": sem.name, "slot": self.slots[key], "maximum": self.maximum[key]}
+            for key, sem in self.semaphores.items()
+        }
         partial = self.index_path + ".new"
         with open(partial, "w") as stream:
             json.dump(index, stream)
@@ -232,10 +232,12 @@ class WorkerLimits:
         for key, entry in index.items():
             handle = self.handles.get(key)
             if handle is None:
-                semaphore = _multiprocessing.SemLock._rebuild(0, SEMAPHORE, MAX_VALUE,
-                                                              entry["semaphore"])
-                self.handles[key] = SharedLimit(semaphore, self.counts, entry["slot"],
-                                                entry["maximum"])
+                semaphore = _multiprocessing.SemLock._rebuild(
+                    0, SEMAPHORE, MAX_VALUE, entry["semaphore"]
+                )
+                self.handles[key] = SharedLimit(
+                    semaphore, self.counts, entry["slot"], entry["maximum"]
+                )
             else:
                 handle.set_maximum(entry["maximum"])
 

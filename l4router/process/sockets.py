@@ -61,8 +61,9 @@ def bind_reuseport(description, count, reuse_port=True):
         for sock in sockets:
             sock.close()
         # Worded as Twisted words it when there is a single process.
-        raise BindFailed(f"cannot listen on {description}: Couldn't listen on {host}:{port}: "
-                         f"{exc}.") from None
+        raise BindFailed(
+            f"cannot listen on {description}: Couldn't listen on {host}:{port}: {exc}."
+        ) from None
     return sockets
 
 
@@ -74,11 +75,12 @@ def systemd_socket(description):
     try:
         fd = serverFromString(None, description).fileno
     except (KeyError, IndexError, ValueError) as exc:
-        raise BindFailed(f"cannot listen on {description}: systemd passed no such socket "
-                         f"({exc})") from None
+        raise BindFailed(
+            f"cannot listen on {description}: systemd passed no such socket ({exc})"
+        ) from None
     sock = socket.socket(fileno=os.dup(fd))
     sock.setblocking(False)  # systemd passes it blocking; a worker that lost the race to
-    return sock              # accept would otherwise block in accept()
+    return sock  # accept would otherwise block in accept()
 
 
 def adopt(reactor, description, fd, factory_or_protocol):
@@ -90,8 +92,9 @@ def adopt(reactor, description, fd, factory_or_protocol):
     probe.detach()
     try:
         if kind == socket.SOCK_DGRAM:
-            return reactor.adoptDatagramPort(fd, family, factory_or_protocol,
-                                             maxPacketSize=MAX_DATAGRAM)
+            return reactor.adoptDatagramPort(
+                fd, family, factory_or_protocol, maxPacketSize=MAX_DATAGRAM
+            )
         return reactor.adoptStreamPort(fd, family, factory_or_protocol)
     finally:
         os.close(fd)

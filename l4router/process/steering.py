@@ -24,8 +24,12 @@ GOLDEN = 0x9E3779B1  # multiplicative hashing: nearby addresses go to different 
 
 
 class _Instruction(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
 
 
 class _Program(ctypes.Structure):
@@ -48,16 +52,23 @@ def _ipv6_masks(prefix: int) -> list[int]:
 
 def source_hash_program(workers: int, ipv6_prefix: int) -> list[tuple[int, int, int, int]]:
     """(code, jt, jf, k) instructions: the socket index for a packet's source address."""
-    finish = [(ALU_MUL_K, 0, 0, GOLDEN), (ALU_RSH_K, 0, 0, 16), (ALU_MOD_K, 0, 0, workers),
-              (RET_A, 0, 0, 0)]
+    finish = [
+        (ALU_MUL_K, 0, 0, GOLDEN),
+        (ALU_RSH_K, 0, 0, 16),
+        (ALU_MOD_K, 0, 0, workers),
+        (RET_A, 0, 0, 0),
+    ]
     ipv4 = [(LD_W_ABS, 0, 0, _net(12))] + finish  # IPv4 source address
     ipv6 = []
     for word, mask in enumerate(_ipv6_masks(ipv6_prefix)):
         load = [(LD_W_ABS, 0, 0, _net(8 + 4 * word)), (ALU_AND_K, 0, 0, mask)]
         ipv6 += load if word == 0 else [(TAX, 0, 0, 0), *load, (ALU_XOR_X, 0, 0, 0)]
     ipv6 += finish
-    version = [(LD_B_ABS, 0, 0, _net(0)), (ALU_RSH_K, 0, 0, 4),
-               (JEQ_K, 0, len(ipv4), 4)]  # IPv4 falls through; IPv6 jumps past it
+    version = [
+        (LD_B_ABS, 0, 0, _net(0)),
+        (ALU_RSH_K, 0, 0, 4),
+        (JEQ_K, 0, len(ipv4), 4),
+    ]  # IPv4 falls through; IPv6 jumps past it
     return version + ipv4 + ipv6
 
 
@@ -67,8 +78,11 @@ def attach_source_steering(sock: socket.socket, workers: int, ipv6_prefix: int) 
     program = source_hash_program(workers, ipv6_prefix)
     instructions = (_Instruction * len(program))(*(_Instruction(*i) for i in program))
     fprog = _Program(len(program), ctypes.cast(instructions, ctypes.POINTER(_Instruction)))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
-                    ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog)))
+    sock.setsockopt(
+        socket.SOL_SOCKET,
+        SO_ATTACH_REUSEPORT_CBPF,
+        ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog)),
+    )
 
 
 __all__ = ["attach_source_steering", "source_hash_program"]

@@ -59,13 +59,18 @@ class Supervisor(MultiService):
         self.draining = False
         self.started_all = False
         self.registry = CollectorRegistry()
-        self.workers_ready = Gauge("l4router_workers_ready", "Worker processes accepting.",
-                                   registry=self.registry)
-        self.workers_configured = Gauge("l4router_workers", "Worker processes configured.",
-                                        registry=self.registry)
-        self.worker_exits = Counter("l4router_worker_exits",
-                                    "Workers that ended unexpectedly and were restarted.",
-                                    ["worker"], registry=self.registry)
+        self.workers_ready = Gauge(
+            "l4router_workers_ready", "Worker processes accepting.", registry=self.registry
+        )
+        self.workers_configured = Gauge(
+            "l4router_workers", "Worker processes configured.", registry=self.registry
+        )
+        self.worker_exits = Counter(
+            "l4router_worker_exits",
+            "Workers that ended unexpectedly and were restarted.",
+            ["worker"],
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)  # the supervisor's own process_* metrics
         self.reloader = None
         self.control = None  # runtime changes to servers (l4router.operate.runtime)
@@ -88,14 +93,18 @@ class Supervisor(MultiService):
         os.replace(partial, self.config_snapshot)
 
     def all_accepting(self):
-        return (len(self.workers) == self.config.workers
-                and all(worker.ready for worker in self.workers.values()))
+        return len(self.workers) == self.config.workers and all(
+            worker.ready for worker in self.workers.values()
+        )
 
     @property
     def ready(self):
         """For /readyz: every worker accepts (while a reload replaces them, the old ones do)."""
-        return (self.running and not self.draining
-                and (self.all_accepting() or self._replacing is not None))
+        return (
+            self.running
+            and not self.draining
+            and (self.all_accepting() or self._replacing is not None)
+        )
 
     def setServiceParent(self, parent):
         install_log_observer(parent, self.log_observer)
@@ -103,15 +112,18 @@ class Supervisor(MultiService):
 
     def privilegedStartService(self):
         if self.takeover is not None:  # a predecessor's sockets: kept, not bound again
-            self.sockets = {description: [socket.socket(fileno=fd) for fd in fds]
-                            for description, fds in self.takeover.sockets.items()}
+            self.sockets = {
+                description: [socket.socket(fileno=fd) for fd in fds]
+                for description, fds in self.takeover.sockets.items()
+            }
         self.sockets = self.sockets_for(self.config)
         super().privilegedStartService()
 
     def listening_fds(self):
         """{description: [fd per worker]} and the admin site's, for a successor."""
-        fds = {description: [s.fileno() for s in group]
-               for description, group in self.sockets.items()}
+        fds = {
+            description: [s.fileno() for s in group] for description, group in self.sockets.items()
+        }
         fds.update(self.admin.listening_fds())
         return fds
 
@@ -130,7 +142,7 @@ class Supervisor(MultiService):
                     missing = max(0, config.workers - len(held))
                     more = bind_reuseport(description, missing) if missing else []
                     bound.extend(more)
-                    group = sockets[description] = (held + more)[:config.workers]
+                    group = sockets[description] = (held + more)[: config.workers]
                     self._steer(description, group, listener)
         except BindFailed:
             for sock in bound:
@@ -145,19 +157,29 @@ class Supervisor(MultiService):
         try:
             attach_source_steering(group[0], len(group), listener.ipv6_source_prefix)
         except OSError as exc:
-            log.warn("Listener {listener} on {address}: connections are not steered by source "
-                     "({error}); a per-source limit may refuse below its value",
-                     listener=listener.name, address=description, error=str(exc))
+            log.warn(
+                "Listener {listener} on {address}: connections are not steered by source "
+                "({error}); a per-source limit may refuse below its value",
+                listener=listener.name,
+                address=description,
+                error=str(exc),
+            )
 
     def apply_limits(self, config):
         for key in self.limits.apply(config):
-            log.warn("The limit of {key} changes between limited and unlimited: that takes "
-                     "effect at the next restart", key=key)
+            log.warn(
+                "The limit of {key} changes between limited and unlimited: that takes "
+                "effect at the next restart",
+                key=key,
+            )
 
     def startService(self):
-        log.info("l4router using config {path} (sha256 {digest}) with {count} workers",
-                 path=self.config.source, digest=self.config.digest[:12],
-                 count=self.config.workers)
+        log.info(
+            "l4router using config {path} (sha256 {digest}) with {count} workers",
+            path=self.config.source,
+            digest=self.config.digest[:12],
+            count=self.config.workers,
+        )
         for warning in self.config.warnings:
             log.warn("Config warning: {warning}", warning=warning)
         super().startService()
@@ -178,8 +200,10 @@ class Supervisor(MultiService):
             self.reloader.install_signal_handler()
 
     def spawn(self, index):
-        sockets = {description: per_worker[index].fileno()
-                   for description, per_worker in self.sockets.items()}
+        sockets = {
+            description: per_worker[index].fileno()
+            for description, per_worker in self.sockets.items()
+        }
         stdin_read, stdin_write = os.pipe()  # closed by us: the worker stops (EndWatch)
         status_read, status_write = os.pipe()
         # The child sees its sockets as fds 3, 4, ...; then the status pipe.
@@ -192,9 +216,16 @@ class Supervisor(MultiService):
         child_fds[status_fd] = status_write
         admin_socket = os.path.join(self.run_dir, f"worker-{self.generation}-{index}.sock")
         count_file = self.limits.count_file(self.generation, index)
-        argv, env = self.worker_command(index, inherited, status_fd, admin_socket,
-                                        self.config_snapshot, self.limits.index_path, count_file,
-                                        self.control.state.path)
+        argv, env = self.worker_command(
+            index,
+            inherited,
+            status_fd,
+            admin_socket,
+            self.config_snapshot,
+            self.limits.index_path,
+            count_file,
+            self.control.state.path,
+        )
         env = dict(env, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
         try:
             pid = self.fork_server.spawn(argv, env, child_fds, status_fd)
@@ -206,8 +237,7 @@ class Supervisor(MultiService):
             os.close(stdin_read)
             os.close(status_write)
         os.set_blocking(status_read, False)
-        worker = WorkerProcess(self, index, pid, status_read, stdin_write, admin_socket,
-                               count_file)
+        worker = WorkerProcess(self, index, pid, status_read, stdin_write, admin_socket, count_file)
         worker.startReading()
         self.workers[index] = worker
         log.info("Worker {index} started (pid {pid})", index=index, pid=worker.pid)
@@ -244,23 +274,34 @@ class Supervisor(MultiService):
         code = getattr(reason, "exitCode", None)
         how = f"signal {reason.signal}" if getattr(reason, "signal", None) else f"exit {code}"
         if self._replacing is not None and not worker.ready:
-            self._replacing.errback(WorkerFailed(
-                f"worker {worker.index} of the new generation ended ({how}) before it was ready"))
+            self._replacing.errback(
+                WorkerFailed(
+                    f"worker {worker.index} of the new generation ended ({how}) before it was ready"
+                )
+            )
             return
         if not self.started_all and not worker.ready and not getattr(reason, "signal", None):
             # It exited by itself before accepting: a broken install or config, which a
             # restart would only repeat. (One killed by a signal while it started, the OOM
             # killer's or an operator's, is restarted like any other.)
-            log.critical("Worker {index} ended ({how}) before it was ready: stopping",
-                         index=worker.index, how=how)
+            log.critical(
+                "Worker {index} ended ({how}) before it was ready: stopping",
+                index=worker.index,
+                how=how,
+            )
             self.reactor.callLater(0, self.reactor.stop)
             return
         self.worker_exits.labels(str(worker.index)).inc()
         failures = self.restarts.get(worker.index, 0)
         self.restarts[worker.index] = failures + 1
-        delay = min(RESTART_BACKOFF[0] * 2 ** failures, RESTART_BACKOFF[1])
-        log.warn("Worker {index} (pid {pid}) ended ({how}); restarting it in {delay}s",
-                 index=worker.index, pid=worker.pid, how=how, delay=delay)
+        delay = min(RESTART_BACKOFF[0] * 2**failures, RESTART_BACKOFF[1])
+        log.warn(
+            "Worker {index} (pid {pid}) ended ({how}); restarting it in {delay}s",
+            index=worker.index,
+            pid=worker.pid,
+            how=how,
+            delay=delay,
+        )
         self.reactor.callLater(delay, self._respawn, worker.index)
 
     def _respawn(self, index):
@@ -317,8 +358,11 @@ class Supervisor(MultiService):
         finally:
             self._replacing = None
         self.workers_configured.set(config.workers)
-        log.info("Generation {generation} accepting; {count} older workers drain and stop",
-                 generation=self.generation, count=len(retired))
+        log.info(
+            "Generation {generation} accepting; {count} older workers drain and stop",
+            generation=self.generation,
+            count=len(retired),
+        )
         for worker in retired:
             worker.signal("TERM")
         self._close_unused(old[1], sockets)
@@ -343,8 +387,9 @@ class Supervisor(MultiService):
         # The workers' own copies close as they stop accepting; from then on the kernel
         # refuses new connections instead of queueing them for nobody.
         self.close_sockets()
-        deadline = self.reactor.callLater(self.config.shutdown_timeout + KILL_GRACE,
-                                          self._kill, workers)
+        deadline = self.reactor.callLater(
+            self.config.shutdown_timeout + KILL_GRACE, self._kill, workers
+        )
         yield defer.DeferredList([worker.ended for worker in workers])
         cancel(deadline)
         log.info("All workers stopped")
@@ -360,8 +405,11 @@ class Supervisor(MultiService):
     def _kill(self, workers):
         for worker in workers:
             if not worker.ended.called:
-                log.warn("Worker {index} (pid {pid}) did not stop in time: killed",
-                         index=worker.index, pid=worker.pid)
+                log.warn(
+                    "Worker {index} (pid {pid}) did not stop in time: killed",
+                    index=worker.index,
+                    pid=worker.pid,
+                )
                 worker.signal("KILL")
 
     def close_sockets(self):

@@ -91,8 +91,7 @@ def take_over(path: str | None) -> Takeover | None:
     sockets, taken = {}, iter(fds)
     for description, count in counts:
         sockets[description] = [next(taken) for _ in range(count)]
-    log.info("Took over {count} listening sockets from the running l4router",
-             count=len(fds))
+    log.info("Took over {count} listening sockets from the running l4router", count=len(fds))
     return Takeover(channel, sockets)
 
 
@@ -203,19 +202,23 @@ class UpgradeService(Service):
         channel.setblocking(True)
         socket.send_fds(channel, [json.dumps(counts).encode()], fds)
         channel.setblocking(False)
-        log.info("Handed {count} listening sockets to a new l4router; waiting for it to be "
-                 "ready", count=len(fds))
+        log.info(
+            "Handed {count} listening sockets to a new l4router; waiting for it to be ready",
+            count=len(fds),
+        )
 
     def successor_ready(self, pid: int | None) -> None:
-        log.info("The new l4router (pid {pid}) accepts: this one stops accepting and drains",
-                 pid=pid)
+        log.info(
+            "The new l4router (pid {pid}) accepts: this one stops accepting and drains", pid=pid
+        )
         self.reactor.callLater(0, self.stop)
 
 
 def _peer_pid(channel: socket.socket) -> int | None:
     try:
-        credentials = channel.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                         struct.calcsize("3i"))
+        credentials = channel.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+        )
     except OSError:
         return None
     return struct.unpack("3i", credentials)[0]

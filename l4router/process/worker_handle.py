@@ -97,16 +97,40 @@ def worker_command(options, config_source):
     twistd = options.parent or {}
     logfile = twistd.get("logfile")
 
-    def command(index, inherited, status_fd, admin_socket, config_snapshot, limits_index,
-                count_file, runtime_state):
+    def command(
+        index,
+        inherited,
+        status_fd,
+        admin_socket,
+        config_snapshot,
+        limits_index,
+        count_file,
+        runtime_state,
+    ):
         argv = ["twistd", "--nodaemon", "--pidfile="]
         if logfile and logfile != "-":
             argv.append(f"--logfile={logfile}.worker-{index}")
-        argv += ["l4router", "-c", config_snapshot, "--config-source", config_source,
-                 "--worker", str(index),
-                 "--sockets", json.dumps(inherited), "--status-fd", str(status_fd),
-                 "--admin-socket", admin_socket, "--limits-index", limits_index,
-                 "--count-file", count_file, "--runtime-state", runtime_state]
+        argv += [
+            "l4router",
+            "-c",
+            config_snapshot,
+            "--config-source",
+            config_source,
+            "--worker",
+            str(index),
+            "--sockets",
+            json.dumps(inherited),
+            "--status-fd",
+            str(status_fd),
+            "--admin-socket",
+            admin_socket,
+            "--limits-index",
+            limits_index,
+            "--count-file",
+            count_file,
+            "--runtime-state",
+            runtime_state,
+        ]
         # systemd's LISTEN_* are the supervisor's: its workers get their sockets from it.
         environment = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         return argv, environment

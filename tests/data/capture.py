@@ -39,9 +39,12 @@ def capture(name, command, answer_h2=False):
 
     thread = threading.Thread(daemon=True, target=serve)
     thread.start()
-    client = subprocess.Popen([arg.replace("{port}", str(port)) for arg in command],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    client = subprocess.Popen(
+        [arg.replace("{port}", str(port)) for arg in command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     thread.join(10)
     client.kill()
     client.wait()
@@ -53,4 +56,4 @@ def capture(name, command, answer_h2=False):
 
 if __name__ == "__main__":
     separator = sys.argv.index("--")
-    capture(sys.argv[1], sys.argv[separator + 1:], answer_h2="--h2" in sys.argv[2:separator])
+    capture(sys.argv[1], sys.argv[separator + 1 :], answer_h2="--h2" in sys.argv[2:separator])

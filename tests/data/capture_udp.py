@@ -14,8 +14,11 @@ def capture(name, command):
     server.bind(("127.0.0.1", 0))
     server.settimeout(1.0)
     port = server.getsockname()[1]
-    client = subprocess.Popen([a.replace("{port}", str(port)) for a in command],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = subprocess.Popen(
+        [a.replace("{port}", str(port)) for a in command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     datagrams = []
     try:
         while len(datagrams) < 16:
@@ -35,10 +38,10 @@ def read(path):
     datagrams = []
     while data:
         size = int.from_bytes(data[:2], "big")
-        datagrams.append(data[2:2 + size])
-        data = data[2 + size:]
+        datagrams.append(data[2 : 2 + size])
+        data = data[2 + size :]
     return datagrams
 
 
 if __name__ == "__main__":
-    capture(sys.argv[1], sys.argv[sys.argv.index("--") + 1:])
+    capture(sys.argv[1], sys.argv[sys.argv.index("--") + 1 :])

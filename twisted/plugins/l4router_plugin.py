@@ -12,5 +12,7 @@ l4router = ServiceMaker(
 )
 
 l4router_reactor = Reactor(
-    "l4router", "l4router.process.reactor",
-    "epoll(4) without the per-event logging context (what twistd l4router uses by default).")
+    "l4router",
+    "l4router.process.reactor",
+    "epoll(4) without the per-event logging context (what twistd l4router uses by default).",
+)
