@@ -1,8 +1,24 @@
 """The error hierarchy: each error carries a message a user can act on."""
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 
 class L4RouterError(Exception):
     """Base of every error l4router raises on purpose."""
+
+
+@contextlib.contextmanager
+def startup_errors_in_one_line() -> Iterator[None]:
+    """An L4RouterError that stops start-up (a port in use, a worker that cannot start) is one
+    line on the terminal and exit status 1, not a traceback out of twistd."""
+    try:
+        yield
+    except L4RouterError as error:
+        # twistd has replaced sys.stderr with a logger by now; the user reads the terminal.
+        (sys.__stderr__ or sys.stderr).write(f"l4router: {error}\n")
+        raise SystemExit(1) from None
 
 
 class ConfigError(L4RouterError):

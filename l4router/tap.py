@@ -11,17 +11,12 @@ from l4router.backends.control import RuntimeState
 from l4router.backends.transparent import check_transparent_allowed
 from l4router.config import load_config
 from l4router.detection.registry import installed_detectors
-from l4router.errors import ConfigError, L4RouterError
-from l4router.operate.admin import admin_site, supervisor_site
+from l4router.errors import ConfigError
 from l4router.operate.logs import make_log_observer
-from l4router.operate.metrics import ConfigMetrics
-from l4router.operate.runtime import RouterControl, SupervisorControl
-from l4router.operate.worker_status import WorkerStatus
 from l4router.process.assembly import RouterAssembly
 from l4router.process.forkserver import ForkServer
 from l4router.process.reactor import install_unless_chosen
-from l4router.process.reload import ConfigReloader, WorkersReloader
-from l4router.process.service import AdminService, BackendsService, ListenersService, RouterService
+from l4router.process.service import BackendsService, ListenersService, RouterService
 from l4router.process.shared_limits import WorkerLimits
 from l4router.process.supervisor import Supervisor
 from l4router.process.upgrade import UpgradeService, take_over
@@ -130,24 +125,9 @@ def describe_detectors(detectors):
     )
 
 
-def _print_l4router_errors_in_one_line():
-    """A BindFailed escaping twistd's start-up is a one-line message, not a traceback."""
-    previous = sys.excepthook
-
-    def hook(kind, value, traceback):
-        if isinstance(value, L4RouterError):
-            # twistd has replaced sys.stderr with a logger by now; the user reads the terminal.
-            (sys.__stderr__ or sys.stderr).write(f"l4router: {value}\n")
-        else:
-            previous(kind, value, traceback)
-
-    sys.excepthook = hook
-
-
 def makeService(options):
     from twisted.internet import reactor
 
-    _print_l4router_errors_in_one_line()
     twistd = options.parent or {}
     config = options.loaded
     worker = options["worker"]
@@ -176,10 +156,10 @@ def makeService(options):
         fork_server = ForkServer.start(
             twistd.get("uid"), twistd.get("gid"), twistd.get("euid", False)
         )
-        supervisor = build_supervisor(
+        supervisor = Supervisor(
+            reactor,
             config,
             options.detectors,
-            reactor,
             worker_command(options, config.source),
             fork_server,
             observer,
@@ -192,9 +172,8 @@ def makeService(options):
         reactor,
         log_observer=observer,
         inherited_sockets=takeover and takeover.first_of_each(),
+        on_started=takeover and takeover.ready,
     )
-    if takeover is not None:
-        router.on_started = takeover.ready
     return with_upgrade_socket(router, config, reactor)
 
 
@@ -212,24 +191,6 @@ def with_upgrade_socket(top, config, reactor):
     return top
 
 
-def build_supervisor(
-    config, detectors, reactor, command, fork_server, log_observer=None, takeover=None
-):
-    """The parent of `config.workers` workers: sockets, processes, the admin site, reloads.
-    `takeover`: a predecessor's sockets (l4router.process.upgrade), kept instead of bound."""
-    admin_sockets = takeover.take(config.admin.listen) if takeover is not None else None
-    admin = AdminService(reactor, config.admin.listen, None, admin_sockets)
-    supervisor = Supervisor(reactor, config, command, fork_server, admin, log_observer=log_observer)
-    supervisor.takeover = takeover
-    metrics = ConfigMetrics(supervisor.registry)
-    supervisor.reloader = WorkersReloader(supervisor, metrics, detectors)
-    supervisor.control = SupervisorControl(
-        supervisor, RuntimeState(config.state_file), metrics, WorkerStatus(reactor, supervisor)
-    )
-    admin.factory = supervisor_site(supervisor, supervisor.reloader, config.admin)
-    return supervisor
-
-
 def build_worker(
     config,
     detectors,
@@ -245,7 +206,7 @@ def build_worker(
 ):
     """Worker `index`: the router on the sockets its supervisor handed down, its status site
     on a UNIX socket only the supervisor asks."""
-    router = build_router(
+    return build_router(
         config,
         detectors,
         reactor,
@@ -256,9 +217,8 @@ def build_worker(
         config_path=config_path,
         shared_limits=shared_limits,
         runtime=runtime,
+        on_started=lambda: start_worker(reactor, status_fd),
     )
-    router.on_started = lambda: start_worker(reactor, status_fd)
-    return router
 
 
 def build_router(
@@ -273,6 +233,7 @@ def build_router(
     config_path=None,
     shared_limits=None,
     runtime=None,
+    on_started=None,
 ):
     """Build (not start) the whole Service tree for `config`; in a worker, on inherited
     sockets, without the config metrics (the supervisor's), the admin site on `admin_listen`."""
@@ -292,27 +253,18 @@ def build_router(
     listeners = ListenersService()
     for listener in config.listeners:
         assembly.listener_service(listener, config, groups).setServiceParent(listeners)
-    admin = AdminService(
-        reactor,
-        config.admin.listen if admin_listen is None else admin_listen,
-        None,
-        inherited_sockets if worker is None else None,
-    )
-    router = RouterService(
+    return RouterService(
         reactor,
         config,
         assembly,
-        admin,
         BackendsService(groups),
         listeners,
+        detectors=detectors,
+        runtime=runtime,
+        admin_listen=config.admin.listen if admin_listen is None else admin_listen,
+        admin_sockets=inherited_sockets if worker is None else None,
+        worker=worker,
+        config_path=config_path,
         log_observer=log_observer,
+        on_started=on_started,
     )
-    router.samplers.append(assembly.metrics.flush)  # bounds what waits for a scrape
-    if worker is not None:
-        router.samplers.append(assembly.metrics.watch_worker(reactor, worker).sample)
-    router.reloader = ConfigReloader(router, assembly.metrics.config, detectors, config_path)
-    router.control = RouterControl(router, runtime, assembly.metrics.config)
-    admin.factory = admin_site(
-        router, router.reloader, assembly.metrics, config.admin, worker=worker is not None
-    )
-    return router

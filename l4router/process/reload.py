@@ -102,19 +102,8 @@ class ConfigReloader:
             for service in stopped:  # put the old ones back as they were
                 service.privilegedStartService()
             raise
-        # Nothing can fail from here on: commit.
-        assembly.apply_limits(config)
-        router.backends.replace(groups)
-        if assembly.runtime.writable:
-            assembly.runtime.forget_missing(config.backends)
-        for service, listener in kept:
-            assembly.reconfigure_factory(service.factory, listener, config, groups)
-            service.shutdown_timeout = config.shutdown_timeout
-        for service in stopped:
-            service.disownServiceParent()  # drains like at shutdown
-        for service in started:
-            service.setServiceParent(router.listeners)
-        router.config = config
+        # Nothing can fail from here on.
+        router.swap_in(config, groups, kept, started, stopped)
 
     def _record(self, config, success):
         if self.metrics is not None:

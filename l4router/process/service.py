@@ -17,9 +17,12 @@ from twisted.python.failure import Failure
 
 from l4router.connection.addresses import host_port
 from l4router.connection.reasons import SHUTDOWN
-from l4router.errors import BindFailed
+from l4router.errors import BindFailed, startup_errors_in_one_line
+from l4router.operate.admin import admin_site
 from l4router.operate.logs import install_log_observer
+from l4router.operate.runtime import RouterControl
 from l4router.operate.status import ThroughputMeter
+from l4router.process.reload import ConfigReloader
 from l4router.process.sockets import adopt, bind_reuseport
 from l4router.timers import cancel
 from l4router.twisted_private import exit_zero_after_orderly_stop
@@ -218,23 +221,47 @@ class RouterService(MultiService):
     Deferred is waited for before the next stage starts stopping.
     """
 
-    def __init__(self, reactor, config, assembly, admin, backends, listeners, log_observer=None):
+    def __init__(
+        self,
+        reactor,
+        config,
+        assembly,
+        backends,
+        listeners,
+        *,
+        detectors,
+        runtime,
+        admin_listen,
+        admin_sockets=None,
+        worker=None,
+        config_path=None,
+        log_observer=None,
+        on_started=None,
+    ):
+        """`worker`: this router's index under a supervisor (None when it runs alone);
+        `on_started`: called once it accepts (a worker tells its supervisor, a successor its
+        predecessor)."""
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.assembly = assembly
-        self.admin = admin
         self.backends = backends
         self.listeners = listeners
         self.log_observer = log_observer
+        self.on_started = on_started
         self.draining = False
         self.throughput = ThroughputMeter(self)
-        self.reloader = None  # set by whoever can build new parts (l4router.process.reload)
-        self.control = None  # runtime changes to servers (l4router.operate.runtime)
-        self.samplers = []  # called every SAMPLE_INTERVAL while running (gauges, metrics flush)
+        metrics = assembly.metrics
+        self.reloader = ConfigReloader(self, metrics.config, detectors, config_path)
+        self.control = RouterControl(self, runtime, metrics.config)  # runtime server changes
+        # Called every SAMPLE_INTERVAL while running: the flush bounds what waits for a scrape.
+        self.samplers = [metrics.flush]
+        if worker is not None:
+            self.samplers.append(metrics.watch_worker(reactor, worker).sample)
         self._sampling = []
-        self.on_started = None  # a worker tells its supervisor it accepts
-        for child in (admin, backends, listeners):
+        site = admin_site(self, self.reloader, metrics, config.admin, worker=worker is not None)
+        self.admin = AdminService(reactor, admin_listen, site, admin_sockets)
+        for child in (self.admin, backends, listeners):
             child.setServiceParent(self)
 
     @property
@@ -253,6 +280,29 @@ class RouterService(MultiService):
         install_log_observer(parent, self.log_observer)
         super().setServiceParent(parent)
 
+    def privilegedStartService(self):
+        with startup_errors_in_one_line():
+            super().privilegedStartService()
+
+    def swap_in(self, config, groups, kept, started, stopped):
+        """A reload's commit, the one place the running tree changes: `groups` replace the
+        backends, the `kept` (service, listener) pairs take their listener's new settings,
+        the `started` listener services (bound already) join and the `stopped` ones leave,
+        draining as at shutdown."""
+        assembly = self.assembly
+        assembly.apply_limits(config)
+        self.backends.replace(groups)
+        if assembly.runtime.writable:
+            assembly.runtime.forget_missing(config.backends)
+        for service, listener in kept:
+            assembly.reconfigure_factory(service.factory, listener, config, groups)
+            service.shutdown_timeout = config.shutdown_timeout
+        for service in stopped:
+            service.disownServiceParent()
+        for service in started:
+            service.setServiceParent(self.listeners)
+        self.config = config
+
     def startService(self):
         log.info(
             "l4router using config {path} (sha256 {digest})",
@@ -263,8 +313,7 @@ class RouterService(MultiService):
             log.warn("Config warning: {warning}", warning=warning)
         super().startService()
         self.throughput.start()
-        if self.reloader is not None:
-            self.reloader.install_signal_handler()
+        self.reloader.install_signal_handler()
         for sampler in self.samplers:
             loop = LoopingCall(sampler)
             loop.clock = self.reactor

@@ -19,8 +19,15 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from l4router.errors import BindFailed, WorkerFailed
+from l4router.backends.control import RuntimeState
+from l4router.errors import BindFailed, WorkerFailed, startup_errors_in_one_line
+from l4router.operate.admin import supervisor_site
 from l4router.operate.logs import install_log_observer
+from l4router.operate.metrics import ConfigMetrics
+from l4router.operate.runtime import SupervisorControl
+from l4router.operate.worker_status import WorkerStatus
+from l4router.process.reload import WorkersReloader
+from l4router.process.service import AdminService
 from l4router.process.shared_limits import LimitTable
 from l4router.process.sockets import bind_reuseport, systemd_socket
 from l4router.process.steering import attach_source_steering
@@ -38,16 +45,26 @@ READY_TIMEOUT = 30.0  # a reload's new generation of workers must be accepting b
 class Supervisor(MultiService):
     """The parent process: sockets, workers, the admin site, reloads, ordered shutdown."""
 
-    def __init__(self, reactor, config, worker_command, fork_server, admin, log_observer=None):
+    def __init__(
+        self,
+        reactor,
+        config,
+        detectors,
+        worker_command,
+        fork_server,
+        log_observer=None,
+        takeover=None,
+    ):
+        """`worker_command`: index, sockets, status fd, ... -> (argv, env) of a worker;
+        `fork_server`: l4router.process.forkserver, where workers come from; `takeover`:
+        l4router.process.upgrade.Takeover, a predecessor's sockets, kept instead of bound."""
         super().__init__()
         self.reactor = reactor
-        self.fork_server = fork_server  # l4router.process.forkserver: where workers come from
-        self.takeover = None  # l4router.process.upgrade.Takeover: a predecessor's sockets
+        self.fork_server = fork_server
+        self.takeover = takeover
         self.log_observer = log_observer
         self.config = config
-        self.worker_command = worker_command  # index, sockets, status fd -> (argv, env)
-        self.admin = admin
-        admin.setServiceParent(self)
+        self.worker_command = worker_command
         self.sockets = {}  # listen description -> one socket per worker
         self.workers = {}  # index -> WorkerProcess (the current one)
         self.retiring = []  # workers of an older generation, draining after a reload
@@ -72,8 +89,19 @@ class Supervisor(MultiService):
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)  # the supervisor's own process_* metrics
-        self.reloader = None
-        self.control = None  # runtime changes to servers (l4router.operate.runtime)
+        config_metrics = ConfigMetrics(self.registry)
+        self.reloader = WorkersReloader(self, config_metrics, detectors)
+        self.control = SupervisorControl(  # runtime changes to servers
+            self, RuntimeState(config.state_file), config_metrics, WorkerStatus(reactor, self)
+        )
+        admin_sockets = takeover.take(config.admin.listen) if takeover is not None else None
+        self.admin = AdminService(
+            reactor,
+            config.admin.listen,
+            supervisor_site(self, self.reloader, config.admin),
+            admin_sockets,
+        )
+        self.admin.setServiceParent(self)
 
     @property
     def metrics_dir(self):
@@ -116,8 +144,9 @@ class Supervisor(MultiService):
                 description: [socket.socket(fileno=fd) for fd in fds]
                 for description, fds in self.takeover.sockets.items()
             }
-        self.sockets = self.sockets_for(self.config)
-        super().privilegedStartService()
+        with startup_errors_in_one_line():
+            self.sockets = self.sockets_for(self.config)
+            super().privilegedStartService()
 
     def listening_fds(self):
         """{description: [fd per worker]} and the admin site's, for a successor."""
@@ -196,8 +225,7 @@ class Supervisor(MultiService):
         self.workers_configured.set(self.config.workers)
         for index in range(self.config.workers):
             self.spawn(index)
-        if self.reloader is not None:
-            self.reloader.install_signal_handler()
+        self.reloader.install_signal_handler()
 
     def spawn(self, index):
         sockets = {
