@@ -227,7 +227,7 @@ def test_the_status_page_of_starting_workers_says_starting_and_shows_the_config(
 
     from l4router.config import parse_config
     from l4router.detection.registry import installed_detectors
-    from l4router.operate.admin import render_status_page
+    from l4router.operate.status_page import render_status_page
     from l4router.operate.worker_status import WorkerStatus
 
     config = parse_config(

@@ -1,114 +1,18 @@
 """Prometheus metrics, defined once on a registry the service owns.
 
 Label names are the same words as the access-log fields: listener, protocol, route, backend,
-server, reason, direction.
-
-On the connection path a metric is a plain Python number: the label children the router uses
-(`metric.labels(...)`) collect increments, gauge values and observations locally, and `flush`
-hands them to prometheus-client, at scrape time (a collector registered first runs it) and
-every few seconds. A prometheus-client call per event costs a lock, and in a worker (its values
-live in shared files) a `getpid()` system call too, a dozen times per connection.
+server, reason, direction. On the connection path a metric is a plain Python number until a
+scrape (l4router.operate.pending_metrics).
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 
+from l4router.operate.pending_metrics import Deferring, FlushFirst
+
 DETECTION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 10.0)
 UPSTREAM = "upstream"  # client -> backend
 DOWNSTREAM = "downstream"  # backend -> client
-
-
-class PendingCounter:
-    __slots__ = ("child", "amount")
-
-    def __init__(self, child):
-        self.child = child
-        self.amount = 0
-
-    def inc(self, amount=1):
-        self.amount += amount
-
-    def flush(self):
-        if self.amount:
-            amount, self.amount = self.amount, 0
-            self.child.inc(amount)
-
-
-class PendingGauge:
-    __slots__ = ("child", "value", "delta")
-
-    def __init__(self, child):
-        self.child = child
-        self.value = None  # the last value set, if any since the last flush
-        self.delta = 0
-
-    def inc(self, amount=1):
-        self.delta += amount
-
-    def dec(self, amount=1):
-        self.delta -= amount
-
-    def set(self, value):
-        self.value = value
-        self.delta = 0
-
-    def flush(self):
-        if self.value is not None:
-            self.child.set(self.value + self.delta)
-        elif self.delta:
-            self.child.inc(self.delta)
-        self.value = None
-        self.delta = 0
-
-
-class PendingHistogram:
-    __slots__ = ("child", "values")
-
-    def __init__(self, child):
-        self.child = child
-        self.values = []
-
-    def observe(self, value):
-        self.values.append(value)
-
-    def flush(self):
-        values, self.values = self.values, []
-        for value in values:
-            self.child.observe(value)
-
-
-_PENDING = {Counter: PendingCounter, Gauge: PendingGauge, Histogram: PendingHistogram}
-
-
-class Deferring:
-    """A prometheus-client metric whose label children are Pending* (see the module's doc)."""
-
-    def __init__(self, metric, pending):
-        self.metric = metric
-        self.kind = _PENDING[type(metric)]
-        self.children = {}
-        self.pending = pending  # every Pending* child of the registry, for flush
-
-    def labels(self, *values):
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.kind(self.metric.labels(*values))
-            self.pending.append(child)
-        return child
-
-
-class _FlushFirst:
-    """Registered before every metric: a scrape flushes the pending updates first."""
-
-    def __init__(self, flush):
-        self.flush = flush
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        self.flush()
-        return []
 
 
 class RouterMetrics:
@@ -118,7 +22,7 @@ class RouterMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.pending = []
-        r.register(_FlushFirst(self.flush))
+        r.register(FlushFirst(self.flush))
         self.accepted = Counter(
             "l4router_connections_accepted",
             "Connections admitted by a listener.",

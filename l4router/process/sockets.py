@@ -10,8 +10,13 @@ queued on it meanwhile are accepted by the new worker, not reset.
 import os
 import socket
 
+from twisted.logger import Logger
+
 from l4router.errors import BindFailed
+from l4router.process.steering import attach_source_steering
 from l4router.twisted_private import endpoint_address
+
+log = Logger()
 
 MAX_DATAGRAM = 65535  # Twisted reads 8 KiB by default and would cut bigger datagrams
 
@@ -98,3 +103,51 @@ def adopt(reactor, description, fd, factory_or_protocol):
         return reactor.adoptStreamPort(fd, family, factory_or_protocol)
     finally:
         os.close(fd)
+
+
+def sockets_per_worker(config, held):
+    """{description: one socket per worker} for `config`, keeping the sockets `held` already
+    for an address and binding what is missing; BindFailed binds nothing."""
+    sockets, bound = {}, []
+    try:
+        for listener in config.listeners:
+            for description in listener.listen:
+                kept = held.get(description, [])
+                if description.startswith("systemd:"):  # one socket every worker accepts on
+                    passed = kept[:1] or [systemd_socket(description)]
+                    sockets[description] = passed * config.workers
+                    continue
+                missing = max(0, config.workers - len(kept))
+                more = bind_reuseport(description, missing) if missing else []
+                bound.extend(more)
+                group = sockets[description] = (kept + more)[: config.workers]
+                _steer(description, group, listener)
+    except BindFailed:
+        for sock in bound:
+            sock.close()
+        raise
+    return sockets
+
+
+def _steer(description, group, listener):
+    """Every connection of one source to one worker: per-source limits are then exact
+    (l4router.process.steering). A kernel that cannot leaves the spreading to its own hash."""
+    try:
+        attach_source_steering(group[0], len(group), listener.ipv6_source_prefix)
+    except OSError as exc:
+        log.warn(
+            "Listener {listener} on {address}: connections are not steered by source "
+            "({error}); a per-source limit may refuse below its value",
+            listener=listener.name,
+            address=description,
+            error=str(exc),
+        )
+
+
+def close_unused(sockets, kept):
+    """Close the sockets of `sockets` that `kept` does not hold too."""
+    keep = {id(sock) for per_worker in kept.values() for sock in per_worker}
+    for per_worker in sockets.values():
+        for sock in per_worker:
+            if id(sock) not in keep:
+                sock.close()

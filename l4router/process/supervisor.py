@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from l4router.backends.control import RuntimeState
-from l4router.errors import BindFailed, WorkerFailed, startup_errors_in_one_line
+from l4router.errors import WorkerFailed, startup_errors_in_one_line
 from l4router.operate.admin import supervisor_site
 from l4router.operate.logs import install_log_observer
 from l4router.operate.metrics import ConfigMetrics
@@ -29,8 +29,7 @@ from l4router.operate.worker_status import WorkerStatus
 from l4router.process.reload import WorkersReloader
 from l4router.process.service import AdminService
 from l4router.process.shared_limits import LimitTable
-from l4router.process.sockets import bind_reuseport, systemd_socket
-from l4router.process.steering import attach_source_steering
+from l4router.process.sockets import close_unused, sockets_per_worker
 from l4router.process.worker_handle import WorkerProcess
 from l4router.timers import cancel
 from l4router.twisted_private import exit_zero_after_orderly_stop
@@ -145,7 +144,7 @@ class Supervisor(MultiService):
                 for description, fds in self.takeover.sockets.items()
             }
         with startup_errors_in_one_line():
-            self.sockets = self.sockets_for(self.config)
+            self.sockets = sockets_per_worker(self.config, self.sockets)
             super().privilegedStartService()
 
     def listening_fds(self):
@@ -155,44 +154,6 @@ class Supervisor(MultiService):
         }
         fds.update(self.admin.listening_fds())
         return fds
-
-    def sockets_for(self, config):
-        """{description: one socket per worker} for `config`, keeping the sockets already
-        held for an address and binding what is missing; BindFailed binds nothing."""
-        sockets, bound = {}, []
-        try:
-            for listener in config.listeners:
-                for description in listener.listen:
-                    held = self.sockets.get(description, [])
-                    if description.startswith("systemd:"):  # one socket every worker accepts on
-                        passed = held[:1] or [systemd_socket(description)]
-                        sockets[description] = passed * config.workers
-                        continue
-                    missing = max(0, config.workers - len(held))
-                    more = bind_reuseport(description, missing) if missing else []
-                    bound.extend(more)
-                    group = sockets[description] = (held + more)[: config.workers]
-                    self._steer(description, group, listener)
-        except BindFailed:
-            for sock in bound:
-                sock.close()
-            raise
-        return sockets
-
-    @staticmethod
-    def _steer(description, group, listener):
-        """Every connection of one source to one worker: per-source limits are then exact
-        (l4router.process.steering). A kernel that cannot leaves the spreading to its own hash."""
-        try:
-            attach_source_steering(group[0], len(group), listener.ipv6_source_prefix)
-        except OSError as exc:
-            log.warn(
-                "Listener {listener} on {address}: connections are not steered by source "
-                "({error}); a per-source limit may refuse below its value",
-                listener=listener.name,
-                address=description,
-                error=str(exc),
-            )
 
     def apply_limits(self, config):
         for key in self.limits.apply(config):
@@ -356,7 +317,7 @@ class Supervisor(MultiService):
         workers on the new sockets; once every one accepts, the old generation stops (drains
         its relays up to shutdown_timeout). If the new one does not get ready, it is stopped
         and the old one goes on."""
-        sockets = self.sockets_for(config)
+        sockets = sockets_per_worker(config, self.sockets)
         old = (self.config, self.sockets, self.workers)
         retired = list(old[2].values())
         self.retiring.extend(retired)  # so that a stop meanwhile stops them too
@@ -372,7 +333,7 @@ class Supervisor(MultiService):
         except Exception:
             for worker in self.workers.values():
                 worker.signal("KILL")
-            self._close_unused(sockets, old[1])
+            close_unused(sockets, old[1])
             self.config, self.sockets, self.workers = old
             self.write_config_snapshot(self.config)
             self.apply_limits(self.config)
@@ -393,16 +354,7 @@ class Supervisor(MultiService):
         )
         for worker in retired:
             worker.signal("TERM")
-        self._close_unused(old[1], sockets)
-
-    @staticmethod
-    def _close_unused(sockets, kept):
-        """Close the sockets of `sockets` that `kept` does not hold too."""
-        keep = {id(sock) for per_worker in kept.values() for sock in per_worker}
-        for per_worker in sockets.values():
-            for sock in per_worker:
-                if id(sock) not in keep:
-                    sock.close()
+        close_unused(old[1], sockets)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -442,4 +394,4 @@ class Supervisor(MultiService):
 
     def close_sockets(self):
         sockets, self.sockets = self.sockets, {}
-        self._close_unused(sockets, {})
+        close_unused(sockets, {})
