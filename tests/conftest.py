@@ -40,6 +40,7 @@ def _missing_packages():
 PURE = {
     "test_config",
     "test_detection",
+    "test_detection_session",
     "test_detectors",
     "test_parsers_fuzz",
     "test_parsers_http1",

@@ -23,15 +23,22 @@ from l4router.connection.reasons import (
     LIMIT_NAME,
     LIMIT_ROUTE,
     NO_HEALTHY_SERVER,
-    PROXY_PROTOCOL,
     PROXY_UNTRUSTED,
     REJECTED,
 )
 from l4router.connection.relay import Relay
-from l4router.detection.decision import TIMEOUT, Decision, safe_value
-from l4router.detection.peek import Peek
+from l4router.detection.session import (
+    DECIDED,
+    ELICIT,
+    HEADER,
+    HEADER_EXPECTED,
+    HEADER_NONE,
+    HEADER_REFUSED,
+    PAUSE,
+    WAIT,
+    DetectionSession,
+)
 from l4router.errors import BackendUnavailable
-from l4router.parsers import INCOMPLETE, proxyprotocol
 from l4router.timers import cancel
 
 log = Logger()
@@ -57,18 +64,13 @@ def set_no_delay(transport):
 
 @implementer(IHalfCloseableProtocol)
 class InboundConnection(Protocol):
-    """One client: buffers its first bytes, asks the detectors, then relays.
-
-    While relaying it is the client half of the Relay: it forwards what it reads to the
-    backend transport and counts it.
-    """
+    """One client: its detection session (l4router.detection.session) until a decision, then
+    the route, the connect, the relay (of which it is the client half: it forwards what it
+    reads to the backend transport and counts it) and the record."""
 
     # What is not known yet, or rarely needed, are class defaults, set on a connection when it
     # is: CPython keeps an object's attributes compactly only up to 30 names; past that, every
     # connection would carry a dict of its own (about 1 KiB more per connection).
-    proxy_fields = None  # the TLVs of a v2 PROXY header, as route fields
-    elicited = b""  # bytes the router sent the client during detection
-    elicited_by = None  # the detector that asked for them, and rewrites the replay
     _elicit_call = None  # the elicitation waiting for the client to go quiet
     received = 0
     read_closed = False
@@ -93,12 +95,12 @@ class InboundConnection(Protocol):
         self.source = source
         self.source_port = source_port
         self.source_counted = not header_expected  # a trusted balancer is not a source
-        self.awaiting_proxy_header = header_expected
-        # A listener behind balancers: a header from anyone else is a forged address.
-        self.refuse_proxy_header = (
-            bool(factory.listener.accept_proxy_protocol) and not header_expected
-        )
-        self.buffer = b""
+        listener = factory.listener
+        if header_expected:
+            header = HEADER_EXPECTED
+        else:  # behind balancers, a header from anyone else is a forged address
+            header = HEADER_REFUSED if listener.accept_proxy_protocol else HEADER_NONE
+        self.session = DetectionSession(factory.detectors, listener.detect.max_bytes, header)
         self.started = factory.clock.seconds()
 
     def connectionMade(self):
@@ -111,31 +113,16 @@ class InboundConnection(Protocol):
         if self.relay is not None:
             self.relay.forward(self, data)
             return
-        self.buffer += data
-        if self.awaiting_proxy_header and not self._take_proxy_header():
-            return
-        if self.refuse_proxy_header and proxyprotocol.starts_with_header(self.buffer):
-            # Someone claims an address that is not theirs: logged (rate-limited) as well.
-            self.factory.refusals.event(PROXY_UNTRUSTED, self.factory.log_refusals)
-            self._reject(PROXY_UNTRUSTED)
-            return
-        self.received = len(self.buffer)
-        if self.decision is None:
-            self._detect(final=False)
-        elif len(self.buffer) > self.factory.listener.detect.max_bytes:
-            self.transport.pauseProducing()  # connecting: hold what came, read no more
+        step = self.session.feed(data)
+        self.received = len(self.session.buffer)  # what the backend gets (no PROXY header)
+        self._step(step)
 
     def readConnectionLost(self):
         self.read_closed = True
         if self.relay is not None:
             self.relay.side_finished_sending(self)
-        elif self.awaiting_proxy_header:
-            self._reject(PROXY_PROTOCOL)
-        elif self.decision is None:
-            if self.buffer:
-                self._detect(final=True)
-            else:
-                self._close(CLIENT_CLOSED_EARLY)
+        else:
+            self._step(self.session.end_of_stream())
 
     def writeConnectionLost(self):
         pass
@@ -150,51 +137,43 @@ class InboundConnection(Protocol):
         clean = reason is None or reason.check(ConnectionDone) is not None
         self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else CLIENT_RESET))
 
-    # PROXY protocol
+    # Detection: what the session says to do
 
-    def _take_proxy_header(self):
-        """Parse and remove the PROXY header; False while it is incomplete or was refused."""
-        header = proxyprotocol.parse_header(self.buffer)
-        if header is INCOMPLETE:
-            return False
-        if not isinstance(header, proxyprotocol.ProxyHeader):
-            self._reject(PROXY_PROTOCOL)
-            return False
-        self.awaiting_proxy_header = False
-        self.proxy_fields = header.fields
-        self.buffer = self.buffer[header.length :]
+    def _step(self, step):
+        kind = step.kind
+        if kind == WAIT:
+            if self._elicit_call is not None:  # the client is not quiet: not yet
+                self._cancel_elicit()
+        elif kind == DECIDED:
+            self._decided(step.decision)
+        elif kind == PAUSE:
+            self.transport.pauseProducing()  # connecting: hold what came, read no more
+        elif kind == ELICIT:
+            self._cancel_elicit()
+            self._elicit_call = self.factory.clock.callLater(
+                ELICIT_AFTER_QUIET, self._elicit, step.offer
+            )
+        elif kind == HEADER:
+            self._take_source(step.header)
+        else:
+            if step.reason == PROXY_UNTRUSTED:  # someone claims an address not theirs: logged
+                self.factory.refusals.event(PROXY_UNTRUSTED, self.factory.log_refusals)
+            self._reject(step.reason)
+
+    def _take_source(self, header):
+        """A trusted balancer's PROXY header names the client: admitted by its address."""
         if header.source is not None:
             self.source, self.source_port = normalise_host(header.source), header.source_port
         refusal = self.factory.admission.admit_source(self.source)
         if refusal is not None:
             self._reject(refusal)
-            return False
+            return
         self.source_counted = True
-        return True
-
-    # Detection
-
-    def _detect(self, final):
-        max_bytes = self.factory.listener.detect.max_bytes
-        if len(self.buffer) >= max_bytes:
-            final = True
-        detectors = self.factory.detectors
-        peek = Peek(self.buffer[:max_bytes], elicited=self.elicited)
-        decision = detectors.decide(peek, final)
-        if decision is not None:
-            self._decided(decision)
-        elif self.elicited_by is None:
-            self._cancel_elicit()
-            offer = detectors.elicit(peek)
-            if offer is not None:
-                self._elicit_call = self.factory.clock.callLater(
-                    ELICIT_AFTER_QUIET, self._elicit, offer
-                )
+        self._step(self.session.resume())
 
     def _elicit(self, offer):
         self._elicit_call = None
-        self.elicited_by, self.elicited = offer
-        self.transport.write(self.elicited)
+        self.transport.write(self.session.elicit(offer))
 
     def _cancel_elicit(self):
         if self._elicit_call is not None:
@@ -203,10 +182,7 @@ class InboundConnection(Protocol):
 
     def _detect_timed_out(self):
         self._detect_timer = None
-        if self.awaiting_proxy_header:
-            self._reject(PROXY_PROTOCOL)
-        elif self.decision is None:
-            self._decided(Decision(TIMEOUT))
+        self._step(self.session.timed_out())
 
     def _cancel_detect_timer(self):
         self._cancel_elicit()
@@ -216,11 +192,6 @@ class InboundConnection(Protocol):
 
     def _decided(self, decision):
         self._cancel_detect_timer()
-        if self.proxy_fields:  # what the balancer in front said, for routes and the log
-            decision = Decision(
-                decision.protocol,
-                {**decision.fields, **{k: safe_value(v) for k, v in self.proxy_fields.items()}},
-            )
         self.decision = decision
         metrics = self.factory.metrics
         metrics.detection_seconds.observe(self.factory.clock.seconds() - self.started)
@@ -283,10 +254,8 @@ class InboundConnection(Protocol):
         self._connecting = None
         self.server, self.backend = connection
         set_no_delay(self.backend.transport)
-        replay, self.buffer = self.buffer, b""
-        rewriter = self._rewriter()
-        if rewriter is not None:
-            replay = rewriter.feed(replay)
+        replay, rewriter = self.session.replay()
+        self.session = None  # its part is done
         replay = self._proxy_header() + replay
         splice_later = self.factory.listener.relay == "splice" and splice.AVAILABLE
         self.relay = Relay(
@@ -328,20 +297,6 @@ class InboundConnection(Protocol):
     def unique_id(self):
         """This connection's id, unique across processes and restarts (access log, PROXY)."""
         return f"{_PROCESS_ID}-{self.id}"
-
-    def _rewriter(self):
-        """What removes the client's answer to what the router elicited from its stream (the
-        backend never asked); None when nothing was elicited."""
-        if self.elicited_by is None:
-            return None
-        try:
-            return self.elicited_by.rewriter()
-        except Exception:
-            log.failure(
-                "Detector {detector}'s rewriter raised; relaying unchanged",
-                detector=self.elicited_by.name,
-            )
-            return None
 
     def _connect_failed(self, failure):
         self._connecting = None

@@ -29,8 +29,8 @@ from l4router.connection.reasons import (
     SHUTDOWN,
     SOCKET_UNAVAILABLE,
 )
-from l4router.detection.decision import TIMEOUT, Decision
-from l4router.detection.peek import Peek
+from l4router.detection.decision import Decision
+from l4router.detection.session import DECIDED, DetectionSession
 from l4router.errors import BackendUnavailable, BindFailed
 from l4router.process.service import ListenerService
 from l4router.process.sockets import MAX_DATAGRAM, parse_udp_listen
@@ -39,7 +39,6 @@ from l4router.timers import cancel
 log = Logger()
 access_log = Logger(namespace="l4router.access")
 
-MAX_HELD_DATAGRAMS = 16
 READS_PER_WAKEUP = 16  # datagrams read from a session's socket before others get a turn
 
 # Session end reasons (l4router_udp_sessions_ended_total) and drop reasons.
@@ -186,8 +185,9 @@ class UDPSession:
         self.id = next(_session_ids)
         clock = listener.clock
         self.started = clock.seconds()
-        self.held = []
-        self.held_bytes = 0
+        self.session = DetectionSession(
+            listener.detectors, listener.listener.detect.max_bytes, datagrams=True
+        )
         self.decision = None
         self.route = None
         self.backend_name = None
@@ -214,20 +214,15 @@ class UDPSession:
             return
         if self.decision is not None:
             return  # decided, not relaying: rejected, being closed
-        self.held.append(data)
-        self.held_bytes += len(data)
-        final = (
-            len(self.held) >= MAX_HELD_DATAGRAMS
-            or self.held_bytes >= self.listener.listener.detect.max_bytes
-        )
-        decision = self.listener.detectors.decide(Peek.of_datagrams(self.held), final)
-        if decision is not None:
-            self._decided(decision)
+        step = self.session.feed_datagram(data)
+        if step.kind == DECIDED:
+            self._decided(step.decision)
 
     def _detect_timed_out(self):
         self._detect_timer = None
-        if self.decision is None:
-            self._decided(Decision(TIMEOUT))
+        step = self.session.timed_out()
+        if step.kind == DECIDED:
+            self._decided(step.decision)
 
     def _decided(self, decision):
         listener = self.listener
@@ -292,10 +287,9 @@ class UDPSession:
             self.close(SOCKET_UNAVAILABLE)
             return
         metrics = self.listener.metrics
-        for datagram in self.held:
+        for datagram in self.session.take_held():
             metrics.udp_datagrams_up.inc()
             self.port.write(datagram)
-        self.held = []
         self.idle.watch(self)
 
     # Backend side

@@ -1,0 +1,158 @@
+"""The detection session without a reactor: every capture at every split point, the PROXY
+header in pieces, elicitation and the replay, max_bytes, datagrams, end of stream and timeout."""
+
+import pytest
+
+from l4router.connection.reasons import CLIENT_CLOSED_EARLY, PROXY_PROTOCOL, PROXY_UNTRUSTED
+from l4router.detection.decision import DetectorSet
+from l4router.detection.peek import Peek
+from l4router.detection.registry import detectors_for, installed_detectors
+from l4router.detection.session import (
+    DECIDED,
+    ELICIT,
+    HEADER,
+    HEADER_EXPECTED,
+    HEADER_REFUSED,
+    PAUSE,
+    REFUSED,
+    WAIT,
+    DetectionSession,
+)
+from l4router.parsers.http2 import EMPTY_SETTINGS, SETTINGS_ACK
+from l4router.parsers.proxyprotocol import v1_header, v2_header
+from tests.captures import ELICITED, EXPECTED, capture, capture_names
+from tests.test_udp_detectors import UDP_EXPECTED, datagrams
+
+TCP = DetectorSet(detectors_for(installed_detectors(), "tcp"))
+UDP = DetectorSet(detectors_for(installed_detectors(), "udp"))
+SPOKEN_FIRST = [n for n in capture_names() if n not in ELICITED]
+
+
+def session(header=None, max_bytes=16384):
+    return DetectionSession(TCP, max_bytes, header or "none")
+
+
+def fed(detection, *pieces):
+    """The steps of feeding `pieces` one after another, up to the first that is neither WAIT
+    nor ELICIT (an offer made only if the client goes quiet: this one goes on sending)."""
+    steps = []
+    for piece in pieces:
+        steps.append(detection.feed(piece))
+        if steps[-1].kind not in (WAIT, ELICIT):
+            break
+    return steps
+
+
+@pytest.mark.parametrize("name", SPOKEN_FIRST)
+def test_every_capture_at_every_split_point_is_decided_once_and_replayed_whole(name):
+    flight = capture(name)
+    protocol, fields = EXPECTED[name]
+    whole = TCP.decide(Peek(flight))
+    for cut in range(len(flight) + 1):
+        detection = session()
+        steps = fed(detection, flight[:cut], flight[cut:])
+        assert all(s.kind in (WAIT, ELICIT) for s in steps[:-1]), cut
+        last = steps[-1]
+        assert last.kind == DECIDED, (cut, last)
+        assert last.decision.protocol == protocol
+        assert {k: last.decision.fields.get(k) for k in fields} == fields
+        if len(steps) == 2:  # decided on the whole flight: as the detectors say of it
+            assert last.decision == whole
+        rest = flight[cut:] if len(steps) == 1 else b""
+        assert detection.feed(rest).kind == WAIT  # held while the backend connects
+        replay, rewriter = detection.replay()
+        assert replay == flight and rewriter is None
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_proxy_header_in_pieces_names_the_source_and_is_not_replayed(version):
+    if version == 1:
+        header = v1_header("203.0.113.7", 40000, "192.0.2.1", 443)
+    else:
+        header = v2_header("2001:db8::7", 40000, "2001:db8::1", 443, b"\x02\x00\x08one.test")
+    flight = capture("http1_curl.bin")
+    stream = header + flight
+    for cut in range(len(stream)):
+        detection = session(HEADER_EXPECTED)
+        headers, decisions = [], []
+        for piece in (stream[:cut], stream[cut:]):
+            step = detection.feed(piece)
+            if step.kind == HEADER:
+                headers.append(step.header)
+                step = detection.resume()
+            if step.kind == DECIDED:
+                decisions.append(step.decision)
+        assert len(headers) == 1 and len(decisions) == 1, cut
+        assert headers[0].source in ("203.0.113.7", "2001:db8::7")
+        assert headers[0].source_port == 40000
+        assert decisions[0].protocol == "http1"
+        if version == 2:
+            assert decisions[0].fields["pp_authority"] == "one.test"
+        assert detection.replay() == (flight, None)
+
+
+def test_a_header_that_is_missing_malformed_or_from_an_untrusted_peer_is_refused():
+    assert session(HEADER_EXPECTED).feed(b"GET / HTTP/1.1\r\n\r\n").reason == PROXY_PROTOCOL
+    assert session(HEADER_EXPECTED).feed(b"PROXY TCP4 nonsense\r\n").reason == PROXY_PROTOCOL
+    waiting = session(HEADER_EXPECTED)
+    assert waiting.feed(b"PROXY TCP4 1.2.3.4").kind == WAIT
+    assert waiting.end_of_stream().reason == PROXY_PROTOCOL
+    assert session(HEADER_EXPECTED).timed_out().reason == PROXY_PROTOCOL
+    forged = v1_header("203.0.113.7", 1, "192.0.2.1", 2) + b"GET / HTTP/1.1\r\n\r\n"
+    step = session(HEADER_REFUSED).feed(forged)
+    assert (step.kind, step.reason) == (REFUSED, PROXY_UNTRUSTED)
+    # Behind balancers, someone else's stream without a header is detected as usual.
+    assert session(HEADER_REFUSED).feed(capture("http1_curl.bin")).kind == DECIDED
+
+
+def test_a_waiting_grpc_client_is_elicited_and_its_ack_is_removed_from_the_replay():
+    silent = capture("grpc_python_silent.bin")
+    flight = capture("grpc_python.bin")
+    assert flight.startswith(silent)
+    detection = session()
+    step = detection.feed(silent)
+    assert step.kind == ELICIT
+    assert detection.elicit(step.offer) == EMPTY_SETTINGS
+    step = detection.feed(flight[len(silent) :])
+    assert step.kind == DECIDED and step.decision.protocol == "grpc"
+    replay, rewriter = detection.replay()
+    ack_at = flight.index(SETTINGS_ACK, len(silent))
+    assert replay == flight[:ack_at] + flight[ack_at + len(SETTINGS_ACK) :]
+    assert rewriter is not None
+
+
+def test_max_bytes_ends_detection_and_then_pauses_reading_while_connecting():
+    detection = session(max_bytes=64)
+    head = b"GET /" + b"a" * 100
+    step = detection.feed(head)
+    assert step.kind == DECIDED and step.decision.protocol == "unknown"
+    assert detection.feed(b"more").kind == PAUSE
+    assert detection.replay() == (head + b"more", None)
+
+
+def test_end_of_stream_decides_what_came_or_says_it_came_to_nothing():
+    nothing = session().end_of_stream()
+    assert (nothing.kind, nothing.reason) == (REFUSED, CLIENT_CLOSED_EARLY)
+    cut = session()
+    assert cut.feed(b"SSH-2.0-Open").kind == WAIT
+    assert cut.end_of_stream().decision.protocol == "unknown"
+
+
+def test_timeout_gives_the_timeout_protocol_and_nothing_after_a_decision():
+    assert session().timed_out().decision.protocol == "timeout"
+    decided = session()
+    decided.feed(capture("ssh_openssh.bin"))
+    assert decided.timed_out().kind == WAIT
+
+
+@pytest.mark.parametrize("name", sorted(UDP_EXPECTED))
+def test_datagrams_are_held_until_decided_and_handed_over_whole(name):
+    protocol, fields = UDP_EXPECTED[name]
+    sent = datagrams(name)
+    detection = DetectionSession(UDP, 16384, datagrams=True)
+    steps = [detection.feed_datagram(d) for d in sent]
+    assert [s.kind for s in steps] == [WAIT] * (len(sent) - 1) + [DECIDED]
+    decision = steps[-1].decision
+    assert decision.protocol == protocol
+    assert {k: decision.fields.get(k) for k in fields} == fields
+    assert detection.take_held() == sent
