@@ -426,9 +426,11 @@ def test_uid_nobody_binds_a_low_port_as_root_then_drops_privileges(tmp_path):
     )
     try:
         wait_until(lambda: not _free(port), message="the low port to be bound")
-        with open(f"/proc/{process.pid}/status") as status:
-            uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
-        assert set(map(int, uids)) == {nobody.pw_uid}
+        # Bound as root, then twistd sheds its privileges: every uid becomes nobody's (the
+        # port is bound a moment before that, so the uids are watched, not read once).
+        wait_until(
+            lambda: _uids(process.pid) == {nobody.pw_uid}, message="the uids to become nobody's"
+        )
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.sendall(b"\x00junk")
             assert client.recv(10) == b""  # served (rejected by route) as nobody
@@ -436,6 +438,12 @@ def test_uid_nobody_binds_a_low_port_as_root_then_drops_privileges(tmp_path):
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
+
+
+def _uids(pid):
+    """The real, effective, saved and filesystem uids of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        return set(map(int, next(line for line in status if line.startswith("Uid:")).split()[1:]))
 
 
 def _free(port):

@@ -10,6 +10,19 @@ from l4router.connection.relay import IdleSweeper
 from l4router.connection.routing import RouteTable
 
 log = Logger()
+access_log = Logger(namespace="l4router.access")
+
+# The access log's line for an ended TCP connection and an ended UDP session (the event
+# carries every field of the record either way; logging.format: json writes them all).
+ACCESS_LINES = {
+    "tcp": "{listener} #{connection_id} {source}:{source_port} {protocol} route={route} "
+    "backend={backend} server={server} bytes_up={bytes_up} bytes_down={bytes_down} "
+    "duration={duration:.3f}s reason={reason}",
+    "udp": "{listener} udp#{connection_id} {source}:{source_port} {protocol} route={route} "
+    "backend={backend} server={server} datagrams_up={datagrams_up} "
+    "datagrams_down={datagrams_down} bytes_up={bytes_up} bytes_down={bytes_down} "
+    "duration={duration:.3f}s reason={reason}",
+}
 
 REFUSAL_LOG_INTERVAL = 10.0
 
@@ -66,6 +79,23 @@ class ListenerRuntime:
             reason=reason,
             interval=REFUSAL_LOG_INTERVAL,
         )
+
+    def record_end(self, record):
+        """A connection's or a UDP session's end (its `describe()` and `reason`), written
+        once for both transports: the counters, the recent ends the status page shows, the
+        access-log event."""
+        metrics = self.metrics
+        reason = record["reason"]
+        if record["transport"] == "tcp":
+            metrics.closed(reason).inc()
+        else:
+            metrics.udp_ended(reason).inc()
+        metrics.bytes_up.inc(record["bytes_up"])
+        metrics.bytes_down.inc(record["bytes_down"])
+        self.bytes_closed += record["bytes_up"] + record["bytes_down"]
+        self.recent.append(record)
+        if self.access_log:
+            access_log.info(ACCESS_LINES[record["transport"]], **record)
 
     def reconfigure(self, listener, detectors, backends, access_log=True, choice_limits=None):
         """New connections follow this listener config; open ones keep going as they are."""

@@ -42,7 +42,6 @@ from l4router.errors import BackendUnavailable
 from l4router.timers import cancel
 
 log = Logger()
-access_log = Logger(namespace="l4router.access")
 
 # Close reasons of connections that never reached a relay.
 
@@ -370,26 +369,13 @@ class InboundConnection(Protocol):
             release()
         if self._backend_permit is not None:
             self._backend_permit.release()
-        metrics = factory.metrics
-        metrics.closed(reason).inc()
         if self.server is not None:
             self.server.release()
             if reason == BACKEND_RESET:
                 self.group.passive_result(self.server, False, "reset by the server")
         record = self.describe(factory.clock.seconds())
         record["reason"] = reason
-        if self.relay is not None:
-            metrics.bytes_up.inc(record["bytes_up"])
-            metrics.bytes_down.inc(record["bytes_down"])
-            factory.bytes_closed += record["bytes_up"] + record["bytes_down"]
-        factory.recent.append(record)
-        if factory.access_log:
-            access_log.info(
-                "{listener} #{connection_id} {source}:{source_port} {protocol} "
-                "route={route} backend={backend} server={server} bytes_up={bytes_up} "
-                "bytes_down={bytes_down} duration={duration:.3f}s reason={reason}",
-                **record,
-            )
+        factory.record_end(record)
 
     def describe(self, now):
         """What is known of this connection: the access-log fields and the status view."""
@@ -398,6 +384,7 @@ class InboundConnection(Protocol):
             "connection_id": self.id,
             "unique_id": self.unique_id,
             "listener": self.factory.name,
+            "transport": "tcp",
             "source": self.source,
             "source_port": self.source_port,
             "protocol": decision.protocol if decision else None,

@@ -37,7 +37,6 @@ from l4router.process.sockets import MAX_DATAGRAM, parse_udp_listen
 from l4router.timers import cancel
 
 log = Logger()
-access_log = Logger(namespace="l4router.access")
 
 READS_PER_WAKEUP = 16  # datagrams read from a session's socket before others get a turn
 
@@ -327,22 +326,9 @@ class UDPSession:
             self.server.release()
         listener = self.listener
         listener.session_ended(self)
-        metrics = listener.metrics
-        metrics.udp_ended(reason).inc()
-        metrics.bytes_up.inc(self.bytes_up)
-        metrics.bytes_down.inc(self.bytes_down)
-        listener.bytes_closed += self.bytes_up + self.bytes_down
         record = self.describe(listener.clock.seconds())
         record["reason"] = reason
-        listener.recent.append(record)
-        if listener.access_log:
-            access_log.info(
-                "{listener} udp#{connection_id} {source}:{source_port} {protocol} "
-                "route={route} backend={backend} server={server} datagrams_up={datagrams_up} "
-                "datagrams_down={datagrams_down} bytes_up={bytes_up} bytes_down={bytes_down} "
-                "duration={duration:.3f}s reason={reason}",
-                **record,
-            )
+        listener.record_end(record)
 
     def describe(self, now):
         decision = self.decision
