@@ -19,7 +19,7 @@ from l4router.config import DnsSettings
 from l4router.connection.reasons import BACKEND_FULL, CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.connection.relay import BackendSide
 from l4router.errors import BackendUnavailable
-from l4router.timers import cancel
+from l4router.timers import Deadlines, cancel
 
 log = Logger()
 
@@ -67,6 +67,7 @@ class BackendGroup:
         self._retries = metrics.retries.labels(backend.name)
         self._pool_hits = metrics.pool_requests.labels(backend.name, "hit")
         self._pool_misses = metrics.pool_requests.labels(backend.name, "miss")
+        self.connect_deadlines = Deadlines(reactor, backend.connect_timeout)
 
     def _add(self, server_config):
         """A server and the parts that keep it: name resolution, health checks, a pool."""
@@ -201,18 +202,20 @@ class BackendGroup:
     def choose(self, source, tried):
         """The primary servers while one is up; the backup tier only while none is (or when
         every primary has failed this client once)."""
-        primaries = [s for s in self.servers if s.eligible and not s.backup]
-        backups = [s for s in self.servers if s.eligible and s.backup]
+        primaries, backups = [], []
+        for server in self.servers:
+            if server.eligible:
+                (backups if server.backup else primaries).append(server)
         if not primaries and not backups:
             raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
         limit = self.config.max_connections_per_server
         for tier in (primaries, backups):
-            open_servers = [s for s in tier if limit is None or s.active < limit]
+            open_servers = tier if limit is None else [s for s in tier if s.active < limit]
             if not open_servers:
                 if tier:  # up but full: a full tier does not spill into the next
                     raise BackendUnavailable(self.name, BACKEND_FULL)
                 continue
-            untried = [s for s in open_servers if s not in tried]
+            untried = [s for s in open_servers if s not in tried] if tried else open_servers
             if untried:
                 return self.balancer.choose(untried, source)
             if tier is primaries and any(s not in tried for s in backups):
@@ -312,10 +315,15 @@ class _ConnectAttempt(ClientFactory):
                 self,
                 group.config.connect_timeout,
             )
-        else:
+        else:  # its connect_timeout: one of the group's Deadlines, not a DelayedCall of its own
             self.connector = group.reactor.connectTCP(
-                server.address, server.server.port, self, timeout=group.config.connect_timeout
+                server.address, server.server.port, self, timeout=None
             )
+            group.connect_deadlines.add(self, self._timed_out)
+
+    def _timed_out(self):
+        if self.connector is not None:  # as Twisted's own connect timeout ends one
+            self.connector.transport.failIfNotConnected(error.TimeoutError())
 
     def buildProtocol(self, addr):
         return self.backend_side
@@ -323,6 +331,7 @@ class _ConnectAttempt(ClientFactory):
     def _connected(self, backend_side):
         backend_side.on_connected = None
         self.connector = None
+        self.group.connect_deadlines.remove(self)
         group = self.group
         group._connect_seconds.observe(group.reactor.seconds() - self.started)
         group.passive_result(self.server, True, "connected")
@@ -330,6 +339,7 @@ class _ConnectAttempt(ClientFactory):
 
     def clientConnectionFailed(self, connector, reason):
         self.connector = None
+        self.group.connect_deadlines.remove(self)
         server = self.server
         server.release()
         if self.done.called:

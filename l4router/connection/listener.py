@@ -8,6 +8,7 @@ from twisted.logger import Logger
 from l4router.connection.limits import ChoiceLimits
 from l4router.connection.relay import IdleSweeper
 from l4router.connection.routing import RouteTable
+from l4router.timers import Deadlines
 
 log = Logger()
 access_log = Logger(namespace="l4router.access")
@@ -67,6 +68,7 @@ class ListenerRuntime:
         self.refused_total = 0
         self.bytes_closed = 0  # relayed by connections or sessions that have ended, both ways
         self.idle_sweeper = None
+        self.detect_deadlines = None
         self.refusals = RateLimitedLog(clock, REFUSAL_LOG_INTERVAL)
         self.reconfigure(listener, detectors, backends, access_log, choice_limits)
 
@@ -108,6 +110,9 @@ class ListenerRuntime:
         if self.idle_sweeper is None or self.idle_sweeper.timeout != listener.idle_timeout:
             # Open ones keep theirs.
             self.idle_sweeper = IdleSweeper(self.clock, listener.idle_timeout)
+        timeout = listener.detect.timeout
+        if self.detect_deadlines is None or self.detect_deadlines.timeout != timeout:
+            self.detect_deadlines = Deadlines(self.clock, timeout)  # open ones keep theirs
         self.admission.configure(
             listener.max_connections,
             listener.max_connections_per_source,

@@ -39,7 +39,6 @@ from l4router.detection.session import (
     DetectionSession,
 )
 from l4router.errors import BackendUnavailable
-from l4router.timers import cancel
 
 log = Logger()
 
@@ -82,7 +81,7 @@ class InboundConnection(Protocol):
     relay = None
     backend = None
     close_reason = None
-    _detect_timer = None
+    _detect_deadline = None  # the Deadlines its detection timeout is registered with
     _connecting = None
     _held = ()  # how to give back the route's and the name's permits
     _backend_permit = None  # the backend's limit, while it holds one of it
@@ -104,9 +103,8 @@ class InboundConnection(Protocol):
 
     def connectionMade(self):
         # TCP_NODELAY comes from the listening socket (service.no_delay_for_accepted).
-        self._detect_timer = self.factory.clock.callLater(
-            self.factory.listener.detect.timeout, self._detect_timed_out
-        )
+        self._detect_deadline = deadlines = self.factory.detect_deadlines
+        deadlines.add(self, self._detect_timed_out)
 
     def dataReceived(self, data):
         if self.relay is not None:
@@ -180,14 +178,14 @@ class InboundConnection(Protocol):
             self._elicit_call = None
 
     def _detect_timed_out(self):
-        self._detect_timer = None
+        self._detect_deadline = None
         self._step(self.session.timed_out())
 
     def _cancel_detect_timer(self):
         self._cancel_elicit()
-        if self._detect_timer is not None:
-            cancel(self._detect_timer)
-            self._detect_timer = None
+        if self._detect_deadline is not None:
+            self._detect_deadline.remove(self)
+            self._detect_deadline = None
 
     def _decided(self, decision):
         self._cancel_detect_timer()

@@ -34,7 +34,6 @@ from l4router.detection.session import DECIDED, DetectionSession
 from l4router.errors import BackendUnavailable, BindFailed
 from l4router.process.service import ListenerService
 from l4router.process.sockets import MAX_DATAGRAM, parse_udp_listen
-from l4router.timers import cancel
 
 log = Logger()
 
@@ -198,9 +197,8 @@ class UDPSession:
         self.follows_quic_ids = False  # a QUIC session: its server's IDs are learned
         self.quic_ids = []
         self.idle = listener.idle_sweeper
-        self._detect_timer = clock.callLater(
-            listener.listener.detect.timeout, self._detect_timed_out
-        )
+        self.deadlines = listener.detect_deadlines  # the detection timeout's
+        self.deadlines.add(self, self._detect_timed_out)
 
     # Client side
 
@@ -218,14 +216,13 @@ class UDPSession:
             self._decided(step.decision)
 
     def _detect_timed_out(self):
-        self._detect_timer = None
         step = self.session.timed_out()
         if step.kind == DECIDED:
             self._decided(step.decision)
 
     def _decided(self, decision):
         listener = self.listener
-        cancel(self._detect_timer)
+        self.deadlines.remove(self)
         self.decision = decision
         self.follows_quic_ids = decision.protocol == "quic"
         choice = listener.routes.choose(decision, self.source)
@@ -265,7 +262,7 @@ class UDPSession:
         """A QUIC connection that moved to an ID the router never saw, which names its server
         (QUIC-LB): straight to that server, without detection (a short header has nothing to
         detect)."""
-        cancel(self._detect_timer)
+        self.deadlines.remove(self)
         self.decision = Decision("quic", {"quic_lb": True})
         self.follows_quic_ids = True
         self.route = QUIC_LB_ROUTE
@@ -317,8 +314,7 @@ class UDPSession:
         if self.closed:
             return
         self.closed = True
-        cancel(self._detect_timer)
-        self._detect_timer = None
+        self.deadlines.remove(self)
         self.idle.unwatch(self)
         if self.port is not None:
             self.port.close()
