@@ -139,8 +139,7 @@ class InboundConnection(Protocol):
     def _step(self, step):
         kind = step.kind
         if kind == WAIT:
-            if self._elicit_call is not None:  # the client is not quiet: not yet
-                self._cancel_elicit()
+            self._cancel_elicit()  # the client is not quiet: no elicitation yet
         elif kind == DECIDED:
             self._decided(step.decision)
         elif kind == PAUSE:

@@ -67,6 +67,7 @@ class DetectionSession:
         self.proxy_header = proxy_header
         self.buffer = b""  # the client's bytes after any PROXY header, not yet replayed
         self.held: list[bytes] = []  # a UDP client's first datagrams, boundaries kept
+        self.held_bytes = 0
         self.datagrams = datagrams
         self.header: ProxyHeader | None = None
         self.elicited = b""  # what the router sent the client during detection
@@ -89,8 +90,8 @@ class DetectionSession:
     def feed_datagram(self, datagram: bytes) -> Step:
         """A datagram from a UDP client; after the decision the caller relays them itself."""
         self.held.append(datagram)
-        self.buffer += datagram
-        final = len(self.held) >= MAX_HELD_DATAGRAMS or len(self.buffer) >= self.max_bytes
+        self.held_bytes += len(datagram)
+        final = len(self.held) >= MAX_HELD_DATAGRAMS or self.held_bytes >= self.max_bytes
         return self._decide(Peek.of_datagrams(self.held), final)
 
     def resume(self) -> Step:
@@ -142,7 +143,7 @@ class DetectionSession:
 
     def take_held(self) -> list[bytes]:
         """A UDP session's held datagrams, to send to its server."""
-        held, self.held, self.buffer = self.held, [], b""
+        held, self.held, self.held_bytes = self.held, [], 0
         return held
 
     # Inside
