@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from l4router.backends.balancing import (
@@ -20,6 +20,7 @@ from l4router.backends.group import BackendGroup
 from l4router.config import Backend, HealthCheckSettings, PoolSettings, RetrySettings, Server
 from l4router.errors import BackendUnavailable
 from l4router.operate.metrics import RouterMetrics
+from tests.memory_tcp import RecordedConnect, TCPTransport
 
 
 class Candidate:
@@ -76,6 +77,7 @@ class Harness:
         self.group = BackendGroup(
             Backend("web", servers, **settings), self.reactor, RouterMetrics(self.registry)
         )
+        self.group.open_connection = RecordedConnect
 
     def attempt(self, index=-1):
         host, port, factory, timeout, _ = self.reactor.tcpClients[index]
@@ -83,7 +85,7 @@ class Harness:
 
     def accept(self, factory):
         protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 80))
-        transport = StringTransport()
+        transport = TCPTransport()
         protocol.makeConnection(transport)
         return protocol, transport
 

@@ -4,7 +4,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from l4router.backends.group import BackendGroup
@@ -15,6 +15,7 @@ from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
 from l4router.operate.metrics import RouterMetrics
 from l4router.parsers import proxyprotocol
+from tests.memory_tcp import RecordedConnect, TCPTransport
 
 CONFIG = """
 listeners:
@@ -39,26 +40,6 @@ backends:
 """
 
 
-class TCPTransport(StringTransport):
-    """StringTransport plus the TCP-only calls the router makes."""
-
-    write_closed = False
-    aborted = False
-
-    def fileno(self):
-        return -1
-
-    def setTcpNoDelay(self, enabled):
-        self.no_delay = enabled
-
-    def loseWriteConnection(self):
-        self.write_closed = True
-
-    def abortConnection(self):
-        self.aborted = True
-        super().abortConnection()
-
-
 class Harness:
     def __init__(self, config=CONFIG):
         self.reactor = MemoryReactorClock()
@@ -70,6 +51,8 @@ class Harness:
         groups = {
             name: BackendGroup(b, self.reactor, metrics) for name, b in self.config.backends.items()
         }
+        for group in groups.values():
+            group.open_connection = RecordedConnect
         self.factory = ListenerFactory(
             listener,
             DetectorSet(detectors_for(detectors, "tcp")),

@@ -4,17 +4,16 @@ retries with exponential backoff, per-server limits, warm pools and health."""
 import random
 
 from twisted.internet import defer, error
-from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l4router.backends.balancing import POLICIES
 from l4router.backends.discovery import discovery_for
 from l4router.backends.health import HealthChecker
+from l4router.backends.outbound import OutboundConnection
 from l4router.backends.pool import ServerPool
 from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
-from l4router.backends.transparent import connect_from
 from l4router.config import DnsSettings
 from l4router.connection.reasons import BACKEND_FULL, CONNECT_FAILED, NO_HEALTHY_SERVER
 from l4router.connection.relay import BackendSide
@@ -43,6 +42,8 @@ class BackendGroup:
     """The servers of one backend and how a client is connected to one of them."""
 
     limit = None  # its `max_connections`, held by each client connected through it
+    # What makes a connection to a server for a client (the in-memory tests record them).
+    open_connection = OutboundConnection
 
     def __init__(self, backend, reactor, metrics, jitter_random=None, dns_settings=None):
         self.config = backend
@@ -261,11 +262,9 @@ class BackendGroup:
             checker.record(ok, f"passive: {why}", passive=True)
 
 
-class _ConnectAttempt(ClientFactory):
+class _ConnectAttempt:
     """One client's way to a server: the balancer's choice, then failover and retries with
-    backoff, each connect made straight with connectTCP (this runs for every connection)."""
-
-    noisy = False
+    backoff, each connect an OutboundConnection (this runs for every connection)."""
 
     def __init__(self, group, source):
         self.group = group
@@ -274,7 +273,8 @@ class _ConnectAttempt(ClientFactory):
         self.attempt = 0
         self.server = None
         self.backend_side = None
-        self.connector = None
+        self.connection = None  # the OutboundConnection under way
+        self.cancelled = False
         self.pending = None  # the backoff timer
         self.started = 0.0
         self.done = defer.Deferred(self._cancel)
@@ -302,48 +302,39 @@ class _ConnectAttempt(ClientFactory):
         self.backend_side.on_connected = self._connected
         self.started = group.reactor.seconds()
         if server.address is None:
-            self.clientConnectionFailed(
-                None, Failure(error.DNSLookupError(f"{server.server.host} not resolved yet"))
-            )
+            self._failed(Failure(error.DNSLookupError(f"{server.server.host} not resolved yet")))
             return
-        if group.config.transparent:
-            self.connector = connect_from(
-                group.reactor,
-                self.source,
-                server.address,
-                server.server.port,
-                self,
-                group.config.connect_timeout,
-            )
-        else:  # its connect_timeout: one of the group's Deadlines, not a DelayedCall of its own
-            self.connector = group.reactor.connectTCP(
-                server.address, server.server.port, self, timeout=None
-            )
-            group.connect_deadlines.add(self, self._timed_out)
+        self.connection = group.open_connection(
+            group.reactor,
+            server.address,
+            server.server.port,
+            self.backend_side,
+            self._failed,
+            source=self.source if group.config.transparent else None,
+        )
+        # Its connect_timeout: one of the group's Deadlines, not a DelayedCall of its own.
+        group.connect_deadlines.add(self, self._timed_out)
 
     def _timed_out(self):
-        if self.connector is not None:  # as Twisted's own connect timeout ends one
-            self.connector.transport.failIfNotConnected(error.TimeoutError())
-
-    def buildProtocol(self, addr):
-        return self.backend_side
+        if self.connection is not None:
+            self.connection.fail(error.TimeoutError())
 
     def _connected(self, backend_side):
         backend_side.on_connected = None
-        self.connector = None
+        self.connection = None
         self.group.connect_deadlines.remove(self)
         group = self.group
         group._connect_seconds.observe(group.reactor.seconds() - self.started)
         group.passive_result(self.server, True, "connected")
         self.done.callback((self.server, backend_side))
 
-    def clientConnectionFailed(self, connector, reason):
-        self.connector = None
+    def _failed(self, reason):
+        self.connection = None
         self.group.connect_deadlines.remove(self)
         server = self.server
         server.release()
-        if self.done.called:
-            return  # cancelled meanwhile
+        if self.cancelled:
+            return  # the client left: not the server's failure
         group = self.group
         self.tried[server] = self.attempt
         group.attempt_failed(server, self.attempt, reason)
@@ -362,7 +353,7 @@ class _ConnectAttempt(ClientFactory):
         self.pending = group.reactor.callLater(delay, self._try)
 
     def _cancel(self, _):
+        self.cancelled = True
         cancel(self.pending)
-        if self.connector is not None:
-            connector, self.connector = self.connector, None
-            connector.stopConnecting()  # calls clientConnectionFailed, which releases
+        if self.connection is not None:
+            self.connection.stop()  # calls _failed, which releases

@@ -14,11 +14,11 @@ import collections
 import re
 
 from twisted.internet import defer, error
-from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.names import dns
 
 from l4router.backends.discovery import dns_resolver
+from l4router.backends.outbound import OutboundConnection
 from l4router.connection.reasons import (
     CONNECT_FAILED,
     NAME_MISSING,
@@ -27,6 +27,7 @@ from l4router.connection.reasons import (
 )
 from l4router.connection.relay import BackendSide
 from l4router.errors import BackendUnavailable
+from l4router.timers import cancel
 
 log = Logger()
 
@@ -175,32 +176,36 @@ class NamedServerGroup:
         return _OneConnect(server).start(self.reactor, address, port, self.config.connect_timeout)
 
 
-class _OneConnect(ClientFactory):
+class _OneConnect:
     """One connect to the named server; cancelling it (the client left) stops it."""
-
-    noisy = False
 
     def __init__(self, server):
         self.server = server
         self.side = BackendSide()
         self.side.on_connected = self.connected
-        self.connector = None
-        self.done = defer.Deferred(lambda _: self.connector.stopConnecting())
+        self.connection = None
+        self.timeout = None
+        self.cancelled = False
+        self.done = defer.Deferred(self._cancel)
 
     def start(self, reactor, address, port, timeout):
-        self.connector = reactor.connectTCP(address, port, self, timeout=timeout)
+        self.connection = OutboundConnection(reactor, address, port, self.side, self.failed)
+        self.timeout = reactor.callLater(timeout, self.connection.fail, error.TimeoutError())
         return self.done
 
-    def buildProtocol(self, addr):
-        return self.side
+    def _cancel(self, _):
+        self.cancelled = True  # the client left: its Deferred gets CancelledError
+        self.connection.stop()
 
     def connected(self, side):
         side.on_connected = None
+        cancel(self.timeout)
         self.done.callback((self.server, side))
 
-    def clientConnectionFailed(self, connector, reason):
+    def failed(self, reason):
+        cancel(self.timeout)
         self.server.release()
-        if not self.done.called:
+        if not self.cancelled:
             kind = (
                 "refused"
                 if reason.check(error.ConnectionRefusedError)

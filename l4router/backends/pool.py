@@ -27,6 +27,7 @@ class Spare(BackendSide):
     expiry = None
 
     def connectionMade(self):
+        self.transport.setTcpNoDelay(True)  # as OutboundConnection's: relayed bytes go at once
         self.pool.arrived(self)
 
     def spoiled(self):

@@ -51,15 +51,6 @@ _PROCESS_ID = secrets.token_hex(4)  # makes connection ids unique beyond this pr
 ELICIT_AFTER_QUIET = 0.02
 
 
-def set_no_delay(transport):
-    """Relayed bytes go out at once (a proxy must not add Nagle delays); not every transport
-    is TCP."""
-    try:
-        transport.setTcpNoDelay(True)
-    except (AttributeError, OSError):
-        pass
-
-
 @implementer(IHalfCloseableProtocol)
 class InboundConnection(Protocol):
     """One client: its detection session (l4router.detection.session) until a decision, then
@@ -249,7 +240,6 @@ class InboundConnection(Protocol):
     def _connected(self, connection):
         self._connecting = None
         self.server, self.backend = connection
-        set_no_delay(self.backend.transport)
         replay, rewriter = self.session.replay()
         self.session = None  # its part is done
         replay = self._proxy_header() + replay
