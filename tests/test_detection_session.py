@@ -3,7 +3,7 @@ header in pieces, elicitation and the replay, max_bytes, datagrams, end of strea
 
 import pytest
 
-from l4router.connection.reasons import CLIENT_CLOSED_EARLY, PROXY_PROTOCOL, PROXY_UNTRUSTED
+from l4router.connection.reasons import Reason
 from l4router.detection.decision import DetectorSet
 from l4router.detection.peek import Peek
 from l4router.detection.registry import detectors_for, installed_detectors
@@ -92,15 +92,15 @@ def test_a_proxy_header_in_pieces_names_the_source_and_is_not_replayed(version):
 
 
 def test_a_header_that_is_missing_malformed_or_from_an_untrusted_peer_is_refused():
-    assert session(HEADER_EXPECTED).feed(b"GET / HTTP/1.1\r\n\r\n").reason == PROXY_PROTOCOL
-    assert session(HEADER_EXPECTED).feed(b"PROXY TCP4 nonsense\r\n").reason == PROXY_PROTOCOL
+    assert session(HEADER_EXPECTED).feed(b"GET / HTTP/1.1\r\n\r\n").reason == Reason.PROXY_PROTOCOL
+    assert session(HEADER_EXPECTED).feed(b"PROXY TCP4 nonsense\r\n").reason == Reason.PROXY_PROTOCOL
     waiting = session(HEADER_EXPECTED)
     assert waiting.feed(b"PROXY TCP4 1.2.3.4").kind == WAIT
-    assert waiting.end_of_stream().reason == PROXY_PROTOCOL
-    assert session(HEADER_EXPECTED).timed_out().reason == PROXY_PROTOCOL
+    assert waiting.end_of_stream().reason == Reason.PROXY_PROTOCOL
+    assert session(HEADER_EXPECTED).timed_out().reason == Reason.PROXY_PROTOCOL
     forged = v1_header("203.0.113.7", 1, "192.0.2.1", 2) + b"GET / HTTP/1.1\r\n\r\n"
     step = session(HEADER_REFUSED).feed(forged)
-    assert (step.kind, step.reason) == (REFUSED, PROXY_UNTRUSTED)
+    assert (step.kind, step.reason) == (REFUSED, Reason.PROXY_UNTRUSTED)
     # Behind balancers, someone else's stream without a header is detected as usual.
     assert session(HEADER_REFUSED).feed(capture("http1_curl.bin")).kind == DECIDED
 
@@ -132,7 +132,7 @@ def test_max_bytes_ends_detection_and_then_pauses_reading_while_connecting():
 
 def test_end_of_stream_decides_what_came_or_says_it_came_to_nothing():
     nothing = session().end_of_stream()
-    assert (nothing.kind, nothing.reason) == (REFUSED, CLIENT_CLOSED_EARLY)
+    assert (nothing.kind, nothing.reason) == (REFUSED, Reason.CLIENT_CLOSED_EARLY)
     cut = session()
     assert cut.feed(b"SSH-2.0-Open").kind == WAIT
     assert cut.end_of_stream().decision.protocol == "unknown"

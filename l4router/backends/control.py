@@ -16,7 +16,7 @@ import attrs
 from twisted.logger import Logger
 
 from l4router.config import Server, parse_server, split_host_port
-from l4router.connection.reasons import SERVER_DISABLED
+from l4router.connection.reasons import Reason
 
 log = Logger()
 
@@ -248,5 +248,5 @@ def apply_change(change: Change, groups: dict, connections) -> dict:
         server.set_admin_state(_STATE_OF_ACTION[change.action])
         if change.action == "disable" and change.abort:
             for connection in [c for c in connections if c.server is server]:
-                connection.abort(SERVER_DISABLED)
+                connection.abort(Reason.SERVER_DISABLED)
     return server.status()

@@ -15,7 +15,7 @@ from l4router.backends.pool import ServerPool
 from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
 from l4router.config import DnsSettings
-from l4router.connection.reasons import BACKEND_FULL, CONNECT_FAILED, NO_HEALTHY_SERVER
+from l4router.connection.reasons import Reason
 from l4router.connection.relay import BackendSide
 from l4router.errors import BackendUnavailable
 from l4router.timers import Deadlines, cancel
@@ -196,7 +196,9 @@ class BackendGroup:
         Raises BackendUnavailable."""
         server = self.choose(source, {})
         if server.address is None:
-            raise BackendUnavailable(self.name, CONNECT_FAILED, f"{server.label} not resolved")
+            raise BackendUnavailable(
+                self.name, Reason.CONNECT_FAILED, f"{server.label} not resolved"
+            )
         server.acquire()
         return server
 
@@ -208,13 +210,13 @@ class BackendGroup:
             if server.eligible:
                 (backups if server.backup else primaries).append(server)
         if not primaries and not backups:
-            raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
+            raise BackendUnavailable(self.name, Reason.NO_HEALTHY_SERVER)
         limit = self.config.max_connections_per_server
         for tier in (primaries, backups):
             open_servers = tier if limit is None else [s for s in tier if s.active < limit]
             if not open_servers:
                 if tier:  # up but full: a full tier does not spill into the next
-                    raise BackendUnavailable(self.name, BACKEND_FULL)
+                    raise BackendUnavailable(self.name, Reason.BACKEND_FULL)
                 continue
             untried = [s for s in open_servers if s not in tried] if tried else open_servers
             if untried:
@@ -222,7 +224,7 @@ class BackendGroup:
             if tier is primaries and any(s not in tried for s in backups):
                 continue  # every primary failed this client: on to the backups
             return min(open_servers, key=tried.get)  # every one failed once: the longest ago
-        raise BackendUnavailable(self.name, NO_HEALTHY_SERVER)
+        raise BackendUnavailable(self.name, Reason.NO_HEALTHY_SERVER)
 
     def _health_changed(self):
         """A server's health or state changed: say so when the backup tier takes over or
@@ -343,7 +345,7 @@ class _ConnectAttempt:
             self.done.errback(
                 BackendUnavailable(
                     group.name,
-                    CONNECT_FAILED,
+                    Reason.CONNECT_FAILED,
                     f"{retry.attempts} attempts, last: {reason.getErrorMessage()}",
                 )
             )

@@ -19,19 +19,14 @@ from twisted.names import dns
 
 from l4router.backends.discovery import dns_resolver
 from l4router.backends.outbound import OutboundConnection
-from l4router.connection.reasons import (
-    CONNECT_FAILED,
-    NAME_MISSING,
-    NAME_NOT_ALLOWED,
-    NAME_UNRESOLVED,
-)
+from l4router.connection.reasons import Reason
 from l4router.connection.relay import BackendSide
 from l4router.errors import BackendUnavailable
 from l4router.timers import cancel
 
 log = Logger()
 
-CLIENT_NAMED_REFUSALS = (NAME_NOT_ALLOWED, NAME_UNRESOLVED, NAME_MISSING)
+CLIENT_NAMED_REFUSALS = (Reason.NAME_NOT_ALLOWED, Reason.NAME_UNRESOLVED, Reason.NAME_MISSING)
 CACHE_SIZE = 4096
 MIN_TTL, MAX_TTL = 1.0, 300.0
 NEGATIVE_TTL = 5.0  # a name that did not resolve is not asked again before this
@@ -74,7 +69,13 @@ class NamedServerGroup:
         self._pending = {}  # name -> the Deferreds waiting for its lookup under way
         self._lookups = {
             outcome: metrics.named_lookups.labels(backend.name, outcome)
-            for outcome in ("cached", "resolved", NAME_NOT_ALLOWED, NAME_UNRESOLVED, NAME_MISSING)
+            for outcome in (
+                "cached",
+                "resolved",
+                Reason.NAME_NOT_ALLOWED,
+                Reason.NAME_UNRESOLVED,
+                Reason.NAME_MISSING,
+            )
         }
 
     def start(self):
@@ -98,7 +99,7 @@ class NamedServerGroup:
         pass  # no health to keep of a name
 
     def pick(self, source):
-        raise BackendUnavailable(self.name, NAME_MISSING, "server_from is for TCP listeners")
+        raise BackendUnavailable(self.name, Reason.NAME_MISSING, "server_from is for TCP listeners")
 
     def connect(self, source, fields=None):
         """Fires with (NamedServer, BackendSide), acquired; fails with BackendUnavailable."""
@@ -117,16 +118,18 @@ class NamedServerGroup:
         for name in template.names:
             value = fields.get(name)
             if not isinstance(value, str) or not value:
-                self._lookups[NAME_MISSING].inc()
-                raise BackendUnavailable(self.name, NAME_MISSING, f"no {name} to name a server")
+                self._lookups[Reason.NAME_MISSING].inc()
+                raise BackendUnavailable(
+                    self.name, Reason.NAME_MISSING, f"no {name} to name a server"
+                )
             value = value.lower().rstrip(".")
             if name == "host" and ":" in value:  # a Host header's port: the template's counts
                 value = value.rsplit(":", 1)[0]
             values[name] = value
         host = template.host.format(**values)
         if not _HOST_NAME.fullmatch(host) or not self.config.allow.matches(host):
-            self._lookups[NAME_NOT_ALLOWED].inc()
-            raise BackendUnavailable(self.name, NAME_NOT_ALLOWED, "a name outside allow")
+            self._lookups[Reason.NAME_NOT_ALLOWED].inc()
+            raise BackendUnavailable(self.name, Reason.NAME_NOT_ALLOWED, "a name outside allow")
         return host, template.port
 
     def _address(self, host):
@@ -156,7 +159,7 @@ class NamedServerGroup:
         if records:
             address = records[0].payload.dottedQuad()
             ttl = min(max(min(r.ttl for r in records), MIN_TTL), MAX_TTL)
-        self._lookups["resolved" if address else NAME_UNRESOLVED].inc()
+        self._lookups["resolved" if address else Reason.NAME_UNRESOLVED].inc()
         self._cache[host] = (address, self.reactor.seconds() + ttl)
         self._cache.move_to_end(host)
         while len(self._cache) > CACHE_SIZE:
@@ -167,7 +170,7 @@ class NamedServerGroup:
 
     def _answer(self, address, host):
         if address is None:
-            raise BackendUnavailable(self.name, NAME_UNRESOLVED, f"{host} has no address")
+            raise BackendUnavailable(self.name, Reason.NAME_UNRESOLVED, f"{host} has no address")
         return address
 
     def _connect(self, address, host, port):
@@ -215,6 +218,6 @@ class _OneConnect:
             )
             self.done.errback(
                 BackendUnavailable(
-                    self.server.group.name, CONNECT_FAILED, f"{self.server.label}: {kind}"
+                    self.server.group.name, Reason.CONNECT_FAILED, f"{self.server.label}: {kind}"
                 )
             )

@@ -13,7 +13,7 @@ import collections
 import time
 
 from l4router.connection.addresses import source_key
-from l4router.connection.reasons import LIMIT_LISTENER, LIMIT_PROCESS, LIMIT_SOURCE, RATE_SOURCE
+from l4router.connection.reasons import Reason
 
 MAX_IDLE_BUCKETS = 10000  # past this, full buckets (equal to none) are dropped
 
@@ -157,10 +157,10 @@ class Admission:
     def admit(self, source):
         """Admit a connection from `source` (None: its real source is not known yet)."""
         if not self.process.try_acquire():
-            return LIMIT_PROCESS
+            return Reason.LIMIT_PROCESS
         if not self.listener.try_acquire():
             self.process.release()
-            return LIMIT_LISTENER
+            return Reason.LIMIT_LISTENER
         if source is not None:
             refusal = self.admit_source(source)
             if refusal is not None:
@@ -173,9 +173,9 @@ class Admission:
         """Count a connection against its source; a PROXY header reveals it after accept."""
         key = source_key(source, self.ipv6_prefix)
         if self.per_source is not None and self.by_source[key] >= self.per_source:
-            return LIMIT_SOURCE
+            return Reason.LIMIT_SOURCE
         if self.rate is not None and not self.rate.take(key):
-            return RATE_SOURCE
+            return Reason.RATE_SOURCE
         self.by_source[key] += 1
         return None
 

@@ -10,14 +10,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from l4router.connection.reasons import (
-    BACKEND_CLOSED,
-    BACKEND_RESET,
-    CLIENT_CLOSED,
-    CLIENT_RESET,
-    COMPLETED,
-    IDLE_TIMEOUT,
-)
+from l4router.connection.reasons import Reason
 from l4router.twisted_private import buffered, close_flushed, half_close, write_now
 
 # Close reasons (the `reason` label of l4router_connections_closed_total).
@@ -177,7 +170,7 @@ class Relay:
         return self.client.received, self.backend.received
 
     def idled(self):
-        self.close(IDLE_TIMEOUT, abort=True)
+        self.close(Reason.IDLE_TIMEOUT, abort=True)
 
     def start(self, replay, client_finished_sending):
         """Replay the peeked bytes, couple the two transports, and let the client be read."""
@@ -203,7 +196,7 @@ class Relay:
             return
         _uncouple(peer.transport)  # `side` will produce nothing more
         if self.client.read_closed and self.backend.read_closed:
-            self.close(COMPLETED)
+            self.close(Reason.COMPLETED)
         else:
             half_close(peer.transport)
 
@@ -215,9 +208,9 @@ class Relay:
         if self.reason is None:
             clean = reason is None or reason.check(ConnectionDone) is not None
             if side is self.client:
-                self.reason = CLIENT_CLOSED if clean else CLIENT_RESET
+                self.reason = Reason.CLIENT_CLOSED if clean else Reason.CLIENT_RESET
             else:
-                self.reason = BACKEND_CLOSED if clean else BACKEND_RESET
+                self.reason = Reason.BACKEND_CLOSED if clean else Reason.BACKEND_RESET
         peer = self.peer_of(side)
         if peer not in self.lost:
             _uncouple(peer.transport)

@@ -13,7 +13,7 @@ import fcntl
 import os
 import socket
 
-from l4router.connection.reasons import BACKEND_RESET, CLIENT_RESET, COMPLETED, IDLE_TIMEOUT
+from l4router.connection.reasons import Reason
 
 AVAILABLE = hasattr(os, "splice")
 # A pipe's default 64 KiB caps a splice at 64 KiB; with 256 KiB one stream moves 1.6x more
@@ -155,7 +155,7 @@ class SpliceRelay:
         return self.client.received, self.backend.received
 
     def idled(self):
-        self.close(IDLE_TIMEOUT, abort=True)
+        self.close(Reason.IDLE_TIMEOUT, abort=True)
 
     def start(self, client_finished_sending):
         for sock in self.sockets:
@@ -245,12 +245,12 @@ class SpliceRelay:
         except OSError:
             pass
         if self.up.finished and self.down.finished:
-            self.close(COMPLETED)
+            self.close(Reason.COMPLETED)
 
     # Ending
 
     def _reset(self, sock):
-        reason = CLIENT_RESET if sock is self.sockets[0] else BACKEND_RESET
+        reason = Reason.CLIENT_RESET if sock is self.sockets[0] else Reason.BACKEND_RESET
         self.close(reason, abort=True)
         return None
 

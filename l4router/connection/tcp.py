@@ -14,18 +14,7 @@ from l4router.backends.named import CLIENT_NAMED_REFUSALS
 from l4router.connection import splice
 from l4router.connection.addresses import normalise_host
 from l4router.connection.proxy_out import proxy_header
-from l4router.connection.reasons import (
-    BACKEND_RESET,
-    CLIENT_CLOSED_EARLY,
-    CLIENT_RESET,
-    CONNECT_FAILED,
-    LIMIT_BACKEND,
-    LIMIT_NAME,
-    LIMIT_ROUTE,
-    NO_HEALTHY_SERVER,
-    PROXY_UNTRUSTED,
-    REJECTED,
-)
+from l4router.connection.reasons import Reason
 from l4router.connection.relay import Relay
 from l4router.detection.session import (
     DECIDED,
@@ -123,7 +112,9 @@ class InboundConnection(Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
         clean = reason is None or reason.check(ConnectionDone) is not None
-        self._end(self.close_reason or (CLIENT_CLOSED_EARLY if clean else CLIENT_RESET))
+        self._end(
+            self.close_reason or (Reason.CLIENT_CLOSED_EARLY if clean else Reason.CLIENT_RESET)
+        )
 
     # Detection: what the session says to do
 
@@ -143,8 +134,10 @@ class InboundConnection(Protocol):
         elif kind == HEADER:
             self._take_source(step.header)
         else:
-            if step.reason == PROXY_UNTRUSTED:  # someone claims an address not theirs: logged
-                self.factory.refusals.event(PROXY_UNTRUSTED, self.factory.log_refusals)
+            if (
+                step.reason == Reason.PROXY_UNTRUSTED
+            ):  # someone claims an address not theirs: logged
+                self.factory.refusals.event(Reason.PROXY_UNTRUSTED, self.factory.log_refusals)
             self._reject(step.reason)
 
     def _take_source(self, header):
@@ -188,7 +181,7 @@ class InboundConnection(Protocol):
         self.route = choice.route
         metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()
         if choice.backend is None:
-            self._reject(REJECTED)
+            self._reject(Reason.REJECTED)
             return
         refusal = self._hold_choice_limits(choice.route, decision.fields)
         if refusal is not None:
@@ -206,7 +199,7 @@ class InboundConnection(Protocol):
         limit = limits.routes.get(route)
         if limit is not None:
             if not limit.try_acquire():
-                return LIMIT_ROUTE
+                return Reason.LIMIT_ROUTE
             self._held = (*self._held, limit.release)
         names = limits.names
         name = names is not None and (
@@ -214,7 +207,7 @@ class InboundConnection(Protocol):
         )
         if name:
             if not names.try_acquire(name):
-                return LIMIT_NAME
+                return Reason.LIMIT_NAME
             self._held = (*self._held, lambda: names.release(name))
         return None
 
@@ -226,7 +219,7 @@ class InboundConnection(Protocol):
             self._backend_permit = None
         if group.limit is not None:
             if not group.limit.try_acquire():
-                self._refuse(LIMIT_BACKEND)
+                self._refuse(Reason.LIMIT_BACKEND)
                 return
             self._backend_permit = group.limit
         self.group = group
@@ -288,10 +281,10 @@ class InboundConnection(Protocol):
         self._connecting = None
         if failure.check(defer.CancelledError):
             return None  # the client left while we were connecting
-        reason = CONNECT_FAILED
+        reason = Reason.CONNECT_FAILED
         if failure.check(BackendUnavailable):
             reason = failure.value.reason
-            if reason == NO_HEALTHY_SERVER and self._fallback is not None:
+            if reason == Reason.NO_HEALTHY_SERVER and self._fallback is not None:
                 # The route's backend has no server up: its fallback serves instead.
                 self.backend_name, self._fallback = self._fallback, None
                 self.factory.metrics.fallback(self.route, self.backend_name).inc()
@@ -358,7 +351,7 @@ class InboundConnection(Protocol):
             self._backend_permit.release()
         if self.server is not None:
             self.server.release()
-            if reason == BACKEND_RESET:
+            if reason == Reason.BACKEND_RESET:
                 self.group.passive_result(self.server, False, "reset by the server")
         record = self.describe(factory.clock.seconds())
         record["reason"] = reason

@@ -21,14 +21,7 @@ from zope.interface import implementer
 from l4router.connection.addresses import normalise_host
 from l4router.connection.listener import ListenerRuntime
 from l4router.connection.quic_paths import ConnectionIds, QuicLbServers
-from l4router.connection.reasons import (
-    BACKEND_UNREACHABLE,
-    IDLE_TIMEOUT,
-    NO_HEALTHY_SERVER,
-    REJECTED,
-    SHUTDOWN,
-    SOCKET_UNAVAILABLE,
-)
+from l4router.connection.reasons import Reason
 from l4router.detection.decision import Decision
 from l4router.detection.session import DECIDED, DetectionSession
 from l4router.errors import BackendUnavailable, BindFailed
@@ -162,13 +155,13 @@ class BackendSocket:
         """ICMP port or host unreachable comes back as an error on the connected socket."""
         if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
             log.warn("UDP session {id}: {error}", id=self.session.id, error=str(exc))
-        self.session.close(BACKEND_UNREACHABLE)
+        self.session.close(Reason.BACKEND_UNREACHABLE)
 
     def connectionLost(self, reason):
         """The reactor dropped the descriptor: an ICMP error on the connected socket shows as
         EPOLLERR without anything to read."""
         if not self.session.closed:
-            self.session.close(BACKEND_UNREACHABLE)
+            self.session.close(Reason.BACKEND_UNREACHABLE)
 
     def close(self):
         self.reactor.removeReader(self)
@@ -230,7 +223,7 @@ class UDPSession:
         listener.metrics.udp_created(decision.protocol).inc()
         listener.metrics.routed(decision.protocol, choice.route, choice.backend or "reject").inc()
         if choice.backend is None:
-            self.close(REJECTED)
+            self.close(Reason.REJECTED)
             return
         self.backend_name = choice.backend
         group = listener.backends[choice.backend]
@@ -238,7 +231,7 @@ class UDPSession:
             try:
                 self.server = group.pick(self.source)
             except BackendUnavailable as error:
-                if error.reason != NO_HEALTHY_SERVER or choice.fallback is None:
+                if error.reason != Reason.NO_HEALTHY_SERVER or choice.fallback is None:
                     raise
                 # The route's backend has no server up: its fallback serves instead.
                 self.backend_name = choice.fallback
@@ -278,9 +271,9 @@ class UDPSession:
                 self.listener.clock, self, self.server.address, self.server.server.port
             )
         except OSError as exc:  # out of descriptors, say: end now, releasing everything
-            self.listener.refusals.event(SOCKET_UNAVAILABLE, self.listener.log_refusals)
+            self.listener.refusals.event(Reason.SOCKET_UNAVAILABLE, self.listener.log_refusals)
             log.debug("UDP session {id}: no socket: {error}", id=self.id, error=str(exc))
-            self.close(SOCKET_UNAVAILABLE)
+            self.close(Reason.SOCKET_UNAVAILABLE)
             return
         metrics = self.listener.metrics
         for datagram in self.session.take_held():
@@ -304,7 +297,7 @@ class UDPSession:
         return self.datagrams_up, self.datagrams_down
 
     def idled(self):
-        self.close(IDLE_TIMEOUT)
+        self.close(Reason.IDLE_TIMEOUT)
 
     def abort(self, reason):
         """Ended at once from outside (an operator disabled its server): as a TCP relay's."""
@@ -381,5 +374,5 @@ class UDPListenerService(ListenerService):
     @defer.inlineCallbacks
     def stopService(self):
         Service.stopService(self)  # not ListenerService's drain: sessions end here
-        self.factory.close_all(SHUTDOWN)
+        self.factory.close_all(Reason.SHUTDOWN)
         yield self.stop_listening()

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from l4router.connection.reasons import CLIENT_CLOSED_EARLY, PROXY_PROTOCOL, PROXY_UNTRUSTED
+from l4router.connection.reasons import Reason
 from l4router.detection.decision import TIMEOUT, Decision, DetectorSet, safe_value
 from l4router.detection.peek import Peek
 from l4router.parsers import INCOMPLETE, proxyprotocol
@@ -38,7 +38,7 @@ REFUSED = "refused"
 class Step:
     kind: str
     decision: Decision | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     offer: tuple[Any, bytes] | None = None  # (detector, bytes) to elicit with
     header: ProxyHeader | None = None
 
@@ -84,7 +84,7 @@ class DetectionSession:
         if self.proxy_header == HEADER_EXPECTED:
             return self._take_header()
         if self.proxy_header == HEADER_REFUSED and proxyprotocol.starts_with_header(self.buffer):
-            return self._refuse(PROXY_UNTRUSTED)
+            return self._refuse(Reason.PROXY_UNTRUSTED)
         return self._detect(final=False)
 
     def feed_datagram(self, datagram: bytes) -> Step:
@@ -103,9 +103,9 @@ class DetectionSession:
         if self.decision is not None:
             return _WAIT
         if self.proxy_header == HEADER_EXPECTED:
-            return self._refuse(PROXY_PROTOCOL)
+            return self._refuse(Reason.PROXY_PROTOCOL)
         if not self.buffer:
-            return self._refuse(CLIENT_CLOSED_EARLY)
+            return self._refuse(Reason.CLIENT_CLOSED_EARLY)
         return self._detect(final=True)
 
     def timed_out(self) -> Step:
@@ -113,7 +113,7 @@ class DetectionSession:
         if self.decision is not None:
             return _WAIT
         if self.proxy_header == HEADER_EXPECTED:
-            return self._refuse(PROXY_PROTOCOL)
+            return self._refuse(Reason.PROXY_PROTOCOL)
         return self._decided(Decision(TIMEOUT))
 
     # What the router sends back
@@ -153,7 +153,7 @@ class DetectionSession:
         if header is INCOMPLETE:
             return _WAIT
         if not isinstance(header, ProxyHeader):
-            return self._refuse(PROXY_PROTOCOL)
+            return self._refuse(Reason.PROXY_PROTOCOL)
         self.proxy_header = HEADER_NONE
         self.header = header
         self.buffer = self.buffer[header.length :]
@@ -185,5 +185,5 @@ class DetectionSession:
         self.decision = decision
         return Step(DECIDED, decision=decision)
 
-    def _refuse(self, reason: str) -> Step:
+    def _refuse(self, reason: Reason) -> Step:
         return Step(REFUSED, reason=reason)

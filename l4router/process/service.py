@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l4router.connection.addresses import host_port
-from l4router.connection.reasons import SHUTDOWN
+from l4router.connection.reasons import Reason
 from l4router.errors import BindFailed, startup_errors_in_one_line
 from l4router.operate.admin import admin_site
 from l4router.operate.logs import install_log_observer
@@ -177,7 +177,7 @@ class ListenerService(PortsService):
             count=len(connections),
         )
         for connection in connections:
-            connection.abort(SHUTDOWN)
+            connection.abort(Reason.SHUTDOWN)
 
 
 class ListenersService(MultiService):
