@@ -6,10 +6,13 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from zope.interface.verify import verifyClass
 
 from l4router.backends.group import BackendGroup
 from l4router.config import parse_config
 from l4router.connection.limits import Admission, LocalLimit
+from l4router.connection.relay import IRelay, Relay
+from l4router.connection.splice import SpliceRelay
 from l4router.connection.tcp_listener import ListenerFactory
 from l4router.detection.decision import DetectorSet
 from l4router.detection.registry import detectors_for, installed_detectors
@@ -386,3 +389,8 @@ def test_per_source_limit_uses_the_source_from_the_header():
     other, other_transport = harness.client(3)
     other.dataReceived(proxyprotocol.v1_header("198.51.100.1", 1, "192.0.2.1", 443))
     assert not other_transport.disconnecting
+
+
+@pytest.mark.parametrize("relay_class", [Relay, SpliceRelay])
+def test_both_relays_provide_the_one_relay_interface(relay_class):
+    verifyClass(IRelay, relay_class)

@@ -8,9 +8,11 @@ and the bytes each way are counted. The relay ends exactly once, with one close 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, classImplements, implementer
 
 from l4router.connection.reasons import Reason
+from l4router.connection.splice import AVAILABLE as SPLICE_AVAILABLE
+from l4router.connection.splice import SpliceRelay
 from l4router.twisted_private import buffered, close_flushed, half_close, write_now
 
 # Close reasons (the `reason` label of l4router_connections_closed_total).
@@ -67,6 +69,39 @@ class IdleSweeper:
             self._call = self.clock.callLater(self.timeout / SWEEPS_PER_TIMEOUT, self._sweep)
 
 
+class IRelay(Interface):
+    """What relays a client and its backend connection, both halves: the copying Relay, and
+    the SpliceRelay it hands a bulk stream to. Each side (the client's protocol, BackendSide)
+    has a `relay` attribute pointing at the relay in charge, which it tells what it reads and
+    how it ends; the relay ends exactly once, calling `on_end(reason)`."""
+
+    reason = Attribute("The close reason once known (a Reason).")
+
+    def start(replay, client_finished_sending):
+        """Send `replay` (the peeked bytes) to the backend first, then relay both ways."""
+
+    def forward(side, data):
+        """`side` read `data` (the splice relay reads its sockets itself)."""
+
+    def side_finished_sending(side):
+        """`side` sent its FIN: half-close towards the other."""
+
+    def side_lost(side, reason):
+        """`side`'s connection is gone (`reason`, a Failure, or None)."""
+
+    def close(reason, abort=False):
+        """End both sides (flushing first, unless `abort`)."""
+
+    def activity():  # type: ignore[misc]  # zope's interface method style
+        """What changes while bytes move (the IdleSweeper compares it)."""
+
+    def idled():  # type: ignore[misc]
+        """No activity for the idle timeout."""
+
+
+classImplements(SpliceRelay, IRelay)
+
+
 def _uncouple(transport):
     """Stop treating the other side as this transport's producer, so it can close."""
     if transport.producer is not None:
@@ -114,29 +149,30 @@ class BackendSide(Protocol):
         """An event before any relay took this connection (a pooled spare overrides it)."""
 
 
+@implementer(IRelay)
 class Relay:
     """Owns a client protocol and a BackendSide once the backend is connected: copies.
 
     The client protocol is the listener's inbound protocol: it hands what it reads to
     `forward`, and calls `side_lost` / `side_finished_sending` like BackendSide does.
 
-    `on_large`: called once when a direction shows bulk (SPLICE_AFTER, SPLICE_CHUNK) while
-    nothing is buffered and neither side has finished: the caller may hand both sockets to
-    the splice relay (`hand_over`).
+    With `splice`, once a direction shows bulk (SPLICE_AFTER, SPLICE_CHUNK) while nothing is
+    buffered and neither side has finished, both sockets go to a SpliceRelay, which becomes
+    the sides' relay.
     """
 
-    def __init__(self, client, backend, idle, on_end, on_large=None, rewrite_client=None):
+    def __init__(self, client, backend, idle, on_end, splice=False, rewrite_client=None):
         """`rewrite_client`: a filter (`feed(data)`, `done`) the client's bytes pass through
         until it is done (the removal of an elicited answer, say)."""
         self.client = client
         self.backend = backend
         self.idle = idle  # an IdleSweeper
         self.on_end = on_end
-        self.on_large = on_large
+        self.splice_when_large = splice and SPLICE_AVAILABLE
         self.rewrite_client = rewrite_client
         self.reason = None
         self.lost = set()
-        backend.relay = self
+        client.relay = backend.relay = self
 
     def forward(self, side, data):
         side.received += len(data)
@@ -148,7 +184,7 @@ class Relay:
         sink = self.peer_of(side).transport
         write_now(sink, data)
         if (
-            self.on_large is not None
+            self.splice_when_large
             and self.rewrite_client is None
             and len(data) >= SPLICE_CHUNK
             and side.received >= SPLICE_AFTER
@@ -156,15 +192,16 @@ class Relay:
             and not buffered(side.transport)
             and not (self.lost or self.client.read_closed or self.backend.read_closed)
         ):
-            on_large, self.on_large = self.on_large, None
-            on_large()
+            self._hand_over_to_splice()
 
-    def hand_over(self):
-        """Give both transports up (to another relay): nothing is buffered, nothing ended."""
+    def _hand_over_to_splice(self):
+        """Give both transports (nothing buffered, nothing ended) to a SpliceRelay."""
+        self.splice_when_large = False
         self.idle.unwatch(self)
         for side in (self.client, self.backend):
             _uncouple(side.transport)
-        self.backend.relay = None
+        successor = SpliceRelay(self.client, self.backend, self.idle, self.on_end)
+        successor.start(b"", client_finished_sending=False)
 
     def activity(self):
         return self.client.received, self.backend.received

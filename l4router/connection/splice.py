@@ -125,7 +125,7 @@ class _Socket:
             transport.__dict__.pop(name, None)
 
 
-class SpliceRelay:
+class SpliceRelay:  # provides relay.IRelay (declared there: relay.py imports this module)
     """Takes over a client protocol and a BackendSide whose transports have nothing buffered.
 
     Pipes come from PIPES while bytes are in flight; when none can be had (out of
@@ -137,6 +137,7 @@ class SpliceRelay:
     __slots__ = ("idle", "client", "backend", "on_end", "reason", "ended", "sockets", "up", "down")
 
     def __init__(self, client, backend, idle, on_end):
+        client.relay = backend.relay = self
         self.idle = idle  # an IdleSweeper
         self.client = client
         self.backend = backend
@@ -157,7 +158,11 @@ class SpliceRelay:
     def idled(self):
         self.close(Reason.IDLE_TIMEOUT, abort=True)
 
-    def start(self, client_finished_sending):
+    def start(self, replay, client_finished_sending):
+        """Take the sockets over from a copying relay's hand-over, which has replayed
+        everything already (`replay` is empty)."""
+        if replay:
+            raise ValueError("the splice relay starts with nothing to replay")
         for sock in self.sockets:
             sock.take_over()
         if client_finished_sending:
@@ -165,6 +170,18 @@ class SpliceRelay:
             self.up.source.transport.stopReading()
             self._finish(self.up)
         self.idle.watch(self)
+
+    def forward(self, side, data):
+        """Bytes its side read through its transport rather than the pump: sent on like a
+        chunk copied when no pipe could be had."""
+        direction = self.up if side is self.client else self.down
+        direction.pending += data
+        side.received += len(data)
+        self.drain(direction)
+
+    def side_finished_sending(self, side):
+        """Its side's FIN seen through its transport rather than the pump."""
+        self._source_ended(self.up if side is self.client else self.down)
 
     # The pump
 

@@ -11,7 +11,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from l4router.backends.named import CLIENT_NAMED_REFUSALS
-from l4router.connection import splice
 from l4router.connection.addresses import normalise_host
 from l4router.connection.proxy_out import proxy_header
 from l4router.connection.reasons import Reason
@@ -236,25 +235,15 @@ class InboundConnection(Protocol):
         replay, rewriter = self.session.replay()
         self.session = None  # its part is done
         replay = self._proxy_header() + replay
-        splice_later = self.factory.listener.relay == "splice" and splice.AVAILABLE
-        self.relay = Relay(
+        relay = Relay(
             self,
             self.backend,
             self.factory.idle_sweeper,
-            self._relay_ended,
-            on_large=self._splice if splice_later else None,
+            self._end,
+            splice=self.factory.listener.relay == "splice",
             rewrite_client=rewriter,
         )
-        self.relay.start(replay, client_finished_sending=self.read_closed)
-
-    def _splice(self):
-        """The relay has carried enough to be worth splicing: the sockets go to SpliceRelay."""
-        self.relay.hand_over()
-        self.relay = splice.SpliceRelay(
-            self, self.backend, self.factory.idle_sweeper, self._relay_ended
-        )
-        self.backend.relay = self.relay
-        self.relay.start(client_finished_sending=False)
+        relay.start(replay, client_finished_sending=self.read_closed)
 
     def _proxy_header(self):
         """PROXY protocol out: the client's real addresses, before anything else."""
@@ -335,9 +324,6 @@ class InboundConnection(Protocol):
         else:
             self.close_reason = reason
             self.transport.abortConnection()
-
-    def _relay_ended(self, reason):
-        self._end(reason)
 
     def _end(self, reason):
         if self._ended:
