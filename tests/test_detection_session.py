@@ -5,6 +5,7 @@ import pytest
 
 from l4router.connection.reasons import Reason
 from l4router.detection.decision import DetectorSet
+from l4router.detection.interface import NEED_MORE
 from l4router.detection.peek import Peek
 from l4router.detection.registry import detectors_for, installed_detectors
 from l4router.detection.session import (
@@ -156,3 +157,62 @@ def test_datagrams_are_held_until_decided_and_handed_over_whole(name):
     assert decision.protocol == protocol
     assert {k: decision.fields.get(k) for k in fields} == fields
     assert detection.take_held() == sent
+
+
+class CountingDetector:
+    """A detector that counts how often it is asked, and how many bytes it was shown."""
+
+    def __init__(self, detector):
+        self.detector = detector
+        self.asked = 0
+        self.bytes_shown = 0
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+    def detect(self, peek):
+        self.asked += 1
+        self.bytes_shown += len(peek.data)
+        return self.detector.detect(peek)
+
+
+HINTED = [n for n in SPOKEN_FIRST if EXPECTED[n][0] in ("tls", "h2c", "grpc")]
+
+
+@pytest.mark.parametrize("name", SPOKEN_FIRST)
+def test_a_flight_fed_byte_by_byte_asks_each_detector_a_bounded_number_of_times(name):
+    """Work linear in the flight's bytes: a detector that said NO_MATCH is not asked again,
+    and one that needs more is asked again once the flight reaches the length it named."""
+    flight = capture(name)
+    counting = [CountingDetector(d) for d in detectors_for(installed_detectors(), "tcp")]
+    detection = DetectionSession(DetectorSet(counting), 16384, "none")
+    steps = [detection.feed(flight[i : i + 1]) for i in range(len(flight))]
+    decided = [s for s in steps if s.kind == DECIDED]
+    assert len(decided) == 1 and decided[0].decision == TCP.decide(Peek(flight))
+    asked = {d.name: d.asked for d in counting if d.asked}
+    # At each byte only the detector waiting for more is asked (and those saying NO_MATCH,
+    # once per flight), not every detector again: HTTP/1's flights name no length (their
+    # parse is a search for the end of the head, in C), so they are looked at every byte.
+    assert sum(asked.values()) <= len(flight) + 2 * len(counting), asked
+    if name in HINTED:  # only at the end of the record or frame under way: a few looks
+        assert sum(asked.values()) <= 12 + len(counting), asked
+        shown = sum(d.bytes_shown for d in counting)
+        assert shown <= (12 + len(counting)) * len(flight), (shown, len(flight))
+
+
+@pytest.mark.parametrize("name", HINTED)
+def test_the_length_a_detector_names_is_never_past_where_its_answer_changes(name):
+    flight = capture(name)
+    for detector in detectors_for(installed_detectors(), "tcp"):
+        if detector.name != EXPECTED[name][0]:
+            continue
+        for cut in range(1, len(flight)):
+            peek = Peek(flight[:cut])
+            if detector.detect(peek) is not NEED_MORE:
+                continue
+            needed = detector.bytes_needed(peek)
+            assert needed > cut
+            before = Peek(flight[: needed - 1])
+            if needed - 1 > cut:  # still waiting, and offering the same, one byte short of it
+                assert detector.detect(before) is NEED_MORE, (cut, needed)
+                assert detector.elicit(before) == detector.elicit(peek), (cut, needed)

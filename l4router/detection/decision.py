@@ -42,6 +42,16 @@ class Decision:
     fields: dict[str, Any] = attrs.field(factory=dict)
 
 
+@attrs.define
+class Progress:
+    """How far one flight's detection got, so that more bytes do not repeat it: the first
+    `skip` candidates said NO_MATCH (which more bytes never change), and the one after them
+    needs the flight to reach `needed` bytes before its answer can change."""
+
+    skip: int = 0
+    needed: int = 0
+
+
 class DetectorSet:
     """The detectors of one listener, ordered; a misbehaving plugin is logged once and ignored.
 
@@ -62,20 +72,28 @@ class DetectorSet:
     def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.detectors)
 
-    def decide(self, peek: Peek, final: bool = False) -> Decision | None:
+    def decide(
+        self, peek: Peek, final: bool = False, progress: Progress | None = None
+    ) -> Decision | None:
         """A Decision, or None while a detector that could still win needs more bytes.
 
         `final`: no more bytes will be considered (max_bytes reached or the client closed), so
-        the undecided count as NO_MATCH.
+        the undecided count as NO_MATCH. `progress`: where the previous, shorter peek of the
+        same flight left off (updated); it must then have said None.
         """
         data = peek.data
         candidates = self._by_first_byte[data[0]] if data else self.detectors
-        for detector in candidates:
+        start = progress.skip if progress is not None and data else 0
+        for index in range(start, len(candidates)):
+            detector = candidates[index]
             if detector.name in self._failed:
                 continue
             verdict = self._ask(detector, peek)
             if verdict is NEED_MORE:
                 if not final:
+                    if progress is not None:
+                        progress.skip = index
+                        progress.needed = self._bytes_needed(detector, peek)
                     return None
                 verdict = self._ask_truncated(detector, peek)
             if isinstance(verdict, Match):
@@ -101,6 +119,17 @@ class DetectorSet:
             if answer:
                 return detector, bytes(answer)
         return None
+
+    def _bytes_needed(self, detector: Any, peek: Peek) -> int:
+        """What `detector` says the flight must reach before asking it again (at least one
+        byte more; a plugin that fails here is asked at every byte)."""
+        more = len(peek.data) + 1
+        try:
+            needed = detector.bytes_needed(peek)
+        except Exception:
+            log.failure("Detector {detector}'s bytes_needed raised", detector=detector.name)
+            return more
+        return needed if isinstance(needed, int) and needed > more else more
 
     def _ask_truncated(self, detector: Any, peek: Peek) -> Match | Verdict:
         """No more bytes will come and `detector` still needs some: a detector whose first

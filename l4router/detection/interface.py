@@ -38,6 +38,12 @@ class IProtocolDetector(Interface):  # type: ignore[misc]  # zope's Interface is
         client closed) and detect still says NEED_MORE: a Match (fields with truncated=True)
         says the bytes so far already prove the protocol; NO_MATCH that they do not."""
 
+    def bytes_needed(peek):  # type: ignore[no-untyped-def]
+        """Optional. Asked when detect said NEED_MORE: the length the flight must reach before
+        detect (or elicit) can answer anything else, e.g. the end of the record or frame under
+        way; detection waits for it instead of asking again at every segment, so the work for
+        a flight stays linear in its bytes. Default: one byte more."""
+
     def elicit(peek):  # type: ignore[no-untyped-def]
         """Optional. Bytes to send a client that waits for the server before it says enough
         (grpcio waits for the server's SETTINGS), or None."""
@@ -73,6 +79,9 @@ class ProtocolDetector:
 
     def detect_truncated(self, peek: Any) -> Match | Verdict:
         return NO_MATCH
+
+    def bytes_needed(self, peek: Any) -> int:
+        return len(peek.data) + 1
 
     def elicit(self, peek: Any) -> bytes | None:
         return None

@@ -13,7 +13,14 @@ from l4router.detection.interface import IProtocolDetector, ProtocolDetector
 log = Logger()
 
 TRANSPORTS = frozenset({"tcp", "udp"})
-OPTIONAL_MEMBERS = ("first_bytes", "fields", "detect_truncated", "elicit", "rewriter")
+OPTIONAL_MEMBERS = (
+    "first_bytes",
+    "fields",
+    "detect_truncated",
+    "bytes_needed",
+    "elicit",
+    "rewriter",
+)
 
 
 def installed_detectors() -> list[Any]:

@@ -6,6 +6,11 @@ or refused. It owns what the phase needs: the PROXY header (taken from trusted s
 refused from anyone else), `detect.max_bytes`, the held datagrams, what was elicited and the
 rewriting of the replay. The caller owns the sockets and the timers, so this is tested like the
 parsers: bytes in, steps out, at every split point.
+
+The work for a flight is linear in its bytes whatever its segmentation: the bytes gather in a
+bytearray, detectors that said NO_MATCH are not asked again, and the one that needs more is
+asked again only once the flight has reached the length it named (`bytes_needed`: the end of
+a TLS record or an HTTP/2 frame, say).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import attrs
 from twisted.logger import Logger
 
 from l4router.connection.reasons import Reason
-from l4router.detection.decision import TIMEOUT, Decision, DetectorSet, safe_value
+from l4router.detection.decision import TIMEOUT, Decision, DetectorSet, Progress, safe_value
 from l4router.detection.peek import Peek
 from l4router.parsers import INCOMPLETE, proxyprotocol
 from l4router.parsers.proxyprotocol import ProxyHeader
@@ -65,7 +70,7 @@ class DetectionSession:
         self.detectors = detectors
         self.max_bytes = max_bytes
         self.proxy_header = proxy_header
-        self.buffer = b""  # the client's bytes after any PROXY header, not yet replayed
+        self.buffer = bytearray()  # the client's bytes after any PROXY header, not replayed
         self.held: list[bytes] = []  # a UDP client's first datagrams, boundaries kept
         self.held_bytes = 0
         self.datagrams = datagrams
@@ -73,6 +78,8 @@ class DetectionSession:
         self.elicited = b""  # what the router sent the client during detection
         self.elicited_by: Any = None  # the detector that asked for it (it rewrites the replay)
         self.decision: Decision | None = None
+        self.progress = Progress()
+        self._undecided = _WAIT  # what the last look said, while the flight is too short
 
     # What the client sends
 
@@ -127,7 +134,7 @@ class DetectionSession:
         """What the backend gets first (the bytes so far, without the client's answer to what
         was elicited), and the rewriter that goes on removing that answer from the rest of
         the stream (None when nothing was elicited or it is already gone)."""
-        replay, self.buffer = self.buffer, b""
+        replay, self.buffer = bytes(self.buffer), bytearray()
         rewriter = None
         if self.elicited_by is not None:
             try:
@@ -149,7 +156,7 @@ class DetectionSession:
     # Inside
 
     def _take_header(self) -> Step:
-        header = proxyprotocol.parse_header(self.buffer)
+        header = proxyprotocol.parse_header(bytes(self.buffer))
         if header is INCOMPLETE:
             return _WAIT
         if not isinstance(header, ProxyHeader):
@@ -161,21 +168,24 @@ class DetectionSession:
 
     def _detect(self, final: bool) -> Step:
         max_bytes = self.max_bytes
-        buffer = self.buffer
-        if len(buffer) >= max_bytes:
+        size = len(self.buffer)
+        if size >= max_bytes:
             final = True
-            buffer = buffer[:max_bytes]
-        return self._decide(Peek(buffer, elicited=self.elicited), final)
+        elif not final and size < self.progress.needed:
+            return self._undecided  # no detector's answer can have changed
+        flight = bytes(self.buffer[:max_bytes] if size > max_bytes else self.buffer)
+        return self._decide(Peek(flight, elicited=self.elicited), final)
 
     def _decide(self, peek: Peek, final: bool) -> Step:
-        decision = self.detectors.decide(peek, final)
+        decision = self.detectors.decide(peek, final, self.progress)
         if decision is not None:
             return self._decided(decision)
+        self._undecided = _WAIT
         if self.elicited_by is None and not self.datagrams:
             offer = self.detectors.elicit(peek)
             if offer is not None:
-                return Step(ELICIT, offer=offer)
-        return _WAIT
+                self._undecided = Step(ELICIT, offer=offer)
+        return self._undecided
 
     def _decided(self, decision: Decision) -> Step:
         if self.header is not None and self.header.fields:

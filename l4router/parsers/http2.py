@@ -71,6 +71,18 @@ def _frames(data: bytes, start: int = len(PREFACE)) -> Iterator[tuple[int, int, 
         pos = end
 
 
+def frames_bytes_needed(data: bytes) -> int:
+    """For a flight parse_first_request calls INCOMPLETE: the length it must reach before the
+    answer can change, the end of the preface or of the frame under way (frames are looked at
+    whole)."""
+    if len(data) < len(PREFACE):
+        return len(PREFACE)
+    pos = len(PREFACE)
+    while len(data) - pos >= FRAME_HEADER:
+        pos += FRAME_HEADER + int.from_bytes(data[pos : pos + 3], "big")
+    return max(pos + FRAME_HEADER if pos <= len(data) else pos, len(data) + 1)
+
+
 def preface_complete(data: bytes) -> bool:
     """The magic and the client's first SETTINGS frame are all here."""
     if not data.startswith(PREFACE):

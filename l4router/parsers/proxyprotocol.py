@@ -31,7 +31,7 @@ class ProxyHeader:
     fields: dict[str, Any] = attrs.field(factory=dict)  # v2 TLVs as route fields: pp_authority, ...
 
 
-def starts_with_header(data: bytes) -> bool:
+def starts_with_header(data: bytes | bytearray) -> bool:
     """The bytes begin with a whole v1 or v2 signature."""
     return data.startswith(V1_PREFIX) or data.startswith(V2_SIGNATURE)
 

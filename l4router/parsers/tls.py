@@ -101,6 +101,19 @@ def parse_client_hello_message(data: bytes) -> ClientHello | Incomplete | Invali
         return Invalid(f"malformed ClientHello: {exc}")
 
 
+def client_hello_bytes_needed(data: bytes) -> int:
+    """For a flight parse_client_hello calls INCOMPLETE: the length it must reach before the
+    answer can change. In the first record that is the end of the record or of the
+    ClientHello, whichever comes first; past it (a ClientHello spread over records, rare),
+    one byte more."""
+    more = len(data) + 1
+    if len(data) < RECORD_HEADER + 4:
+        return more
+    record_end = RECORD_HEADER + int.from_bytes(data[3:5], "big")
+    hello_end = RECORD_HEADER + 4 + int.from_bytes(data[6:9], "big")
+    return max(more, min(record_end, hello_end)) if len(data) < record_end else more
+
+
 def _reassemble(data: bytes) -> bytes | Incomplete | Invalid:
     """The whole ClientHello handshake body (after its 4-byte header) gathered from records."""
     fragments: list[bytes] = []

@@ -13,7 +13,12 @@ from zope.interface import implementer
 from l4router.detection import NEED_MORE, IProtocolDetector, ProtocolDetector
 from l4router.detection.verdicts import verdict
 from l4router.parsers import INCOMPLETE
-from l4router.parsers.http2 import EMPTY_SETTINGS, SettingsAckStripper, preface_complete
+from l4router.parsers.http2 import (
+    EMPTY_SETTINGS,
+    SettingsAckStripper,
+    frames_bytes_needed,
+    preface_complete,
+)
 from l4router.parsers.soap import media_type
 
 H2_FIELDS = ("authority", "path", "method", "scheme", "content_type")
@@ -49,6 +54,9 @@ class HTTP2Detector(ProtocolDetector):
 
     def request(self, peek):
         return peek.h2_first_headers
+
+    def bytes_needed(self, peek):
+        return frames_bytes_needed(peek.data)
 
     def elicit(self, peek):
         if peek.h2_first_headers is INCOMPLETE and preface_complete(peek.data):

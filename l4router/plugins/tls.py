@@ -5,7 +5,12 @@ from zope.interface import implementer
 
 from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, ProtocolDetector
 from l4router.parsers import INCOMPLETE
-from l4router.parsers.tls import ClientHello, parse_truncated_client_hello, version_name
+from l4router.parsers.tls import (
+    ClientHello,
+    client_hello_bytes_needed,
+    parse_truncated_client_hello,
+    version_name,
+)
 
 
 @implementer(IPlugin, IProtocolDetector)
@@ -23,6 +28,9 @@ class TLSDetector(ProtocolDetector):
         if not isinstance(hello, ClientHello):
             return NO_MATCH
         return Match(hello_fields(hello))
+
+    def bytes_needed(self, peek):
+        return client_hello_bytes_needed(peek.data)
 
     def detect_truncated(self, peek):
         """A ClientHello longer than detect.max_bytes (or cut by the client) is TLS all the
