@@ -243,7 +243,7 @@ class Relay:
             return
         self.lost.add(side)
         if self.reason is None:
-            clean = reason is None or reason.check(ConnectionDone) is not None
+            clean = reason is None or isinstance(reason.value, ConnectionDone)
             if side is self.client:
                 self.reason = Reason.CLIENT_CLOSED if clean else Reason.CLIENT_RESET
             else:

@@ -110,7 +110,7 @@ class InboundConnection(Protocol):
         self._cancel_detect_timer()
         if self._connecting is not None:
             self._connecting.cancel()
-        clean = reason is None or reason.check(ConnectionDone) is not None
+        clean = reason is None or isinstance(reason.value, ConnectionDone)
         self._end(
             self.close_reason or (Reason.CLIENT_CLOSED_EARLY if clean else Reason.CLIENT_RESET)
         )
