@@ -1,5 +1,6 @@
 """`workers: N`: the real supervising twistd and its worker processes on loopback."""
 
+import collections
 import json
 import os
 import signal
@@ -463,6 +464,33 @@ def test_max_connections_is_shared_by_the_workers(tmp_path):
             release.set()
     # Exactly 50 in all, whichever workers took them (one source: one worker, steered).
     assert relayed == 50 and accepted == 50
+
+
+@pytest.mark.parametrize("per_source_limit", [False, True])
+def test_one_source_uses_every_worker_unless_a_per_source_limit_steers_it(
+    tmp_path, per_source_limit
+):
+    """Steering by source is for exact per-source limits; without one, the kernel's hash of
+    the address pair spreads even one busy source (a balancer, a benchmark) over the workers."""
+    with Backend("echo", echo) as backend:
+        port = free_port()
+        config = stream_config(port, backend.port)
+        if per_source_limit:
+            config = config.replace(
+                "    default: app", "    default: app\n    max_connections_per_source: 100"
+            )
+        with Router(tmp_path, config, workers=2) as router:
+            for index in range(40):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                    client.sendall(b"ping %d" % index)
+                    client.shutdown(socket.SHUT_WR)
+                    assert read_to_end(client)[1] == len(b"ping %d" % index)
+            events = router.wait_access_events(40)
+    workers = collections.Counter(e["worker"] for e in events)
+    if per_source_limit:
+        assert len(workers) == 1, workers
+    else:
+        assert set(workers) == {0, 1}, workers
 
 
 def test_a_worker_killed_while_it_starts_is_restarted(tmp_path):

@@ -129,9 +129,24 @@ def sockets_per_worker(config, held):
     return sockets
 
 
+def needs_steering(listener):
+    """Per-source limits are exact only if one worker sees all of a source; a UDP client
+    that moves to a new port (QUIC, NAT rebinding) must reach the worker holding its session.
+    Anything else is spread by the kernel's hash of the whole address pair, which also spreads
+    the many connections of one busy source (a load balancer, a benchmark) over the workers."""
+    return (
+        listener.transport == "udp"
+        or listener.max_connections_per_source is not None
+        or listener.rate_per_source is not None
+    )
+
+
 def _steer(description, group, listener):
-    """Every connection of one source to one worker: per-source limits are then exact
-    (l4router.process.steering). A kernel that cannot leaves the spreading to its own hash."""
+    """Every connection of one source to one worker (l4router.process.steering), where the
+    listener needs it. A kernel that cannot leaves the spreading to its own hash. (A reload
+    that drops the listener's per-source limits leaves the program attached: still exact.)"""
+    if not needs_steering(listener):
+        return
     try:
         attach_source_steering(group[0], len(group), listener.ipv6_source_prefix)
     except OSError as exc:
