@@ -1,5 +1,8 @@
 """The inbound protocol and the relay, driven with StringTransport and MemoryReactorClock."""
 
+import gc
+import weakref
+
 import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
@@ -394,3 +397,26 @@ def test_per_source_limit_uses_the_source_from_the_header():
 @pytest.mark.parametrize("relay_class", [Relay, SpliceRelay])
 def test_both_relays_provide_the_one_relay_interface(relay_class):
     verifyClass(IRelay, relay_class)
+
+
+def test_an_ended_connection_is_freed_at_once_without_the_garbage_collector():
+    """No reference cycle is left behind (the relay and the connection, the connect attempt
+    and its Deferred): what a connection built is freed as it ends, not at a collection, whose
+    pauses would show in the latency's tail."""
+    harness = Harness()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        client, client_transport, backend, backend_transport = relayed(harness)
+        left = [weakref.ref(o) for o in (client, client.relay, backend, client.decision)]
+        client.readConnectionLost()
+        backend.readConnectionLost()
+        client.connectionLost(None)
+        backend.connectionLost(None)
+        assert harness.metric("l4router_connections_active", listener="edge") == 0
+        del client, client_transport, backend, backend_transport
+        harness.reactor.tcpClients.clear()  # the test's own record of the connect
+        assert [ref() for ref in left] == [None] * len(left)
+    finally:
+        if collecting:
+            gc.enable()

@@ -282,8 +282,9 @@ class _ConnectAttempt:
         self.done = defer.Deferred(self._cancel)
 
     def start(self):
+        done = self.done
         self._try()
-        return self.done
+        return done
 
     def _try(self):
         self.pending = None
@@ -292,12 +293,12 @@ class _ConnectAttempt:
         try:
             server = self.server = group.choose(self.source, self.tried)
         except BackendUnavailable:
-            self.done.errback()
+            self._take_done().errback()
             return
         server.acquire()
         spare = group.take_spare(server)
         if spare is not None:
-            self.done.callback((server, spare))
+            self._take_done().callback((server, spare))
             return
         group.metrics.connect_attempts.labels(group.name, server.label).inc()
         self.backend_side = BackendSide()
@@ -328,10 +329,12 @@ class _ConnectAttempt:
         group = self.group
         group._connect_seconds.observe(group.reactor.seconds() - self.started)
         group.passive_result(self.server, True, "connected")
-        self.done.callback((self.server, backend_side))
+        self.backend_side = None
+        self._take_done().callback((self.server, backend_side))
 
     def _failed(self, reason):
         self.connection = None
+        self.backend_side = None
         self.group.connect_deadlines.remove(self)
         server = self.server
         server.release()
@@ -342,7 +345,7 @@ class _ConnectAttempt:
         group.attempt_failed(server, self.attempt, reason)
         retry = group.config.retry
         if self.attempt >= retry.attempts:
-            self.done.errback(
+            self._take_done().errback(
                 BackendUnavailable(
                     group.name,
                     Reason.CONNECT_FAILED,
@@ -354,8 +357,15 @@ class _ConnectAttempt:
         delay = group.jittered(retry.backoff(self.attempt))
         self.pending = group.reactor.callLater(delay, self._try)
 
+    def _take_done(self):
+        """The Deferred, to fire once: the attempt then lets go of it (its canceller is a
+        method of the attempt, and a reference cycle is garbage only the collector finds)."""
+        done, self.done = self.done, None
+        return done
+
     def _cancel(self, _):
         self.cancelled = True
+        self.done = None  # Deferred.cancel fires it (CancelledError)
         cancel(self.pending)
         if self.connection is not None:
             self.connection.stop()  # calls _failed, which releases

@@ -196,6 +196,11 @@ class _OneConnect:
         self.timeout = reactor.callLater(timeout, self.connection.fail, error.TimeoutError())
         return self.done
 
+    def _take_done(self):
+        """Fired once, then let go of (its canceller is a method of this: a cycle)."""
+        done, self.done = self.done, None
+        return done
+
     def _cancel(self, _):
         self.cancelled = True  # the client left: its Deferred gets CancelledError
         self.connection.stop()
@@ -203,7 +208,7 @@ class _OneConnect:
     def connected(self, side):
         side.on_connected = None
         cancel(self.timeout)
-        self.done.callback((self.server, side))
+        self._take_done().callback((self.server, side))
 
     def failed(self, reason):
         cancel(self.timeout)
@@ -216,7 +221,7 @@ class _OneConnect:
                 if reason.check(error.TimeoutError)
                 else "error"
             )
-            self.done.errback(
+            self._take_done().errback(
                 BackendUnavailable(
                     self.server.group.name, Reason.CONNECT_FAILED, f"{self.server.label}: {kind}"
                 )

@@ -61,7 +61,7 @@ class OutboundConnection(tcp.Connection):
         abstract.FileDescriptor.__init__(self, reactor=reactor)
         self.protocol = protocol
         self.host, self.port = host, port
-        self._failed = failed
+        self._failed: Callable[[Failure], object] | None = failed
         try:
             family, target = _socket_address(host, port)
             self.socket = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -92,6 +92,7 @@ class OutboundConnection(tcp.Connection):
         if not self._connecting:
             return super().doWrite()
         self._connecting = False
+        self._failed = None  # never needed again: a reference cycle less to collect
         self.connected = True
         self.stopWriting()
         self.startReading()
@@ -106,7 +107,9 @@ class OutboundConnection(tcp.Connection):
         if self._opened:
             self.stopWriting()
             self.socket.close()
-        self._failed(Failure(exc))
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            failed(Failure(exc))
 
     def stop(self) -> None:
         """Cancel the attempt (the client left): `failed` is called, as for Twisted's

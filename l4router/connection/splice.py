@@ -123,6 +123,7 @@ class _Socket:
         transport.stopWriting()
         for name in ("doRead", "doWrite"):
             transport.__dict__.pop(name, None)
+        self.relay = None  # no cycle left for the collector to find
 
 
 class SpliceRelay:  # provides relay.IRelay (declared there: relay.py imports this module)
