@@ -15,8 +15,6 @@ from l4router.connection.splice import AVAILABLE as SPLICE_AVAILABLE
 from l4router.connection.splice import SpliceRelay
 from l4router.twisted_private import buffered, close_flushed, half_close, write_now
 
-# Close reasons (the `reason` label of l4router_connections_closed_total).
-
 SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeouts
 # A relay copies until a direction shows bulk: SPLICE_AFTER bytes carried and a single read of
 # SPLICE_CHUNK or more. Then it splices (where it may). A short answer, or a keep-alive stream

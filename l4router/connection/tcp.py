@@ -30,8 +30,6 @@ from l4router.errors import BackendUnavailable
 
 log = Logger()
 
-# Close reasons of connections that never reached a relay.
-
 _connection_ids = itertools.count(1)
 _PROCESS_ID = secrets.token_hex(4)  # makes connection ids unique beyond this process
 # A client that waits for the server (grpcio) is drawn out once it has been quiet this long;
@@ -133,9 +131,8 @@ class InboundConnection(Protocol):
         elif kind == HEADER:
             self._take_source(step.header)
         else:
-            if (
-                step.reason == Reason.PROXY_UNTRUSTED
-            ):  # someone claims an address not theirs: logged
+            if step.reason == Reason.PROXY_UNTRUSTED:
+                # Someone claims an address not theirs: logged.
                 self.factory.refusals.event(Reason.PROXY_UNTRUSTED, self.factory.log_refusals)
             self._reject(step.reason)
 
