@@ -1,7 +1,14 @@
 """`twistd l4router`: command-line options and the assembly of the Service tree."""
 
-import json
 import sys
+
+# l4router never speaks TLS itself (it relays TLS; it listens and serves its admin site on
+# plain sockets), but Twisted's TCP support loads pyOpenSSL for startTLS when it can, and with
+# it cryptography's bindings: ~12 MiB more in the supervisor. Unless something loaded it
+# already, it is made unavailable, before the imports below reach twisted.internet.tcp.
+sys.modules.setdefault("OpenSSL", None)  # type: ignore[arg-type]  # None: "cannot import"
+
+import json
 from importlib import resources
 
 import attrs
@@ -66,7 +73,6 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        keep_pyopenssl_out()
         install_unless_chosen()
         self.detectors = installed_detectors()
         if self["list-detectors"]:
@@ -97,13 +103,6 @@ class Options(usage.Options):
                 f"listeners, {len(self.loaded.backends)} backends\n"
             )
             raise SystemExit(0)
-
-
-def keep_pyopenssl_out():
-    """l4router never speaks TLS itself (it relays TLS; it listens and serves its admin site
-    on plain sockets), but Twisted's TCP support loads pyOpenSSL for startTLS when it can:
-    12 MiB in every process. Unless something loaded it already, it is made unavailable."""
-    sys.modules.setdefault("OpenSSL", None)
 
 
 def describe_detectors(detectors):
