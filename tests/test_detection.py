@@ -8,7 +8,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, Peek
-from l4router.detection.decision import DetectorSet
+from l4router.detection.decision import DetectorSet, Progress
 from l4router.detection.registry import detectors_for, installed_detectors
 from tests.captures import EXPECTED, capture
 
@@ -60,6 +60,33 @@ def test_a_raising_or_lying_detector_is_skipped_for_good():
     assert detectors.decide(Peek(b"x")).protocol == "fine"
     assert detectors.decide(Peek(b"x")).protocol == "fine"
     assert (broken.asked, liar.asked) == (1, 1)
+
+
+class BadHint(Scripted):
+    """Needs more, and its bytes_needed raises (or says something that is not a length)."""
+
+    def __init__(self, name, priority, hint):
+        super().__init__(name, priority, NEED_MORE)
+        self.hint = hint
+        self.hinted = 0
+
+    def bytes_needed(self, peek):
+        self.hinted += 1
+        if isinstance(self.hint, Exception):
+            raise self.hint
+        return self.hint
+
+
+def test_a_length_that_is_no_length_means_one_byte_more_and_a_raising_one_is_not_asked_again():
+    for hint, asked_again in ((ValueError("boom"), False), ("soon", True), (0, True)):
+        detector = BadHint("hinting", 1, hint)
+        detectors = DetectorSet([detector])
+        for size in (1, 2, 3):
+            progress = Progress()
+            assert detectors.decide(Peek(b"x" * size), progress=progress) is None
+            assert progress.needed == size + 1
+        assert detector.hinted == (3 if asked_again else 1)
+        assert detectors.decide(Peek(b"xyz"), final=True).protocol == "unknown"
 
 
 def test_installed_detectors_on_every_capture_and_prefix():

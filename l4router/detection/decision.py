@@ -63,6 +63,7 @@ class DetectorSet:
     def __init__(self, detectors: Iterable[Any]) -> None:
         self.detectors = tuple(sorted(map(complete, detectors), key=lambda d: (d.priority, d.name)))
         self._failed: set[str] = set()
+        self._unhinted: set[str] = set()  # detectors whose bytes_needed raised: not asked
         self._by_first_byte = [
             tuple(d for d in self.detectors if d.first_bytes is None or byte in d.first_bytes)
             for byte in range(256)
@@ -124,10 +125,16 @@ class DetectorSet:
         """What `detector` says the flight must reach before asking it again (at least one
         byte more; a plugin that fails here is asked at every byte)."""
         more = len(peek.data) + 1
+        if detector.name in self._unhinted:
+            return more
         try:
             needed = detector.bytes_needed(peek)
         except Exception:
-            log.failure("Detector {detector}'s bytes_needed raised", detector=detector.name)
+            self._unhinted.add(detector.name)
+            log.failure(
+                "Detector {detector}'s bytes_needed raised; it is asked at every byte from now on",
+                detector=detector.name,
+            )
             return more
         return needed if isinstance(needed, int) and needed > more else more
 
