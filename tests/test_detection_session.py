@@ -122,6 +122,18 @@ def test_a_waiting_grpc_client_is_elicited_and_its_ack_is_removed_from_the_repla
     assert rewriter is not None
 
 
+def test_once_elicited_a_client_sending_the_rest_byte_by_byte_is_never_offered_it_again():
+    silent = capture("grpc_python_silent.bin")
+    flight = capture("grpc_python.bin")
+    detection = session()
+    step = detection.feed(silent)
+    detection.elicit(step.offer)
+    steps = [detection.feed(flight[i : i + 1]) for i in range(len(silent), len(flight))]
+    decided = [s for s in steps if s.kind != WAIT]
+    assert [s.kind for s in decided] == [DECIDED]
+    assert decided[0].decision.protocol == "grpc"
+
+
 def test_max_bytes_ends_detection_and_then_pauses_reading_while_connecting():
     detection = session(max_bytes=64)
     head = b"GET /" + b"a" * 100

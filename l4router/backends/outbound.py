@@ -76,8 +76,8 @@ class OutboundConnection(tcp.Connection):
                     self.socket.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
                 self.socket.bind((source, 0))
             code = self.socket.connect_ex(target)
-        except OSError as exc:  # no descriptor left; EPERM without CAP_NET_ADMIN; a source
-            # of the other family
+        except OSError as exc:
+            # No descriptor left; EPERM without CAP_NET_ADMIN; a source of the other family.
             self._fail_later(error.ConnectError(string=str(exc)))
             return
         if code not in _IN_PROGRESS:

@@ -128,6 +128,10 @@ class DetectionSession:
     def elicit(self, offer: tuple[Any, bytes]) -> bytes:
         """The ELICIT step's offer is being sent now: what to write to the client."""
         self.elicited_by, self.elicited = offer
+        # Asked once: the next look offers nothing, and is made at the next bytes (what the
+        # detectors see now includes what was sent).
+        self._undecided = _WAIT
+        self.progress.needed = 0
         return self.elicited
 
     def replay(self) -> tuple[bytes, Any]:
