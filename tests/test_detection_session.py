@@ -134,6 +134,18 @@ def test_once_elicited_a_client_sending_the_rest_byte_by_byte_is_never_offered_i
     assert decided[0].decision.protocol == "grpc"
 
 
+@pytest.mark.parametrize("request_line", [b"PUT / HTTP/1.0\r\n\r\n", b"POST / HTTP/1.0\r\n\r\n"])
+def test_a_short_request_that_starts_like_the_http2_preface_is_decided_in_two_segments(
+    request_line,
+):
+    """'P' could begin the HTTP/2 preface; the next byte off it is answered at once, not at
+    the preface's length (which this whole request is shorter than)."""
+    detection = session()
+    assert detection.feed(request_line[:1]).kind == WAIT
+    step = detection.feed(request_line[1:])
+    assert step.kind == DECIDED and step.decision.protocol == "http1"
+
+
 def test_max_bytes_ends_detection_and_then_pauses_reading_while_connecting():
     detection = session(max_bytes=64)
     head = b"GET /" + b"a" * 100

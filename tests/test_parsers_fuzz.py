@@ -93,3 +93,38 @@ def test_results_are_typed():
                 or isinstance(result, Invalid)
                 or type(result).__module__.startswith("l4router.parsers")
             )
+
+
+# The length a parser names for an INCOMPLETE flight is never past a change of its answer: any
+# bytes added short of it leave it INCOMPLETE (and for HTTP/2, the SETTINGS offer unchanged).
+NEEDED = {
+    "tls": (tls.parse_client_hello, tls.client_hello_bytes_needed, lambda data: None),
+    "http2": (http2.parse_first_request, http2.frames_bytes_needed, http2.preface_complete),
+}
+FLIGHTS = {"tls": "tls_curl.bin", "http2": "h2c_curl.bin"}
+
+
+@pytest.mark.parametrize("name", sorted(NEEDED))
+@settings(max_examples=400, deadline=None)
+@given(
+    cut=st.integers(min_value=0),
+    position=st.integers(min_value=0),
+    patch=st.binary(max_size=6),
+    more=st.binary(max_size=2000),
+)
+def test_the_length_named_for_an_incomplete_flight_is_never_past_a_change(
+    name, cut, position, patch, more
+):
+    parse, needed_for, offer = NEEDED[name]
+    flight = capture(FLIGHTS[name])
+    position %= len(flight)
+    mutated = flight[:position] + patch + flight[position + len(patch) :]
+    data = mutated[: cut % (len(mutated) + 1)]
+    if parse(data) is not INCOMPLETE:
+        return
+    needed = needed_for(data)
+    assert needed > len(data)
+    longer = (data + more + mutated[len(data) :])[: needed - 1]
+    if len(longer) > len(data):
+        assert parse(longer) is INCOMPLETE, (len(data), needed)
+        assert offer(longer) == offer(data) or not offer(data), (len(data), needed)

@@ -73,10 +73,10 @@ def _frames(data: bytes, start: int = len(PREFACE)) -> Iterator[tuple[int, int, 
 
 def frames_bytes_needed(data: bytes) -> int:
     """For a flight parse_first_request calls INCOMPLETE: the length it must reach before the
-    answer can change, the end of the preface or of the frame under way (frames are looked at
-    whole)."""
+    answer can change. Within the preface, one byte more (a byte off it is answered at once);
+    then the end of the frame under way (frames are looked at whole)."""
     if len(data) < len(PREFACE):
-        return len(PREFACE)
+        return len(data) + 1
     pos = len(PREFACE)
     while len(data) - pos >= FRAME_HEADER:
         pos += FRAME_HEADER + int.from_bytes(data[pos : pos + 3], "big")
