@@ -2,6 +2,8 @@
 header in pieces, elicitation and the replay, max_bytes, datagrams, end of stream and timeout."""
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from l4router.connection.reasons import Reason
 from l4router.detection.decision import DetectorSet
@@ -242,3 +244,42 @@ def test_the_length_a_detector_names_is_never_past_where_its_answer_changes(name
             if needed - 1 > cut:  # still waiting, and offering the same, one byte short of it
                 assert detector.detect(before) is NEED_MORE, (cut, needed)
                 assert detector.elicit(before) == detector.elicit(peek), (cut, needed)
+
+
+SHORT_FLIGHTS = [
+    b"PUT / HTTP/1.0\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",
+    b"SSH-2.0-x\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("source", SPOKEN_FIRST + SHORT_FLIGHTS)
+@settings(max_examples=60, deadline=None)
+@given(
+    cut=st.integers(min_value=0), cuts=st.lists(st.integers(min_value=1, max_value=64), max_size=40)
+)
+@example(cut=0, cuts=[1])  # the first byte alone (once held a short PUT until the timeout)
+def test_any_segmentation_decides_as_soon_and_as_the_whole_flight(source, cut, cuts):
+    """Fed in any segments, a flight (or any prefix of it) is decided as it is fed whole: with
+    the same decision, and before its end of stream exactly when the whole one is."""
+    flight = capture(source) if isinstance(source, str) else source
+    flight = flight[: cut % (len(flight) + 1)] or flight
+    whole = session()
+    expected = whole.feed(flight)
+    decided_early = expected.kind in (DECIDED, REFUSED)
+    if not decided_early:
+        expected = whole.end_of_stream()
+    segmented = session()
+    pieces, start = [], 0
+    for size in cuts:
+        pieces.append(flight[start : start + size])
+        start += size
+    pieces.append(flight[start:])
+    steps = [segmented.feed(piece) for piece in pieces if piece]
+    final = [s for s in steps if s.kind in (DECIDED, REFUSED)]
+    assert bool(final) == decided_early
+    if not final:
+        final = [segmented.end_of_stream()]
+    assert (final[0].kind, final[0].decision) == (expected.kind, expected.decision)
