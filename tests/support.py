@@ -29,6 +29,14 @@ def free_port(host=LOOPBACK):
         return probe.getsockname()[1]
 
 
+def started_daemon(target, *args):
+    """A started daemon thread running target(*args): a test that fails before joining it
+    does not keep the run alive (join it with a timeout where the test waits for it)."""
+    thread = threading.Thread(daemon=True, target=target, args=args)
+    thread.start()
+    return thread
+
+
 def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from tests.support import (
     listening,
     pseudo_random_stream,
     reply_with_name,
+    started_daemon,
     stream_digest,
     wait_until,
 )
@@ -224,10 +225,7 @@ def test_a_stream_longer_than_shutdown_timeout_is_aborted_at_the_timeout(tmp_pat
         port = free_port()
         with Router(tmp_path, streaming_config(port, backend.port, "1s")) as router:
             results = {}
-            reader = threading.Thread(
-                daemon=True, target=paced_reader, args=(port, results, 0, 30.0)
-            )
-            reader.start()
+            reader = started_daemon(paced_reader, port, results, 0, 30.0)
             wait_until(lambda: backend.connections == 1, message="the relay")
             time.sleep(0.3)
             router.process.send_signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ from tests.support import (
     read_to_end,
     reply_with_name,
     send_stream,
+    started_daemon,
     stream_digest,
     wait_until,
 )
@@ -266,10 +267,7 @@ def test_256_mib_each_way_byte_exact(tmp_path, relay):
             with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
                 client.sendall(b"BULK")  # unknown protocol -> default
                 result = {}
-                reader = threading.Thread(
-                    daemon=True, target=lambda: result.update(down=read_to_end(client))
-                )
-                reader.start()
+                reader = started_daemon(lambda: result.update(down=read_to_end(client)))
                 send_stream(client, 1, SIZE)
                 client.shutdown(socket.SHUT_WR)
                 reader.join(120)

@@ -31,6 +31,7 @@ from tests.support import (
     pseudo_random_stream,
     read_to_end,
     reply_with_name,
+    started_daemon,
     stream_digest,
     wait_until,
 )
@@ -78,10 +79,7 @@ def duplex_backend(backend, connection):
     while not header.endswith(b"\n"):
         header += connection.recv(1)
     seed, up, down, half = (int(x) for x in header.split())
-    sender = threading.Thread(
-        daemon=True, target=_send_chunked, args=(connection, seed + 1, down, seed)
-    )
-    sender.start()
+    sender = started_daemon(_send_chunked, connection, seed + 1, down, seed)
     digest, count = hashlib.sha256(), 0
     while count < up:
         chunk = connection.recv(min(1 << 20, up - count))
@@ -114,10 +112,7 @@ def duplex_client(port, seed, up, down, half, results):
         with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
             client.sendall(b"%d %d %d %d\n" % (seed, up, down, int(half)))
             received = {}
-            reader = threading.Thread(
-                daemon=True, target=lambda: received.update(down=read_to_end(client))
-            )
-            reader.start()
+            reader = started_daemon(lambda: received.update(down=read_to_end(client)))
             _send_chunked(client, seed, up, seed + 7)
             if half:
                 client.shutdown(socket.SHUT_WR)
@@ -145,13 +140,9 @@ def test_integrity_of_concurrent_duplex_relays_through_reloads_and_a_drain(tmp_p
             results = {}
             started = time.monotonic()
             threads = [
-                threading.Thread(
-                    daemon=True, target=duplex_client, args=(port, seed, up, down, half, results)
-                )
+                started_daemon(duplex_client, port, seed, up, down, half, results)
                 for seed, (up, down, half) in sizes.items()
             ]
-            for thread in threads:
-                thread.start()
             wait_until(
                 lambda: (
                     router.metric("l4router_connections_accepted_total", listener="main") == relays
@@ -243,12 +234,7 @@ backends:
 """
         with Router(tmp_path, config) as router:
             results = {}
-            good = threading.Thread(
-                daemon=True,
-                target=duplex_client,
-                args=(port, 5000, 8 << 20, 8 << 20, True, results),
-            )
-            good.start()
+            good = started_daemon(duplex_client, port, 5000, 8 << 20, 8 << 20, True, results)
             outcomes = {}
 
             def fault_client(name):
