@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from l4router.backends.balancing import POLICIES
 from l4router.backends.discovery import discovery_for
 from l4router.backends.health import HealthChecker
-from l4router.backends.outbound import OutboundConnection
+from l4router.backends.outbound import OutboundConnection, failure_reason
 from l4router.backends.pool import ServerPool
 from l4router.backends.resolve import NameRefresher
 from l4router.backends.server import ServerState
@@ -21,21 +21,6 @@ from l4router.errors import BackendUnavailable
 from l4router.timers import Deadlines, cancel
 
 log = Logger()
-
-# Reasons a client gets no backend connection (close reasons and metric labels).
-
-
-def failure_reason(failure):
-    """A short label for why a connect failed: refused, timeout, unreachable, ..."""
-    for kind, label in (
-        (error.ConnectionRefusedError, "refused"),
-        (error.TimeoutError, "timeout"),
-        (error.DNSLookupError, "dns"),
-        (error.NoRouteError, "unreachable"),
-    ):
-        if failure.check(kind):
-            return label
-    return "error"
 
 
 class BackendGroup:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.names import dns
 
 from l4router.backends.discovery import dns_resolver
-from l4router.backends.outbound import OutboundConnection
+from l4router.backends.outbound import OutboundConnection, failure_reason
 from l4router.connection.reasons import Reason
 from l4router.connection.relay import BackendSide
 from l4router.errors import BackendUnavailable
@@ -214,15 +214,10 @@ class _OneConnect:
         cancel(self.timeout)
         self.server.release()
         if not self.cancelled:
-            kind = (
-                "refused"
-                if reason.check(error.ConnectionRefusedError)
-                else "timeout"
-                if reason.check(error.TimeoutError)
-                else "error"
-            )
             self._take_done().errback(
                 BackendUnavailable(
-                    self.server.group.name, Reason.CONNECT_FAILED, f"{self.server.label}: {kind}"
+                    self.server.group.name,
+                    Reason.CONNECT_FAILED,
+                    f"{self.server.label}: {failure_reason(reason)}",
                 )
             )

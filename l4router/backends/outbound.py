@@ -37,6 +37,19 @@ def _socket_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
     return socket.AF_INET6, (host, port, 0, 0)
 
 
+def failure_reason(failure: Failure) -> str:
+    """A short label for why a connect failed (metrics, logs): refused, timeout, ..."""
+    for kind, label in (
+        (error.ConnectionRefusedError, "refused"),
+        (error.TimeoutError, "timeout"),
+        (error.DNSLookupError, "dns"),
+        (error.NoRouteError, "unreachable"),
+    ):
+        if failure.check(kind):
+            return label
+    return "error"
+
+
 class OutboundConnection(tcp.Connection):
     """Connects at once to `host`:`port` (an IP literal), from `source` when given (transparent
     mode: the client's own address, with IP_TRANSPARENT). `protocol.makeConnection` is called
