@@ -77,7 +77,11 @@ def workers_used(router):
 def test_max_connections_admits_exactly_its_value_over_all_workers(tmp_path, workers):
     with HeldBackend() as backend:
         port = free_port()
-        config = limits_config(port, backend, "max_connections: 5")
+        # A per-source limit that never binds has connections steered by source, so the four
+        # first sources land on more than one worker every time (unsteered, the kernel's hash
+        # of the address pair may put all four on one).
+        limits = "max_connections: 5\n    max_connections_per_source: 100"
+        config = limits_config(port, backend, limits)
         with Router(tmp_path, config, workers=workers) as router:
             for attempt in range(3):  # every time, not once
                 # Four first (they land on more than one worker), then sixteen more.
