@@ -12,8 +12,18 @@ import socket
 # per chunk, and a FIN or a close without the registrations Twisted makes first.
 
 
+# l4router's own Streams (l4router.connection.stream) send at once, pass a FIN on and close
+# as these helpers do for Twisted's transports: for them each helper is the plain method.
+
+
+def _is_stream(transport):
+    return getattr(transport, "sends_at_once", False)
+
+
 def buffered(transport):
     """Bytes a Twisted transport holds for its socket (its private write buffers)."""
+    if _is_stream(transport):
+        return len(transport.pending)
     try:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:  # not a FileDescriptor (an in-memory transport): nothing held
@@ -25,7 +35,7 @@ def half_close(transport):
     loseWriteConnection would register for writability, send nothing, shut down and
     unregister: three more system calls."""
     sock = getattr(transport, "socket", None)
-    if sock is None or buffered(transport):
+    if sock is None or _is_stream(transport) or buffered(transport):
         transport.loseWriteConnection()
         return
     try:
@@ -40,6 +50,9 @@ def close_flushed(transport):
     and with close() alone. Twisted's loseConnection would first register for writability
     and send nothing, then shutdown(2) before close() (which its own comment calls
     unnecessary for a socket no other process holds)."""
+    if _is_stream(transport):
+        transport.loseConnection()
+        return
     if getattr(transport, "socket", None) is not None and not buffered(transport):
         transport._writeDisconnected = True  # nothing to flush: loseConnection closes now
         transport._shouldShutdown = False
@@ -54,6 +67,9 @@ def write_now(transport, data):
     relayed chunk. When nothing is buffered (order is kept), the socket gets the bytes now;
     only what it does not take goes through the transport, which also finds any error.
     """
+    if _is_stream(transport):
+        transport.write(data)
+        return
     sock = getattr(transport, "socket", None)
     if (
         sock is not None

@@ -6,8 +6,8 @@ before connecting and again after, and calls connect() a second time to learn th
 succeeded: for a proxy that connects once per client, most of what a new connection costs in
 Python. Here the socket is non-blocking from its socket() call, the connect starts at once,
 and the first writability says it succeeded (a failed connect is an error event instead, and
-only then is SO_ERROR asked for its errno). Once connected it is Twisted's own TCP connection:
-the relays, the splice and the reactor treat it like any other.
+only then is SO_ERROR asked for its errno). Once connected it is a Stream
+(l4router.connection.stream), like the client it is made for.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
-from twisted.internet import abstract, address, error, tcp
-from twisted.internet.interfaces import IProtocol, IReactorFDSet
+from twisted.internet import address, error
 from twisted.python.failure import Failure
+
+from l4router.connection.stream import Stream
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
@@ -50,29 +52,28 @@ def failure_reason(failure: Failure) -> str:
     return "error"
 
 
-class OutboundConnection(tcp.Connection):
+class OutboundConnection(Stream):
     """Connects at once to `host`:`port` (an IP literal), from `source` when given (transparent
     mode: the client's own address, with IP_TRANSPARENT). `protocol.makeConnection` is called
     once connected; `failed(failure)` once if it never is (refused, `fail()` from a timeout,
     `stop()` from a cancel). Every failure is reported on a later turn of the loop or from an
     event, never from within the constructor."""
 
-    logstr = "l4router.backend"
     _connecting = True
     _opened = False  # it has a socket (making one can fail: no descriptor left)
 
     def __init__(
         self,
-        reactor: IReactorFDSet,
+        reactor: Any,
         host: str,
         port: int,
-        protocol: IProtocol,
+        protocol: Any,
         failed: Callable[[Failure], object],
         source: str | None = None,
     ) -> None:
-        # Not tcp.Connection.__init__: it would set O_NONBLOCK again (an ioctl).
-        abstract.FileDescriptor.__init__(self, reactor=reactor)
+        self.reactor = reactor
         self.protocol = protocol
+        self.pending = bytearray()
         self.host, self.port = host, port
         self._failed: Callable[[Failure], object] | None = failed
         try:
@@ -96,21 +97,19 @@ class OutboundConnection(tcp.Connection):
         if code not in _IN_PROGRESS:
             self._fail_later(error.getConnectError((code, os.strerror(code))))
             return
-        self.startWriting()  # writable once the connect has succeeded
+        reactor.addWriter(self)  # writable once the connect has succeeded
 
     def _fail_later(self, exc: Exception) -> None:
         self.reactor.callLater(0, self.fail, exc)  # type: ignore[attr-defined]
 
-    def doWrite(self):  # type: ignore[no-untyped-def]
+    def doWrite(self) -> None:
         if not self._connecting:
-            return super().doWrite()
+            super().doWrite()
+            return
         self._connecting = False
         self._failed = None  # never needed again: a reference cycle less to collect
-        self.connected = True
-        self.stopWriting()
-        self.startReading()
-        self.protocol.makeConnection(self)
-        return None
+        self.reactor.removeWriter(self)
+        self.start()
 
     def fail(self, exc: Exception) -> None:
         """End the attempt if it has not connected: `failed` is called with `exc`."""
@@ -118,7 +117,7 @@ class OutboundConnection(tcp.Connection):
             return
         self._connecting = False
         if self._opened:
-            self.stopWriting()
+            self.reactor.removeWriter(self)
             self.socket.close()
         failed, self._failed = self._failed, None
         if failed is not None:
@@ -143,8 +142,3 @@ class OutboundConnection(tcp.Connection):
     def getPeer(self) -> address.IPv4Address | address.IPv6Address:
         kind = address.IPv6Address if ":" in self.host else address.IPv4Address
         return kind("TCP", self.host, self.port)
-
-    def getHost(self) -> address.IPv4Address | address.IPv6Address:
-        host, port = self.socket.getsockname()[:2]
-        kind = address.IPv6Address if ":" in host else address.IPv4Address
-        return kind("TCP", host, port)

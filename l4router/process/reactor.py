@@ -30,14 +30,19 @@ from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
+from l4router.connection.stream import Stream
+
 log = Logger()
 
 _ALWAYS = EPOLLERR | EPOLLHUP  # reported whatever the registration asks for
 
 
+_OWN_SOCKETS = (Connection, Stream)  # TCP connections: their sockets are this process's alone
+
+
 def _closed(owner) -> bool:
     """A TCP connection whose socket is closed: closing took it out of epoll already."""
-    return isinstance(owner, Connection) and owner.fileno() == -1
+    return isinstance(owner, _OWN_SOCKETS) and owner.fileno() == -1
 
 
 class LeanEPollReactor(EPollReactor):
@@ -135,7 +140,7 @@ class LeanEPollReactor(EPollReactor):
         wanted = self._wanted(fd)
         if not wanted:
             del selectables[fd]
-        if not isinstance(xer, Connection):
+        if not isinstance(xer, _OWN_SOCKETS):
             self._register(fd, wanted, xer)
         elif getattr(xer, "disconnected", False):
             # Closing: its other interest goes next (FileDescriptor.connectionLost stops

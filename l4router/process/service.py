@@ -63,6 +63,8 @@ class PortsService(Service):
     """Binds a factory on endpoint descriptions before privileges are dropped, or adopts the
     sockets a supervisor handed down for them (`inherited`: description -> fd)."""
 
+    streams = False  # TCP clients on l4router's own Streams (l4router.connection.stream)
+
     def __init__(self, reactor, descriptions, factory, inherited=None):
         self.reactor = reactor
         self.descriptions = descriptions
@@ -78,7 +80,7 @@ class PortsService(Service):
                 port = (
                     self.bind(description)
                     if fd is None
-                    else adopt(self.reactor, description, fd, self.factory)
+                    else adopt(self.reactor, description, fd, self.factory, self.streams)
                 )
                 no_delay_for_accepted(port)
                 self.ports.append(port)
@@ -91,7 +93,7 @@ class PortsService(Service):
             # Bound here and adopted: Twisted shuts down the sockets it binds itself when it
             # stops listening, which would close them for a successor (l4router.process.upgrade).
             sock = bind_reuseport(description, 1, reuse_port=False)[0]
-            return adopt(self.reactor, description, sock.detach(), self.factory)
+            return adopt(self.reactor, description, sock.detach(), self.factory, self.streams)
         return bind_now(self.reactor, description, self.factory)
 
     def addresses(self):
@@ -134,6 +136,8 @@ class AdminService(PortsService):
 
 class ListenerService(PortsService):
     """One listener: on stop, stop accepting, wait for its connections, abort what is left."""
+
+    streams = True
 
     def __init__(self, reactor, listener, factory, shutdown_timeout, inherited=None):
         super().__init__(reactor, listener.listen, factory, inherited)

@@ -12,6 +12,7 @@ import socket
 
 from twisted.logger import Logger
 
+from l4router.connection.stream import listen_stream
 from l4router.errors import BindFailed
 from l4router.process.steering import attach_source_steering
 from l4router.twisted_private import endpoint_address
@@ -88,10 +89,13 @@ def systemd_socket(description):
     return sock  # accept would otherwise block in accept()
 
 
-def adopt(reactor, description, fd, factory_or_protocol):
+def adopt(reactor, description, fd, factory_or_protocol, streams=False):
     """Run a listener on a socket the supervisor handed down. The reactor works on a
     duplicate; the original is closed, so that when the port stops listening this worker's
-    hold on the socket really ends (the supervisor keeps its own for a successor)."""
+    hold on the socket really ends (the supervisor keeps its own for a successor).
+
+    `streams`: a TCP socket's clients become l4router's own Streams
+    (l4router.connection.stream) instead of Twisted's transports."""
     probe = socket.socket(fileno=fd)  # what the socket is, whatever its description
     family, kind = probe.family, probe.type
     probe.detach()
@@ -100,6 +104,8 @@ def adopt(reactor, description, fd, factory_or_protocol):
             return reactor.adoptDatagramPort(
                 fd, family, factory_or_protocol, maxPacketSize=MAX_DATAGRAM
             )
+        if streams and family in (socket.AF_INET, socket.AF_INET6):
+            return listen_stream(reactor, socket.fromfd(fd, family, kind), factory_or_protocol)
         return reactor.adoptStreamPort(fd, family, factory_or_protocol)
     finally:
         os.close(fd)

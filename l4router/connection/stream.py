@@ -1,0 +1,369 @@
+"""TCP connections and listening sockets of l4router's own, below Twisted's transports.
+
+For a proxy whose connections mostly carry one request, Twisted's tcp.Server and Port cost
+a third of a connection's CPU around the system calls themselves: a log prefix built per
+connection, every end passed through `_disconnectSelectable` with a Failure and a zope
+adaptation for the half-close, writes buffered until the next turn of the loop. A Stream is
+one object per socket, registered with the reactor as its own read and write descriptor: it
+hands what it reads to its protocol, sends at once what the socket takes (buffering only the
+rest), passes a FIN on with one shutdown and closes with one close.
+
+It provides what l4router's protocols, relays, pool and health checks use of a TCP
+transport (ITCPTransport, and a push producer for the other side of a relay), with one
+difference on purpose: `loseConnection` with nothing left to send closes at once, and
+the protocol's `connectionLost` is called before it returns (Twisted waits a turn of the
+loop). An accepted socket stays in blocking mode (no ioctl per connection): every send and
+recv passes MSG_DONTWAIT instead; `make_non_blocking` is for what splices it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Any
+
+from twisted.internet import address, defer, error
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    IListeningPort,
+    IPushProducer,
+    IReadWriteDescriptor,
+    ITCPTransport,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
+
+READ_SIZE = 64 * 1024
+WRITE_BUFFER = 64 * 1024  # buffered past this, the registered producer is paused
+ACCEPTS_PER_EVENT = 64  # a burst of clients is taken a few dozen at a time, between events
+_DONTWAIT = socket.MSG_DONTWAIT
+_DONE = Failure(error.ConnectionDone())
+_LOST = Failure(error.ConnectionLost())
+_HALF_CLOSEABLE: dict[type, bool] = {}
+_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+
+
+def _half_closeable(protocol: Any) -> bool:
+    kind = type(protocol)
+    known = _HALF_CLOSEABLE.get(kind)
+    if known is None:
+        known = _HALF_CLOSEABLE[kind] = IHalfCloseableProtocol.implementedBy(kind)
+    return known
+
+
+def _address(host: str, port: int) -> address.IPv4Address | address.IPv6Address:
+    kind = address.IPv6Address if ":" in host else address.IPv4Address
+    return kind("TCP", host, port)
+
+
+def _peer_address(peer: tuple) -> address.IPv4Address | address.IPv6Address:
+    """Twisted's address of what accept() returned (a scoped IPv6 host keeps its %zone)."""
+    if len(peer) == 4 and peer[3]:
+        host, _ = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+        return address.IPv6Address("TCP", host, peer[1])
+    return _address(peer[0], peer[1])
+
+
+@implementer(ITCPTransport, IReadWriteDescriptor, IHalfCloseableDescriptor, IPushProducer)
+class Stream:
+    """One connected TCP socket and its protocol: see the module's doc."""
+
+    connected = False
+    disconnecting = False  # loseConnection was called with bytes still to send
+    disconnected = False
+    producer: Any = None  # the other side of a relay, paused while this one's buffer is full
+    _producer_paused = False
+    _write_closing = False  # a half-close waits for the buffer to empty
+    _write_closed = False
+    _aborting = False
+    _peer: address.IPv4Address | address.IPv6Address | None = None
+    sends_at_once = True  # twisted_private.write_now: a write is sent now, not next turn
+
+    def __init__(self, reactor: Any, sock: socket.socket, protocol: Any) -> None:
+        self.reactor = reactor
+        self.socket = sock
+        self.fileno = sock.fileno
+        self.protocol = protocol
+        self.pending = bytearray()  # what the socket has not taken yet, in order
+
+    def start(self) -> None:
+        """Connected: read, and tell the protocol."""
+        self.connected = True
+        self.reactor.addReader(self)
+        self.protocol.makeConnection(self)
+
+    def logPrefix(self) -> str:
+        return "l4router.stream"
+
+    # Reading
+
+    def doRead(self) -> None:
+        try:
+            data = self.socket.recv(READ_SIZE, _DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.connectionLost(Failure(error.ConnectionLost(str(exc))))
+            return
+        if data:
+            self.protocol.dataReceived(data)
+        else:
+            self.readConnectionLost(_DONE)
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        """The peer's FIN (or a hang-up the reactor saw while reading)."""
+        self.reactor.removeReader(self)
+        if _half_closeable(self.protocol):
+            self.protocol.readConnectionLost()  # type: ignore[attr-defined]
+        else:
+            self.connectionLost(reason)
+
+    # Writing
+
+    def write(self, data: bytes) -> None:
+        if not self.connected or self._write_closed or self._write_closing or not data:
+            return
+        if not self.pending:
+            try:
+                sent = self.socket.send(data, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the peer is gone: reading will say so
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.reactor.addWriter(self)
+        self.pending += data
+        if len(self.pending) > WRITE_BUFFER and self.producer is not None:
+            self._producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def doWrite(self) -> None:
+        pending = self.pending
+        if pending:
+            try:
+                sent = self.socket.send(pending, _DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.connectionLost(Failure(error.ConnectionLost(str(exc))))
+                return
+            del pending[:sent]  # a bytearray drops its front without copying the rest
+            if pending:
+                return
+        self.reactor.removeWriter(self)
+        if self._producer_paused:
+            self._producer_paused = False
+            self.producer.resumeProducing()
+        if self.disconnecting:
+            self._close(_DONE)
+        elif self._write_closing:
+            self._shut_write()
+
+    def loseWriteConnection(self) -> None:
+        """Send a FIN once everything written has gone."""
+        if self._write_closed or not self.connected:
+            return
+        if self.pending:
+            self._write_closing = True
+        else:
+            self._shut_write()
+
+    def _shut_write(self) -> None:
+        self._write_closing = False
+        self._write_closed = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:  # the peer is gone: reading will say so
+            pass
+        if _half_closeable(self.protocol):
+            self.protocol.writeConnectionLost()  # type: ignore[attr-defined]
+
+    # Ending
+
+    def loseConnection(self) -> None:
+        """Close once everything written has gone (at once, when nothing is buffered)."""
+        if not self.connected or self.disconnecting:
+            return
+        if self.pending and not self._write_closed:
+            self.disconnecting = True
+            self.reactor.removeReader(self)
+        else:
+            self._close(_DONE)
+
+    def abortConnection(self) -> None:
+        """Close now, with a reset, dropping what is buffered; the protocol hears of it on
+        the next turn of the loop, as from Twisted's transports."""
+        if not self.connected or self._aborting:
+            return
+        self._aborting = True
+        self.pending.clear()
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+        self.reactor.callLater(0, self._close, Failure(error.ConnectionAborted()))  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor saw the socket fail (or a protocol's callback raised): close now."""
+        self._close(reason)
+
+    def _close(self, reason: Failure) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        self.connected = False
+        self.producer = None  # the relay closes the other side itself, with its reason
+        reactor = self.reactor
+        reactor.removeReader(self)
+        reactor.removeWriter(self)
+        sock = self.socket
+        if self._aborting:
+            try:  # a reset, as Twisted's abortConnection sends
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        sock.close()
+        self.protocol.connectionLost(reason)
+
+    # A push producer (for the other side of a relay) and its consumer
+
+    def pauseProducing(self) -> None:
+        self.reactor.removeReader(self)
+
+    def resumeProducing(self) -> None:
+        if self.connected and not self.disconnecting:
+            self.reactor.addReader(self)
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self._producer_paused = False
+
+    # What the splice relay switches
+
+    def startReading(self) -> None:
+        self.reactor.addReader(self)
+
+    def stopReading(self) -> None:
+        self.reactor.removeReader(self)
+
+    def startWriting(self) -> None:
+        self.reactor.addWriter(self)
+
+    def stopWriting(self) -> None:
+        self.reactor.removeWriter(self)
+
+    def make_non_blocking(self) -> None:
+        """Needed before its descriptor is used without MSG_DONTWAIT (splice)."""
+        self.socket.setblocking(False)
+
+    # Addresses and options
+
+    def getPeer(self) -> address.IPv4Address | address.IPv6Address:
+        if self._peer is None:
+            self._peer = _peer_address(self.socket.getpeername())
+        return self._peer
+
+    def getHost(self) -> address.IPv4Address | address.IPv6Address:
+        host, port = self.socket.getsockname()[:2]
+        return _address(host, port)
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, enabled)
+
+
+@implementer(IListeningPort)
+class StreamPort:
+    """A listening TCP socket whose clients become Streams. The factory's `buildProtocol`
+    admits a client (a protocol) or refuses it (None: closed before anything is read)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, factory: Any) -> None:
+        self.reactor = reactor
+        self.socket = sock
+        self.fileno = sock.fileno
+        self.factory = factory
+        self.family = sock.family
+        self.listening = False
+
+    def startListening(self) -> None:
+        self.factory.doStart()
+        self.listening = True
+        self.reactor.addReader(self)
+
+    def stopListening(self) -> defer.Deferred[None]:
+        if self.listening:
+            self.listening = False
+            self.reactor.removeReader(self)
+            self.socket.close()
+            self.factory.doStop()
+        return defer.succeed(None)
+
+    def doRead(self) -> None:
+        accept = self.socket._accept  # type: ignore[attr-defined]  # (fd, address): no socket object yet
+        family = self.family
+        build = self.factory.buildProtocol
+        reactor = self.reactor
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                fd, peer = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # Out of descriptors or memory, or the client gave up: left for the next event.
+                if exc.errno not in _ACCEPT_ERRORS:
+                    raise
+                log.warn("Could not accept a connection: {error}", error=exc)
+                return
+            # With the family given, CPython does not ask the kernel what the socket is.
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            client = _peer_address(peer)
+            protocol = build(client)
+            if protocol is None:
+                sock.close()
+                continue
+            stream = Stream(reactor, sock, protocol)
+            stream._peer = client
+            stream.start()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stopListening()
+
+    def logPrefix(self) -> str:
+        return "l4router.listener"
+
+    def getHost(self) -> address.IPv4Address | address.IPv6Address:
+        host, port = self.socket.getsockname()[:2]
+        return _address(host, port)
+
+
+def listen_stream(reactor: Any, sock: socket.socket, factory: Any) -> StreamPort:
+    """Accept into Streams on a bound, listening TCP socket."""
+    sock.setblocking(False)
+    port = StreamPort(reactor, sock, factory)
+    port.startListening()
+    return port
