@@ -48,7 +48,7 @@ PURE = {
     "test_parsers_tls",
     "test_udp_detectors",
 }
-MEMORY = {"test_backends", "test_tcp", "test_reactor", "test_timers", "test_metrics"}
+MEMORY = {"test_backends", "test_tcp", "test_reactor", "test_stream", "test_timers", "test_metrics"}
 TIERS = ("pure", "memory", "process")
 
 

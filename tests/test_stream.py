@@ -1,0 +1,320 @@
+"""l4router's own TCP transport (l4router.connection.stream), on real loopback sockets and the
+reactor of ours turned by hand: what arrives, when the protocol hears of an end, and the
+producer a full buffer pauses."""
+
+import hashlib
+import os
+import socket
+
+import pytest
+from twisted.internet import error
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+from l4router.backends.outbound import OutboundConnection
+from l4router.connection.stream import WRITE_BUFFER, Stream, listen_stream
+from l4router.process.reactor import LeanEPollReactor
+
+
+class Recorder(Protocol):
+    def __init__(self):
+        self.data = b""
+        self.lost = []  # the reasons connectionLost was called with
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseRecorder(Recorder):
+    read_closed = write_closed = False
+
+    def readConnectionLost(self):
+        self.read_closed = True
+
+    def writeConnectionLost(self):
+        self.write_closed = True
+
+
+class Producer:
+    def __init__(self):
+        self.calls = []
+
+    def pauseProducing(self):
+        self.calls.append("pause")
+
+    def resumeProducing(self):
+        self.calls.append("resume")
+
+    def stopProducing(self):
+        self.calls.append("stop")
+
+
+@pytest.fixture
+def reactor():
+    reactor = LeanEPollReactor()
+    try:
+        yield reactor
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+
+
+def turn_until(reactor, predicate, turns=500):
+    for _ in range(turns):
+        if predicate():
+            return
+        reactor.runUntilCurrent()
+        reactor.doIteration(0.01)
+    raise AssertionError("the condition did not come true")
+
+
+def listening(reactor, build):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return listen_stream(reactor, sock, build)
+
+
+class Admitting(Factory):
+    def __init__(self, kind=Recorder):
+        self.kind = kind
+        self.built = []
+        self.addresses = []
+
+    def buildProtocol(self, addr):
+        self.addresses.append(addr)
+        self.built.append(self.kind())
+        return self.built[-1]
+
+
+def accepted(reactor, kind=Recorder):
+    """(the accepted protocol, its Stream, the plain client socket, the port)."""
+    factory = Admitting(kind)
+    port = listening(reactor, factory)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    turn_until(reactor, lambda: factory.built and factory.built[0].transport is not None)
+    protocol = factory.built[0]
+    return protocol, protocol.transport, client, port
+
+
+def read_all(reactor, client, until_eof=True, limit=None):
+    """What the client socket reads while the reactor turns, to its EOF (or `limit` bytes)."""
+    client.setblocking(False)
+    got = bytearray()
+    for _ in range(5000):
+        try:
+            chunk = client.recv(1 << 20)
+        except BlockingIOError:
+            reactor.runUntilCurrent()
+            reactor.doIteration(0.005)
+            continue
+        if not chunk and until_eof:
+            return bytes(got)
+        got += chunk
+        if limit is not None and len(got) >= limit:
+            return bytes(got)
+    raise AssertionError(f"the client read {len(got)} bytes and no end")
+
+
+def test_an_accepted_client_is_a_stream_read_and_written_at_once(reactor):
+    protocol, stream, client, port = accepted(reactor)
+    try:
+        assert isinstance(stream, Stream)
+        # No ioctl per connection: the socket stays blocking, yet a read with nothing there
+        # returns (MSG_DONTWAIT) instead of hanging the process.
+        assert stream.socket.getblocking()
+        stream.doRead()
+        assert protocol.data == b""
+        client.sendall(b"hello")
+        turn_until(reactor, lambda: protocol.data == b"hello")
+        stream.write(b"at once")  # sent before any turn of the loop
+        client.settimeout(2)
+        assert client.recv(100) == b"at once"
+        peer = stream.getPeer()
+        assert (peer.host, peer.port) == client.getsockname()
+        assert (stream.getHost().host, stream.getHost().port) == client.getpeername()
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_a_full_socket_buffers_pauses_the_producer_and_resumes_it_once_drained(reactor):
+    protocol, stream, client, port = accepted(reactor)
+    producer = Producer()
+    stream.registerProducer(producer, True)
+    payload = os.urandom(8 << 20)  # far more than the socket buffers hold
+    try:
+        for offset in range(0, len(payload), 1 << 20):
+            stream.write(payload[offset : offset + (1 << 20)])
+        assert len(stream.pending) > WRITE_BUFFER
+        assert producer.calls[0] == "pause"
+        got = read_all(reactor, client, until_eof=False, limit=len(payload))
+        turn_until(reactor, lambda: "resume" in producer.calls)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        assert not stream.pending
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_losing_the_connection_flushes_first_then_reports_done_once(reactor):
+    protocol, stream, client, port = accepted(reactor)
+    payload = os.urandom(4 << 20)
+    try:
+        stream.write(payload)
+        stream.loseConnection()
+        assert stream.pending and not protocol.lost  # still sending
+        got = read_all(reactor, client)  # everything, then the end
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        turn_until(reactor, lambda: protocol.lost)
+        assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionDone)
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_with_nothing_buffered_losing_the_connection_closes_before_it_returns(reactor):
+    protocol, stream, client, port = accepted(reactor)
+    try:
+        stream.loseConnection()
+        assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionDone)
+        assert stream.fileno() == -1
+        client.settimeout(2)
+        assert client.recv(10) == b""
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_a_half_close_sends_a_fin_and_the_stream_still_reads(reactor):
+    protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
+    try:
+        stream.write(b"last words")
+        stream.loseWriteConnection()
+        assert protocol.write_closed
+        client.settimeout(2)
+        assert read_all(reactor, client) == b"last words"  # then the FIN
+        client.sendall(b"an answer after the FIN")
+        turn_until(reactor, lambda: protocol.data == b"an answer after the FIN")
+        assert not protocol.lost
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_the_peers_fin_is_a_half_close_for_a_protocol_that_takes_one(reactor):
+    protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
+    try:
+        client.shutdown(socket.SHUT_WR)
+        turn_until(reactor, lambda: protocol.read_closed)
+        assert not protocol.lost
+        stream.write(b"still open this way")
+        client.settimeout(2)
+        assert client.recv(100) == b"still open this way"
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_the_peers_fin_ends_a_protocol_that_takes_no_half_close(reactor):
+    protocol, stream, client, port = accepted(reactor)
+    try:
+        client.sendall(b"bye")
+        client.shutdown(socket.SHUT_WR)
+        turn_until(reactor, lambda: protocol.lost)
+        assert protocol.data == b"bye"
+        assert protocol.lost[0].check(error.ConnectionDone)
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_an_abort_resets_at_once_and_is_reported_on_the_next_turn(reactor):
+    protocol, stream, client, port = accepted(reactor)
+    try:
+        stream.write(b"x" * (4 << 20))  # dropped, not flushed
+        stream.abortConnection()
+        assert not protocol.lost
+        turn_until(reactor, lambda: protocol.lost)
+        assert protocol.lost[0].check(error.ConnectionAborted)
+        client.settimeout(2)
+        with pytest.raises(ConnectionResetError):
+            while client.recv(1 << 20):
+                pass
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_a_reset_by_the_peer_ends_the_stream_as_lost(reactor):
+    protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    client.close()  # with SO_LINGER 0: a reset
+    try:
+        turn_until(reactor, lambda: protocol.lost)
+        assert not protocol.lost[0].check(error.ConnectionDone)
+        assert not protocol.read_closed
+    finally:
+        port.stopListening()
+
+
+def test_a_client_the_factory_refuses_is_closed_unread(reactor):
+    class Refusing(Factory):
+        def buildProtocol(self, addr):
+            return None
+
+    port = listening(reactor, Refusing())
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        assert read_all(reactor, client) == b""
+    finally:
+        client.close()
+        port.stopListening()
+
+
+def test_a_stopped_port_accepts_no_more(reactor):
+    factory = Admitting()
+    port = listening(reactor, factory)
+    number = port.getHost().port
+    port.stopListening()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", number), timeout=2)
+
+
+def test_an_outbound_connection_is_a_stream_once_connected(reactor):
+    factory = Admitting()
+    port = listening(reactor, factory)
+    backend = Recorder()
+    failures = []
+    try:
+        outbound = OutboundConnection(
+            reactor, "127.0.0.1", port.getHost().port, backend, failures.append
+        )
+        turn_until(reactor, lambda: backend.transport is not None and factory.built)
+        outbound.write(b"to the server")
+        turn_until(reactor, lambda: factory.built[0].data == b"to the server")
+        factory.built[0].transport.write(b"from the server")
+        turn_until(reactor, lambda: backend.data == b"from the server")
+        assert not failures
+        outbound.loseConnection()
+        assert backend.lost[0].check(error.ConnectionDone)
+    finally:
+        port.stopListening()
+
+
+def test_a_refused_outbound_connect_fails_without_a_protocol(reactor):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    number = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    backend = Recorder()
+    failures = []
+    OutboundConnection(reactor, "127.0.0.1", number, backend, failures.append)
+    turn_until(reactor, lambda: failures)
+    assert failures[0].check(error.ConnectionRefusedError)
+    assert backend.transport is None and not backend.lost
