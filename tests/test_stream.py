@@ -318,3 +318,25 @@ def test_a_refused_outbound_connect_fails_without_a_protocol(reactor):
     turn_until(reactor, lambda: failures)
     assert failures[0].check(error.ConnectionRefusedError)
     assert backend.transport is None and not backend.lost
+
+
+def test_a_protocol_that_raises_ends_its_stream_and_nothing_else(reactor):
+    class Raising(Recorder):
+        def dataReceived(self, data):
+            raise ValueError("a bug in a protocol")
+
+    factory = Admitting(Raising)
+    port = listening(reactor, factory)
+    failing = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    healthy, stream, client, _ = accepted(reactor)
+    try:
+        failing.sendall(b"trigger")
+        turn_until(reactor, lambda: factory.built and factory.built[0].lost)
+        assert factory.built[0].lost[0].check(ValueError)
+        assert read_all(reactor, failing) == b""  # closed
+        client.sendall(b"unaffected")
+        turn_until(reactor, lambda: healthy.data == b"unaffected")
+    finally:
+        failing.close()
+        client.close()
+        port.stopListening()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import sys
 
 from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
@@ -176,9 +177,37 @@ class LeanEPollReactor(EPollReactor):
                 if not event:
                     continue
             try:
-                handle(selectable, fd, event)
+                if isinstance(selectable, Stream):
+                    self._handle_stream(selectable, event, wanted)
+                else:
+                    handle(selectable, fd, event)
             except Exception:  # _doReadOrWrite catches what doRead raises; this is the rest
                 log.failure("Event handling for {selectable!r} failed", selectable=selectable)
+
+    def _handle_stream(self, stream: Stream, event: int, wanted: int) -> None:
+        """Twisted's _doReadOrWrite for a Stream, without what a Stream does not need (it
+        deals with its own ends and errors; a closed one is no longer registered). What its
+        doRead or doWrite return (the splice relay's pump) or raise ends it as there."""
+        if event & _ALWAYS and not event & EPOLLIN:  # hung up, with nothing left to read
+            reading = bool(wanted & EPOLLIN)
+            self._disconnectSelectable(
+                stream, CONNECTION_DONE if reading else CONNECTION_LOST, reading
+            )
+            return
+        why = None
+        in_read = False
+        try:
+            if event & EPOLLIN:
+                why = stream.doRead()
+                in_read = True
+            if not why and event & EPOLLOUT and not stream.disconnected:
+                why = stream.doWrite()
+                in_read = False
+        except Exception as exc:
+            log.failure("Stream {stream!r} failed", stream=stream)
+            why = exc
+        if why:
+            self._disconnectSelectable(stream, why, in_read)
 
     doIteration = doPoll
 
