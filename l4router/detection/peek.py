@@ -19,6 +19,9 @@ class Peek:
     """
 
     __slots__ = ("data", "transport", "elicited", "datagrams", "_tls", "_http1", "_h2", "__dict__")
+    _tls: tls.ClientHello | Incomplete | Invalid
+    _http1: http1.Request | Incomplete | Invalid
+    _h2: http2.Request | Incomplete | Invalid
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ raised doRead/doWrite into a logged, closed connection), is Twisted's own.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
@@ -184,7 +185,7 @@ class LeanEPollReactor(EPollReactor):
             except Exception:  # _doReadOrWrite catches what doRead raises; this is the rest
                 log.failure("Event handling for {selectable!r} failed", selectable=selectable)
 
-    def _handle_stream(self, stream: Stream, event: int, wanted: int) -> None:
+    def _handle_stream(self, stream: Any, event: int, wanted: int) -> None:
         """Twisted's _doReadOrWrite for a Stream, without what a Stream does not need (it
         deals with its own ends and errors; a closed one is no longer registered). What its
         doRead or doWrite return (the splice relay's pump) or raise ends it as there."""
