@@ -2,9 +2,11 @@
 reactor of ours turned by hand: what arrives, when the protocol hears of an end, and the
 producer a full buffer pauses."""
 
+import gc
 import hashlib
 import os
 import socket
+import weakref
 
 import pytest
 from twisted.internet import error
@@ -340,3 +342,23 @@ def test_a_protocol_that_raises_ends_its_stream_and_nothing_else(reactor):
         failing.close()
         client.close()
         port.stopListening()
+
+
+def test_an_ended_stream_and_its_protocol_are_freed_without_the_collector(reactor):
+    """No reference cycle is left once a stream ends: the collector's pauses would show in
+    the latency of every other connection, and its garbage in the memory."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        protocol, stream, client, port = accepted(reactor)
+        client.close()
+        turn_until(reactor, lambda: protocol.lost)
+        port.stopListening()
+        port.factory.built.clear()
+        left = [weakref.ref(protocol), weakref.ref(stream)]
+        del protocol, stream
+        reactor.doIteration(0)  # the reactor forgets a closed socket's registration
+        assert [ref() for ref in left] == [None, None]
+    finally:
+        if collecting:
+            gc.enable()

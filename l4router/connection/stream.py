@@ -231,7 +231,8 @@ class Stream:
             except OSError:
                 pass
         sock.close()
-        self.protocol.connectionLost(reason)
+        protocol, self.protocol = self.protocol, None  # no cycle left for the collector
+        protocol.connectionLost(reason)
 
     # A push producer (for the other side of a relay) and its consumer
 

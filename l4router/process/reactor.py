@@ -137,6 +137,10 @@ class LeanEPollReactor(EPollReactor):
                     self._kernel.pop(fd, None)
             return
         if fd not in primary or selectables.get(fd) is not xer:
+            if getattr(xer, "disconnected", False) and self._registered(fd, xer):
+                # Closing after its interest went lazily: the kernel drops the socket, the
+                # registration here goes with it (it would keep the owner alive).
+                self._register(fd, 0, xer)
             return
         primary.discard(fd)
         wanted = self._wanted(fd)
