@@ -352,7 +352,8 @@ def test_an_ended_stream_and_its_protocol_are_freed_without_the_collector(reacto
     try:
         protocol, stream, client, port = accepted(reactor)
         client.close()
-        turn_until(reactor, lambda: protocol.lost)
+        lost = protocol.lost
+        turn_until(reactor, lambda: lost)
         port.stopListening()
         port.factory.built.clear()
         left = [weakref.ref(protocol), weakref.ref(stream)]
