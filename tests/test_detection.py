@@ -3,12 +3,20 @@
 import sys
 import textwrap
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from l4router.detection import NEED_MORE, NO_MATCH, IProtocolDetector, Match, Peek
-from l4router.detection.decision import DetectorSet, Progress
+from l4router.detection.decision import (
+    _CONTROL,
+    MAX_FIELD_LENGTH,
+    DetectorSet,
+    Progress,
+    safe_value,
+)
 from l4router.detection.registry import detectors_for, installed_detectors
 from tests.captures import EXPECTED, capture
 
@@ -167,3 +175,12 @@ def test_every_installed_detector_provides_the_whole_contract():
     """Ours derive from ProtocolDetector: every member IProtocolDetector declares is there."""
     for detector in installed_detectors():
         assert verifyObject(IProtocolDetector, detector), detector.name
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=0x2100), max_size=1200))
+def test_a_field_value_is_escaped_the_same_whether_or_not_it_has_a_control_character(text):
+    """safe_value skips the translation when a value has no control character; what it
+    returns must be what the translation gives in every case (bounded to the same length)."""
+    assert safe_value(text) == text.translate(_CONTROL)[:MAX_FIELD_LENGTH]
+    assert "\n" not in safe_value(text) and "\x1b" not in safe_value(text)

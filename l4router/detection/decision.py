@@ -3,6 +3,8 @@ before it has said NO_MATCH."""
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,12 +24,17 @@ MAX_FIELD_LENGTH = 1024  # a field is client data: bounded, so is every log line
 # new line or an escape sequence in a terminal or in a tool that re-renders the log.
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+# Whether a value has any of them: a search in C, where translate looks up every character
+# (2.5 us for a user agent; nearly every value has none).
+_HAS_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def safe_value(value: Any) -> Any:
     """A field value fit for logs and metrics: control characters (newlines, ANSI escapes,
     C1 controls, Unicode line separators) escaped, length bounded; tuples of strings likewise."""
     if isinstance(value, str):
+        if _HAS_CONTROL.search(value) is None:
+            return value[:MAX_FIELD_LENGTH]
         return value.translate(_CONTROL)[:MAX_FIELD_LENGTH]
     if isinstance(value, tuple):
         return tuple(safe_value(v) for v in value[:64])
