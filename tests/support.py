@@ -18,6 +18,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import eventsFromJSONLogFile
 
+RECORD_SEPARATOR = "\x1e"  # what twistd's JSON log puts before each record
 TWISTD = shutil.which("twistd")
 LOOPBACK = "127.0.0.1"
 
@@ -160,8 +161,12 @@ class Router:
         return self.log_path.read_bytes().decode("utf-8", "replace")
 
     def events(self):
+        """The router's JSON log events. Records are read by their separator: a line another
+        program writes to the same file (grpcio's at-fork handler in the child, before exec,
+        says so on stderr now and then) is skipped, instead of making the reader take the
+        whole file for newline-separated JSON and find no event at all."""
         with open(self.log_path) as stream:
-            return list(eventsFromJSONLogFile(stream))
+            return list(eventsFromJSONLogFile(stream, recordSeparator=RECORD_SEPARATOR))
 
     def access_events(self):
         return [e for e in self.events() if e.get("log_namespace") == "l4router.access"]

@@ -12,7 +12,7 @@ import time
 import pytest
 from twisted.logger import eventsFromJSONLogFile
 
-from tests.support import TWISTD, wait_until
+from tests.support import RECORD_SEPARATOR, TWISTD, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -150,7 +150,7 @@ workers: 1
         server_process.wait(10)
     assert answers == ["10.77.1.2 sent hello"] * 3
     with open(log_path) as stream:
-        events = list(eventsFromJSONLogFile(stream))
+        events = list(eventsFromJSONLogFile(stream, recordSeparator=RECORD_SEPARATOR))
     access = [e for e in events if e.get("log_namespace") == "l4router.access"]
     assert [(e["source"], e["server"], e["reason"]) for e in access] == [
         ("10.77.1.2", "10.77.2.2:7000", "completed")

@@ -4,7 +4,6 @@ before it has said NO_MATCH."""
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable, Iterable
 from typing import Any
 

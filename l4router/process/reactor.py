@@ -1,7 +1,7 @@
 """The epoll reactor l4router runs on: twistd's `--reactor=l4router`, and what `twistd
 l4router` installs when no reactor was chosen.
 
-Three differences from Twisted's EPollReactor, both about what a short connection costs:
+Four differences from Twisted's EPollReactor, all about what a short connection costs:
 
 - No per-event logging context. Twisted hands every ready descriptor to `log.callWithLogger`,
   which asks it for its log prefix and pushes a context around the call. l4router logs
@@ -17,9 +17,12 @@ Three differences from Twisted's EPollReactor, both about what a short connectio
   sockets are this process's alone, so closing one removes it from epoll; anything else
   (a listening port adopted from the supervisor is a duplicate of a descriptor that stays
   open) is synchronised at once, as Twisted does.
+- A Stream (l4router.connection.stream) is handed its events directly: it deals with its
+  own ends and errors, so Twisted's `_doReadOrWrite` checks are skipped for it (what it
+  returns or raises still ends it through `_disconnectSelectable`).
 
-Everything else, the timed calls, threads, signals and `_doReadOrWrite` itself (which turns a
-raised doRead/doWrite into a logged, closed connection), is Twisted's own.
+Everything else, the timed calls, threads, signals and `_doReadOrWrite` itself for other
+descriptors (it turns a raised doRead/doWrite into a logged, closed connection), is Twisted's.
 """
 
 from __future__ import annotations
