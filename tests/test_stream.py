@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from l4router.backends.outbound import OutboundConnection
-from l4router.connection.stream import WRITE_BUFFER, Stream, listen_stream
+from l4router.connection.stream import SHARED_ACCEPTS_PER_EVENT, WRITE_BUFFER, Stream, listen_stream
 from l4router.process.reactor import LeanEPollReactor
 
 
@@ -363,3 +363,38 @@ def test_an_ended_stream_and_its_protocol_are_freed_without_the_collector(reacto
     finally:
         if collecting:
             gc.enable()
+
+
+def test_a_port_every_worker_shares_takes_a_few_clients_at_a_time_and_leaves_epoll_first():
+    """A listening socket shared by the workers: a few clients taken per wake-up (the rest
+    are left to an idle worker), and out of this process's epoll before its descriptor
+    closes (other processes still hold the socket: a registration left behind would go on
+    waking a worker that stopped accepting)."""
+    from tests.test_reactor import CountingPoller
+
+    class UnregisterChecking(CountingPoller):
+        def unregister(self, fd):
+            self.poller.unregister(fd)  # raises if the descriptor was closed already
+            self.calls.append(("del", fd))
+
+    reactor = LeanEPollReactor()
+    reactor._poller = UnregisterChecking(reactor._poller)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    factory = Admitting()
+    port = listen_stream(reactor, sock, factory, shared=True)
+    fd = port.fileno()
+    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(10)]
+    try:
+        reactor.doIteration(0.5)
+        assert len(factory.built) == SHARED_ACCEPTS_PER_EVENT
+        turn_until(reactor, lambda: len(factory.built) == 10)
+        port.stopListening()
+        assert ("del", fd) in reactor._poller.calls  # made while the descriptor was open
+        assert port.socket.fileno() == -1
+    finally:
+        for client in clients:
+            client.close()
+        reactor.removeAll()
+        reactor._poller.close()

@@ -41,6 +41,9 @@ log = Logger()
 READ_SIZE = 64 * 1024
 WRITE_BUFFER = 64 * 1024  # buffered past this, the registered producer is paused
 ACCEPTS_PER_EVENT = 64  # a burst of clients is taken a few dozen at a time, between events
+# From a socket every worker accepts on, a worker takes this many per wake-up: the rest wake
+# another worker, or this one once it has dealt with these (clients spread by load).
+SHARED_ACCEPTS_PER_EVENT = 4
 _DONTWAIT = socket.MSG_DONTWAIT
 _DONE = Failure(error.ConnectionDone())
 _LOST = Failure(error.ConnectionLost())
@@ -301,15 +304,24 @@ class Stream:
 @implementer(IListeningPort)
 class StreamPort:
     """A listening TCP socket whose clients become Streams. The factory's `buildProtocol`
-    admits a client (a protocol) or refuses it (None: closed before anything is read)."""
+    admits a client (a protocol) or refuses it (None: closed before anything is read).
 
-    def __init__(self, reactor: Any, sock: socket.socket, factory: Any) -> None:
+    `shared`: every worker accepts on this one socket (l4router.process.sockets) and takes a
+    few clients per wake-up, so a worker busy with its connections leaves new ones to an idle
+    one, which is woken at once: clients spread by load, where SO_REUSEPORT's hash spreads
+    them by address and keeps piling them on a worker that has fallen behind (its connections
+    last longer, so more of the live ones are there). Every waiting worker is woken
+    (EPOLLEXCLUSIVE would wake one, but counts a stopped worker, one under a debugger say,
+    as waiting: it would take every wake-up while it cannot accept)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, factory: Any, shared: bool = False):
         self.reactor = reactor
         self.socket = sock
         self.fileno = sock.fileno
         self.factory = factory
         self.family = sock.family
         self.listening = False
+        self.accepts_per_event = SHARED_ACCEPTS_PER_EVENT if shared else ACCEPTS_PER_EVENT
 
     def startListening(self) -> None:
         self.factory.doStart()
@@ -329,7 +341,7 @@ class StreamPort:
         family = self.family
         build = self.factory.buildProtocol
         reactor = self.reactor
-        for _ in range(ACCEPTS_PER_EVENT):
+        for _ in range(self.accepts_per_event):
             try:
                 fd, peer = accept()
             except BlockingIOError:
@@ -362,9 +374,11 @@ class StreamPort:
         return _address(host, port)
 
 
-def listen_stream(reactor: Any, sock: socket.socket, factory: Any) -> StreamPort:
-    """Accept into Streams on a bound, listening TCP socket."""
+def listen_stream(
+    reactor: Any, sock: socket.socket, factory: Any, shared: bool = False
+) -> StreamPort:
+    """Accept into Streams on a bound, listening TCP socket (`shared`: see StreamPort)."""
     sock.setblocking(False)
-    port = StreamPort(reactor, sock, factory)
+    port = StreamPort(reactor, sock, factory, shared)
     port.startListening()
     return port

@@ -151,6 +151,11 @@ class LeanEPollReactor(EPollReactor):
             del selectables[fd]
         if not isinstance(xer, _OWN_SOCKETS):
             self._register(fd, wanted, xer)
+            if not wanted:
+                # Out of epoll now, before its owner closes it: a socket other processes
+                # hold too (a listening socket every worker accepts on) stays registered
+                # when this process closes its descriptor, and would go on waking it.
+                self._flush()
         elif getattr(xer, "disconnected", False):
             # Closing: its other interest goes next (FileDescriptor.connectionLost stops
             # reading, then writing); one removal then does for both.

@@ -24,7 +24,7 @@ from l4router.operate.logs import install_log_observer
 from l4router.operate.runtime import RouterControl
 from l4router.operate.status import ThroughputMeter
 from l4router.process.reload import ConfigReloader
-from l4router.process.sockets import adopt, bind_reuseport
+from l4router.process.sockets import adopt, bind_reuseport, shared_by_workers
 from l4router.timers import cancel
 from l4router.twisted_private import exit_zero_after_orderly_stop
 
@@ -80,7 +80,14 @@ class PortsService(Service):
                 port = (
                     self.bind(description)
                     if fd is None
-                    else adopt(self.reactor, description, fd, self.factory, self.streams)
+                    else adopt(
+                        self.reactor,
+                        description,
+                        fd,
+                        self.factory,
+                        self.streams,
+                        shared=self.streams and shared_by_workers(fd),
+                    )
                 )
                 no_delay_for_accepted(port)
                 self.ports.append(port)

@@ -89,13 +89,14 @@ def systemd_socket(description):
     return sock  # accept would otherwise block in accept()
 
 
-def adopt(reactor, description, fd, factory_or_protocol, streams=False):
+def adopt(reactor, description, fd, factory_or_protocol, streams=False, shared=False):
     """Run a listener on a socket the supervisor handed down. The reactor works on a
     duplicate; the original is closed, so that when the port stops listening this worker's
     hold on the socket really ends (the supervisor keeps its own for a successor).
 
     `streams`: a TCP socket's clients become l4router's own Streams
-    (l4router.connection.stream) instead of Twisted's transports."""
+    (l4router.connection.stream) instead of Twisted's transports; `shared`: every worker
+    accepts on this socket (see `shared_by_workers`)."""
     probe = socket.socket(fileno=fd)  # what the socket is, whatever its description
     family, kind = probe.family, probe.type
     probe.detach()
@@ -105,7 +106,8 @@ def adopt(reactor, description, fd, factory_or_protocol, streams=False):
                 fd, family, factory_or_protocol, maxPacketSize=MAX_DATAGRAM
             )
         if streams and family in (socket.AF_INET, socket.AF_INET6):
-            return listen_stream(reactor, socket.fromfd(fd, family, kind), factory_or_protocol)
+            sock = socket.fromfd(fd, family, kind)
+            return listen_stream(reactor, sock, factory_or_protocol, shared)
         return reactor.adoptStreamPort(fd, family, factory_or_protocol)
     finally:
         os.close(fd)
@@ -113,7 +115,13 @@ def adopt(reactor, description, fd, factory_or_protocol, streams=False):
 
 def sockets_per_worker(config, held):
     """{description: one socket per worker} for `config`, keeping the sockets `held` already
-    for an address and binding what is missing; BindFailed binds nothing."""
+    for an address and binding what is missing; BindFailed binds nothing.
+
+    A listener steered by source (`needs_steering`) gets a SO_REUSEPORT group, a socket per
+    worker. Any other TCP listener gets one socket that every worker accepts on, without
+    SO_REUSEPORT (`shared_by_workers`): an idle worker takes the next client, where the
+    group's hash would hand it to a worker already behind. (Reloads and upgrades keep what is
+    held: a socket per worker from an older version stays a group until a restart.)"""
     sockets, bound = {}, []
     try:
         for listener in config.listeners:
@@ -122,6 +130,14 @@ def sockets_per_worker(config, held):
                 if description.startswith("systemd:"):  # one socket every worker accepts on
                     passed = kept[:1] or [systemd_socket(description)]
                     sockets[description] = passed * config.workers
+                    continue
+                held_group = len({id(sock) for sock in kept}) > 1  # a socket per worker
+                if listener.transport == "tcp" and not needs_steering(listener) and not held_group:
+                    shared = kept[:1]
+                    if not shared:
+                        shared = bind_reuseport(description, 1, reuse_port=False)
+                        bound.extend(shared)
+                    sockets[description] = shared * config.workers
                     continue
                 missing = max(0, config.workers - len(kept))
                 more = bind_reuseport(description, missing) if missing else []
@@ -133,6 +149,16 @@ def sockets_per_worker(config, held):
             sock.close()
         raise
     return sockets
+
+
+def shared_by_workers(fd):
+    """Whether every worker accepts on this listening socket: bound without SO_REUSEPORT by
+    a supervisor (an unsteered TCP listener, `sockets_per_worker`) or passed by systemd."""
+    probe = socket.socket(fileno=fd)
+    try:
+        return not probe.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+    finally:
+        probe.detach()
 
 
 def needs_steering(listener):
