@@ -5,6 +5,7 @@ producer a full buffer pauses."""
 import gc
 import hashlib
 import os
+import resource
 import socket
 import weakref
 
@@ -398,3 +399,34 @@ def test_a_port_every_worker_shares_takes_a_few_clients_at_a_time_and_leaves_epo
             client.close()
         reactor.removeAll()
         reactor._poller.close()
+
+
+def test_out_of_descriptors_a_port_pauses_then_accepts_the_clients_that_waited(reactor):
+    """EMFILE leaves the clients queued: the port stops reading for ACCEPT_PAUSE (instead of
+    spinning on a socket that stays readable) and takes them once descriptors are back."""
+    factory = Admitting()
+    port = listening(reactor, factory)
+    clients = [socket.create_connection(port.socket.getsockname(), timeout=5) for _ in range(3)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    try:
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        try:
+            while True:  # every number below the limit taken: none left to accept into
+                try:
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    break
+            reactor.doIteration(0.5)
+            assert not factory.built
+            assert port.fileno() not in reactor._reads  # paused, not spinning
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        turn_until(reactor, lambda: len(factory.built) == 3)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        for client in clients:
+            client.close()
+        port.stopListening()

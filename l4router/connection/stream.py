@@ -45,10 +45,24 @@ ACCEPTS_PER_EVENT = 64  # a burst of clients is taken a few dozen at a time, bet
 # another worker, or this one once it has dealt with these (clients spread by load).
 SHARED_ACCEPTS_PER_EVENT = 4
 _DONTWAIT = socket.MSG_DONTWAIT
+ACCEPT_PAUSE = 0.1  # seconds a port stops accepting when out of descriptors or memory
 _DONE = Failure(error.ConnectionDone())
-_LOST = Failure(error.ConnectionLost())
 _HALF_CLOSEABLE: dict[type, bool] = {}
-_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# What accept(2) passes on from a client that is already gone (and EPERM from netfilter):
+# that client is skipped, the next one accepted.
+_CLIENT_GONE = {
+    errno.ECONNABORTED,
+    errno.EPERM,
+    errno.EPROTO,
+    errno.ENETDOWN,
+    errno.ENOPROTOOPT,
+    errno.EHOSTDOWN,
+    errno.ENONET,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.ENETUNREACH,
+}
 
 
 def _half_closeable(protocol: Any) -> bool:
@@ -347,12 +361,14 @@ class StreamPort:
             except BlockingIOError:
                 return
             except OSError as exc:
-                # Out of descriptors or memory, or the client gave up: left for the next event.
-                if exc.errno not in _ACCEPT_ERRORS:
-                    raise
-                log.warn("Could not accept a connection: {error}", error=exc)
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise  # the socket itself is broken: the reactor stops this port
+                self._pause(exc)
                 return
-            # With the family given, CPython does not ask the kernel what the socket is.
+            # (CPython asks getsockname to check that the descriptor is a socket: the one
+            # getsockname a connection still costs.)
             sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             client = _peer_address(peer)
             protocol = build(client)
@@ -362,6 +378,22 @@ class StreamPort:
             stream = Stream(reactor, sock, protocol)
             stream._peer = client
             stream.start()
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors or memory: the waiting clients stay queued, and this port stops
+        reading for a moment (the socket stays readable: reading on would spin the worker and
+        write a log line per turn of the loop)."""
+        log.warn(
+            "Could not accept a connection ({error}): accepting again in {pause}s",
+            error=exc.strerror,
+            pause=ACCEPT_PAUSE,
+        )
+        self.reactor.removeReader(self)
+        self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if self.listening:
+            self.reactor.addReader(self)
 
     def connectionLost(self, reason: Failure) -> None:
         self.stopListening()
