@@ -430,3 +430,25 @@ def test_out_of_descriptors_a_port_pauses_then_accepts_the_clients_that_waited(r
         for client in clients:
             client.close()
         port.stopListening()
+
+
+def test_a_write_to_a_peer_that_reset_ends_a_stream_that_is_not_reading(reactor):
+    """The failure a send finds is reported even when nothing reads the socket any more (a
+    paused or half-closed side): the relay must hear that its peer is gone."""
+    protocol, stream, client, port = accepted(reactor)
+    try:
+        stream.pauseProducing()
+        client.sendall(b"unread")  # readable while paused: the reactor drops the socket
+        for _ in range(3):
+            reactor.doIteration(0.01)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()  # a reset, which no event reports now
+        for _ in range(3):
+            reactor.doIteration(0.01)
+        assert not protocol.lost
+        stream.write(b"to nobody")
+        stream.write(b"more to nobody")
+        turn_until(reactor, lambda: protocol.lost)
+        assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionLost)
+    finally:
+        port.stopListening()

@@ -150,7 +150,13 @@ class Stream:
                 sent = self.socket.send(data, _DONTWAIT)
             except BlockingIOError:
                 sent = 0
-            except OSError:  # the peer is gone: reading will say so
+            except OSError as exc:  # the peer is gone; ended on the next turn, as a failed
+                # doWrite would end it (this one may not be reading: nothing else would tell)
+                self.pending.clear()
+                self.reactor.callLater(
+                    0, self.connectionLost, Failure(error.ConnectionLost(str(exc)))
+                )  # type: ignore[attr-defined]
+                self._write_closed = True  # nothing more is sent
                 return
             if sent == len(data):
                 return
@@ -257,7 +263,7 @@ class Stream:
         self.reactor.removeReader(self)
 
     def resumeProducing(self) -> None:
-        if self.connected and not self.disconnecting:
+        if self.connected and not self.disconnecting and not self._aborting:
             self.reactor.addReader(self)
 
     def stopProducing(self) -> None:
