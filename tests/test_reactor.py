@@ -7,36 +7,7 @@ import socket
 import pytest
 from twisted.internet.protocol import Factory, Protocol
 
-from l4router.process.reactor import LeanEPollReactor
-
-
-class CountingPoller:
-    """The reactor's epoll object, counting the registration calls made through it."""
-
-    def __init__(self, poller):
-        self.poller = poller
-        self.calls = []
-
-    def register(self, fd, events):
-        self.calls.append(("add", fd, events))
-        return self.poller.register(fd, events)
-
-    def modify(self, fd, events):
-        self.calls.append(("mod", fd, events))
-        return self.poller.modify(fd, events)
-
-    def unregister(self, fd):
-        self.calls.append(("del", fd))
-        return self.poller.unregister(fd)
-
-    def poll(self, *args):
-        return self.poller.poll(*args)
-
-    def close(self):
-        self.poller.close()
-
-    def fileno(self):
-        return self.poller.fileno()
+from tests.turned_reactor import CountingPoller, hand_turned, turn_until
 
 
 class Recorder(Protocol):
@@ -53,22 +24,8 @@ class Recorder(Protocol):
 
 @pytest.fixture
 def reactor():
-    reactor = LeanEPollReactor()
-    reactor._poller = CountingPoller(reactor._poller)
-    try:
+    with hand_turned(CountingPoller) as reactor:
         yield reactor
-    finally:
-        reactor.removeAll()
-        reactor._poller.close()
-
-
-def turn_until(reactor, predicate, turns=200):
-    for _ in range(turns):
-        if predicate():
-            return
-        reactor.runUntilCurrent()
-        reactor.doIteration(0.01)
-    raise AssertionError("the condition did not come true")
 
 
 def connected_pair(reactor):

@@ -7,6 +7,7 @@ import hashlib
 import os
 import resource
 import socket
+import struct
 import weakref
 
 import pytest
@@ -17,7 +18,9 @@ from zope.interface import implementer
 
 from l4router.backends.outbound import OutboundConnection
 from l4router.connection.stream import SHARED_ACCEPTS_PER_EVENT, WRITE_BUFFER, Stream, listen_stream
-from l4router.process.reactor import LeanEPollReactor
+from tests.turned_reactor import CountingPoller, hand_turned, turn_until
+
+RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends a reset
 
 
 class Recorder(Protocol):
@@ -59,21 +62,27 @@ class Producer:
 
 @pytest.fixture
 def reactor():
-    reactor = LeanEPollReactor()
-    try:
+    with hand_turned() as reactor:
         yield reactor
+
+
+@pytest.fixture
+def accept(reactor):
+    """accept(kind) -> (protocol, its Stream, the plain client socket): a client accepted
+    on a port of its own; the socket and the port are closed once the test ends."""
+    opened = []
+
+    def accept(kind=Recorder):
+        protocol, stream, client, port = accepted(reactor, kind)
+        opened.append((client, port))
+        return protocol, stream, client
+
+    try:
+        yield accept
     finally:
-        reactor.removeAll()
-        reactor._poller.close()
-
-
-def turn_until(reactor, predicate, turns=500):
-    for _ in range(turns):
-        if predicate():
-            return
-        reactor.runUntilCurrent()
-        reactor.doIteration(0.01)
-    raise AssertionError("the condition did not come true")
+        for client, port in opened:
+            client.close()
+            port.stopListening()
 
 
 def listening(reactor, build):
@@ -124,146 +133,111 @@ def read_all(reactor, client, until_eof=True, limit=None):
     raise AssertionError(f"the client read {len(got)} bytes and no end")
 
 
-def test_an_accepted_client_is_a_stream_read_and_written_at_once(reactor):
-    protocol, stream, client, port = accepted(reactor)
-    try:
-        assert isinstance(stream, Stream)
-        # No ioctl per connection: the socket stays blocking, yet a read with nothing there
-        # returns (MSG_DONTWAIT) instead of hanging the process.
-        assert stream.socket.getblocking()
-        stream.doRead()
-        assert protocol.data == b""
-        client.sendall(b"hello")
-        turn_until(reactor, lambda: protocol.data == b"hello")
-        stream.write(b"at once")  # sent before any turn of the loop
-        client.settimeout(2)
-        assert client.recv(100) == b"at once"
-        peer = stream.getPeer()
-        assert (peer.host, peer.port) == client.getsockname()
-        assert (stream.getHost().host, stream.getHost().port) == client.getpeername()
-    finally:
-        client.close()
-        port.stopListening()
+def test_an_accepted_client_is_a_stream_read_and_written_at_once(reactor, accept):
+    protocol, stream, client = accept()
+    assert isinstance(stream, Stream)
+    # No ioctl per connection: the socket stays blocking, yet a read with nothing there
+    # returns (MSG_DONTWAIT) instead of hanging the process.
+    assert stream.socket.getblocking()
+    stream.doRead()
+    assert protocol.data == b""
+    client.sendall(b"hello")
+    turn_until(reactor, lambda: protocol.data == b"hello")
+    stream.write(b"at once")  # sent before any turn of the loop
+    client.settimeout(2)
+    assert client.recv(100) == b"at once"
+    peer = stream.getPeer()
+    assert (peer.host, peer.port) == client.getsockname()
+    assert (stream.getHost().host, stream.getHost().port) == client.getpeername()
 
 
-def test_a_full_socket_buffers_pauses_the_producer_and_resumes_it_once_drained(reactor):
-    protocol, stream, client, port = accepted(reactor)
+def test_a_full_socket_buffers_pauses_the_producer_and_resumes_it_once_drained(reactor, accept):
+    protocol, stream, client = accept()
     producer = Producer()
     stream.registerProducer(producer, True)
     payload = os.urandom(8 << 20)  # far more than the socket buffers hold
-    try:
-        for offset in range(0, len(payload), 1 << 20):
-            stream.write(payload[offset : offset + (1 << 20)])
-        assert len(stream.pending) > WRITE_BUFFER
-        assert producer.calls[0] == "pause"
-        got = read_all(reactor, client, until_eof=False, limit=len(payload))
-        turn_until(reactor, lambda: "resume" in producer.calls)
-        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-        assert not stream.pending
-    finally:
-        client.close()
-        port.stopListening()
+    for offset in range(0, len(payload), 1 << 20):
+        stream.write(payload[offset : offset + (1 << 20)])
+    assert len(stream.pending) > WRITE_BUFFER
+    assert producer.calls[0] == "pause"
+    got = read_all(reactor, client, until_eof=False, limit=len(payload))
+    turn_until(reactor, lambda: "resume" in producer.calls)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert not stream.pending
 
 
-def test_losing_the_connection_flushes_first_then_reports_done_once(reactor):
-    protocol, stream, client, port = accepted(reactor)
+def test_losing_the_connection_flushes_first_then_reports_done_once(reactor, accept):
+    protocol, stream, client = accept()
     payload = os.urandom(4 << 20)
-    try:
-        stream.write(payload)
-        stream.loseConnection()
-        assert stream.pending and not protocol.lost  # still sending
-        got = read_all(reactor, client)  # everything, then the end
-        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-        turn_until(reactor, lambda: protocol.lost)
-        assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionDone)
-    finally:
-        client.close()
-        port.stopListening()
+    stream.write(payload)
+    stream.loseConnection()
+    assert stream.pending and not protocol.lost  # still sending
+    got = read_all(reactor, client)  # everything, then the end
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    turn_until(reactor, lambda: protocol.lost)
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionDone)
 
 
-def test_with_nothing_buffered_losing_the_connection_closes_before_it_returns(reactor):
-    protocol, stream, client, port = accepted(reactor)
-    try:
-        stream.loseConnection()
-        assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionDone)
-        assert stream.fileno() == -1
-        client.settimeout(2)
-        assert client.recv(10) == b""
-    finally:
-        client.close()
-        port.stopListening()
+def test_with_nothing_buffered_losing_the_connection_closes_before_it_returns(reactor, accept):
+    protocol, stream, client = accept()
+    stream.loseConnection()
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionDone)
+    assert stream.fileno() == -1
+    client.settimeout(2)
+    assert client.recv(10) == b""
 
 
-def test_a_half_close_sends_a_fin_and_the_stream_still_reads(reactor):
-    protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
-    try:
-        stream.write(b"last words")
-        stream.loseWriteConnection()
-        assert protocol.write_closed
-        client.settimeout(2)
-        assert read_all(reactor, client) == b"last words"  # then the FIN
-        client.sendall(b"an answer after the FIN")
-        turn_until(reactor, lambda: protocol.data == b"an answer after the FIN")
-        assert not protocol.lost
-    finally:
-        client.close()
-        port.stopListening()
+def test_a_half_close_sends_a_fin_and_the_stream_still_reads(reactor, accept):
+    protocol, stream, client = accept(HalfCloseRecorder)
+    stream.write(b"last words")
+    stream.loseWriteConnection()
+    assert protocol.write_closed
+    client.settimeout(2)
+    assert read_all(reactor, client) == b"last words"  # then the FIN
+    client.sendall(b"an answer after the FIN")
+    turn_until(reactor, lambda: protocol.data == b"an answer after the FIN")
+    assert not protocol.lost
 
 
-def test_the_peers_fin_is_a_half_close_for_a_protocol_that_takes_one(reactor):
-    protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
-    try:
-        client.shutdown(socket.SHUT_WR)
-        turn_until(reactor, lambda: protocol.read_closed)
-        assert not protocol.lost
-        stream.write(b"still open this way")
-        client.settimeout(2)
-        assert client.recv(100) == b"still open this way"
-    finally:
-        client.close()
-        port.stopListening()
+def test_the_peers_fin_is_a_half_close_for_a_protocol_that_takes_one(reactor, accept):
+    protocol, stream, client = accept(HalfCloseRecorder)
+    client.shutdown(socket.SHUT_WR)
+    turn_until(reactor, lambda: protocol.read_closed)
+    assert not protocol.lost
+    stream.write(b"still open this way")
+    client.settimeout(2)
+    assert client.recv(100) == b"still open this way"
 
 
-def test_the_peers_fin_ends_a_protocol_that_takes_no_half_close(reactor):
-    protocol, stream, client, port = accepted(reactor)
-    try:
-        client.sendall(b"bye")
-        client.shutdown(socket.SHUT_WR)
-        turn_until(reactor, lambda: protocol.lost)
-        assert protocol.data == b"bye"
-        assert protocol.lost[0].check(error.ConnectionDone)
-    finally:
-        client.close()
-        port.stopListening()
+def test_the_peers_fin_ends_a_protocol_that_takes_no_half_close(reactor, accept):
+    protocol, stream, client = accept()
+    client.sendall(b"bye")
+    client.shutdown(socket.SHUT_WR)
+    turn_until(reactor, lambda: protocol.lost)
+    assert protocol.data == b"bye"
+    assert protocol.lost[0].check(error.ConnectionDone)
 
 
-def test_an_abort_resets_at_once_and_is_reported_on_the_next_turn(reactor):
-    protocol, stream, client, port = accepted(reactor)
-    try:
-        stream.write(b"x" * (4 << 20))  # dropped, not flushed
-        stream.abortConnection()
-        assert not protocol.lost
-        turn_until(reactor, lambda: protocol.lost)
-        assert protocol.lost[0].check(error.ConnectionAborted)
-        client.settimeout(2)
-        with pytest.raises(ConnectionResetError):
-            while client.recv(1 << 20):
-                pass
-    finally:
-        client.close()
-        port.stopListening()
+def test_an_abort_resets_at_once_and_is_reported_on_the_next_turn(reactor, accept):
+    protocol, stream, client = accept()
+    stream.write(b"x" * (4 << 20))  # dropped, not flushed
+    stream.abortConnection()
+    assert not protocol.lost
+    turn_until(reactor, lambda: protocol.lost)
+    assert protocol.lost[0].check(error.ConnectionAborted)
+    client.settimeout(2)
+    with pytest.raises(ConnectionResetError):
+        while client.recv(1 << 20):
+            pass
 
 
-def test_a_reset_by_the_peer_ends_the_stream_as_lost(reactor):
-    protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    client.close()  # with SO_LINGER 0: a reset
-    try:
-        turn_until(reactor, lambda: protocol.lost)
-        assert not protocol.lost[0].check(error.ConnectionDone)
-        assert not protocol.read_closed
-    finally:
-        port.stopListening()
+def test_a_reset_by_the_peer_ends_the_stream_as_lost(reactor, accept):
+    protocol, stream, client = accept(HalfCloseRecorder)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+    client.close()
+    turn_until(reactor, lambda: protocol.lost)
+    assert not protocol.lost[0].check(error.ConnectionDone)
+    assert not protocol.read_closed
 
 
 def test_a_client_the_factory_refuses_is_closed_unread(reactor):
@@ -323,7 +297,7 @@ def test_a_refused_outbound_connect_fails_without_a_protocol(reactor):
     assert backend.transport is None and not backend.lost
 
 
-def test_a_protocol_that_raises_ends_its_stream_and_nothing_else(reactor):
+def test_a_protocol_that_raises_ends_its_stream_and_nothing_else(reactor, accept):
     class Raising(Recorder):
         def dataReceived(self, data):
             raise ValueError("a bug in a protocol")
@@ -331,7 +305,7 @@ def test_a_protocol_that_raises_ends_its_stream_and_nothing_else(reactor):
     factory = Admitting(Raising)
     port = listening(reactor, factory)
     failing = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
-    healthy, stream, client, _ = accepted(reactor)
+    healthy, stream, client = accept()
     try:
         failing.sendall(b"trigger")
         turn_until(reactor, lambda: factory.built and factory.built[0].lost)
@@ -341,7 +315,6 @@ def test_a_protocol_that_raises_ends_its_stream_and_nothing_else(reactor):
         turn_until(reactor, lambda: healthy.data == b"unaffected")
     finally:
         failing.close()
-        client.close()
         port.stopListening()
 
 
@@ -371,34 +344,30 @@ def test_a_port_every_worker_shares_takes_a_few_clients_at_a_time_and_leaves_epo
     are left to an idle worker), and out of this process's epoll before its descriptor
     closes (other processes still hold the socket: a registration left behind would go on
     waking a worker that stopped accepting)."""
-    from tests.test_reactor import CountingPoller
 
     class UnregisterChecking(CountingPoller):
         def unregister(self, fd):
             self.poller.unregister(fd)  # raises if the descriptor was closed already
             self.calls.append(("del", fd))
 
-    reactor = LeanEPollReactor()
-    reactor._poller = UnregisterChecking(reactor._poller)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    factory = Admitting()
-    port = listen_stream(reactor, sock, factory, shared=True)
-    fd = port.fileno()
-    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(10)]
-    try:
-        reactor.doIteration(0.5)
-        assert len(factory.built) == SHARED_ACCEPTS_PER_EVENT
-        turn_until(reactor, lambda: len(factory.built) == 10)
-        port.stopListening()
-        assert ("del", fd) in reactor._poller.calls  # made while the descriptor was open
-        assert port.socket.fileno() == -1
-    finally:
-        for client in clients:
-            client.close()
-        reactor.removeAll()
-        reactor._poller.close()
+    with hand_turned(UnregisterChecking) as reactor:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        factory = Admitting()
+        port = listen_stream(reactor, sock, factory, shared=True)
+        fd = port.fileno()
+        clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(10)]
+        try:
+            reactor.doIteration(0.5)
+            assert len(factory.built) == SHARED_ACCEPTS_PER_EVENT
+            turn_until(reactor, lambda: len(factory.built) == 10)
+            port.stopListening()
+            assert ("del", fd) in reactor._poller.calls  # made while the descriptor was open
+            assert port.socket.fileno() == -1
+        finally:
+            for client in clients:
+                client.close()
 
 
 def test_out_of_descriptors_a_port_pauses_then_accepts_the_clients_that_waited(reactor):
@@ -432,23 +401,20 @@ def test_out_of_descriptors_a_port_pauses_then_accepts_the_clients_that_waited(r
         port.stopListening()
 
 
-def test_a_write_to_a_peer_that_reset_ends_a_stream_that_is_not_reading(reactor):
+def test_a_write_to_a_peer_that_reset_ends_a_stream_that_is_not_reading(reactor, accept):
     """The failure a send finds is reported even when nothing reads the socket any more (a
     paused or half-closed side): the relay must hear that its peer is gone."""
-    protocol, stream, client, port = accepted(reactor)
-    try:
-        stream.pauseProducing()
-        client.sendall(b"unread")  # readable while paused: the reactor drops the socket
-        for _ in range(3):
-            reactor.doIteration(0.01)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        client.close()  # a reset, which no event reports now
-        for _ in range(3):
-            reactor.doIteration(0.01)
-        assert not protocol.lost
-        stream.write(b"to nobody")
-        stream.write(b"more to nobody")
-        turn_until(reactor, lambda: protocol.lost)
-        assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionLost)
-    finally:
-        port.stopListening()
+    protocol, stream, client = accept()
+    stream.pauseProducing()
+    client.sendall(b"unread")  # readable while paused: the reactor drops the socket
+    for _ in range(3):
+        reactor.doIteration(0.01)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+    client.close()  # a reset, which no event reports now
+    for _ in range(3):
+        reactor.doIteration(0.01)
+    assert not protocol.lost
+    stream.write(b"to nobody")
+    stream.write(b"more to nobody")
+    turn_until(reactor, lambda: protocol.lost)
+    assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionLost)
