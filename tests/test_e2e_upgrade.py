@@ -14,8 +14,10 @@ from tests.test_e2e_control import LongRelay, SteadyClients, name_then_echo
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_new_process_takes_over_with_no_refused_connection(tmp_path, workers):
+# (2, 3): the new process has more workers than there are sockets to take over (the old
+# ones shared one listening socket: more workers accept on it, nothing is bound again).
+@pytest.mark.parametrize("workers, new_workers", [(1, 1), (2, 2), (2, 3)])
+def test_a_new_process_takes_over_with_no_refused_connection(tmp_path, workers, new_workers):
     with Backend("app", name_then_echo) as app:
         port = free_port()
         config = f"""
@@ -28,7 +30,7 @@ upgrade_socket: {tmp_path / "upgrade.sock"}
         (tmp_path / "old").mkdir()
         (tmp_path / "new").mkdir()
         old = Router(tmp_path / "old", config, workers=workers).start()
-        new = Router(tmp_path / "new", config, admin_port=old.admin_port, workers=workers)
+        new = Router(tmp_path / "new", config, admin_port=old.admin_port, workers=new_workers)
         try:
             relay = LongRelay(port, "app", size=16 << 20)
             relaying = threading.Thread(target=relay.run, daemon=True)
@@ -49,7 +51,7 @@ upgrade_socket: {tmp_path / "upgrade.sock"}
             relaying.join(60)
             after = [name for _, name in clients.seen[before_end:]]
             assert after and all(r == "app" for r in after)
-            assert new.get("/readyz" if workers > 1 else "/healthz") in (b"ok\n", b"ready\n")
+            assert new.get("/readyz" if new_workers > 1 else "/healthz") in (b"ok\n", b"ready\n")
         finally:
             old.stop()
             code = new.stop()

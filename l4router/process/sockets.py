@@ -131,7 +131,7 @@ def sockets_per_worker(config, held):
                     passed = kept[:1] or [systemd_socket(description)]
                     sockets[description] = passed * config.workers
                     continue
-                held_group = len({id(sock) for sock in kept}) > 1  # a socket per worker
+                held_group = any(_reuses_port(sock) for sock in kept)  # from an older version
                 if listener.transport == "tcp" and not needs_steering(listener) and not held_group:
                     shared = kept[:1]
                     if not shared:
@@ -156,9 +156,13 @@ def shared_by_workers(fd):
     a supervisor (an unsteered TCP listener, `sockets_per_worker`) or passed by systemd."""
     probe = socket.socket(fileno=fd)
     try:
-        return not probe.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        return not _reuses_port(probe)
     finally:
         probe.detach()
+
+
+def _reuses_port(sock):
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
 def needs_steering(listener):
