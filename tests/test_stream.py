@@ -96,10 +96,8 @@ class Admitting(Factory):
     def __init__(self, kind=Recorder):
         self.kind = kind
         self.built = []
-        self.addresses = []
 
     def buildProtocol(self, addr):
-        self.addresses.append(addr)
         self.built.append(self.kind())
         return self.built[-1]
 
@@ -273,6 +271,8 @@ def test_an_outbound_connection_is_a_stream_once_connected(reactor):
             reactor, "127.0.0.1", port.getHost().port, backend, failures.append
         )
         turn_until(reactor, lambda: backend.transport is not None and factory.built)
+        peer = outbound.getPeer()
+        assert (peer.host, peer.port) == ("127.0.0.1", port.getHost().port)
         outbound.write(b"to the server")
         turn_until(reactor, lambda: factory.built[0].data == b"to the server")
         factory.built[0].transport.write(b"from the server")

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import address, error
+from twisted.internet import error
 from twisted.python.failure import Failure
 
 from l4router.connection.stream import Stream
@@ -71,25 +71,23 @@ class OutboundConnection(Stream):
         failed: Callable[[Failure], object],
         source: str | None = None,
     ) -> None:
-        self.reactor = reactor
-        self.protocol = protocol
-        self.pending = bytearray()
+        self.reactor = reactor  # a failure to make a socket is reported through it too
         self.host, self.port = host, port
         self._failed: Callable[[Failure], object] | None = failed
         try:
             family, target = _socket_address(host, port)
-            self.socket = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            self.fileno = self.socket.fileno
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            super().__init__(reactor, sock, protocol)
             self._opened = True
             # Relayed bytes go out at once (a proxy must not add Nagle delays).
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if source is not None:
                 if family == socket.AF_INET6:
-                    self.socket.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
                 else:
-                    self.socket.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                self.socket.bind((source, 0))
-            code = self.socket.connect_ex(target)
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((source, 0))
+            code = sock.connect_ex(target)
         except OSError as exc:
             # No descriptor left; EPERM without CAP_NET_ADMIN; a source of the other family.
             self._fail_later(error.ConnectError(string=str(exc)))
@@ -138,7 +136,3 @@ class OutboundConnection(Stream):
             )
             return
         super().connectionLost(reason)
-
-    def getPeer(self) -> address.IPv4Address | address.IPv6Address:
-        kind = address.IPv6Address if ":" in self.host else address.IPv4Address
-        return kind("TCP", self.host, self.port)

@@ -65,6 +65,11 @@ _CLIENT_GONE = {
 }
 
 
+def _lost(exc: OSError) -> Failure:
+    """Why a stream ended when its socket failed."""
+    return Failure(error.ConnectionLost(str(exc)))
+
+
 def _half_closeable(protocol: Any) -> bool:
     kind = type(protocol)
     known = _HALF_CLOSEABLE.get(kind)
@@ -73,7 +78,8 @@ def _half_closeable(protocol: Any) -> bool:
     return known
 
 
-def _address(host: str, port: int) -> address.IPv4Address | address.IPv6Address:
+def _tcp_address(host: str, port: int) -> address.IPv4Address | address.IPv6Address:
+    """Twisted's address object for an IP literal and a port."""
     kind = address.IPv6Address if ":" in host else address.IPv4Address
     return kind("TCP", host, port)
 
@@ -83,7 +89,7 @@ def _peer_address(peer: tuple) -> address.IPv4Address | address.IPv6Address:
     if len(peer) == 4 and peer[3]:
         host, _ = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
         return address.IPv6Address("TCP", host, peer[1])
-    return _address(peer[0], peer[1])
+    return _tcp_address(peer[0], peer[1])
 
 
 @implementer(ITCPTransport, IReadWriteDescriptor, IHalfCloseableDescriptor, IPushProducer)
@@ -98,15 +104,22 @@ class Stream:
     _write_closing = False  # a half-close waits for the buffer to empty
     _write_closed = False
     _aborting = False
-    _peer: address.IPv4Address | address.IPv6Address | None = None
     sends_at_once = True  # twisted_private.write_now: a write is sent now, not next turn
 
-    def __init__(self, reactor: Any, sock: socket.socket, protocol: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        protocol: Any,
+        peer: address.IPv4Address | address.IPv6Address | None = None,
+    ) -> None:
+        """`peer`: its address when known already (accept() said it)."""
         self.reactor = reactor
         self.socket = sock
         self.fileno = sock.fileno
         self.protocol = protocol
         self.pending = bytearray()  # what the socket has not taken yet, in order
+        self._peer = peer
 
     def start(self) -> None:
         """Connected: read, and tell the protocol."""
@@ -125,7 +138,7 @@ class Stream:
         except BlockingIOError:
             return
         except OSError as exc:
-            self.connectionLost(Failure(error.ConnectionLost(str(exc))))
+            self.connectionLost(_lost(exc))
             return
         if data:
             self.protocol.dataReceived(data)
@@ -153,9 +166,7 @@ class Stream:
             except OSError as exc:  # the peer is gone; ended on the next turn, as a failed
                 # doWrite would end it (this one may not be reading: nothing else would tell)
                 self.pending.clear()
-                self.reactor.callLater(
-                    0, self.connectionLost, Failure(error.ConnectionLost(str(exc)))
-                )  # type: ignore[attr-defined]
+                self.reactor.callLater(0, self.connectionLost, _lost(exc))  # type: ignore[attr-defined]
                 self._write_closed = True  # nothing more is sent
                 return
             if sent == len(data):
@@ -178,7 +189,7 @@ class Stream:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self.connectionLost(Failure(error.ConnectionLost(str(exc))))
+                self.connectionLost(_lost(exc))
                 return
             del pending[:sent]  # a bytearray drops its front without copying the rest
             if pending:
@@ -303,7 +314,7 @@ class Stream:
 
     def getHost(self) -> address.IPv4Address | address.IPv6Address:
         host, port = self.socket.getsockname()[:2]
-        return _address(host, port)
+        return _tcp_address(host, port)
 
     def getHandle(self) -> socket.socket:
         return self.socket
@@ -381,9 +392,7 @@ class StreamPort:
             if protocol is None:
                 sock.close()
                 continue
-            stream = Stream(reactor, sock, protocol)
-            stream._peer = client
-            stream.start()
+            Stream(reactor, sock, protocol, client).start()
 
     def _pause(self, exc: OSError) -> None:
         """Out of descriptors or memory: the waiting clients stay queued, and this port stops
@@ -409,7 +418,7 @@ class StreamPort:
 
     def getHost(self) -> address.IPv4Address | address.IPv6Address:
         host, port = self.socket.getsockname()[:2]
-        return _address(host, port)
+        return _tcp_address(host, port)
 
 
 def listen_stream(
