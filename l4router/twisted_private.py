@@ -16,13 +16,14 @@ import socket
 # as these helpers do for Twisted's transports: for them each helper is the plain method.
 
 
-def _is_stream(transport):
+def sends_at_once(transport):
+    """A Stream: a write is sent now (or buffered by the stream itself), not next turn."""
     return getattr(transport, "sends_at_once", False)
 
 
 def buffered(transport):
     """Bytes a Twisted transport holds for its socket (its private write buffers)."""
-    if _is_stream(transport):
+    if sends_at_once(transport):
         return len(transport.pending)
     try:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
@@ -35,7 +36,7 @@ def half_close(transport):
     loseWriteConnection would register for writability, send nothing, shut down and
     unregister: three more system calls."""
     sock = getattr(transport, "socket", None)
-    if sock is None or _is_stream(transport) or buffered(transport):
+    if sock is None or sends_at_once(transport) or buffered(transport):
         transport.loseWriteConnection()
         return
     try:
@@ -50,7 +51,7 @@ def close_flushed(transport):
     and with close() alone. Twisted's loseConnection would first register for writability
     and send nothing, then shutdown(2) before close() (which its own comment calls
     unnecessary for a socket no other process holds)."""
-    if _is_stream(transport):
+    if sends_at_once(transport):
         transport.loseConnection()
         return
     if getattr(transport, "socket", None) is not None and not buffered(transport):
@@ -67,7 +68,7 @@ def write_now(transport, data):
     relayed chunk. When nothing is buffered (order is kept), the socket gets the bytes now;
     only what it does not take goes through the transport, which also finds any error.
     """
-    if _is_stream(transport):
+    if sends_at_once(transport):
         transport.write(data)
         return
     sock = getattr(transport, "socket", None)

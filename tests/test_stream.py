@@ -6,18 +6,26 @@ import gc
 import hashlib
 import os
 import resource
+import select
 import socket
 import struct
 import weakref
 
 import pytest
 from twisted.internet import error
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from l4router.backends.outbound import OutboundConnection
-from l4router.connection.stream import SHARED_ACCEPTS_PER_EVENT, WRITE_BUFFER, Stream, listen_stream
+from l4router.connection.stream import (
+    READ_SIZE,
+    SHARED_ACCEPTS_PER_EVENT,
+    WRITE_BUFFER,
+    Stream,
+    listen_stream,
+)
 from tests.turned_reactor import CountingPoller, hand_turned, turn_until
 
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends a reset
@@ -401,20 +409,173 @@ def test_out_of_descriptors_a_port_pauses_then_accepts_the_clients_that_waited(r
         port.stopListening()
 
 
-def test_a_write_to_a_peer_that_reset_ends_a_stream_that_is_not_reading(reactor, accept):
-    """The failure a send finds is reported even when nothing reads the socket any more (a
-    paused or half-closed side): the relay must hear that its peer is gone."""
+def test_a_reset_ends_a_stream_that_is_not_reading_at_once(reactor, accept):
+    """On our reactor a Stream stays registered while paused: the reset's event ends it (the
+    relay must hear that its peer is gone), and it is reported once."""
     protocol, stream, client = accept()
     stream.pauseProducing()
-    client.sendall(b"unread")  # readable while paused: the reactor drops the socket
+    client.sendall(b"unread")
     for _ in range(3):
         reactor.doIteration(0.01)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
-    client.close()  # a reset, which no event reports now
+    client.close()
+    turn_until(reactor, lambda: protocol.lost)
+    stream.write(b"to nobody")
     for _ in range(3):
         reactor.doIteration(0.01)
-    assert not protocol.lost
-    stream.write(b"to nobody")
-    stream.write(b"more to nobody")
-    turn_until(reactor, lambda: protocol.lost)
     assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionLost)
+    assert protocol.data == b""
+
+
+def test_a_write_to_a_peer_that_reset_ends_a_stream_that_is_not_reading():
+    """On Twisted's reactor a paused Stream is not registered, so no event reports the reset:
+    the failure a send finds ends it."""
+    with hand_turned(kind=EPollReactor) as reactor:
+        protocol, stream, client, port = accepted(reactor)
+        try:
+            stream.pauseProducing()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+            client.close()  # a reset, which no event reports now
+            for _ in range(3):
+                reactor.doIteration(0.01)
+            assert not protocol.lost
+            stream.write(b"to nobody")
+            stream.write(b"more to nobody")
+            turn_until(reactor, lambda: protocol.lost)
+            assert len(protocol.lost) == 1 and protocol.lost[0].check(error.ConnectionLost)
+        finally:
+            client.close()
+            port.stopListening()
+
+
+# Edge-triggered on our reactor: one registration for a stream's whole life, and no event lost
+
+
+def registrations(reactor, fd):
+    return [call for call in reactor._poller.calls if call[1] == fd]
+
+
+EDGES = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+
+def test_a_stream_is_registered_once_for_its_whole_life():
+    """Reading, writing, a pause and a resume, a half-close each way and the close: one
+    epoll_ctl, the first."""
+    with hand_turned(CountingPoller) as reactor:
+        protocol, stream, client, port = accepted(reactor, HalfCloseRecorder)
+        fd = stream.fileno()
+        try:
+            client.sendall(b"ping")
+            turn_until(reactor, lambda: protocol.data == b"ping")
+            stream.write(b"pong")
+            client.settimeout(2)
+            assert client.recv(10) == b"pong"
+            stream.pauseProducing()
+            client.sendall(b"while paused")
+            for _ in range(3):
+                reactor.doIteration(0.01)
+            stream.resumeProducing()
+            turn_until(reactor, lambda: protocol.data == b"pingwhile paused")
+            stream.loseWriteConnection()
+            assert client.recv(10) == b""
+            client.shutdown(socket.SHUT_WR)
+            turn_until(reactor, lambda: protocol.read_closed)
+            stream.loseConnection()
+            assert protocol.lost
+            assert registrations(reactor, fd) == [("add", fd, EDGES)]
+        finally:
+            client.close()
+            port.stopListening()
+
+
+def test_bytes_that_came_while_paused_are_read_on_resuming_with_no_new_event(reactor, accept):
+    protocol, stream, client = accept()
+    stream.pauseProducing()
+    client.sendall(b"early")
+    for _ in range(3):  # the only event for these bytes comes now, while paused
+        reactor.doIteration(0.01)
+    assert protocol.data == b""
+    stream.resumeProducing()
+    assert protocol.data == b""  # read on the next turn, not inside resumeProducing
+    reactor.doIteration(0)
+    assert protocol.data == b"early"
+
+
+def test_bytes_and_the_fin_that_came_together_are_both_read(reactor, accept):
+    """A short read usually means nothing is left, but not when the peer's FIN came with the
+    bytes (an answer and its close): no later event would announce that end."""
+    protocol, stream, client = accept(HalfCloseRecorder)
+    client.sendall(b"the answer")
+    client.shutdown(socket.SHUT_WR)
+    turn_until(reactor, lambda: protocol.read_closed)
+    assert protocol.data == b"the answer"
+
+
+def test_more_than_a_read_is_read_a_read_per_turn_and_other_streams_are_served_between(
+    reactor, accept
+):
+    busy, busy_stream, busy_client = accept()
+    quiet, _, quiet_client = accept()
+    payload = os.urandom(READ_SIZE * 4)
+    busy_client.sendall(payload)
+    quiet_client.sendall(b"me too")
+    reactor.doIteration(0.01)
+    assert len(busy.data) == READ_SIZE  # the rest waits for the next turn
+    assert quiet.data == b"me too"
+    turn_until(reactor, lambda: len(busy.data) == len(payload))
+    assert hashlib.sha256(busy.data).digest() == hashlib.sha256(payload).digest()
+
+
+def test_an_accepted_stream_asks_for_writability_once_it_has_to_wait_and_only_once():
+    with hand_turned(CountingPoller) as reactor:
+        protocol, stream, client, port = accepted(reactor)
+        fd = stream.fileno()
+        reactor.doIteration(0)  # registered
+        try:
+            for _ in range(2):
+                payload = os.urandom(8 << 20)
+                stream.write(payload)
+                assert stream.pending
+                got = read_all(reactor, client, until_eof=False, limit=len(payload))
+                assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+                turn_until(reactor, lambda: not stream.pending)
+            assert registrations(reactor, fd) == [
+                ("add", fd, EDGES),
+                ("mod", fd, EDGES | select.EPOLLOUT),
+            ]
+        finally:
+            client.close()
+            port.stopListening()
+
+
+def test_a_reset_after_the_peers_fin_ends_the_stream_as_done(reactor, accept):
+    """A server that closes without reading the request sends its FIN, then a reset for the
+    bytes it left unread: that is a close, not a connection lost (the relay's reason, and
+    passive health, would blame the server for a reset)."""
+    protocol, stream, client = accept(HalfCloseRecorder)
+    client.shutdown(socket.SHUT_WR)
+    turn_until(reactor, lambda: protocol.read_closed)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+    client.close()
+    turn_until(reactor, lambda: protocol.lost)
+    assert protocol.lost[0].check(error.ConnectionDone)
+
+
+def test_a_paused_stream_whose_peer_closed_both_ways_reads_what_was_left_on_resuming(
+    reactor, accept
+):
+    """Both FINs exchanged while the relay's other side was full and this side paused: the
+    hang-up comes with bytes unread, which must reach the protocol (then the end), not be
+    dropped with the socket."""
+    protocol, stream, client = accept(HalfCloseRecorder)
+    stream.pauseProducing()
+    payload = os.urandom(100_000)
+    client.sendall(payload)
+    stream.loseWriteConnection()
+    client.shutdown(socket.SHUT_WR)
+    for _ in range(5):  # the hang-up's event comes now, while paused
+        reactor.doIteration(0.01)
+    assert not protocol.lost and not protocol.read_closed
+    stream.resumeProducing()
+    turn_until(reactor, lambda: protocol.read_closed)
+    assert hashlib.sha256(protocol.data).digest() == hashlib.sha256(payload).digest()

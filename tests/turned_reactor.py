@@ -36,10 +36,10 @@ class CountingPoller:
 
 
 @contextmanager
-def hand_turned(poller=None):
-    """A LeanEPollReactor not installed as the global one; `poller`, a wrapper class of its
-    epoll object (CountingPoller)."""
-    reactor = LeanEPollReactor()
+def hand_turned(poller=None, kind=LeanEPollReactor):
+    """A reactor (`kind`: ours, or one of Twisted's) not installed as the global one;
+    `poller`, a wrapper class of its epoll object (CountingPoller)."""
+    reactor = kind()
     if poller is not None:
         reactor._poller = poller(reactor._poller)
     try:

@@ -95,7 +95,10 @@ class OutboundConnection(Stream):
         if code not in _IN_PROGRESS:
             self._fail_later(error.getConnectError((code, os.strerror(code))))
             return
-        reactor.addWriter(self)  # writable once the connect has succeeded
+        # Writable once the connect has succeeded.
+        if self._edge:
+            self._watch(writable=True)
+        self._write_on()
 
     def _fail_later(self, exc: Exception) -> None:
         self.reactor.callLater(0, self.fail, exc)  # type: ignore[attr-defined]
@@ -106,7 +109,7 @@ class OutboundConnection(Stream):
             return
         self._connecting = False
         self._failed = None  # never needed again: a reference cycle less to collect
-        self.reactor.removeWriter(self)
+        self._write_off()
         self.start()
 
     def fail(self, exc: Exception) -> None:
@@ -115,7 +118,7 @@ class OutboundConnection(Stream):
             return
         self._connecting = False
         if self._opened:
-            self.reactor.removeWriter(self)
+            self._unwatch()
             self.socket.close()
         failed, self._failed = self._failed, None
         if failed is not None:

@@ -13,7 +13,7 @@ from zope.interface import Attribute, Interface, classImplements, implementer
 from l4router.connection.reasons import Reason
 from l4router.connection.splice import AVAILABLE as SPLICE_AVAILABLE
 from l4router.connection.splice import SpliceRelay
-from l4router.twisted_private import buffered, close_flushed, half_close, write_now
+from l4router.twisted_private import buffered, close_flushed, half_close, sends_at_once, write_now
 
 SWEEPS_PER_TIMEOUT = 8  # an idle relay is closed between 1 and 1.25 idle_timeouts
 # A relay copies until a direction shows bulk: SPLICE_AFTER bytes carried and a single read of
@@ -170,6 +170,9 @@ class Relay:
         self.rewrite_client = rewrite_client
         self.reason = None
         self.lost = set()
+        # Both Streams (a `unix:` listener's clients are Twisted's): each chunk is written
+        # straight to the other side, without asking write_now what the transport is.
+        self.both_streams = sends_at_once(client.transport) and sends_at_once(backend.transport)
         client.relay = backend.relay = self
 
     def forward(self, side, data):
@@ -179,8 +182,11 @@ class Relay:
             data = rewrite.feed(data)
             if rewrite.done:
                 self.rewrite_client = None
-        sink = self.peer_of(side).transport
-        write_now(sink, data)
+        sink = (self.backend if side is self.client else self.client).transport
+        if self.both_streams:
+            sink.write(data)  # sent at once (write_now's case for Twisted's transports)
+        else:
+            write_now(sink, data)
         if (
             self.splice_when_large
             and self.rewrite_client is None

@@ -105,9 +105,9 @@ class _Socket:
 
     def take_over(self):
         transport = self.transport
-        make_non_blocking = getattr(transport, "make_non_blocking", None)
-        if make_non_blocking is not None:  # a Stream's accepted socket: splice() may block
-            make_non_blocking()
+        prepare = getattr(transport, "prepare_for_splice", None)
+        if prepare is not None:  # a Stream: non-blocking, level-triggered
+            prepare()
         transport.doRead = self.readable
         transport.doWrite = self.writable
         transport.stopWriting()  # nothing is buffered in it

@@ -13,12 +13,24 @@ transport (ITCPTransport, and a push producer for the other side of a relay), wi
 difference on purpose: `loseConnection` with nothing left to send closes at once, and
 the protocol's `connectionLost` is called before it returns (Twisted waits a turn of the
 loop). An accepted socket stays in blocking mode (no ioctl per connection): every send and
-recv passes MSG_DONTWAIT instead; `make_non_blocking` is for what splices it.
+recv passes MSG_DONTWAIT instead; `prepare_for_splice` is for what splices it.
+
+On l4router's reactor (l4router.process.reactor) a Stream is registered with epoll once for
+its whole life, edge-triggered: starting and stopping to read or write (a pause, a half-close,
+a buffer filling and draining) only sets a flag here, and the close takes the socket out of
+epoll. Edge-triggered means the kernel reports a change once, so a Stream keeps what it was
+told: `_readable` (bytes or an end may be waiting) until a read comes up short, and reads
+what waits when it starts reading again. A full read leaves the rest for the next turn of
+the loop (`read_again`), so that one busy stream does not starve the others; the peer's end
+(EPOLLRDHUP) is read at once. On other reactors it uses `addReader`/`addWriter` as any
+descriptor does, and so does a Stream the splice relay has taken (one splice per event needs
+level-triggered events).
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 from typing import Any
@@ -45,6 +57,10 @@ ACCEPTS_PER_EVENT = 64  # a burst of clients is taken a few dozen at a time, bet
 # another worker, or this one once it has dealt with these (clients spread by load).
 SHARED_ACCEPTS_PER_EVENT = 4
 _DONTWAIT = socket.MSG_DONTWAIT
+# The events that say the peer's side has ended (or failed): what is left is read at once.
+_PEER_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_IN_OR_ENDED = select.EPOLLIN | _PEER_ENDED
+_OUT = select.EPOLLOUT
 ACCEPT_PAUSE = 0.1  # seconds a port stops accepting when out of descriptors or memory
 _DONE = Failure(error.ConnectionDone())
 _HALF_CLOSEABLE: dict[type, bool] = {}
@@ -104,6 +120,16 @@ class Stream:
     _write_closing = False  # a half-close waits for the buffer to empty
     _write_closed = False
     _aborting = False
+    # Edge-triggered (see the module's doc): what the stream wants, and what the kernel said.
+    _edge = False  # on a reactor with watch_edges: registered once, edge-triggered
+    _watched = False  # registered (an outbound stream is, from its connect on)
+    _watched_writable = False  # its registration asks for writability too
+    _reading = False
+    _writing = False
+    _readable = False  # bytes (or an end) may be waiting: an edge came, no read came up short
+    _peer_ended = False  # EPOLLRDHUP/HUP/ERR seen: read on until the end is read
+    paused = False  # by the other side of a relay, with the peer's end still to be read
+    peer_finished = False  # the peer's FIN has been read
     sends_at_once = True  # twisted_private.write_now: a write is sent now, not next turn
 
     def __init__(
@@ -120,12 +146,98 @@ class Stream:
         self.protocol = protocol
         self.pending = bytearray()  # what the socket has not taken yet, in order
         self._peer = peer
+        self._edge = hasattr(reactor, "watch_edges")
 
     def start(self) -> None:
         """Connected: read, and tell the protocol."""
         self.connected = True
-        self.reactor.addReader(self)
+        if self._edge and not self._watched:
+            self._watch(writable=False)
+        self._read_on()
         self.protocol.makeConnection(self)
+
+    # What it wants from the reactor
+
+    def _watch(self, writable: bool) -> None:
+        """Registered once for the whole life of the socket (edge-triggered)."""
+        self._watched = True
+        self._watched_writable = writable
+        self.reactor.watch_edges(self, writable)
+
+    def _read_on(self) -> None:
+        if not self._edge:
+            self.reactor.addReader(self)
+        elif not self._reading:
+            self._reading = True
+            if self._readable:  # what came while it was not reading: next turn
+                self.reactor.read_again(self)
+
+    def _read_off(self) -> None:
+        if self._edge:
+            self._reading = False
+        else:
+            self.reactor.removeReader(self)
+
+    def _write_on(self) -> None:
+        if not self._edge:
+            self.reactor.addWriter(self)
+            return
+        self._writing = True
+        if not self._watched_writable:  # accepted streams ask for it once they have to wait
+            self._watched_writable = True
+            self.reactor.watch_writable(self)
+
+    def _write_off(self) -> None:
+        if self._edge:
+            self._writing = False
+        else:
+            self.reactor.removeWriter(self)
+
+    def _unwatch(self) -> None:
+        """Before its socket closes (which takes it out of epoll)."""
+        if self._edge:
+            self._reading = self._writing = False
+            self.reactor.forget_edges(self)
+        else:
+            self.reactor.removeReader(self)
+            self.reactor.removeWriter(self)
+
+    def on_edge(self, event: int) -> None:
+        """An edge-triggered event (the reactor has dealt with a hang-up it cannot read):
+        what the kernel said is waiting is read until a read comes up short, the stream stops
+        reading or it ends; a full read leaves the rest for the next turn."""
+        if event & _OUT and self._writing:
+            self.doWrite()
+            if self.disconnected:
+                return
+        if not event & _IN_OR_ENDED:
+            return
+        if event & _PEER_ENDED:
+            self._peer_ended = True
+        self._readable = True
+        while self._reading:
+            try:
+                data = self.socket.recv(READ_SIZE, _DONTWAIT)
+            except BlockingIOError:
+                self._readable = False
+                return
+            except OSError as exc:
+                self._readable = False
+                self.connectionLost(_lost(exc))
+                return
+            if not data:
+                self._readable = False
+                self.readConnectionLost(_DONE)
+                return
+            full = len(data) == READ_SIZE
+            self._readable = full or self._peer_ended
+            self.protocol.dataReceived(data)
+            if full:
+                if self._reading:
+                    self.reactor.read_again(self)
+                return
+            if not self._readable:
+                return
 
     def logPrefix(self) -> str:
         return "l4router.stream"
@@ -133,6 +245,7 @@ class Stream:
     # Reading
 
     def doRead(self) -> None:
+        """Level-triggered (another reactor, or the splice relay's): one read per event."""
         try:
             data = self.socket.recv(READ_SIZE, _DONTWAIT)
         except BlockingIOError:
@@ -147,7 +260,9 @@ class Stream:
 
     def readConnectionLost(self, reason: Failure) -> None:
         """The peer's FIN (or a hang-up the reactor saw while reading)."""
-        self.reactor.removeReader(self)
+        self.peer_finished = True
+        self.paused = False
+        self._read_off()
         if _half_closeable(self.protocol):
             self.protocol.readConnectionLost()  # type: ignore[attr-defined]
         else:
@@ -172,7 +287,7 @@ class Stream:
             if sent == len(data):
                 return
             data = data[sent:]
-            self.reactor.addWriter(self)
+            self._write_on()
         self.pending += data
         if len(self.pending) > WRITE_BUFFER and self.producer is not None:
             self._producer_paused = True
@@ -194,7 +309,7 @@ class Stream:
             del pending[:sent]  # a bytearray drops its front without copying the rest
             if pending:
                 return
-        self.reactor.removeWriter(self)
+        self._write_off()
         if self._producer_paused:
             self._producer_paused = False
             self.producer.resumeProducing()
@@ -230,7 +345,7 @@ class Stream:
             return
         if self.pending and not self._write_closed:
             self.disconnecting = True
-            self.reactor.removeReader(self)
+            self._read_off()
         else:
             self._close(_DONE)
 
@@ -241,8 +356,8 @@ class Stream:
             return
         self._aborting = True
         self.pending.clear()
-        self.reactor.removeReader(self)
-        self.reactor.removeWriter(self)
+        self._read_off()
+        self._write_off()
         self.reactor.callLater(0, self._close, Failure(error.ConnectionAborted()))  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure) -> None:
@@ -255,9 +370,7 @@ class Stream:
         self.disconnected = True
         self.connected = False
         self.producer = None  # the relay closes the other side itself, with its reason
-        reactor = self.reactor
-        reactor.removeReader(self)
-        reactor.removeWriter(self)
+        self._unwatch()
         sock = self.socket
         if self._aborting:
             try:  # a reset, as Twisted's abortConnection sends
@@ -271,11 +384,13 @@ class Stream:
     # A push producer (for the other side of a relay) and its consumer
 
     def pauseProducing(self) -> None:
-        self.reactor.removeReader(self)
+        self.paused = not self.peer_finished
+        self._read_off()
 
     def resumeProducing(self) -> None:
-        if self.connected and not self.disconnecting and not self._aborting:
-            self.reactor.addReader(self)
+        self.paused = False
+        if self.connected and not (self.disconnecting or self._aborting or self.peer_finished):
+            self._read_on()
 
     def stopProducing(self) -> None:
         self.loseConnection()
@@ -290,20 +405,29 @@ class Stream:
     # What the splice relay switches
 
     def startReading(self) -> None:
-        self.reactor.addReader(self)
+        self._read_on()
 
     def stopReading(self) -> None:
-        self.reactor.removeReader(self)
+        self._read_off()
 
     def startWriting(self) -> None:
-        self.reactor.addWriter(self)
+        self._write_on()
 
     def stopWriting(self) -> None:
-        self.reactor.removeWriter(self)
+        self._write_off()
 
-    def make_non_blocking(self) -> None:
-        """Needed before its descriptor is used without MSG_DONTWAIT (splice)."""
+    def prepare_for_splice(self) -> None:
+        """Its descriptor is used without MSG_DONTWAIT (non-blocking now), and one splice per
+        event needs level-triggered events: from now on the reactor's addReader/addWriter."""
         self.socket.setblocking(False)
+        if self._edge:
+            reading, writing = self._reading, self._writing
+            self._edge = self._reading = self._writing = False
+            self.reactor.level_trigger(self)
+            if reading:
+                self.reactor.addReader(self)
+            if writing:
+                self.reactor.addWriter(self)
 
     # Addresses and options
 

@@ -1,7 +1,7 @@
 """The epoll reactor l4router runs on: twistd's `--reactor=l4router`, and what `twistd
 l4router` installs when no reactor was chosen.
 
-Four differences from Twisted's EPollReactor, all about what a short connection costs:
+Five differences from Twisted's EPollReactor, all about what a short connection costs:
 
 - No per-event logging context. Twisted hands every ready descriptor to `log.callWithLogger`,
   which asks it for its log prefix and pushes a context around the call. l4router logs
@@ -17,9 +17,14 @@ Four differences from Twisted's EPollReactor, all about what a short connection 
   sockets are this process's alone, so closing one removes it from epoll; anything else
   (a listening port adopted from the supervisor is a duplicate of a descriptor that stays
   open) is synchronised at once, as Twisted does.
-- A Stream (l4router.connection.stream) is handed its events directly: it deals with its
-  own ends and errors, so Twisted's `_doReadOrWrite` checks are skipped for it (what it
-  returns or raises still ends it through `_disconnectSelectable`).
+- A Stream (l4router.connection.stream) is registered once for its whole life, edge-
+  triggered (`watch_edges`): what it wants to read or write is its own flag, not a
+  registration to keep up to date, and the close takes it out of epoll. A Stream that has
+  bytes left to read after its turn asks to be read again on the next turn (`read_again`:
+  the wait then does not block).
+- A Stream is handed its events directly: it deals with its own ends and errors, so
+  Twisted's `_doReadOrWrite` checks are skipped for it (what it returns or raises still ends
+  it through `_disconnectSelectable`).
 
 Everything else, the timed calls, threads, signals and `_doReadOrWrite` itself for other
 descriptors (it turns a raised doRead/doWrite into a logged, closed connection), is Twisted's.
@@ -28,6 +33,7 @@ descriptors (it turns a raised doRead/doWrite into a logged, closed connection),
 from __future__ import annotations
 
 import sys
+from select import EPOLLET, EPOLLRDHUP
 from typing import Any
 
 from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
@@ -40,6 +46,7 @@ from l4router.connection.stream import Stream
 log = Logger()
 
 _ALWAYS = EPOLLERR | EPOLLHUP  # reported whatever the registration asks for
+_EDGES = EPOLLIN | EPOLLRDHUP | EPOLLET  # a Stream's registration (EPOLLOUT added on demand)
 
 
 _OWN_SOCKETS = (Connection, Stream)  # TCP connections: their sockets are this process's alone
@@ -55,7 +62,49 @@ class LeanEPollReactor(EPollReactor):
         self._target: dict[int, tuple[int, object]] = {}  # fd -> (events, owner) wanted there
         self._kernel: dict[int, tuple[int, object]] = {}  # fd -> (events, owner) registered
         self._dirty: set[int] = set()  # fds whose registration is to be brought up to date
+        self._edges: dict[int, Stream] = {}  # fd -> the Stream registered edge-triggered there
+        self._again: list[Stream] = []  # Streams with bytes left to read on the next turn
         super().__init__()
+
+    # Streams, registered once and edge-triggered
+
+    def watch_edges(self, stream: Stream, writable: bool) -> None:
+        """Register `stream` until its socket closes: readable, and writable if asked."""
+        fd = stream.fileno()
+        self._edges[fd] = stream
+        self._register(fd, _EDGES | (EPOLLOUT if writable else 0), stream)
+
+    def watch_writable(self, stream: Stream) -> None:
+        """Its registration asks for writability too from now on."""
+        fd = stream.fileno()
+        self._register(fd, self._registered(fd, stream) | EPOLLOUT, stream)
+
+    def read_again(self, stream: Stream) -> None:
+        self._again.append(stream)
+
+    def forget_edges(self, stream: Stream) -> None:
+        """Its socket is about to close, which takes it out of epoll: forget it here."""
+        fd = stream.fileno()
+        if self._edges.get(fd) is stream:
+            del self._edges[fd]
+            self._target.pop(fd, None)
+            self._kernel.pop(fd, None)
+            self._dirty.discard(fd)
+
+    def level_trigger(self, stream: Stream) -> None:
+        """From now on `stream` asks through addReader/addWriter (level-triggered): its
+        registration is changed by the next of those in this turn, or removed."""
+        fd = stream.fileno()
+        if self._edges.pop(fd, None) is stream:
+            self._register(fd, 0, stream)
+
+    def removeAll(self) -> list:
+        """Twisted's, and the edge-triggered Streams (disconnectAll ends them all)."""
+        streams = list(self._edges.values())
+        for stream in streams:
+            self.forget_edges(stream)
+        self._again.clear()
+        return super().removeAll() + streams
 
     # What the descriptors want, and what the kernel has
 
@@ -167,8 +216,12 @@ class LeanEPollReactor(EPollReactor):
     # The loop
 
     def doPoll(self, timeout: float | None) -> None:
+        if self._again:
+            self._read_again()
         if self._dirty:
             self._flush()
+        if self._again:
+            timeout = 0
         try:
             events = self._poller.poll(
                 -1 if timeout is None else timeout, max(1, len(self._kernel))
@@ -178,7 +231,23 @@ class LeanEPollReactor(EPollReactor):
         selectables = self._selectables
         handle = self._doReadOrWrite
         reads, writes, kernel = self._reads, self._writes, self._kernel
+        edges = self._edges
         for fd, event in events:
+            stream = edges.get(fd)
+            if stream is not None:  # edge-triggered: what it wants is the Stream's to know
+                # A hang-up with bytes left is read first: now, or once resumed if the
+                # relay's other side was full when both ends closed (not after a reset).
+                if event & _ALWAYS and not (
+                    event & EPOLLIN
+                    and (stream._reading or (stream.paused and not event & EPOLLERR))
+                ):
+                    self._hung_up(stream, stream._reading)
+                    continue
+                try:
+                    stream.on_edge(event)
+                except Exception as exc:
+                    self._stream_failed(stream, exc)
+                continue
             selectable = selectables.get(fd)
             if selectable is None:  # nobody wants it any more: drop the lazy registration
                 self._register(fd, 0, kernel.get(fd, (0, None))[1])
@@ -197,15 +266,33 @@ class LeanEPollReactor(EPollReactor):
             except Exception:  # _doReadOrWrite catches what doRead raises; this is the rest
                 log.failure("Event handling for {selectable!r} failed", selectable=selectable)
 
+    def _read_again(self) -> None:
+        again, self._again = self._again, []
+        for stream in again:
+            if stream._reading and stream._readable:
+                try:
+                    stream.on_edge(EPOLLIN)
+                except Exception as exc:
+                    self._stream_failed(stream, exc)
+
+    def _hung_up(self, stream: Any, reading: bool) -> None:
+        """A hang-up is the end of what the peer sends while reading, and a clean close once
+        the peer's FIN has been read (the reset that follows a FIN only says that bytes sent
+        after it went unread: a server that closes without reading the request); otherwise
+        the connection was lost."""
+        clean = reading or stream.peer_finished
+        self._disconnectSelectable(stream, CONNECTION_DONE if clean else CONNECTION_LOST, reading)
+
+    def _stream_failed(self, stream: Any, exc: Exception) -> None:
+        log.failure("Stream {stream!r} failed", stream=stream)
+        self._disconnectSelectable(stream, exc, False)
+
     def _handle_stream(self, stream: Any, event: int, wanted: int) -> None:
         """Twisted's _doReadOrWrite for a Stream, without what a Stream does not need (it
         deals with its own ends and errors; a closed one is no longer registered). What its
         doRead or doWrite return (the splice relay's pump) or raise ends it as there."""
         if event & _ALWAYS and not event & EPOLLIN:  # hung up, with nothing left to read
-            reading = bool(wanted & EPOLLIN)
-            self._disconnectSelectable(
-                stream, CONNECTION_DONE if reading else CONNECTION_LOST, reading
-            )
+            self._hung_up(stream, bool(wanted & EPOLLIN))
             return
         why = None
         in_read = False
