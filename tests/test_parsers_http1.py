@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4router.parsers import INCOMPLETE, Invalid
-from l4router.parsers.http1 import Request, parse_request, strip_port
+from l4router.parsers.http1 import (
+    _PLAIN_FIELDS_RE,
+    Request,
+    parse_fields,
+    parse_fields_by_line,
+    parse_request,
+    strip_port,
+)
 from tests.captures import EXPECTED, capture
 
 HTTP_CAPTURES = [name for name, (protocol, _) in EXPECTED.items() if protocol == "http1"]
@@ -110,3 +117,26 @@ def test_no_input_raises(data):
 def test_http_shaped_input_never_raises(parts):
     result = parse_request(b"".join(parts))
     assert result is INCOMPLETE or isinstance(result, (Request, Invalid))
+
+
+# Field lines: the common ones are read in one pass, the rest line by line; both must agree.
+FIELD_BYTES = st.sampled_from(
+    [b"a", b"Host", b"X-y", b"1", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\xe9", b"\x00", b"v"]
+)
+
+
+@settings(max_examples=3000)
+@given(st.lists(FIELD_BYTES, max_size=40).map(b"".join))
+def test_the_one_pass_field_reading_agrees_with_the_line_by_line_one(block):
+    assert parse_fields(block) == parse_fields_by_line(block)
+
+
+def test_a_browsers_fields_take_the_one_pass_and_read_as_line_by_line():
+    block = (
+        b"Host: www.example.com\r\nUser-Agent: Mozilla/5.0 (X11) \t\r\n"
+        b'Accept: text/html,*/*;q=0.8\r\nX-Empty:\r\nsec-ch-ua: "Chromium";v="120"'
+    )
+    assert _PLAIN_FIELDS_RE.fullmatch(block.decode("latin-1") + "\n")
+    assert parse_fields(block) == parse_fields_by_line(block)
+    assert parse_fields(block)[1] == ("user-agent", "Mozilla/5.0 (X11)")
+    assert parse_fields(block)[3] == ("x-empty", "")

@@ -16,6 +16,10 @@ MAX_METHOD = 32
 _METHOD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
 _REQUEST_LINE_RE = re.compile(rb"^([A-Z_-]+) ([\x21-\x7e]+) HTTP/1\.([01])\r?$")
 _FIELD_NAME_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# The common head, decoded as latin-1 with a line end added: every line a well-formed field
+# with no folded continuation and no stray CR. One search in C checks all of it, so its lines
+# need no check of their own; anything else goes line by line.
+_PLAIN_FIELDS_RE = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r?\n)*")
 _CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 
@@ -127,12 +131,37 @@ def parse_request(data: bytes) -> Request | Incomplete | Invalid:
         if line_end < 0 and _CONTROL_RE.search(pending, space):
             return Invalid("control character in request line")
         return INCOMPLETE
-    lines = data[: end.start()].split(b"\n")
-    request_line = _REQUEST_LINE_RE.match(lines[0])
+    head = data[: end.start()]
+    line_end = head.find(b"\n")
+    request_line = _REQUEST_LINE_RE.match(head if line_end < 0 else head[:line_end])
     if request_line is None:
         return Invalid("not an HTTP/1 request line")
+    headers = () if line_end < 0 else parse_fields(head[line_end + 1 :])
+    if headers is None:
+        return Invalid("malformed header field")
+    method, target, minor = request_line.groups()
+    return Request(
+        method.decode("ascii"), target.decode("ascii"), f"1.{minor.decode()}", headers, end.end()
+    )
+
+
+def parse_fields(block: bytes) -> tuple[tuple[str, str], ...] | None:
+    """The header fields of a head (the lines after the request line, without the blank
+    line) as (lower-case name, value) pairs, or None if a line is not a field."""
+    text = block.decode("latin-1")
+    if not _PLAIN_FIELDS_RE.fullmatch(text + "\n"):
+        return parse_fields_by_line(block)
+    fields = []
+    for line in text.split("\n"):
+        name, _, value = line.partition(":")
+        fields.append((name.lower(), value.strip(" \t\r")))  # a CR can only end the line
+    return tuple(fields)
+
+
+def parse_fields_by_line(block: bytes) -> tuple[tuple[str, str], ...] | None:
+    """`parse_fields` one line at a time: what also takes folded lines and stray CRs."""
     headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
+    for line in block.split(b"\n"):
         line = line[:-1] if line.endswith(b"\r") else line
         if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
             folded, earlier = headers[-1]
@@ -140,13 +169,6 @@ def parse_request(data: bytes) -> Request | Incomplete | Invalid:
             continue
         name, colon, value = line.partition(b":")
         if not colon or not _FIELD_NAME_RE.match(name):
-            return Invalid("malformed header field")
+            return None
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
-    method, target, minor = request_line.groups()
-    return Request(
-        method.decode("ascii"),
-        target.decode("ascii"),
-        f"1.{minor.decode()}",
-        tuple(headers),
-        end.end(),
-    )
+    return tuple(headers)

@@ -187,25 +187,40 @@ def _parse_body(
     if partial is not None:
         partial.update(found)
         found = partial  # what is parsed so far stays there when the bytes run out
-    types = []
     if reader.remaining:
         extensions = reader.sub(2) if partial is None else _rest_of_block(reader)
-        while extensions.remaining:
-            kind = extensions.uint(2)
-            body = extensions.sub(2)
+        _read_extensions(extensions, found)
+    return ClientHello(**found)
+
+
+def _read_extensions(extensions: Reader, found: dict[str, Any]) -> None:
+    """Each extension's type into found["extensions"] (so far, if the bytes run out), and
+    what the ones routing asks about say. Walked by offset: a Reader is made only for the
+    few extensions that are read (a ClientHello has a dozen or more)."""
+    data, pos, end = extensions.data, extensions.pos, extensions.end
+    types: list[int] = []
+    try:
+        while pos < end:
+            if end - pos < 4:
+                raise Truncated(f"extension header at offset {pos} overruns {end}")
+            kind = int.from_bytes(data[pos : pos + 2], "big")
+            start = pos + 4
+            pos = start + int.from_bytes(data[pos + 2 : start], "big")
+            if pos > end:
+                raise Truncated(f"extension at offset {start} overruns {end}")
             if is_grease(kind):
                 continue
             types.append(kind)
-            found["extensions"] = tuple(types)
             if kind == EXT_SERVER_NAME:
-                found["sni"] = _server_name(body)
+                found["sni"] = _server_name(Reader(data, start, pos))
             elif kind == EXT_ALPN:
-                found["alpn"] = _alpn(body)
+                found["alpn"] = _alpn(Reader(data, start, pos))
             elif kind == EXT_SUPPORTED_VERSIONS:
-                found["supported_versions"] = _supported_versions(body)
+                found["supported_versions"] = _supported_versions(Reader(data, start, pos))
             elif kind == EXT_ENCRYPTED_CLIENT_HELLO:
                 found["ech"] = True
-    return ClientHello(**found)
+    finally:
+        found["extensions"] = tuple(types)
 
 
 def _rest_of_block(reader: Reader) -> Reader:
