@@ -19,7 +19,7 @@ On l4router's reactor (l4router.process.reactor) a Stream is registered with epo
 its whole life, edge-triggered: starting and stopping to read or write (a pause, a half-close,
 a buffer filling and draining) only sets a flag here, and the close takes the socket out of
 epoll. Edge-triggered means the kernel reports a change once, so a Stream keeps what it was
-told: `_readable` (bytes or an end may be waiting) until a read comes up short, and reads
+told: `readable` (bytes or an end may be waiting) until a read comes up short, and reads
 what waits when it starts reading again. A full read leaves the rest for the next turn of
 the loop (`read_again`), so that one busy stream does not starve the others; the peer's end
 (EPOLLRDHUP) is read at once. On other reactors it uses `addReader`/`addWriter` as any
@@ -124,9 +124,9 @@ class Stream:
     _edge = False  # on a reactor with watch_edges: registered once, edge-triggered
     _watched = False  # registered (an outbound stream is, from its connect on)
     _watched_writable = False  # its registration asks for writability too
-    _reading = False
-    _writing = False
-    _readable = False  # bytes (or an end) may be waiting: an edge came, no read came up short
+    reading = False  # wants to read (the reactor asks before handing it a hang-up)
+    _writing = False  # wants to write (bytes are buffered, or a connect is under way)
+    readable = False  # bytes (or an end) may be waiting: an edge came, no read came up short
     _peer_ended = False  # EPOLLRDHUP/HUP/ERR seen: read on until the end is read
     paused = False  # by the other side of a relay, with the peer's end still to be read
     peer_finished = False  # the peer's FIN has been read
@@ -167,14 +167,14 @@ class Stream:
     def _read_on(self) -> None:
         if not self._edge:
             self.reactor.addReader(self)
-        elif not self._reading:
-            self._reading = True
-            if self._readable:  # what came while it was not reading: next turn
+        elif not self.reading:
+            self.reading = True
+            if self.readable:  # what came while it was not reading: next turn
                 self.reactor.read_again(self)
 
     def _read_off(self) -> None:
         if self._edge:
-            self._reading = False
+            self.reading = False
         else:
             self.reactor.removeReader(self)
 
@@ -196,7 +196,7 @@ class Stream:
     def _unwatch(self) -> None:
         """Before its socket closes (which takes it out of epoll)."""
         if self._edge:
-            self._reading = self._writing = False
+            self.reading = self._writing = False
             self.reactor.forget_edges(self)
         else:
             self.reactor.removeReader(self)
@@ -214,29 +214,29 @@ class Stream:
             return
         if event & _PEER_ENDED:
             self._peer_ended = True
-        self._readable = True
-        while self._reading:
+        self.readable = True
+        while self.reading:
             try:
                 data = self.socket.recv(READ_SIZE, _DONTWAIT)
             except BlockingIOError:
-                self._readable = False
+                self.readable = False
                 return
             except OSError as exc:
-                self._readable = False
+                self.readable = False
                 self.connectionLost(_lost(exc))
                 return
             if not data:
-                self._readable = False
+                self.readable = False
                 self.readConnectionLost(_DONE)
                 return
             full = len(data) == READ_SIZE
-            self._readable = full or self._peer_ended
+            self.readable = full or self._peer_ended
             self.protocol.dataReceived(data)
             if full:
-                if self._reading:
+                if self.reading:
                     self.reactor.read_again(self)
                 return
-            if not self._readable:
+            if not self.readable:
                 return
 
     def logPrefix(self) -> str:
@@ -421,8 +421,8 @@ class Stream:
         event needs level-triggered events: from now on the reactor's addReader/addWriter."""
         self.socket.setblocking(False)
         if self._edge:
-            reading, writing = self._reading, self._writing
-            self._edge = self._reading = self._writing = False
+            reading, writing = self.reading, self._writing
+            self._edge = self.reading = self._writing = False
             self.reactor.level_trigger(self)
             if reading:
                 self.reactor.addReader(self)

@@ -238,10 +238,9 @@ class LeanEPollReactor(EPollReactor):
                 # A hang-up with bytes left is read first: now, or once resumed if the
                 # relay's other side was full when both ends closed (not after a reset).
                 if event & _ALWAYS and not (
-                    event & EPOLLIN
-                    and (stream._reading or (stream.paused and not event & EPOLLERR))
+                    event & EPOLLIN and (stream.reading or (stream.paused and not event & EPOLLERR))
                 ):
-                    self._hung_up(stream, stream._reading)
+                    self._hung_up(stream, stream.reading)
                     continue
                 try:
                     stream.on_edge(event)
@@ -269,7 +268,7 @@ class LeanEPollReactor(EPollReactor):
     def _read_again(self) -> None:
         again, self._again = self._again, []
         for stream in again:
-            if stream._reading and stream._readable:
+            if stream.reading and stream.readable:
                 try:
                     stream.on_edge(EPOLLIN)
                 except Exception as exc:
