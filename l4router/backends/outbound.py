@@ -77,7 +77,7 @@ class OutboundConnection(Stream):
         try:
             family, target = _socket_address(host, port)
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            super().__init__(reactor, sock, protocol)
+            super().__init__(reactor, sock, protocol, connecting=True)
             self._opened = True
             # Relayed bytes go out at once (a proxy must not add Nagle delays).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -95,10 +95,7 @@ class OutboundConnection(Stream):
         if code not in _IN_PROGRESS:
             self._fail_later(error.getConnectError((code, os.strerror(code))))
             return
-        # Writable once the connect has succeeded.
-        if self._edge:
-            self._watch(writable=True)
-        self._write_on()
+        self._write_on()  # writable once the connect has succeeded
 
     def _fail_later(self, exc: Exception) -> None:
         self.reactor.callLater(0, self.fail, exc)  # type: ignore[attr-defined]

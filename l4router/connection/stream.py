@@ -63,6 +63,7 @@ _IN_OR_ENDED = select.EPOLLIN | _PEER_ENDED
 _OUT = select.EPOLLOUT
 ACCEPT_PAUSE = 0.1  # seconds a port stops accepting when out of descriptors or memory
 _DONE = Failure(error.ConnectionDone())
+_LOST = Failure(error.ConnectionLost())
 _HALF_CLOSEABLE: dict[type, bool] = {}
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # What accept(2) passes on from a client that is already gone (and EPERM from netfilter):
@@ -122,12 +123,11 @@ class Stream:
     _aborting = False
     # Edge-triggered (see the module's doc): what the stream wants, and what the kernel said.
     _edge = False  # on a reactor with watch_edges: registered once, edge-triggered
-    _watched = False  # registered (an outbound stream is, from its connect on)
     _watched_writable = False  # its registration asks for writability too
     reading = False  # wants to read (the reactor asks before handing it a hang-up)
     _writing = False  # wants to write (bytes are buffered, or a connect is under way)
     readable = False  # bytes (or an end) may be waiting: an edge came, no read came up short
-    _peer_ended = False  # EPOLLRDHUP/HUP/ERR seen: read on until the end is read
+    _end_waiting = False  # EPOLLRDHUP/HUP/ERR seen: read on until the end is read
     paused = False  # by the other side of a relay, with the peer's end still to be read
     peer_finished = False  # the peer's FIN has been read
     sends_at_once = True  # twisted_private.write_now: a write is sent now, not next turn
@@ -138,31 +138,28 @@ class Stream:
         sock: socket.socket,
         protocol: Any,
         peer: address.IPv4Address | address.IPv6Address | None = None,
+        connecting: bool = False,
     ) -> None:
-        """`peer`: its address when known already (accept() said it)."""
+        """`peer`: its address when known already (accept() said it); `connecting`: a
+        connect is under way (its writability will say it is done)."""
         self.reactor = reactor
         self.socket = sock
         self.fileno = sock.fileno
         self.protocol = protocol
         self.pending = bytearray()  # what the socket has not taken yet, in order
         self._peer = peer
-        self._edge = hasattr(reactor, "watch_edges")
+        if hasattr(reactor, "watch_edges"):  # registered once for the socket's whole life
+            self._edge = True
+            self._watched_writable = connecting
+            reactor.watch_edges(self, connecting)
 
     def start(self) -> None:
         """Connected: read, and tell the protocol."""
         self.connected = True
-        if self._edge and not self._watched:
-            self._watch(writable=False)
         self._read_on()
         self.protocol.makeConnection(self)
 
     # What it wants from the reactor
-
-    def _watch(self, writable: bool) -> None:
-        """Registered once for the whole life of the socket (edge-triggered)."""
-        self._watched = True
-        self._watched_writable = writable
-        self.reactor.watch_edges(self, writable)
 
     def _read_on(self) -> None:
         if not self._edge:
@@ -213,7 +210,7 @@ class Stream:
         if not event & _IN_OR_ENDED:
             return
         if event & _PEER_ENDED:
-            self._peer_ended = True
+            self._end_waiting = True
         self.readable = True
         while self.reading:
             try:
@@ -230,7 +227,7 @@ class Stream:
                 self.readConnectionLost(_DONE)
                 return
             full = len(data) == READ_SIZE
-            self.readable = full or self._peer_ended
+            self.readable = full or self._end_waiting
             self.protocol.dataReceived(data)
             if full:
                 if self.reading:
@@ -257,6 +254,16 @@ class Stream:
             self.protocol.dataReceived(data)
         else:
             self.readConnectionLost(_DONE)
+
+    def hung_up(self, reading: bool) -> None:
+        """The reactor saw a hang-up or an error with nothing this stream reads now: the end
+        of what the peer sends while reading; once the peer's FIN has been read, a clean close
+        (the reset that follows a FIN only says that bytes sent after it went unread: a server
+        that closes without reading the request); otherwise the connection was lost."""
+        if reading:
+            self.readConnectionLost(_DONE)
+        else:
+            self.connectionLost(_DONE if self.peer_finished else _LOST)
 
     def readConnectionLost(self, reason: Failure) -> None:
         """The peer's FIN (or a hang-up the reactor saw while reading)."""

@@ -37,7 +37,6 @@ from select import EPOLLET, EPOLLRDHUP
 from typing import Any
 
 from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
-from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 
@@ -240,7 +239,7 @@ class LeanEPollReactor(EPollReactor):
                 if event & _ALWAYS and not (
                     event & EPOLLIN and (stream.reading or (stream.paused and not event & EPOLLERR))
                 ):
-                    self._hung_up(stream, stream.reading)
+                    stream.hung_up(stream.reading)
                     continue
                 try:
                     stream.on_edge(event)
@@ -274,14 +273,6 @@ class LeanEPollReactor(EPollReactor):
                 except Exception as exc:
                     self._stream_failed(stream, exc)
 
-    def _hung_up(self, stream: Any, reading: bool) -> None:
-        """A hang-up is the end of what the peer sends while reading, and a clean close once
-        the peer's FIN has been read (the reset that follows a FIN only says that bytes sent
-        after it went unread: a server that closes without reading the request); otherwise
-        the connection was lost."""
-        clean = reading or stream.peer_finished
-        self._disconnectSelectable(stream, CONNECTION_DONE if clean else CONNECTION_LOST, reading)
-
     def _stream_failed(self, stream: Any, exc: Exception) -> None:
         log.failure("Stream {stream!r} failed", stream=stream)
         self._disconnectSelectable(stream, exc, False)
@@ -291,7 +282,7 @@ class LeanEPollReactor(EPollReactor):
         deals with its own ends and errors; a closed one is no longer registered). What its
         doRead or doWrite return (the splice relay's pump) or raise ends it as there."""
         if event & _ALWAYS and not event & EPOLLIN:  # hung up, with nothing left to read
-            self._hung_up(stream, bool(wanted & EPOLLIN))
+            stream.hung_up(bool(wanted & EPOLLIN))
             return
         why = None
         in_read = False
