@@ -21,7 +21,7 @@ from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError
 from l4router.operate.logs import make_log_observer
 from l4router.process.assembly import RouterAssembly
-from l4router.process.forkserver import ForkServer
+from l4router.process.forkserver import ForkServer, Startup, inherited_startup
 from l4router.process.reactor import install_unless_chosen
 from l4router.process.service import BackendsService, ListenersService, RouterService
 from l4router.process.shared_limits import WorkerLimits
@@ -74,13 +74,14 @@ class Options(usage.Options):
 
     def postOptions(self):
         install_unless_chosen()
-        self.detectors = installed_detectors()
+        inherited = inherited_startup()
+        self.detectors = inherited.detectors if inherited else installed_detectors()
         if self["list-detectors"]:
             sys.stdout.write(describe_detectors(self.detectors))
             raise SystemExit(0)
         path = self["config"] or quickstart_config_path()
         try:
-            self.loaded = load_config(path, self.detectors)
+            self.loaded = load_config(path, self.detectors, inherited and inherited.config)
             if self["config-source"]:
                 self.loaded = attrs.evolve(self.loaded, source=self["config-source"])
         except ConfigError as error:
@@ -153,7 +154,10 @@ def makeService(options):
     if config.workers > 1:
         # Forked now, before twistd begins logging or runs the reactor.
         fork_server = ForkServer.start(
-            twistd.get("uid"), twistd.get("gid"), twistd.get("euid", False)
+            Startup(options.detectors, config, list(getattr(twistd, "loadedPlugins", {}).values())),
+            twistd.get("uid"),
+            twistd.get("gid"),
+            twistd.get("euid", False),
         )
         supervisor = Supervisor(
             reactor,

@@ -7,6 +7,9 @@ fails them, rather than silently costing system calls.
 
 import socket
 
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+
 # Relaying: Twisted's transport buffers every write and toggles epoll registrations around
 # it; a proxy that sends at once when nothing is buffered saves two epoll_ctl and a loop turn
 # per chunk, and a FIN or a close without the registrations Twisted makes first.
@@ -110,3 +113,18 @@ def builtin_endpoint_types():
     from twisted.internet.endpoints import _serverParsers
 
     return tuple(_serverParsers)
+
+
+# Workers (l4router.process.forkserver): twistd's option parser finds its subcommands by
+# walking every plugin cache, which in a forked worker copies ~1.5 MiB of shared pages.
+
+
+def only_these_service_makers(makers):
+    """From now on twistd's ServerOptions offers `makers` as its subcommands (the ones the
+    supervisor found), without looking for plugins again."""
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    def find(interface, package=None):
+        return makers if interface is IServiceMaker else getPlugins(interface, package)
+
+    ServerOptions._getPlugins = staticmethod(find)

@@ -3,7 +3,7 @@
 import attrs
 import pytest
 
-from l4router.config import parse_config, parse_duration
+from l4router.config import load_config, parse_config, parse_duration
 from l4router.detection.registry import installed_detectors
 from l4router.errors import ConfigError
 
@@ -442,3 +442,20 @@ def test_every_problem_is_reported_at_once():
         "listeners[0].zap",
         "backends.b.servers[0]",
     }
+
+
+def test_a_config_parsed_from_the_same_text_is_used_again_and_a_changed_text_is_parsed(tmp_path):
+    """A worker reads the supervisor's snapshot of the config it already parsed: it takes
+    that Config (under its own path) instead of parsing again; a different text is parsed."""
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD)
+    parsed = parse_config(GOOD, DETECTORS, source="/etc/l4router.yaml")
+    again = load_config(str(path), DETECTORS, parsed)
+    assert again.listeners is parsed.listeners  # the same objects, not a second parse
+    assert again.source == str(path)
+    assert again.digest == parsed.digest
+
+    path.write_text(GOOD.replace("max_connections: 10", "max_connections: 11"))
+    changed = load_config(str(path), DETECTORS, parsed)
+    assert changed.listeners[0].max_connections == 11
+    assert changed.digest != parsed.digest

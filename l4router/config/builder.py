@@ -180,11 +180,14 @@ def config_digest(text, token):
     return hashlib.sha256(text).hexdigest()
 
 
-def load_config(path, detectors):
-    """Read and parse a config file; an unreadable file is a ConfigError too."""
+def load_config(path, detectors, parsed=None):
+    """Read and parse a config file; an unreadable file is a ConfigError too. `parsed`: a
+    Config already made (with `detectors`) of what may be the same text: then that one."""
     try:
         with open(path, "rb") as stream:
             text = stream.read()
     except OSError as exc:
         raise ConfigError([(str(path), f"cannot read: {exc.strerror}")]) from None
+    if parsed is not None and parsed.text == text:
+        return attrs.evolve(parsed, source=str(path))
     return parse_config(text, detectors, source=str(path))

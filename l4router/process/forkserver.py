@@ -7,6 +7,13 @@ the config loaded, no logging begun, no reactor running) and asks it for each wo
 server never runs a reactor: it waits on a socket for requests, forks, and reports each
 worker's pid and exit status on a pipe the supervisor reads.
 
+Each worker also inherits what the supervisor found at start-up (`inherited_startup`): twistd's
+plugins, the installed detectors and the parsed config. Walking the plugin caches and parsing
+the config again would copy ~4 MiB of the shared pages into every worker (reference counts
+and caches are written as they are read); a worker uses the inherited objects instead, the
+config when its text is the one the supervisor parsed (the config is frozen; the detectors
+are the ones it was checked against).
+
 A request carries the worker's argv and environment and the fds it must see (SCM_RIGHTS):
 its stdin/stdout/stderr, its listening sockets and its status pipe; the answer is its pid.
 The status pipe is also where the fork server writes `exit STATUS` once it has reaped the
@@ -23,11 +30,33 @@ import select
 import signal
 import socket
 import sys
+from typing import Any
 
+import attrs
+
+from l4router.config.model import Config
 from l4router.errors import WorkerFailed
+from l4router.twisted_private import only_these_service_makers
 
 _MAX_FDS = 64  # stdio, a status pipe and one socket per listen address
 _MAX_REQUEST = 1 << 20
+
+
+@attrs.frozen
+class Startup:
+    """What the supervisor found before it forked the fork server."""
+
+    detectors: list[Any]
+    config: Config
+    service_makers: list[Any]  # twistd's subcommands (its plugins), l4router's among them
+
+
+_startup: Startup | None = None  # set in the fork server, and so in every worker it forks
+
+
+def inherited_startup() -> Startup | None:
+    """In a worker forked from the fork server: the supervisor's detectors and config."""
+    return _startup
 
 
 class ForkServer:
@@ -40,10 +69,11 @@ class ForkServer:
 
     @classmethod
     def start(
-        cls, uid: int | None = None, gid: int | None = None, euid: bool = False
+        cls, startup: Startup, uid: int | None = None, gid: int | None = None, euid: bool = False
     ) -> ForkServer:
-        """Fork the server now. `uid`/`gid`/`euid`: twistd's, which the supervisor drops to
-        only after binding; the fork server binds nothing and drops them at once."""
+        """Fork the server now, keeping `startup` for the workers. `uid`/`gid`/`euid`:
+        twistd's, which the supervisor drops to only after binding; the fork server binds
+        nothing and drops them at once."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # or the children would print the parent's buffered output again
@@ -51,6 +81,8 @@ class ForkServer:
         gc.freeze()  # the collector then leaves these objects (and their pages) untouched
         pid = os.fork()
         if pid == 0:
+            global _startup
+            _startup = startup
             code = 1
             try:
                 ours.close()
@@ -186,6 +218,8 @@ def _become_worker(request: dict, fds: list[int], control: socket.socket) -> int
     _metrics_per_process()
     gc.enable()
     sys.argv = request["argv"]
+    if _startup is not None:
+        only_these_service_makers(_startup.service_makers)
     from twisted.scripts.twistd import run
 
     try:
