@@ -3,7 +3,7 @@
 import sys
 import textwrap
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -15,6 +15,7 @@ from l4router.detection.decision import (
     MAX_FIELD_LENGTH,
     DetectorSet,
     Progress,
+    _safe_fields,
     safe_value,
 )
 from l4router.detection.registry import detectors_for, installed_detectors
@@ -184,3 +185,29 @@ def test_a_field_value_is_escaped_the_same_whether_or_not_it_has_a_control_chara
     returns must be what the translation gives in every case (bounded to the same length)."""
     assert safe_value(text) == text.translate(_CONTROL)[:MAX_FIELD_LENGTH]
     assert "\n" not in safe_value(text) and "\x1b" not in safe_value(text)
+
+
+_FIELD_TEXT = st.text(alphabet=st.characters(max_codepoint=0x2100), max_size=1100)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(
+        st.one_of(_FIELD_TEXT, st.integers()),
+        st.one_of(
+            _FIELD_TEXT,
+            st.integers(),
+            st.booleans(),
+            st.none(),
+            st.tuples(_FIELD_TEXT, _FIELD_TEXT),
+            st.binary(max_size=20),
+        ),
+        max_size=6,
+    )
+)
+@example({"user_agent": "a" * (MAX_FIELD_LENGTH + 1), "k" * 65: "v", 7: "x\n"})
+def test_a_decisions_fields_are_made_safe_as_safe_value_makes_each(fields):
+    """The decision checks the common value (a short plain string) inline: every field must
+    come out as safe_value and the bounded name make it."""
+    expected = {str(k)[:64]: safe_value(v) for k, v in fields.items()}
+    assert _safe_fields(fields) == expected

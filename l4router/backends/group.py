@@ -152,16 +152,25 @@ class BackendGroup:
 
     # Connecting a client
 
-    def connect(self, source, fields=None):
-        """Fires with (ServerState, BackendSide) once connected; the ServerState is acquired
-        (release it when the relay ends). Fails with BackendUnavailable. Cancelling it stops
-        the attempt under way. (`fields`, what detection found, matter to NamedServerGroup.)
-        With discovery, a client that comes before its first look waits for it."""
+    def connect_to(self, source, fields, connected, failed):
+        """Connect a client: `connected((ServerState, BackendSide))` once connected, the
+        ServerState acquired (release it when the relay ends), or `failed(failure)`
+        (BackendUnavailable), maybe before it returns. Returns what `cancel()` stops (the
+        client left: neither is called then) and `called` says has reported. Called, not a
+        Deferred's callbacks: this runs for every connection.
+        (`fields`, what detection found, matter to NamedServerGroup.)"""
         if self.discovery is not None and not self.discovery.settled:
-            return self.discovery.when_settled().addCallback(
-                lambda _: _ConnectAttempt(self, source).start()
-            )
-        return _ConnectAttempt(self, source).start()
+            return self.connect(source, fields).addCallbacks(connected, failed)
+        return _ConnectAttempt(self, source, connected, failed).start()
+
+    def connect(self, source, fields=None):
+        """connect_to as a Deferred (cancel it to stop the attempt). With discovery, a
+        client that comes before its first look waits for it."""
+        if self.discovery is not None and not self.discovery.settled:
+            return self.discovery.when_settled().addCallback(lambda _: self.connect(source, fields))
+        done = defer.Deferred(lambda _: attempt.cancel())
+        attempt = _ConnectAttempt(self, source, done.callback, done.errback).start()
+        return done
 
     def attempt_failed(self, server, attempt, failure):
         reason = failure_reason(failure)
@@ -251,11 +260,14 @@ class BackendGroup:
 
 class _ConnectAttempt:
     """One client's way to a server: the balancer's choice, then failover and retries with
-    backoff, each connect an OutboundConnection (this runs for every connection)."""
+    backoff, each connect an OutboundConnection (this runs for every connection). Reports
+    once, to `on_connected` or `on_failed`, unless cancelled first."""
 
-    def __init__(self, group, source):
+    def __init__(self, group, source, on_connected, on_failed):
         self.group = group
         self.source = source
+        self.on_connected = on_connected
+        self.on_failed = on_failed
         self.tried = {}  # server -> the attempt that last tried it
         self.attempt = 0
         self.server = None
@@ -264,12 +276,10 @@ class _ConnectAttempt:
         self.cancelled = False
         self.pending = None  # the backoff timer
         self.started = 0.0
-        self.done = defer.Deferred(self._cancel)
 
     def start(self):
-        done = self.done
         self._try()
-        return done
+        return self
 
     def _try(self):
         self.pending = None
@@ -278,12 +288,12 @@ class _ConnectAttempt:
         try:
             server = self.server = group.choose(self.source, self.tried)
         except BackendUnavailable:
-            self._take_done().errback()
+            self._report_failure(Failure())
             return
         server.acquire()
         spare = group.take_spare(server)
         if spare is not None:
-            self._take_done().callback((server, spare))
+            self._report_success((server, spare))
             return
         group.metrics.connect_attempts.labels(group.name, server.label).inc()
         self.backend_side = BackendSide()
@@ -315,7 +325,7 @@ class _ConnectAttempt:
         group._connect_seconds.observe(group.reactor.seconds() - self.started)
         group.passive_result(self.server, True, "connected")
         self.backend_side = None
-        self._take_done().callback((self.server, backend_side))
+        self._report_success((self.server, backend_side))
 
     def _failed(self, reason):
         self.connection = None
@@ -330,11 +340,13 @@ class _ConnectAttempt:
         group.attempt_failed(server, self.attempt, reason)
         retry = group.config.retry
         if self.attempt >= retry.attempts:
-            self._take_done().errback(
-                BackendUnavailable(
-                    group.name,
-                    Reason.CONNECT_FAILED,
-                    f"{retry.attempts} attempts, last: {reason.getErrorMessage()}",
+            self._report_failure(
+                Failure(
+                    BackendUnavailable(
+                        group.name,
+                        Reason.CONNECT_FAILED,
+                        f"{retry.attempts} attempts, last: {reason.getErrorMessage()}",
+                    )
                 )
             )
             return
@@ -342,15 +354,31 @@ class _ConnectAttempt:
         delay = group.jittered(retry.backoff(self.attempt))
         self.pending = group.reactor.callLater(delay, self._try)
 
-    def _take_done(self):
-        """The Deferred, to fire once: the attempt then lets go of it (its canceller is a
-        method of the attempt, and a reference cycle is garbage only the collector finds)."""
-        done, self.done = self.done, None
-        return done
+    def _report_success(self, connection):
+        report = self.on_connected
+        self._let_go()
+        report(connection)
 
-    def _cancel(self, _):
+    def _report_failure(self, failure):
+        report = self.on_failed
+        self._let_go()
+        report(failure)
+
+    def _let_go(self):
+        """Report once, then hold nothing of the client (its methods point back here)."""
+        self.on_connected = self.on_failed = None
+
+    @property
+    def called(self):
+        """It has reported (or was cancelled): as a Deferred's `called`."""
+        return self.on_connected is None
+
+    def cancel(self):
+        """The client left: stop what is under way, report nothing."""
+        if self.called:
+            return
         self.cancelled = True
-        self.done = None  # Deferred.cancel fires it (CancelledError)
+        self._let_go()
         cancel(self.pending)
         if self.connection is not None:
             self.connection.stop()  # calls _failed, which releases

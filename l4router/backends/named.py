@@ -101,6 +101,10 @@ class NamedServerGroup:
     def pick(self, source):
         raise BackendUnavailable(self.name, Reason.NAME_MISSING, "server_from is for TCP listeners")
 
+    def connect_to(self, source, fields, connected, failed):
+        """BackendGroup.connect_to's contract (a name is resolved first: a Deferred)."""
+        return self.connect(source, fields).addCallbacks(connected, failed)
+
     def connect(self, source, fields=None):
         """Fires with (NamedServer, BackendSide), acquired; fails with BackendUnavailable."""
         try:

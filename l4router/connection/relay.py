@@ -271,11 +271,10 @@ class Relay:
                 else:
                     self._close_side(side)
 
-    @staticmethod
-    def _close_side(side):
-        if side.read_closed:  # it said all it had: nothing more will be read
-            close_flushed(side.transport)
-        else:
+    def _close_side(self, side):
+        if side.read_closed and not self.both_streams:
+            close_flushed(side.transport)  # it said all it had: no shutdown before the close
+        else:  # (a Stream closes at once when nothing is left to send)
             side.transport.loseConnection()
 
     def _end(self):

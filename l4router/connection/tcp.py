@@ -223,8 +223,9 @@ class InboundConnection(Protocol):
         server_from = group.config.server_from
         if server_from is not None and server_from.captures:  # the route's named groups too
             fields = {**fields, **self.factory.routes.captures(self.route, self.decision)}
-        self._connecting = group.connect(self.source, fields)
-        self._connecting.addCallbacks(self._connected, self._connect_failed)
+        connecting = group.connect_to(self.source, fields, self._connected, self._connect_failed)
+        if not connecting.called:  # a spare, or no server up: it may have reported already
+            self._connecting = connecting
 
     def _connected(self, connection):
         self._connecting = None

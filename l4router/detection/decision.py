@@ -42,6 +42,23 @@ def safe_value(value: Any) -> Any:
     return safe_value(str(value))
 
 
+def _safe_fields(fields: dict) -> dict:
+    """safe_value of every field, and names bounded; the common value (a short string with
+    no control character) checked inline: this runs for every connection."""
+    safe = {}
+    for name, value in fields.items():
+        if type(name) is not str or len(name) > 64:
+            name = str(name)[:64]
+        if not (
+            type(value) is str
+            and len(value) <= MAX_FIELD_LENGTH
+            and _HAS_CONTROL.search(value) is None
+        ):
+            value = safe_value(value)
+        safe[name] = value
+    return safe
+
+
 @attrs.frozen
 class Decision:
     protocol: str
@@ -104,8 +121,7 @@ class DetectorSet:
                     return None
                 verdict = self._ask_truncated(detector, peek)
             if isinstance(verdict, Match):
-                fields = {str(k)[:64]: safe_value(v) for k, v in verdict.fields.items()}
-                return Decision(detector.name, fields)
+                return Decision(detector.name, _safe_fields(verdict.fields))
         return Decision(UNKNOWN)
 
     def elicit(self, peek: Peek) -> tuple[Any, bytes] | None:
