@@ -4,7 +4,7 @@ before it has said NO_MATCH."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -42,7 +42,7 @@ def safe_value(value: Any) -> Any:
     return safe_value(str(value))
 
 
-def _safe_fields(fields: dict) -> dict:
+def _safe_fields(fields: Mapping[Any, Any]) -> dict[str, Any]:
     """safe_value of every field, and names bounded; the common value (a short string with
     no control character) checked inline: this runs for every connection."""
     safe = {}
