@@ -18,10 +18,10 @@ Five differences from Twisted's EPollReactor, all about what a short connection 
   (a listening port adopted from the supervisor is a duplicate of a descriptor that stays
   open) is synchronised at once, as Twisted does.
 - A Stream (l4router.connection.stream) is registered once for its whole life, edge-
-  triggered (`watch_edges`): what it wants to read or write is its own flag, not a
-  registration to keep up to date, and the close takes it out of epoll. A Stream that has
-  bytes left to read after its turn asks to be read again on the next turn (`read_again`:
-  the wait then does not block).
+  triggered (`watch_edges`, at once rather than at the end of the turn): what it wants to
+  read or write is its own flag, not a registration to keep up to date, and the close takes
+  it out of epoll. A Stream that has bytes left to read after its turn asks to be read again
+  on the next turn (`read_again`: the wait then does not block).
 - A Stream is handed its events directly: it deals with its own ends and errors, so
   Twisted's `_doReadOrWrite` checks are skipped for it (what it returns or raises still ends
   it through `_disconnectSelectable`).
@@ -68,15 +68,24 @@ class LeanEPollReactor(EPollReactor):
     # Streams, registered once and edge-triggered
 
     def watch_edges(self, stream: Stream, writable: bool) -> None:
-        """Register `stream` until its socket closes: readable, and writable if asked."""
+        """Register `stream` until its socket closes: readable, and writable if asked. At
+        once: its one registration has nothing to be merged with."""
         fd = stream.fileno()
+        events = _EDGES | (EPOLLOUT if writable else 0)
         self._edges[fd] = stream
-        self._register(fd, _EDGES | (EPOLLOUT if writable else 0), stream)
+        self._target.pop(fd, None)  # a change still due for the number's previous owner
+        self._dirty.discard(fd)
+        try:
+            self._poller.register(fd, events)
+        except FileExistsError:  # left by a closed owner of the same number
+            self._poller.modify(fd, events)
+        self._kernel[fd] = (events, stream)
 
     def watch_writable(self, stream: Stream) -> None:
         """Its registration asks for writability too from now on."""
         fd = stream.fileno()
-        self._register(fd, self._registered(fd, stream) | EPOLLOUT, stream)
+        self._poller.modify(fd, _EDGES | EPOLLOUT)
+        self._kernel[fd] = (_EDGES | EPOLLOUT, stream)
 
     def read_again(self, stream: Stream) -> None:
         self._again.append(stream)
