@@ -488,6 +488,37 @@ def test_a_stream_is_registered_once_for_its_whole_life():
             port.stopListening()
 
 
+def epoll_events(reactor, fd):
+    """What the kernel's epoll set of `reactor` asks for `fd` (its fdinfo, without the
+    EPOLLERR and EPOLLHUP every registration gets), or None."""
+    with open(f"/proc/self/fdinfo/{reactor._poller.fileno()}") as info:
+        for line in info:
+            fields = line.split()
+            if fields[:1] == ["tfd:"] and int(fields[1]) == fd:
+                return int(fields[3], 16) & ~(select.EPOLLERR | select.EPOLLHUP)
+    return None
+
+
+def test_a_stream_is_in_epoll_as_soon_as_it_is_made_and_out_once_closed(reactor):
+    """Its one registration is made at once, not at the end of the turn; asking for
+    writability keeps what it reads for."""
+    ours, theirs = socket.socketpair()
+    try:
+        stream = Stream(reactor, ours, Recorder())
+        fd = stream.fileno()
+        assert epoll_events(reactor, fd) == EDGES
+        stream.start()
+        stream.write(b"x" * (8 << 20))  # more than the socket takes: it has to wait
+        assert epoll_events(reactor, fd) == EDGES | select.EPOLLOUT
+        stream.abortConnection()
+        reactor.runUntilCurrent()
+        reactor.doIteration(0)
+        assert epoll_events(reactor, fd) is None
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_bytes_that_came_while_paused_are_read_on_resuming_with_no_new_event(reactor, accept):
     protocol, stream, client = accept()
     stream.pauseProducing()
