@@ -6,7 +6,7 @@ import weakref
 import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, UserError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass
@@ -420,3 +420,40 @@ def test_an_ended_connection_is_freed_at_once_without_the_garbage_collector():
     finally:
         if collecting:
             gc.enable()
+
+
+FALLBACK_CONFIG = """
+listeners:
+  - name: edge
+    listen: "127.0.0.1:8000"
+    routes:
+      - match: {protocol: http1}
+        backend: web
+        fallback: spare
+    default: reject
+backends:
+  web: {servers: ["10.0.0.1:80"]}
+  spare: {servers: ["10.0.0.9:80"]}
+"""
+
+
+def test_a_client_gone_while_connecting_to_the_fallback_cancels_that_connect():
+    """The route's backend has no server up: its fallback is tried at once, from within the
+    first connect's report; a client that leaves then stops the fallback's connect."""
+    harness = Harness(FALLBACK_CONFIG)
+    harness.factory.backends["web"].servers[0].set_admin_state("disabled")
+    client, _ = harness.client()
+    client.dataReceived(REQUEST)
+    (host, port, _), attempt = harness.connect_attempt()
+    assert (host, port) == ("10.0.0.9", 80)
+    stopped = []
+    failed = attempt.failed
+    attempt.failed = lambda reason: (stopped.append(reason), failed(reason))
+    client.connectionLost(Failure(ConnectionLost()))
+    assert [reason.type for reason in stopped] == [UserError]
+    spare = harness.factory.backends["spare"].servers[0]
+    assert spare.active == 0  # released
+    assert (
+        harness.metric("l4router_connections_closed_total", listener="edge", reason="client_reset")
+        == 1
+    )
