@@ -536,10 +536,40 @@ def test_bytes_and_the_fin_that_came_together_are_both_read(reactor, accept):
     """A short read usually means nothing is left, but not when the peer's FIN came with the
     bytes (an answer and its close): no later event would announce that end."""
     protocol, stream, client = accept(HalfCloseRecorder)
+    reads = CountingReads(stream)
     client.sendall(b"the answer")
     client.shutdown(socket.SHUT_WR)
     turn_until(reactor, lambda: protocol.read_closed)
     assert protocol.data == b"the answer"
+    assert reads.count == 1  # the FIN was reported with the bytes: no read to learn the end
+
+
+class CountingReads:
+    """Wraps a Stream's socket to count its recv calls."""
+
+    def __init__(self, stream):
+        self.count = 0
+        self.sock = stream.socket
+        stream.socket = self
+
+    def recv(self, *args):
+        self.count += 1
+        return self.sock.recv(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_bytes_then_a_reset_are_read_to_the_reset(reactor, accept):
+    """A peer that resets after sending: its bytes are read, then the error, not an end."""
+    protocol, stream, client = accept(HalfCloseRecorder)
+    client.sendall(b"then a reset")
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET)
+    client.close()
+    turn_until(reactor, lambda: protocol.lost)
+    assert protocol.data == b"then a reset"
+    assert not protocol.lost[0].check(error.ConnectionDone)
+    assert not protocol.read_closed
 
 
 def test_more_than_a_read_is_read_a_read_per_turn_and_other_streams_are_served_between(

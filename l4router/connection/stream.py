@@ -22,9 +22,10 @@ epoll. Edge-triggered means the kernel reports a change once, so a Stream keeps 
 told: `readable` (bytes or an end may be waiting) until a read comes up short, and reads
 what waits when it starts reading again. A full read leaves the rest for the next turn of
 the loop (`read_again`), so that one busy stream does not starve the others; the peer's end
-(EPOLLRDHUP) is read at once. On other reactors it uses `addReader`/`addWriter` as any
-descriptor does, and so does a Stream the splice relay has taken (one splice per event needs
-level-triggered events).
+(EPOLLRDHUP) is read at once, and once it has been reported a short read means that the end
+is all that is left (no read is made to learn it). On other reactors it uses
+`addReader`/`addWriter` as any descriptor does, and so does a Stream the splice relay has
+taken (one splice per event needs level-triggered events).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _PEER_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN_OR_ENDED = select.EPOLLIN | _PEER_ENDED
 _OUT = select.EPOLLOUT
+_ERR = select.EPOLLERR
 ACCEPT_PAUSE = 0.1  # seconds a port stops accepting when out of descriptors or memory
 _DONE = Failure(error.ConnectionDone())
 _LOST = Failure(error.ConnectionLost())
@@ -128,6 +130,8 @@ class Stream:
     _writing = False  # wants to write (bytes are buffered, or a connect is under way)
     readable = False  # bytes (or an end) may be waiting: an edge came, no read came up short
     _end_waiting = False  # EPOLLRDHUP/HUP/ERR seen: read on until the end is read
+    _fin_waiting = False  # ... and no error: once a read comes up short, the end is reached
+    _error_waiting = False  # EPOLLERR seen: the end is read (to learn the error), not assumed
     paused = False  # by the other side of a relay, with the peer's end still to be read
     peer_finished = False  # the peer's FIN has been read
     sends_at_once = True  # twisted_private.write_now: a write is sent now, not next turn
@@ -211,6 +215,9 @@ class Stream:
             return
         if event & _PEER_ENDED:
             self._end_waiting = True
+            if event & _ERR:
+                self._error_waiting = True
+            self._fin_waiting = not self._error_waiting
         self.readable = True
         while self.reading:
             try:
@@ -232,6 +239,14 @@ class Stream:
             if full:
                 if self.reading:
                     self.reactor.read_again(self)
+                return
+            if self._fin_waiting:
+                # The FIN had come before these bytes were read, and a short read took all
+                # that was left: the end, without one more read to say so (an answer and the
+                # close of `Connection: close`). A paused stream reads it once resumed.
+                if self.reading:
+                    self.readable = False
+                    self.readConnectionLost(_DONE)
                 return
             if not self.readable:
                 return
