@@ -116,7 +116,8 @@ def builtin_endpoint_types():
 
 
 # Workers (l4router.process.forkserver): twistd's option parser finds its subcommands by
-# walking every plugin cache, which in a forked worker copies ~1.5 MiB of shared pages.
+# walking every plugin cache, which in a forked worker copies pages it shares with the fork
+# server (it reads, so it writes reference counts).
 
 
 def only_these_service_makers(makers):
