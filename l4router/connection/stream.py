@@ -130,7 +130,6 @@ class Stream:
     _writing = False  # wants to write (bytes are buffered, or a connect is under way)
     readable = False  # bytes (or an end) may be waiting: an edge came, no read came up short
     _end_waiting = False  # EPOLLRDHUP/HUP/ERR seen: read on until the end is read
-    _fin_waiting = False  # ... and no error: once a read comes up short, the end is reached
     _error_waiting = False  # EPOLLERR seen: the end is read (to learn the error), not assumed
     paused = False  # by the other side of a relay, with the peer's end still to be read
     peer_finished = False  # the peer's FIN has been read
@@ -217,7 +216,6 @@ class Stream:
             self._end_waiting = True
             if event & _ERR:
                 self._error_waiting = True
-            self._fin_waiting = not self._error_waiting
         self.readable = True
         while self.reading:
             try:
@@ -240,7 +238,7 @@ class Stream:
                 if self.reading:
                     self.reactor.read_again(self)
                 return
-            if self._fin_waiting:
+            if self._end_waiting and not self._error_waiting:
                 # The FIN had come before these bytes were read, and a short read took all
                 # that was left: the end, without one more read to say so (an answer and the
                 # close of `Connection: close`). A paused stream reads it once resumed.
