@@ -399,10 +399,15 @@ def test_status_views_merge_the_workers(tmp_path):
 
     with Backend("held", hold) as backend:
         port = free_port()
-        with Router(tmp_path, stream_config(port, backend.port), workers=2) as router:
+        # A per-source limit makes the listener steer by source address (a socket per
+        # worker, l4router.process.steering): 24 sources are spread over both workers
+        # whatever the load. (Without it the workers share one socket, and an idle worker
+        # that is quick to wake may take every client: spread by load, not by address.)
+        config = stream_config(port, backend.port).replace(
+            "default: app", "default: app\n    max_connections_per_source: 100"
+        )
+        with Router(tmp_path, config, workers=2) as router:
             clients = []
-            # Spread by the kernel's hash of the address pair: all of 24 on one worker of two
-            # has odds of 1 in 8 million.
             for index in range(CLIENTS):
                 client = socket.create_connection(
                     ("127.0.0.1", port), timeout=10, source_address=(f"127.0.0.{index + 1}", 0)
@@ -474,8 +479,8 @@ def test_max_connections_is_shared_by_the_workers(tmp_path):
 def test_one_source_uses_every_worker_unless_a_per_source_limit_steers_it(
     tmp_path, per_source_limit
 ):
-    """Steering by source is for exact per-source limits; without one, the kernel's hash of
-    the address pair spreads even one busy source (a balancer, a benchmark) over the workers."""
+    """Steering by source is for exact per-source limits; without one, the workers share the
+    listening socket and even one busy source (a balancer, a benchmark) is spread over them."""
     with Backend("echo", echo) as backend:
         port = free_port()
         config = stream_config(port, backend.port)

@@ -168,8 +168,9 @@ def _reuses_port(sock):
 def needs_steering(listener):
     """Per-source limits are exact only if one worker sees all of a source; a UDP client
     that moves to a new port (QUIC, NAT rebinding) must reach the worker holding its session.
-    Anything else is spread by the kernel's hash of the whole address pair, which also spreads
-    the many connections of one busy source (a load balancer, a benchmark) over the workers."""
+    Anything else is one socket every worker accepts on: the next client goes to a worker that
+    is free, which also spreads the many connections of one busy source (a load balancer, a
+    benchmark) over the workers."""
     return (
         listener.transport == "udp"
         or listener.max_connections_per_source is not None
